@@ -1,0 +1,1054 @@
+"""Shared infrastructure for the single-file trainers (sft.py, grpo.py, ...).
+
+Nothing in here is a method's loss: a trainer file holds its whole algorithm, this file holds the
+mechanics every trainer needs. Read it top to bottom; each section is independent:
+
+    config -> CLI | distributed | data | embedded task | model + log-probs | verifier | sampling
+    | loss aggregation | optimiser | checkpoints | logging | evaluation | run setup
+
+Equation numbers refer to ../shared/docs/METHODS.md (reproduced in README.md's references).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from math_verify import parse, verify  # forked grading workers inherit it
+from tqdm.auto import tqdm
+
+# ======================================================================================
+# Config -> CLI: one dataclass per script; the comment after each field is its --help text
+# ======================================================================================
+
+
+@dataclass
+class BaseConfig:
+    # --- model and data -------------------------------------------------------------------
+    model: str = "builtin"  # HF hub id or local directory; "builtin" = tiny base model built on first use
+    data: str = "builtin"  # .jsonl/.json/.parquet file or hub dataset; "builtin" = embedded arithmetic task
+    eval_data: str = "builtin"  # evaluation set, same formats; "" = no evaluation
+    prompt_key: str = "problem"  # field holding the problem (a string or a list of chat messages)
+    answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
+    demo_key: str = "demo"  # field holding the demonstration (string or chat messages)
+    system_prompt: str = "auto"  # "auto": METHODS 0.4 instruction for files, none for builtin; "" = none
+    max_prompt_len: int = 64  # prompts longer than this (tokens) are dropped, with a count printed
+    max_response_len: int = 48  # L_max: response budget in tokens (demonstrations truncated to it)
+    cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
+    # --- run ------------------------------------------------------------------------------
+    output_dir: str = ""  # default: runs/<script name>
+    overwrite: bool = False  # start afresh even if output_dir already holds a run
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    max_steps: int = 60  # training iterations (one batch of prompts each)
+    seed: int = 0  # base seed; rank r uses seed + r
+    save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    eval_every: int = 30  # evaluate every N steps (and before and after training); 0 = only then
+    eval_samples: int = 4  # k samples per eval problem; pass@1 is averaged over them (METHODS 9)
+    eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
+    # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
+    lr: float = 1e-6  # peak learning rate
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant or cosine to 0
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # global grad-norm clip
+    # --- sampling ---------------------------------------------------------------------------
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU
+    temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
+    top_p: float = 1.0  # nucleus sampling for rollouts
+    vllm_gpu_memory_utilization: float = 0.4  # fraction of GPU memory the vLLM engine may take
+    vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
+    # --- verifier (METHODS 0.4) -------------------------------------------------------------
+    require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
+    verifier_workers: int = 2  # fork processes grading with math-verify (0 = main thread, no backstop)
+    verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
+    # --- systems ----------------------------------------------------------------------------
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
+    compile: bool = True  # torch.compile the log-prob / entropy kernel
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "sft-rl-fusion"  # wandb project name
+
+
+def parse_config(cls, argv=None):
+    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help."""
+    helps = {}
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+                if m:
+                    helps.setdefault(m.group(1), m.group(2))
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=doc[0] if doc else None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, kw = hints[f.name], {"default": f.default, "help": helps.get(f.name, " ")}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
+        else:
+            kw["type"] = tp
+        parser.add_argument(f"--{f.name}", **kw)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    if not cfg.output_dir:
+        cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
+    return cfg
+
+
+# ======================================================================================
+# Distributed: `python x.py` (one process) or `torchrun --nproc_per_node N x.py`
+# ======================================================================================
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """nccl on GPUs, gloo on CPU; a plain single process when not launched by torchrun."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=60))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce(values, op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce a list of Python numbers over ranks (identity in a single process)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ======================================================================================
+# Data: load and validate every row before training starts
+# ======================================================================================
+
+# Our wording of the reasoning instruction of METHODS.md 0.4 (LUFFY's prompt says the same in more words).
+MATH_SYSTEM_PROMPT = (
+    "Solve the problem in two parts. First think it through step by step inside <think> </think> tags: "
+    "explore approaches, check each step and fix your mistakes. Then, after </think>, write a clear "
+    "solution that ends with the final answer in \\boxed{}."
+)
+
+
+def _json_line(line: str, k: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:  # its own message would say "line 1"
+        raise ValueError(f"line {k} is not valid JSON ({e.msg})") from e
+
+
+def _read_records(source: str) -> list:
+    ext = os.path.splitext(source)[1].lower()
+    if ext not in (".jsonl", ".json", ".parquet"):
+        if os.path.exists(source):
+            raise ValueError(f"unsupported file type {source}; use a .jsonl, .json or .parquet file")
+        try:  # not a local file: a hub data set name, usable only when online
+            import datasets
+            return datasets.load_dataset(source, split="train").to_list()
+        except Exception as e:
+            raise ValueError(f"{source} is not a local file and could not be loaded from the hub ({e}); "
+                             f"download the data set and pass the local .jsonl, .json or .parquet path") from e
+    if not os.path.isfile(source):
+        raise ValueError(f"data file not found: {os.path.abspath(source)}")
+    try:
+        if ext == ".parquet":  # to_pylist gives plain lists and dicts (pandas would give numpy arrays)
+            import pyarrow.parquet as pq
+            return pq.read_table(source).to_pylist()
+        with open(source, encoding="utf-8") as f:
+            if ext == ".jsonl":
+                return [_json_line(line, k) for k, line in enumerate(f, start=1) if line.strip()]
+            data = json.load(f)
+    except Exception as e:  # bad JSON line, corrupt parquet, undecodable bytes, no permission
+        raise ValueError(f"cannot read {source} as {ext[1:]}: {e}") from e
+    if isinstance(data, dict) and len(lists := [v for v in data.values() if isinstance(v, list)]) == 1:
+        data = lists[0]  # {"data": [...], "version": ...}
+    if not isinstance(data, list):
+        raise ValueError(f"{source}: expected a list of objects, or an object with exactly one list field")
+    return data
+
+
+_MISSING = object()
+
+
+def _field(record, key: str, default=_MISSING):
+    """record[key], where a dotted key reaches a nested field (reward_model.ground_truth)."""
+    for part in key.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return default
+        record = record[part]
+    return record
+
+
+def _is_chat(x) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+
+
+def load_rows(source: str, prompt_key: str = "problem", answer_key: str = "answer",
+              demo_key: str | None = None, need_demo: bool = False) -> list[dict]:
+    """Rows {prompt: str | chat messages, answer: str, demo: str | None, level} from a local .jsonl /
+    .json / .parquet file or a hub data set. The first bad row raises ValueError saying how to fix it.
+    LUFFY's openr1.parquet: prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target"."""
+    if need_demo and demo_key is None:
+        raise ValueError("this method trains on demonstrations: name their field with --demo_key")
+    name, rows = os.path.basename(source), []
+    for n, record in enumerate(_read_records(source), start=1):
+        where = f"row {n} of {name}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is not an object with named fields")
+        prompt, answer = _field(record, prompt_key), _field(record, answer_key)
+        if prompt is _MISSING:
+            raise ValueError(f"{where} has no field '{prompt_key}'; use --prompt_key to name the prompt field")
+        if _is_chat(prompt):
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        elif not (isinstance(prompt, str) and prompt.strip()):
+            raise ValueError(f"{where}: field '{prompt_key}' must be a non-empty string or a list of "
+                             f"{{role, content}} messages, not {type(prompt).__name__} {str(prompt)[:50]!r}")
+        if answer is _MISSING:
+            raise ValueError(f"{where} has no field '{answer_key}'; use --answer_key to name the answer field")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            raise ValueError(f"{where}: answer field '{answer_key}' must be a non-empty string or number, "
+                             f"not {type(answer).__name__} {str(answer)[:50]!r}; fix or drop the row")
+        demo = _field(record, demo_key, None) if demo_key else None
+        if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
+            demo = next((m["content"] for m in reversed(demo) if m["role"] == "assistant"), None)
+        if demo is not None and not isinstance(demo, str):
+            raise ValueError(f"{where}: demonstration field '{demo_key}' must be a string or a list of "
+                             f"{{role, content}} messages with an assistant turn, not {type(demo).__name__}")
+        if need_demo and not (demo and demo.strip()):
+            raise ValueError(f"{where} has no demonstration in field '{demo_key}'; this method needs one "
+                             f"per row: drop the row or use --demo_key to name the demonstration field")
+        rows.append({"prompt": prompt, "answer": str(answer).strip(), "demo": demo or None,
+                     "level": record.get("level")})
+    if not rows:
+        raise ValueError(f"{source} holds no rows")
+    return rows
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None) -> str:
+    """Chat-templated prompt text ending with the generation prompt (for LUFFY's model: `<think>\\n`)."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:  # a data set's own messages win: add our system prompt only where it has none
+        messages = list(prompt)
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def strip_think_prefix(prompt_text: str, demo: str) -> str:
+    """METHODS.md 0.4: when the prompt already opens the think block, the demonstration must not open it again."""
+    if prompt_text.endswith("<think>\n"):
+        for tag in ("<think>\n", "<think>"):
+            if demo.startswith(tag):
+                return demo[len(tag):]
+    return demo
+
+
+# ======================================================================================
+# Model, FSDP2, and per-token log-probs / entropies (Eq. 1-2)
+# ======================================================================================
+
+
+def _logprob_entropy(hidden, weight, labels, temperature: float, with_entropy: bool):
+    """Eq. (1) and Eq. (2) for a chunk of response positions.
+
+    hidden [n, H], weight [V, H], labels [n] -> logp [n], entropy [n] (fp32). Only this chunk's
+    [n, V] logits ever exist; compiled, the fp32 cast, softmax and reductions fuse into one pass.
+    """
+    logits = (hidden @ weight.T).float() / temperature  # [n, V]
+    logz = torch.logsumexp(logits, dim=-1)  # [n]
+    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz  # Eq. (1)
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # Eq. (2): -sum q log q
+    return logp, entropy
+
+
+_compiled_logprob_entropy = torch.compile(_logprob_entropy, dynamic=True)
+
+
+class PolicyModel(nn.Module):
+    """A causal LM that returns per-token log-probs and entropies of the response tokens only.
+
+    Batch layout (see `make_batch`): prompts left-padded to width P, responses right-padded to
+    width R, so response token t of every row sits at column P + t and is predicted from column
+    P + t - 1. Outputs are [B, R] matrices, the c_{i,t} / m_{i,t} grid of the equations.
+    The LM head runs on the masked response positions only, in chunks, under activation
+    checkpointing, so the [B, T, V] logits never exist (ENGINEERING.md: log-prob memory).
+    This wrapper is also the FSDP2 root, so the root's hooks cover the LM head call.
+    """
+
+    def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+        self.kernel = _compiled_logprob_entropy if compile else _logprob_entropy
+
+    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0,
+                with_entropy: bool = False):
+        R = response_mask.shape[1]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden[:, -R - 1:-1]  # [B, R, H]: the positions that predict the response tokens
+        labels = input_ids[:, -R:]  # [B, R]
+        mask = response_mask.bool()
+        h, y = hidden[mask], labels[mask]  # [N, H], [N]
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        logps, ents = [], []
+        for i in range(0, h.shape[0], self.chunk_size):
+            args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
+            if torch.is_grad_enabled():
+                lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
+            else:
+                lp, en = self.kernel(*args)
+            logps.append(lp)
+            ents.append(en)
+        logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
+        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
+        if logps:
+            logp = logp.masked_scatter(mask, torch.cat(logps))
+            entropy = entropy.masked_scatter(mask, torch.cat(ents))
+        return logp, entropy
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
+    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]}."""
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, P - len(p):P + len(r)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device),
+            "response_mask": attn[:, P:].to(device)}
+
+
+def load_lm(path: str, d: Dist, gradient_checkpointing: bool = False):
+    """fp32 weights (FSDP2 casts to bf16 for compute on GPU); plain fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
+    """PolicyModel, under FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32 master)."""
+    model = PolicyModel(lm, compile=compile)
+    if d.world_size > 1 or d.device.type == "cuda":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: PolicyModel):
+    """(name, full tensor) over the HF model's weights, with HF names. A collective under FSDP2:
+    every rank must iterate it to the end."""
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name.removeprefix("lm."), tensor
+
+
+# ======================================================================================
+# Verifier: binary math reward, METHODS.md 0.4
+# ======================================================================================
+
+MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} (balanced braces; \\{ and \\} are not braces), else None."""
+    found, i = None, text.find("\\boxed{")
+    while i != -1:
+        depth, j = 1, i + len("\\boxed{")
+        while j < len(text) and depth:
+            if text[j] == "\\":
+                j += 1  # skip the escaped character
+            elif text[j] in "{}":
+                depth += 1 if text[j] == "{" else -1
+            j += 1
+        if depth:  # unclosed (truncated generation): keep the last complete one
+            break
+        found = text[i + len("\\boxed{"): j - 1]
+        i = text.find("\\boxed{", j)  # boxes nested inside this one are not final answers
+    return found
+
+
+def _grade(answer: str, gold: str, timeout: int) -> float:
+    # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
+    gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
+    pred_parsed = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    # Never str()/repr() a parsed expression: on deeply nested input that takes minutes, outside any timeout.
+    ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
+    return float(ok)
+
+
+class Verifier:
+    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold answer, else 0.0.
+
+    A response is the text generated after a prompt that ends with `<think>\\n`. As in LUFFY, the answer
+    is the text after the first `</think>` and before a second one, if any (LUFFY prepends `<think>\\n`
+    and takes `split("</think>")[1]`); without `</think>` the reward is 0 when require_think. Unlike
+    LUFFY, which gives the whole answer text to math-verify, we grade only its last \\boxed{} (the system
+    prompt asks for one), so a response without one scores 0 without calling math-verify.
+
+    math-verify times out with SIGALRM, which works only on a process's main thread and cannot stop
+    work outside its timed sections or inside one long C call. So grading runs in a fork pool, one task
+    per item, each awaited at most `backstop_s`; an item that overruns scores 0 and the pool is replaced,
+    so a stuck worker cannot stall later calls. num_workers=0 grades on the calling thread, which must be
+    the main thread: handy for debugging, but with no backstop.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
+        self.num_workers, self.require_think = num_workers, require_think
+        # math-verify passes its timeouts to signal.alarm, which takes whole seconds: a float makes
+        # every parse raise inside math-verify, which then silently returns "no answer" (reward 0).
+        self.timeout = max(1, math.ceil(timeout_s))
+        self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
+        self._pool = None  # created on first use, so a verifier that is never called costs nothing
+
+    def answer(self, response: str) -> str | None:
+        """The text to grade, or None when the response scores 0 without grading."""
+        if "</think>" in response:
+            response = response.split("</think>", 2)[1]
+        elif self.require_think:
+            return None
+        boxed = extract_boxed(response)
+        return boxed if boxed and boxed.strip() and len(boxed) <= MAX_ANSWER_CHARS else None
+
+    def __call__(self, responses: list[str], golds: list[str]) -> list[float]:
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        rewards = [0.0] * len(responses)
+        todo = [(i, a, str(g)) for i, (r, g) in enumerate(zip(responses, golds))
+                if (a := self.answer(r)) is not None]
+        if self.num_workers == 0:
+            for i, a, g in todo:
+                rewards[i] = _grade(a, g, self.timeout)
+            return rewards
+        while todo:
+            if self._pool is None:
+                # fork: workers start at once and inherit math_verify; they never touch torch or CUDA
+                self._pool = mp.get_context("fork").Pool(self.num_workers)
+            pending = [self._pool.apply_async(_grade, (a, g, self.timeout)) for _, a, g in todo]
+            for k, ((i, _, _), result) in enumerate(zip(todo, pending)):
+                # Tasks run in submission order, so item k is already running when we start waiting:
+                # the backstop bounds its own run time, not the queue before it.
+                try:
+                    rewards[i] = result.get(timeout=self.backstop_s)
+                except mp.TimeoutError:  # item k keeps its 0; kill the stuck worker, regrade the rest
+                    self.close()
+                    todo = todo[k + 1:]
+                    break
+            else:
+                todo = []
+        return rewards
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+# ======================================================================================
+# Sampling: one interface, two backends (torch `generate` on CPU, colocated vLLM on GPUs)
+# ======================================================================================
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    prefix_ids: list[int]  # demonstration tokens given as the start of the response (may be empty)
+    generated_ids: list[int]  # sampled continuation, up to and including the first EOS
+    text: str  # decoded prefix + continuation: what the verifier grades
+    finished: bool  # stopped at EOS (False: cut at the response budget)
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.prefix_ids + self.generated_ids
+
+
+class TorchSampler:
+    """Batched sampling with a KV cache through `transformers.generate`.
+
+    In one process it samples from the training model itself; under FSDP it keeps its own plain
+    copy of the model and receives the full weights after each update, exactly as vLLM does.
+    """
+
+    def __init__(self, tokenizer, lm, batch_size: int = 256):
+        self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def sync_weights(self, model: PolicyModel):
+        if model.lm is self.lm:
+            return
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, tensor in full_state_dict(model):
+                if name in params:
+                    params[name].copy_(tensor)
+
+    @torch.no_grad()
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+        """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
+        most max_tokens tokens, prefix included."""
+        prefixes = prefixes or [[] for _ in prompts]
+        rows = [(i, p + pre) for i, (p, pre) in enumerate(zip(prompts, prefixes)) for _ in range(n)]
+        budget = max_tokens - min(len(pre) for pre in prefixes)
+        was_training = self.lm.training
+        self.lm.eval()  # also re-enables the KV cache when gradient checkpointing is on
+        out = [[] for _ in prompts]
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            width = max(len(x) for _, x in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for j, (_, x) in enumerate(chunk):  # left padding
+                ids[j, width - len(x):], attn[j, width - len(x):] = torch.tensor(x), 1
+            gen = self.lm.generate(input_ids=ids.to(self.lm.device), attention_mask=attn.to(self.lm.device),
+                                   do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                   max_new_tokens=max(budget, 1), eos_token_id=self.eos_id,
+                                   pad_token_id=self.pad_id)[:, width:].tolist()
+            for (i, _), g in zip(chunk, gen):
+                out[i].append(self._sample(prompts[i], prefixes[i], g, max_tokens))
+        self.lm.train(was_training)
+        return out
+
+    def _sample(self, prompt, prefix, generated, max_tokens) -> Sample:
+        generated = generated[:max_tokens - len(prefix)]
+        finished = self.eos_id in generated
+        if finished:  # cut the padding that generate() appends after EOS
+            generated = generated[:generated.index(self.eos_id) + 1]
+        text = self.tokenizer.decode(prefix + generated, skip_special_tokens=True)
+        return Sample(prompt, list(prefix), generated, text, finished)
+
+
+class VLLMSampler:
+    """A colocated vLLM engine in every rank (vLLM 0.33; ENGINEERING.md). GPU only, never tested on CI.
+
+    Weights travel as full tensors gathered from FSDP2 into the engine's `load_weights`; the
+    prefix cache is reset because its KV blocks belong to the old policy. With sleep mode the
+    engine frees its weights and KV cache after every generation, and `sync_weights` (called
+    before every generation) wakes it in the documented order.
+    """
+
+    def __init__(self, tokenizer, model_path: str, d: Dist, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, sleep: bool):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise SystemExit(f"--sampler vllm needs vLLM, which is not importable here ({e}). Install it "
+                             "on a CUDA machine with `pip install vllm==0.33.0`, or pass --sampler torch.")
+        self.tokenizer, self.sleep, self.SamplingParams = tokenizer, sleep, SamplingParams
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype="bfloat16", seed=seed,
+                       distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       enable_sleep_mode=sleep, enable_prefix_caching=True)
+        self.asleep = False
+        if sleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def sync_weights(self, model: PolicyModel):
+        if self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        weights = full_state_dict(model)  # every rank gathers: a collective
+        self.llm.apply_model(lambda m: m.load_weights(weights))
+        self.llm.reset_prefix_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+        assert not self.asleep, "sync_weights() must run before generate() in sleep mode"
+        prefixes = prefixes or [[] for _ in prompts]
+        params = [self.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
+                                      max_tokens=max(1, max_tokens - len(pre))) for pre in prefixes]
+        outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
+                                 params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for p, pre, o in zip(prompts, prefixes, outs):
+            group = []
+            for c in o.outputs:
+                ids, finished = list(c.token_ids), c.finish_reason == "stop"
+                if finished and (not ids or ids[-1] != eos):  # the mask must include the EOS
+                    ids.append(eos)
+                text = self.tokenizer.decode(pre + ids, skip_special_tokens=True)
+                group.append(Sample(p, list(pre), ids, text, finished))
+            result.append(group)
+        if self.sleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+        return result
+
+
+def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: PolicyModel):
+    kind = cfg.sampler if cfg.sampler != "auto" else ("vllm" if d.device.type == "cuda" else "torch")
+    if kind == "vllm":
+        if d.device.type != "cuda":
+            raise SystemExit("--sampler vllm needs a CUDA GPU; on CPU use --sampler torch")
+        return VLLMSampler(tokenizer, model_path, d, seed=cfg.seed + d.rank,
+                           max_model_len=cfg.max_prompt_len + cfg.max_response_len,
+                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep)
+    if is_fsdp(model):  # the sampler needs whole weights: its own plain copy
+        return TorchSampler(tokenizer, load_lm(model_path, d).eval().requires_grad_(False))
+    return TorchSampler(tokenizer, model.lm)
+
+
+# ======================================================================================
+# Loss aggregation (Eq. 6-8) over a whole optimizer step: all micro-batches, all ranks
+# ======================================================================================
+
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+
+
+def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0) -> float:
+    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its
+    micro-batches on this rank (all-reduced over ranks):
+
+        token-mean  Eq. (6): total number of response tokens,
+        seq-mean    Eq. (7): total number of sequences (each one a token-mean itself, see `aggregate`),
+        constant    Eq. (8): the given constant C (e.g. D * L_max), independent of lengths.
+
+    The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
+    loss is scaled by D to make the averaged gradient that of the global sum / denominator.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if mode == "token-mean":
+        total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
+    elif mode == "seq-mean":
+        total = all_reduce([sum(m.shape[0] for m in masks)])[0]
+    elif mode == "constant":
+        assert constant > 0, "the constant normaliser of Eq. (8) needs a positive constant"
+        total = constant
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    return max(total, 1.0) / world
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
+    """This micro-batch's share of Agg(c) (Eq. 6-8); summed over micro-batches and averaged over
+    ranks by FSDP it equals the aggregate over the whole optimizer step. per_token, mask: [B, R]."""
+    mask = mask.to(per_token.dtype)
+    if mode == "seq-mean":  # Eq. (7): mean over sequences of per-sequence token-means
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
+
+
+# ======================================================================================
+# Optimiser: AdamW, constant or warm-up + cosine, global grad-norm clipping (FSDP2-aware)
+# ======================================================================================
+
+
+def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Global L2 norm of all gradients (over shards and ranks), clipped to max_norm; returns it."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ======================================================================================
+# Checkpoints: HF model + sharded optimiser (DCP) + RNG + trainer state, written atomically
+# ======================================================================================
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """Newest complete checkpoint: `checkpoint-<step>` directories appear only by rename."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
+
+
+def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
+                    schedulers: dict, state: dict, keep: int = 2):
+    """Write checkpoint-<step>/ {model/ (HF, safetensors), optim/ (DCP shards), rng-rank<r>.pt,
+    trainer_state.pt} into a temporary directory, then rename it: a crash at any moment leaves the
+    previous checkpoint intact. Multi-node runs need output_dir on a shared filesystem."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
+        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                    **state}, os.path.join(tmp, "trainer_state.pt"))
+    dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
+             checkpoint_id=os.path.join(tmp, "optim"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
+        for n in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
+    """Restore optimisers, schedulers and this rank's RNG; the weights were already loaded from
+    path/model. Returns the trainer state dict (step, data position, method state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    optim = {k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()}
+    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
+    for k, o in optimizers.items():
+        set_optimizer_state_dict(model, o, optim[k])
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
+    if not os.path.exists(rng_file):
+        raise SystemExit(f"{path} was written by a run with fewer ranks; resume with the same world size")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ======================================================================================
+# Logging: metrics.jsonl (one object per step), console, optional wandb
+# ======================================================================================
+
+
+class MetricsLogger:
+    def __init__(self, cfg: BaseConfig, resume_step: int | None):
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.main = not dist.is_initialized() or dist.get_rank() == 0
+        self.wandb = None
+        if not self.main:
+            return
+        if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package: pip install wandb")
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
+                                    dir=cfg.output_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict):
+        if not self.main:
+            return
+        record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=step)
+
+
+# ======================================================================================
+# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), by difficulty level
+# ======================================================================================
+
+
+def evaluate(run: "Run") -> dict:
+    cfg, d = run.cfg, run.d
+    rows = run.eval_rows[d.rank::d.world_size]
+    run.sampler.sync_weights(run.model)
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 10_000 + d.rank)  # same eval draws every time; training RNG untouched
+        groups = run.sampler.generate([r["prompt_ids"] for r in rows], n=cfg.eval_samples,
+                                      temperature=cfg.eval_temperature, top_p=1.0,
+                                      max_tokens=cfg.max_response_len)
+    rewards = run.verifier([s.text for g in groups for s in g],
+                           [r["answer"] for r in rows for _ in range(cfg.eval_samples)])
+    levels = sorted({r["level"] for r in run.eval_rows if r["level"] is not None}, key=str)
+    sums = [0.0] * (2 + 2 * len(levels))  # [correct, count] overall, then per level
+    for i, r in enumerate(rows):
+        acc = sum(rewards[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]) / cfg.eval_samples
+        sums[0], sums[1] = sums[0] + acc, sums[1] + 1
+        if r["level"] is not None:
+            j = 2 + 2 * levels.index(r["level"])
+            sums[j], sums[j + 1] = sums[j] + acc, sums[j + 1] + 1
+    sums = all_reduce(sums)
+    out = {"eval_accuracy": sums[0] / max(sums[1], 1)}
+    for j, level in enumerate(levels):
+        out[f"eval_accuracy_{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+    return out
+
+
+def format_eval(metrics: dict) -> str:
+    return "  ".join(f"{k.removeprefix('eval_accuracy').strip('_') or 'all'}={v:.3f}"
+                     for k, v in metrics.items() if k.startswith("eval_accuracy"))
+
+
+# ======================================================================================
+# Run setup: everything a trainer needs before its loop, resume included
+# ======================================================================================
+
+
+class PromptStream:
+    """Seeded, resumable walk over the training rows: a fresh permutation every epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            take = min(k - len(out), self.size - self.pos)
+            out += perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+@dataclass
+class Run:
+    cfg: BaseConfig
+    d: Dist
+    tokenizer: object
+    model: PolicyModel
+    ref_model: PolicyModel | None
+    sampler: object
+    verifier: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_rows: list
+    eval_rows: list
+    stream: PromptStream
+    logger: MetricsLogger | None
+    start_step: int = 0
+    state: dict = field(default_factory=dict)  # method state restored from the checkpoint
+
+    def next_prompts(self, global_batch: int) -> list[dict]:
+        """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
+        idx = self.stream.next(global_batch)
+        per = global_batch // self.d.world_size
+        return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
+
+    def save(self, step: int, state: dict | None = None):
+        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer, {"main": self.optimizer},
+                        {"main": self.scheduler}, {"data": self.stream.state_dict(), **(state or {})},
+                        keep=self.cfg.keep_checkpoints)
+
+    def progress(self):
+        return tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
+                    total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+
+
+def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
+          reference_model: bool = False, global_batch: int = 1) -> Run:
+    d = init_distributed()
+    if global_batch % d.world_size:
+        raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
+    seed_everything(cfg.seed + d.rank)
+    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    verifier(["</think>\\boxed{1}"], ["1"])  # start the fork pool now, before threads and CUDA exist
+
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
+    if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
+                                                 os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
+        raise SystemExit(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite "
+                         "to start afresh there, or another --output_dir")
+    if d.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    base_path = cfg.model
+    if cfg.model == "builtin":
+        cache = os.path.expanduser(cfg.cache_dir)
+        if d.main:
+            build_base_model(cache)  # cached after the first build
+        barrier()
+        base_path = build_base_model(cache)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows = encode_rows(cfg, tokenizer, cfg.data, "train", need_demo)
+    eval_rows = encode_rows(cfg, tokenizer, cfg.eval_data, "eval", False, exclude=train_rows) \
+        if cfg.eval_data else []
+    print0(f"data: {len(train_rows)} training prompts, {len(eval_rows)} evaluation prompts")
+
+    model_path = os.path.join(ckpt, "model") if ckpt else base_path
+    model = wrap_policy(load_lm(model_path, d, cfg.gradient_checkpointing), d, cfg.compile)
+    ref_model = wrap_policy(load_lm(base_path, d), d, cfg.compile, train=False) if reference_model else None
+    sampler = make_sampler(cfg, d, tokenizer, model_path, model)  # before optimiser state fills the GPU
+    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
+    stream = PromptStream(len(train_rows), cfg.seed)
+    run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
+              eval_rows, stream, logger=None)
+    if ckpt:
+        run.state = load_checkpoint(ckpt, model, {"main": optimizer}, {"main": scheduler})
+        stream.load_state_dict(run.state["data"])
+        run.start_step = run.state["step"]
+        print0(f"resumed from {ckpt} (step {run.start_step})")
+    run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
+    return run
+
+
+def encode_rows(cfg: BaseConfig, tokenizer, source: str, split: str, need_demo: bool, exclude=()) -> list[dict]:
+    """Load, validate and tokenize a data set: rows of {problem, prompt_ids, answer, demo_ids, level}.
+    demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4)."""
+    if source == "builtin":
+        seen = {r["problem"] for r in exclude}
+        raw = make_task(BUILTIN_TRAIN_PER_LEVEL if split == "train" else BUILTIN_EVAL_PER_LEVEL,
+                        seed=0 if split == "train" else 1, exclude=seen)
+        rows = [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
+        system = None if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
+    else:
+        rows = load_rows(source, cfg.prompt_key, cfg.answer_key, cfg.demo_key, need_demo)
+        system = MATH_SYSTEM_PROMPT if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
+    out, too_long = [], 0
+    for r in rows:
+        text = format_prompt(tokenizer, r["prompt"], system)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > cfg.max_prompt_len:
+            too_long += 1
+            continue
+        demo_ids = None
+        if r["demo"] is not None:
+            demo = strip_think_prefix(text, r["demo"])
+            demo_ids = (tokenizer(demo, add_special_tokens=False)["input_ids"] +
+                        [tokenizer.eos_token_id])[:cfg.max_response_len]
+        out.append({"problem": r["prompt"], "prompt_ids": prompt_ids, "answer": r["answer"],
+                    "demo_ids": demo_ids, "level": r["level"]})
+    if too_long:
+        print0(f"{source}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len "
+               f"{cfg.max_prompt_len} tokens")
+    if not out:
+        raise SystemExit(f"{source}: no usable {split} prompts (raise --max_prompt_len?)")
+    return out

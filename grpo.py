@@ -1,0 +1,202 @@
+"""GRPO: group-relative policy optimisation, the on-policy RL baseline (and the template of every
+fusion trainer in this repository).
+
+Paper: DeepSeekMath, arXiv 2402.03300 (GRPO); Dr.GRPO variant: arXiv 2503.20783.
+Reference: METHODS.md section 2, Eq. (1)-(12), (15).
+
+Objective, per rollout batch of B prompts x G responses (METHODS.md Eq. 15):
+
+    L(theta) = Agg_{i,t}[ -min(rho_{i,t} A_i, clip(rho_{i,t}, 1-eps_low, 1+eps_high) A_i) ]
+               + beta_KL * KL(pi_theta || pi_ref) - beta_H * H(pi_theta)
+
+    rho = exp(logp_theta - logp_old)             Eq. (3), logp_old recomputed by the trainer
+    A_i = (r_i - mean_g r) / (std_g r + 1e-6)    Eq. (9); Eq. (10) with --no-adv_std (Dr.GRPO)
+    Agg = token-mean (6) | seq-mean (7) | constant (8), over the whole optimizer step
+
+The B*G sequences of one iteration are split into B/b mini-batches, one optimizer step each
+(METHODS 0.3): rho = 1 on the first, rho != 1 on the later ones, where the clip matters.
+
+Launch:
+    python grpo.py                                      # laptop: tiny model, builtin task, CPU, minutes
+    python grpo.py --model Qwen/Qwen2.5-Math-1.5B --data openr1.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth   # 1 GPU (vLLM sampler)
+    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet \\
+        --lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std \\
+        --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
+        --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: LUFFY-family baseline
+    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
+        --nproc_per_node 8 grpo.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+
+@dataclass
+class Config(common.BaseConfig):
+    lr: float = 2e-5  # peak learning rate (official LUFFY-family runs: 1e-6)
+    prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
+    prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
+    group_size: int = 8  # G: responses per prompt
+    clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
+    clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
+    kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
+    entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
+    loss_agg: str = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
+
+
+# ======================================================================================
+# The algorithm
+# ======================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G]. Eq. (9) (unbiased std) or, with std=False, Eq. (10).
+    A group of one has no statistics: mu = 0, sigma = 1 (METHODS 0.2)."""
+    if rewards.shape[1] == 1:
+        mean, sigma = torch.zeros_like(rewards), torch.ones_like(rewards)
+    else:
+        mean, sigma = rewards.mean(dim=1, keepdim=True), rewards.std(dim=1, keepdim=True)  # [P, 1]
+    if not std:
+        return rewards - mean  # Eq. (10)
+    return (rewards - mean) / (sigma + 1e-6)  # Eq. (9)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_norm: float,
+              entropy=None, ref_logp=None):
+    """One micro-batch's share of Eq. (15).
+
+    logp, old_logp, ref_logp, entropy, mask: [B, R]; advantages: [B]. `norm` is the optimizer
+    step's denominator for cfg.loss_agg, `token_norm` its token count (KL and entropy are
+    token-means, Eq. 11-12). Returns (loss, dict of detached terms)."""
+    ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
+    adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
+    unclipped = -ratio * adv  # [B, R]
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
+    loss = pg_loss
+    terms = {"pg_loss": pg_loss.detach(),
+             "clip_frac": common.aggregate((clipped > unclipped).float(), mask, "token-mean", token_norm)}
+    if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped
+        log_r = ref_logp - logp
+        kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
+        loss = loss + cfg.kl_coef * kl
+        terms["kl"] = kl.detach()
+    if cfg.entropy_coef > 0:  # Eq. (12): entropy bonus over all response tokens
+        entropy_bonus = common.aggregate(entropy, mask, "token-mean", token_norm)
+        loss = loss - cfg.entropy_coef * entropy_bonus
+        terms["entropy_bonus"] = entropy_bonus.detach()
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+# ======================================================================================
+# Training loop
+# ======================================================================================
+
+
+def main():
+    cfg = common.parse_config(Config)
+    B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
+    assert B % b == 0, "--prompts_per_step must be a multiple of --prompts_per_minibatch"
+    run = common.setup(cfg, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
+    model, d, tok = run.model, run.d, run.tokenizer
+    constant = cfg.loss_constant or d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    if run.start_step == 0 and run.eval_rows:
+        ev = common.evaluate(run)
+        run.logger.log(0, ev)
+        common.print0(f"eval before training: {common.format_eval(ev)}")
+
+    metrics = {}
+    for step in (bar := run.progress()):
+        # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
+        t0 = time.time()
+        prompts = run.next_prompts(B)  # this rank's B / world_size prompts
+        run.sampler.sync_weights(model)
+        groups = run.sampler.generate([p["prompt_ids"] for p in prompts], n=G, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, max_tokens=cfg.max_response_len)
+        samples = [s for g in groups for s in g]  # prompt-major: sample j of prompt i at i*G + j
+        rewards = torch.tensor(run.verifier([s.text for s in samples],
+                                            [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]
+        advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (9)/(10)
+        t1 = time.time()
+
+        # ---- 2. Mini-batches of micro-batches; log-probs of pi_old (and pi_ref) without grad ----
+        per_minibatch = len(samples) * b // B  # this rank's sequences per optimizer step
+        minibatches = [[_micro_batch(samples, advantages, range(s, min(s + cfg.micro_batch_size, m + per_minibatch)),
+                                     tok.pad_token_id, d.device)
+                        for s in range(m, m + per_minibatch, cfg.micro_batch_size)]
+                       for m in range(0, len(samples), per_minibatch)]
+        micro = [mb for minibatch in minibatches for mb in minibatch]
+        with torch.no_grad():
+            for mb in micro:
+                mb["old_logp"], mb["old_entropy"] = model(**_inputs(mb), temperature=cfg.temperature,
+                                                          with_entropy=True)
+                if run.ref_model is not None:
+                    mb["ref_logp"], _ = run.ref_model(**_inputs(mb), temperature=cfg.temperature)
+
+        # ---- 3. B/b optimizer steps, one per mini-batch (ppo_epochs = 1) ----------------------
+        stats, grad_norms = [], []
+        for minibatch in minibatches:
+            masks = [mb["response_mask"] for mb in minibatch]
+            norm = common.step_normaliser(masks, cfg.loss_agg, constant)
+            token_norm = common.step_normaliser(masks, "token-mean")
+            for mb in minibatch:
+                logp, entropy = model(**_inputs(mb), temperature=cfg.temperature,
+                                      with_entropy=cfg.entropy_coef > 0)
+                loss, terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg,
+                                        norm, token_norm, entropy, mb.get("ref_logp"))
+                loss.backward()
+                stats.append(terms)
+            grad_norms.append(common.clip_grad_norm(model, cfg.max_grad_norm))
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        t2 = time.time()
+
+        # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
+        masks = [mb["response_mask"] for mb in micro]
+        n_tokens = sum(float(m.sum()) for m in masks)
+        keys = sorted(stats[0])
+        sums = common.all_reduce([sum(float(t[k]) for t in stats) for k in keys] + [
+            float(rewards.sum()), float((rewards == 1).sum()), len(samples), n_tokens,
+            sum(float((mb["old_entropy"] * mb["response_mask"]).sum()) for mb in micro),
+            sum(mb["input_ids"].numel() for mb in micro)])
+        *term_sums, r_sum, correct, n_seq, n_tok, ent_sum, all_tok = sums
+        metrics = {k: v / d.world_size / len(minibatches) for k, v in zip(keys, term_sums)}  # global means
+        metrics.update(reward=r_sum / n_seq, accuracy=correct / n_seq, entropy=ent_sum / max(n_tok, 1),
+                       response_length=n_tok / n_seq, grad_norm=sum(grad_norms) / len(grad_norms),
+                       lr=run.scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1,
+                       tokens_per_second=all_tok / (t2 - t0))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            metrics.update(common.evaluate(run))
+        run.logger.log(step + 1, metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            run.save(step + 1)
+
+    if "eval_accuracy" in metrics:
+        common.print0(f"eval after training:  {common.format_eval(metrics)}")
+    common.shutdown()
+
+
+def _micro_batch(samples, advantages, idx, pad_id, device) -> dict:
+    mb = common.make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
+                           pad_id, device)
+    mb["advantages"] = advantages[list(idx)].to(device)  # [b_micro]
+    return mb
+
+
+def _inputs(mb: dict) -> dict:
+    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
+
+
+if __name__ == "__main__":
+    main()

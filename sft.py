@@ -1,0 +1,99 @@
+"""SFT: supervised fine-tuning on demonstrations, the off-policy baseline of every fusion paper.
+
+Reference: METHODS.md section 1, Eq. (13) (baselines of LUFFY arXiv 2504.14945, UFT arXiv
+2505.16984, SRFT arXiv 2506.19767).
+
+Objective (METHODS.md Eq. 13), over the whole optimizer batch U:
+
+    L_SFT(theta) = - sum_{(x,y*) in U} sum_t m_t log pi_theta(y*_t | x, y*_<t) / sum_{U} sum_t m_t
+
+Prompt tokens are masked, the appended EOS is trained, and the denominator is the *global* token
+count of the optimizer step (all micro-batches, all ranks): gradient accumulation gives exactly
+the gradient of one large batch. The common "mean of micro-batch means" (Eq. 14) re-weights short
+vs long examples; `--loss_agg seq-mean` gives the per-sequence variant for comparison.
+
+Launch:
+    python sft.py                                       # laptop: tiny model, builtin task, CPU, minutes
+    python sft.py --model Qwen/Qwen2.5-Math-1.5B --data openr1.parquet --prompt_key prompt \\
+        --answer_key reward_model.ground_truth --demo_key target   # 1 GPU
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
+        --eval_data valid.parquet --lr 5e-5 --batch_size 64 --lr_schedule cosine --warmup_steps 200 \\
+        --max_prompt_len 1024 --max_response_len 8192 --micro_batch_size 2 --gradient_checkpointing \\
+        --max_steps 2200   # 8 GPUs: LUFFY's SFT baseline (3 epochs of 46k at batch 64, warm-up 10%)
+    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
+        --nproc_per_node 8 sft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+
+@dataclass
+class Config(common.BaseConfig):
+    lr: float = 1e-4  # peak learning rate (LUFFY's SFT baseline: 5e-5)
+    batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
+    loss_agg: str = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
+    """Eq. (13): negative log-likelihood of the demonstration tokens; logp, mask [B, R]."""
+    return common.aggregate(-logp, mask, agg, norm)
+
+
+def main():
+    cfg = common.parse_config(Config)
+    run = common.setup(cfg, need_demo=True, global_batch=cfg.batch_size)
+    model, d, tok = run.model, run.d, run.tokenizer
+    if run.start_step == 0 and run.eval_rows:
+        ev = common.evaluate(run)
+        run.logger.log(0, ev)
+        common.print0(f"eval before training: {common.format_eval(ev)}")
+
+    metrics = {}
+    for step in (bar := run.progress()):
+        t0 = time.time()
+        rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
+        micro = [common.make_batch([r["prompt_ids"] for r in rows[s:s + cfg.micro_batch_size]],
+                                   [r["demo_ids"] for r in rows[s:s + cfg.micro_batch_size]],
+                                   tok.pad_token_id, d.device)
+                 for s in range(0, len(rows), cfg.micro_batch_size)]
+        norm = common.step_normaliser([mb["response_mask"] for mb in micro], cfg.loss_agg)  # global count
+        loss_sum, entropy_sum = 0.0, 0.0
+        for mb in micro:
+            logp, entropy = model(**mb, temperature=cfg.temperature, with_entropy=True)
+            loss = sft_loss(logp, mb["response_mask"], cfg.loss_agg, norm)
+            loss.backward()
+            loss_sum += float(loss)
+            entropy_sum += float((entropy.detach() * mb["response_mask"]).sum())
+        grad_norm = common.clip_grad_norm(model, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        t1 = time.time()
+
+        n_tok = sum(float(mb["response_mask"].sum()) for mb in micro)
+        loss_sum, entropy_sum, n_tok, n_seq, all_tok = common.all_reduce(
+            [loss_sum, entropy_sum, n_tok, len(rows), sum(mb["input_ids"].numel() for mb in micro)])
+        # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
+        metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
+                       accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
+                       grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
+                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            metrics.update(common.evaluate(run))
+        run.logger.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            run.save(step + 1)
+
+    if "eval_accuracy" in metrics:
+        common.print0(f"eval after training:  {common.format_eval(metrics)}")
+    common.shutdown()
+
+
+if __name__ == "__main__":
+    main()
