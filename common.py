@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from math_verify import parse, verify  # forked grading workers inherit it
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Tokenizer
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 # ======================================================================================
 # Config -> CLI: one dataclass per script; the comment after each field is its --help text
@@ -321,6 +325,152 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 
 
 # ======================================================================================
+# Embedded task: tiny tokenizer, tiny Qwen2, arithmetic problems, a pre-trained "base"
+# ======================================================================================
+# Embedded default: a tiny tokenizer, model and arithmetic task, so that the scripts run on a laptop CPU.
+#
+# Everything is generated locally and deterministically (no hub downloads). Level L asks for the sum of
+# L+2 digits; the demonstration adds them one at a time ("3+5=8\n8+7=15\n"), so each step is one small
+# fact, and higher levels chain more steps over larger partial sums. Level 1 has 3 terms, not 2: its
+# 1000 problems share their facts with each other, so held-out level-1 problems test skill, not recall.
+# The base model is pre-trained briefly on levels 1-2 only: it solves level 1 mostly, level 2 sometimes
+# and levels 3-4 (longer chains, partial sums it never saw) almost never. RL can sharpen levels 1-2;
+# levels 3-4 need the demonstrations. This is the starting point of the SFT+RL fusion papers.
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as in Qwen2.5)
+# Added but not special: decode(skip_special_tokens=True) keeps them, so graders still find them.
+ADDED = ["<think>", "</think>", "\\boxed{"]
+# Qwen-style template; the generation prompt opens the thinking block like Qwen2.5-Math-16k-think.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+)
+# Held-out problems are make_task(n, EVAL_SEED) with n <= HELDOUT_PER_LEVEL; the base never sees them.
+EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 100
+TRAIN_PER_LEVEL = 2000  # builtin training problems per level (level 1 has only 1000 in all)
+BASE_NAME = "tiny-qwen2-arith-v1"  # bump whenever the tokenizer, task, model or pre-training change
+
+
+def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
+    """Rows {problem, answer, demo, level}: up to n_per_level distinct problems per level, not in
+    `exclude` (fewer only if the level's 10**(L+2) problems run out). Problems are drawn one by one
+    from a stream seeded by (seed, level), so a smaller n gives a prefix of a larger n."""
+    rows = []
+    for level in levels:
+        n_terms = level + 2
+        size, rng, seen, taken = 10 ** n_terms, random.Random(f"{seed}:{level}"), set(), 0
+        while taken < n_per_level and len(seen) < size:
+            idx = rng.randrange(size)
+            if idx in seen:
+                continue
+            seen.add(idx)
+            digits = [int(ch) for ch in str(idx).zfill(n_terms)]
+            problem = "+".join(map(str, digits)) + "=?"
+            if problem in exclude:
+                continue
+            steps, total = [], digits[0]
+            for d in digits[1:]:
+                steps.append(f"{total}+{d}={total + d}\n")
+                total += d
+            demo = "".join(steps) + "</think>\n\\boxed{" + str(total) + "}"
+            rows.append({"problem": problem, "answer": str(total), "demo": demo, "level": level})
+            taken += 1
+    return rows
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE (a few hundred tokens) trained on task text with exactly the Qwen2 normaliser and
+    pre-tokeniser: with a Qwen2 config, AutoTokenizer reloads a Qwen2Tokenizer that rebuilds this
+    pipeline from vocab + merges, so anything else would change the ids after a save/load round trip.
+    The Qwen2 regex splits numbers into single digits, which suits arithmetic."""
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    # The trainer would learn merges across "<|im_end|>" etc., so train only on the text between them.
+    split = re.compile("|".join(map(re.escape, SPECIAL + ADDED)))
+    texts = [f"<|im_start|>{role}\n{r['problem']}<|im_end|>\n<|im_start|>assistant\n<think>\n{r['demo']}<|im_end|>\n"
+             for role in ("system", "user") for r in make_task(200, seed=0)]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # any text encodes
+    bpe.train_from_iterator([piece for t in texts for piece in split.split(t) if piece], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    # Build it the way from_pretrained will rebuild it; specials keep ids 0-2 from the trainer.
+    tok = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+    tok.add_tokens(ADDED)  # single tokens that the BPE could not form: the Qwen2 regex splits "\boxed" from "{"
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model_config(tokenizer):
+    """~1M-parameter Qwen2: learns the facts within a minute on 2 CPU cores, yet not all of them."""
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _pretrain(model, tokenizer, rows, level_share, steps=400, batch_size=32, lr=3e-3, seed=0):
+    """Plain SFT: cross-entropy on demo + eos only (prompt masked), AdamW, warm-up then linear decay."""
+    examples = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["problem"]}],
+                                               add_generation_prompt=True, tokenize=False)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(r["demo"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        examples.append((p + t, [-100] * len(p) + t))
+    # Levels are drawn by level_share, however many distinct problems each level has.
+    counts = {level: sum(r["level"] == level for r in rows) for level in level_share}
+    weights = torch.tensor([level_share[r["level"]] / counts[r["level"]] for r in rows])
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = steps // 20
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc="pre-training the tiny base model")):
+        batch = [examples[i] for i in torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()]
+        width = max(len(ids) for ids, _ in batch)  # right padding; pad is never a target
+        ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def build_base_model(cache_dir, seed=0):
+    """Directory with the pre-trained tiny base (safetensors) and its tokenizer; built once (~1 min
+    on 2 CPU cores), then reused. Written to a temporary directory and renamed into place, so an
+    interrupted build never leaves a directory that looks complete."""
+    path = os.path.join(cache_dir, f"{BASE_NAME}-seed{seed}")
+    if os.path.isdir(path):
+        return path
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_model_config(tokenizer))
+    held_out = {r["problem"] for r in make_task(HELDOUT_PER_LEVEL, EVAL_SEED)}
+    rows = make_task(5000, seed, levels=(1, 2), exclude=held_out)
+    _pretrain(model, tokenizer, rows, level_share={1: 0.65, 2: 0.35}, seed=seed)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # same file system, so the rename is atomic
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same build first; keep its copy
+        shutil.rmtree(tmp)
+    return path
+
+
+# ======================================================================================
 # Model, FSDP2, and per-token log-probs / entropies (Eq. 1-2)
 # ======================================================================================
 
@@ -402,8 +552,6 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
 
 def load_lm(path: str, d: Dist, gradient_checkpointing: bool = False):
     """fp32 weights (FSDP2 casts to bf16 for compute on GPU); plain fp32 on CPU."""
-    from transformers import AutoModelForCausalLM
-
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -993,13 +1141,11 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
             build_base_model(cache)  # cached after the first build
         barrier()
         base_path = build_base_model(cache)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows = encode_rows(cfg, tokenizer, cfg.data, "train", need_demo)
-    eval_rows = encode_rows(cfg, tokenizer, cfg.eval_data, "eval", False, exclude=train_rows) \
+    eval_rows = encode_rows(cfg, tokenizer, cfg.eval_data, "eval", False) \
         if cfg.eval_data else []
     print0(f"data: {len(train_rows)} training prompts, {len(eval_rows)} evaluation prompts")
 
@@ -1020,17 +1166,20 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
     return run
 
 
-def encode_rows(cfg: BaseConfig, tokenizer, source: str, split: str, need_demo: bool, exclude=()) -> list[dict]:
+def encode_rows(cfg: BaseConfig, tokenizer, source: str, split: str, need_demo: bool) -> list[dict]:
     """Load, validate and tokenize a data set: rows of {problem, prompt_ids, answer, demo_ids, level}.
     demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4)."""
-    if source == "builtin":
-        seen = {r["problem"] for r in exclude}
-        raw = make_task(BUILTIN_TRAIN_PER_LEVEL if split == "train" else BUILTIN_EVAL_PER_LEVEL,
-                        seed=0 if split == "train" else 1, exclude=seen)
+    if source == "builtin":  # training problems never include the held-out evaluation problems
+        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
+        raw = held_out if split == "eval" else make_task(
+            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
         rows = [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
         system = None if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
     else:
-        rows = load_rows(source, cfg.prompt_key, cfg.answer_key, cfg.demo_key, need_demo)
+        try:
+            rows = load_rows(source, cfg.prompt_key, cfg.answer_key, cfg.demo_key, need_demo)
+        except ValueError as e:  # bad input: say what and where, without a traceback
+            raise SystemExit(f"error: {e}")
         system = MATH_SYSTEM_PROMPT if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
     out, too_long = [], 0
     for r in rows:
