@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+# torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 from math_verify import parse, verify  # forked grading workers inherit it
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
