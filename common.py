@@ -65,11 +65,11 @@ class BaseConfig:
     output_dir: str = ""  # default: runs/<script name>
     overwrite: bool = False  # start afresh even if output_dir already holds a run
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    max_steps: int = 60  # training iterations (one batch of prompts each)
+    max_steps: int = 40  # training iterations (one batch of prompts each)
     seed: int = 0  # base seed; rank r uses seed + r
     save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    eval_every: int = 30  # evaluate every N steps (and before and after training); 0 = only then
+    eval_every: int = 20  # evaluate every N steps (and before and after training); 0 = only then
     eval_samples: int = 4  # k samples per eval problem; pass@1 is averaged over them (METHODS 9)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
@@ -334,12 +334,13 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 # Embedded default: a tiny tokenizer, model and arithmetic task, so that the scripts run on a laptop CPU.
 #
 # Everything is generated locally and deterministically (no hub downloads). Level L asks for the sum of
-# L+2 digits; the demonstration adds them one at a time ("3+5=8\n8+7=15\n"), so each step is one small
-# fact, and higher levels chain more steps over larger partial sums. Level 1 has 3 terms, not 2: its
-# 1000 problems share their facts with each other, so held-out level-1 problems test skill, not recall.
-# The base model is pre-trained briefly on levels 1-2 only: it solves level 1 mostly, level 2 sometimes
-# and levels 3-4 (longer chains, partial sums it never saw) almost never. RL can sharpen levels 1-2;
-# levels 3-4 need the demonstrations. This is the starting point of the SFT+RL fusion papers.
+# L+2 digits; the demonstration adds them one at a time ("3+5=8\n8+7=15\n"), so higher levels chain
+# more steps over larger partial sums. Level 1 has 3 terms, not 2, so that its 1000 problems share
+# their facts: held-out level-1 problems then test skill, not recall of a 100-entry table.
+#
+# The base model is pre-trained briefly on levels 1-2 only, from a fallible teacher that slips on big
+# sums. It samples like a real base model: level 1 mostly right, level 2 sometimes, levels 3-4 (longer
+# chains, sums it never saw) almost never. RL can sharpen levels 1-2; levels 3-4 need demonstrations.
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as in Qwen2.5)
 # Added but not special: decode(skip_special_tokens=True) keeps them, so graders still find them.
@@ -351,8 +352,28 @@ CHAT_TEMPLATE = (
 )
 # Held-out problems are make_task(n, EVAL_SEED) with n <= HELDOUT_PER_LEVEL; the base never sees them.
 EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 100
-TRAIN_PER_LEVEL = 2000  # builtin training problems per level (level 1 has only 1000 in all)
-BASE_NAME = "tiny-qwen2-arith-v1"  # bump whenever the tokenizer, task, model or pre-training change
+TRAIN_PER_LEVEL = 2000  # builtin training problems per level (level 1 has 1000 in all)
+BASE_NAME = "tiny-qwen2-arith-v2"  # bump whenever the tokenizer, task, model or pre-training change
+
+
+def _problem(terms):
+    return "+".join(map(str, terms)) + "=?"
+
+
+def _demo(terms, slip=None):
+    """Running-sum demonstration. With `slip` (a random.Random) each written sum s is off by one with
+    probability (s/25)**2 and the chain goes on from the written value. Pre-training on such a
+    fallible but self-consistent teacher gives a base whose errors are spread-out probability mass
+    (what RL sharpens), and whose answer follows its steps (the answer equals the true sum only
+    when the steps are right, so the model cannot learn to skip them)."""
+    lines, total = [], terms[0]
+    for t in terms[1:]:
+        s = total + t
+        if slip is not None and slip.random() < (s / 25) ** 2:
+            s = abs(s + slip.choice((-1, 1)))
+        lines.append(f"{total}+{t}={s}\n")
+        total = s
+    return "".join(lines) + "</think>\n\\boxed{" + str(total) + "}"
 
 
 def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
@@ -368,16 +389,10 @@ def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
             if idx in seen:
                 continue
             seen.add(idx)
-            digits = [int(ch) for ch in str(idx).zfill(n_terms)]
-            problem = "+".join(map(str, digits)) + "=?"
-            if problem in exclude:
+            terms = [int(ch) for ch in str(idx).zfill(n_terms)]
+            if _problem(terms) in exclude:
                 continue
-            steps, total = [], digits[0]
-            for d in digits[1:]:
-                steps.append(f"{total}+{d}={total + d}\n")
-                total += d
-            demo = "".join(steps) + "</think>\n\\boxed{" + str(total) + "}"
-            rows.append({"problem": problem, "answer": str(total), "demo": demo, "level": level})
+            rows.append({"problem": _problem(terms), "answer": str(sum(terms)), "demo": _demo(terms), "level": level})
             taken += 1
     return rows
 
@@ -401,42 +416,46 @@ def build_tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # any text encodes
     bpe.train_from_iterator([piece for t in texts for piece in split.split(t) if piece], trainer)
     trained = json.loads(bpe.to_str())["model"]
-    # Build it the way from_pretrained will rebuild it; specials keep ids 0-2 from the trainer.
+    # Build it the way from_pretrained will rebuild it; the specials keep ids 0-2 from the trainer.
     tok = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
                          eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
-    tok.add_tokens(ADDED)  # single tokens that the BPE could not form: the Qwen2 regex splits "\boxed" from "{"
+    tok.add_tokens(ADDED)  # one token each; the Qwen2 regex alone would split "\boxed" from "{"
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def tiny_model_config(tokenizer):
-    """~1M-parameter Qwen2: learns the facts within a minute on 2 CPU cores, yet not all of them."""
+    """0.6M-parameter Qwen2. On 2 CPU cores its cost is mostly matmul FLOPs, so narrow MLPs (256)
+    buy steps; 4 layers are needed to find the next term in the prompt reliably."""
     return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def _pretrain(model, tokenizer, rows, level_share, steps=400, batch_size=32, lr=3e-3, seed=0):
-    """Plain SFT: cross-entropy on demo + eos only (prompt masked), AdamW, warm-up then linear decay."""
-    examples = []
-    for r in rows:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["problem"]}],
+def _pretrain(model, tokenizer, exclude, seed, steps=600, batch_size=32, lr=3e-3, share2=0.35):
+    """Plain SFT on fresh level-1/2 problems (a share2 fraction at level 2) with slipped demos:
+    cross-entropy on demo + eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
+    rng = random.Random(seed)
+
+    def example():
+        while True:
+            terms = [rng.randrange(10) for _ in range(4 if rng.random() < share2 else 3)]
+            if _problem(terms) not in exclude:
+                break
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": _problem(terms)}],
                                                add_generation_prompt=True, tokenize=False)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(r["demo"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        examples.append((p + t, [-100] * len(p) + t))
-    # Levels are drawn by level_share, however many distinct problems each level has.
-    counts = {level: sum(r["level"] == level for r in rows) for level in level_share}
-    weights = torch.tensor([level_share[r["level"]] / counts[r["level"]] for r in rows])
-    gen = torch.Generator().manual_seed(seed)
+        t = tokenizer(_demo(terms, slip=rng) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        return p + t, [-100] * len(p) + t
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
     model.train()
     for _ in (bar := tqdm(range(steps), desc="pre-training the tiny base model")):
-        batch = [examples[i] for i in torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()]
+        batch = [example() for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)  # right padding; pad is never a target
         ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
@@ -451,25 +470,23 @@ def _pretrain(model, tokenizer, rows, level_share, steps=400, batch_size=32, lr=
 
 
 def build_base_model(cache_dir, seed=0):
-    """Directory with the pre-trained tiny base (safetensors) and its tokenizer; built once (~1 min
-    on 2 CPU cores), then reused. Written to a temporary directory and renamed into place, so an
-    interrupted build never leaves a directory that looks complete."""
+    """Directory with the pre-trained tiny base (safetensors) and its tokenizer; built once (about a
+    minute on 2 CPU cores), then reused. Written to a temporary directory and renamed into place, so
+    an interrupted build never leaves a directory that looks complete."""
     path = os.path.join(cache_dir, f"{BASE_NAME}-seed{seed}")
     if os.path.isdir(path):
         return path
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_model_config(tokenizer))
-    held_out = {r["problem"] for r in make_task(HELDOUT_PER_LEVEL, EVAL_SEED)}
-    rows = make_task(5000, seed, levels=(1, 2), exclude=held_out)
-    _pretrain(model, tokenizer, rows, level_share={1: 0.65, 2: 0.35}, seed=seed)
+    _pretrain(model, tokenizer, {r["problem"] for r in make_task(HELDOUT_PER_LEVEL, EVAL_SEED)}, seed)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # same file system, so the rename is atomic
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, path)
-    except OSError:  # another process finished the same build first; keep its copy
+    except OSError:  # another process finished the same build first: keep its copy
         shutil.rmtree(tmp)
     return path
 
@@ -1111,6 +1128,25 @@ class Run:
         save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer, {"main": self.optimizer},
                         {"main": self.scheduler}, {"data": self.stream.state_dict(), **(state or {})},
                         keep=self.cfg.keep_checkpoints)
+
+    def evaluate_base(self):
+        """Held-out accuracy before training (step 0), unless this run resumes."""
+        if self.start_step == 0 and self.eval_rows:
+            metrics = evaluate(self)
+            self.logger.log(0, metrics)
+            print0(f"eval before training: {format_eval(metrics)}")
+
+    def end_step(self, step: int, metrics: dict, state: dict | None = None):
+        """After training step `step` (1-based): evaluate when due, log, checkpoint when due."""
+        cfg = self.cfg
+        last = step == cfg.max_steps
+        if self.eval_rows and (cfg.eval_every and step % cfg.eval_every == 0 or last):
+            metrics.update(evaluate(self))
+            if last:
+                print0(f"eval after training:  {format_eval(metrics)}")
+        self.logger.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 or last:
+            self.save(step, state)
 
     def progress(self):
         return tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,

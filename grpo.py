@@ -38,7 +38,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-5  # peak learning rate (official LUFFY-family runs: 1e-6)
+    lr: float = 5e-5  # peak learning rate (official LUFFY-family runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt
@@ -109,12 +109,7 @@ def main():
     run = common.setup(cfg, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
     model, d, tok = run.model, run.d, run.tokenizer
     constant = cfg.loss_constant or d.world_size * cfg.max_response_len  # Eq. (8)'s C
-    if run.start_step == 0 and run.eval_rows:
-        ev = common.evaluate(run)
-        run.logger.log(0, ev)
-        common.print0(f"eval before training: {common.format_eval(ev)}")
-
-    metrics = {}
+    run.evaluate_base()
     for step in (bar := run.progress()):
         # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
         t0 = time.time()
@@ -175,15 +170,8 @@ def main():
                        response_length=n_tok / n_seq, grad_norm=sum(grad_norms) / len(grad_norms),
                        lr=run.scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1,
                        tokens_per_second=all_tok / (t2 - t0))
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            metrics.update(common.evaluate(run))
-        run.logger.log(step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            run.save(step + 1)
-
-    if "eval_accuracy" in metrics:
-        common.print0(f"eval after training:  {common.format_eval(metrics)}")
+        run.end_step(step + 1, metrics)
     common.shutdown()
 
 

@@ -48,12 +48,7 @@ def main():
     cfg = common.parse_config(Config)
     run = common.setup(cfg, need_demo=True, global_batch=cfg.batch_size)
     model, d, tok = run.model, run.d, run.tokenizer
-    if run.start_step == 0 and run.eval_rows:
-        ev = common.evaluate(run)
-        run.logger.log(0, ev)
-        common.print0(f"eval before training: {common.format_eval(ev)}")
-
-    metrics = {}
+    run.evaluate_base()
     for step in (bar := run.progress()):
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
@@ -83,15 +78,8 @@ def main():
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            metrics.update(common.evaluate(run))
-        run.logger.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            run.save(step + 1)
-
-    if "eval_accuracy" in metrics:
-        common.print0(f"eval after training:  {common.format_eval(metrics)}")
+        run.end_step(step + 1, metrics)
     common.shutdown()
 
 

@@ -58,7 +58,8 @@ def test_grpo_smoke_and_checkpoint(tiny_model_dir, small_eval_file, tmp_path):
 def test_sft_smoke(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "sft"
     run("sft.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "3", "--batch_size", "4",
-                         "--micro_batch_size", "3", "--lr", "1e-3", "--eval_every", "0"))
+                         "--micro_batch_size", "3", "--lr", "1e-3", "--eval_every", "0",
+                         "--gradient_checkpointing"))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
     for m in lines[1:]:
