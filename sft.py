@@ -36,6 +36,8 @@ import common
 class Config(common.BaseConfig):
     lr: float = 1e-4  # peak learning rate (LUFFY's SFT baseline: 5e-5)
     batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
+    max_steps: int = 300  # optimizer steps (one batch of demonstrations each)
+    eval_every: int = 100  # evaluate every N steps (and before and after training); 0 = only then
     loss_agg: str = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
 
 
