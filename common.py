@@ -558,8 +558,11 @@ class PolicyModel(nn.Module):
         return logp, entropy
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
-    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]}."""
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
+               prefix_lens: list[int] | None = None) -> dict:
+    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]}.
+    With prefix_lens also prefix_mask [B, R]: 1 on the first prefix_lens[i] response tokens, the ones
+    given to the sampler (a demonstration, hint or anchor) rather than sampled by it."""
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
     ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
@@ -567,8 +570,15 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attn[i, P - len(p):P + len(r)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device),
-            "response_mask": attn[:, P:].to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "response_mask": attn[:, P:].to(device)}
+    if prefix_lens is not None:
+        batch["prefix_mask"] = (torch.arange(R)[None, :] < torch.tensor(prefix_lens)[:, None]).long().to(device)
+    return batch
+
+
+def model_inputs(mb: dict) -> dict:
+    """The keys of a (micro-)batch that PolicyModel.forward takes."""
+    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
 def load_lm(path: str, d: Dist, gradient_checkpointing: bool = False):
@@ -929,6 +939,78 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 
 # ======================================================================================
+# One RL iteration's mechanics: mini-batches, old log-probs, optimizer step, core metrics
+# ======================================================================================
+
+
+def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
+                device) -> list[list[dict]]:
+    """This rank's samples, in order, as n_minibatches optimizer steps of micro-batches (METHODS 0.3
+    step 4). A micro-batch is make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its
+    slice of every per-sample tensor in `per_sample` ({name: [N]} -> {name: [b_micro]})."""
+    if len(samples) % n_minibatches:
+        raise ValueError(f"{len(samples)} samples do not split into {n_minibatches} mini-batches")
+    per = len(samples) // n_minibatches
+    out = []
+    for m in range(0, len(samples), per):
+        minibatch = []
+        for s in range(m, m + per, micro_batch_size):
+            idx = list(range(s, min(s + micro_batch_size, m + per)))
+            mb = make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx], pad_id,
+                            device, prefix_lens=[len(samples[i].prefix_ids) for i in idx])
+            mb.update({k: v[idx].to(device) for k, v in per_sample.items()})
+            minibatch.append(mb)
+        out.append(minibatch)
+    return out
+
+
+@torch.no_grad()
+def old_logprobs(run: "Run", micro: list[dict], temperature: float):
+    """Store logp_old of Eq. (3) and the entropies of pi_old (the model before this iteration's
+    updates) in every micro-batch, and logp_ref (Eq. 11) when the run has a reference model."""
+    for mb in micro:
+        mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
+        if run.ref_model is not None:
+            mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the global grad norm, step the optimizer and its schedule, zero the grads; returns the norm."""
+    norm = clip_grad_norm(model, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
+                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
+    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks.
+
+    terms: one dict of detached loss terms per micro-batch, each the micro-batch's share of its
+    optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
+    rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
+    is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
+    tokens of `micro`. t0-t1 rollout, t1-t2 training, in seconds."""
+    keys = sorted(terms[0])
+    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
+               for mb in micro]
+    sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
+        float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
+        sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
+        sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
+        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
+    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
+    metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
+                   entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
+                   truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
+                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
+    return metrics
+
+
+# ======================================================================================
 # Checkpoints: HF model + sharded optimiser (DCP) + RNG + trainer state, written atomically
 # ======================================================================================
 
@@ -1117,6 +1199,7 @@ class Run:
     logger: MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
+    bar: object = None  # the progress bar of progress()
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -1145,12 +1228,16 @@ class Run:
             if last:
                 print0(f"eval after training:  {format_eval(metrics)}")
         self.logger.log(step, metrics)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
         if cfg.save_every and step % cfg.save_every == 0 or last:
             self.save(step, state)
 
     def progress(self):
-        return tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
-                    total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+        """The training steps still to run, with a progress bar on rank 0."""
+        self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
+                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+        return self.bar
 
 
 def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,

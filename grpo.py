@@ -105,12 +105,13 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_
 def main():
     cfg = common.parse_config(Config)
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
-    assert B % b == 0, "--prompts_per_step must be a multiple of --prompts_per_minibatch"
+    if B % b:
+        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     run = common.setup(cfg, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
-    model, d, tok = run.model, run.d, run.tokenizer
-    constant = cfg.loss_constant or d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    model = run.model
+    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
-    for step in (bar := run.progress()):
+    for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
         t0 = time.time()
         prompts = run.next_prompts(B)  # this rank's B / world_size prompts
@@ -123,67 +124,33 @@ def main():
         advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (9)/(10)
         t1 = time.time()
 
-        # ---- 2. Mini-batches of micro-batches; log-probs of pi_old (and pi_ref) without grad ----
-        per_minibatch = len(samples) * b // B  # this rank's sequences per optimizer step
-        minibatches = [[_micro_batch(samples, advantages, range(s, min(s + cfg.micro_batch_size, m + per_minibatch)),
-                                     tok.pad_token_id, d.device)
-                        for s in range(m, m + per_minibatch, cfg.micro_batch_size)]
-                       for m in range(0, len(samples), per_minibatch)]
+        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
+        minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
+                                         run.tokenizer.pad_token_id, run.d.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
-        with torch.no_grad():
-            for mb in micro:
-                mb["old_logp"], mb["old_entropy"] = model(**_inputs(mb), temperature=cfg.temperature,
-                                                          with_entropy=True)
-                if run.ref_model is not None:
-                    mb["ref_logp"], _ = run.ref_model(**_inputs(mb), temperature=cfg.temperature)
+        common.old_logprobs(run, micro, cfg.temperature)
 
-        # ---- 3. B/b optimizer steps, one per mini-batch (ppo_epochs = 1) ----------------------
-        stats, grad_norms = [], []
+        # ---- 3. One optimizer step per mini-batch (ppo_epochs = 1) -----------------------------
+        terms, grad_norms = [], []
         for minibatch in minibatches:
             masks = [mb["response_mask"] for mb in minibatch]
-            norm = common.step_normaliser(masks, cfg.loss_agg, constant)
+            norm = common.step_normaliser(masks, cfg.loss_agg, constant)  # this step's Agg denominator
             token_norm = common.step_normaliser(masks, "token-mean")
             for mb in minibatch:
-                logp, entropy = model(**_inputs(mb), temperature=cfg.temperature,
-                                      with_entropy=cfg.entropy_coef > 0)
-                loss, terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg,
-                                        norm, token_norm, entropy, mb.get("ref_logp"))
+                logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
+                                      with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
+                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg, norm,
+                                    token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                stats.append(terms)
-            grad_norms.append(common.clip_grad_norm(model, cfg.max_grad_norm))
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+                terms.append(t)
+            grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
-        masks = [mb["response_mask"] for mb in micro]
-        n_tokens = sum(float(m.sum()) for m in masks)
-        keys = sorted(stats[0])
-        sums = common.all_reduce([sum(float(t[k]) for t in stats) for k in keys] + [
-            float(rewards.sum()), float((rewards == 1).sum()), len(samples), n_tokens,
-            sum(float((mb["old_entropy"] * mb["response_mask"]).sum()) for mb in micro),
-            sum(mb["input_ids"].numel() for mb in micro)])
-        *term_sums, r_sum, correct, n_seq, n_tok, ent_sum, all_tok = sums
-        metrics = {k: v / d.world_size / len(minibatches) for k, v in zip(keys, term_sums)}  # global means
-        metrics.update(reward=r_sum / n_seq, accuracy=correct / n_seq, entropy=ent_sum / max(n_tok, 1),
-                       response_length=n_tok / n_seq, grad_norm=sum(grad_norms) / len(grad_norms),
-                       lr=run.scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1,
-                       tokens_per_second=all_tok / (t2 - t0))
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+        metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
+                                      t0, t1, t2)
         run.end_step(step + 1, metrics)
     common.shutdown()
-
-
-def _micro_batch(samples, advantages, idx, pad_id, device) -> dict:
-    mb = common.make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
-                           pad_id, device)
-    mb["advantages"] = advantages[list(idx)].to(device)  # [b_micro]
-    return mb
-
-
-def _inputs(mb: dict) -> dict:
-    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
 if __name__ == "__main__":

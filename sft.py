@@ -51,7 +51,7 @@ def main():
     run = common.setup(cfg, need_demo=True, global_batch=cfg.batch_size)
     model, d, tok = run.model, run.d, run.tokenizer
     run.evaluate_base()
-    for step in (bar := run.progress()):
+    for step in run.progress():
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
         micro = [common.make_batch([r["prompt_ids"] for r in rows[s:s + cfg.micro_batch_size]],
@@ -66,10 +66,7 @@ def main():
             loss.backward()
             loss_sum += float(loss)
             entropy_sum += float((entropy.detach() * mb["response_mask"]).sum())
-        grad_norm = common.clip_grad_norm(model, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         t1 = time.time()
 
         n_tok = sum(float(mb["response_mask"].sum()) for mb in micro)
@@ -80,7 +77,6 @@ def main():
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         run.end_step(step + 1, metrics)
     common.shutdown()
 
