@@ -96,8 +96,13 @@ class BaseConfig:
     wandb_project: str = "sft-rl-fusion"  # wandb project name
 
 
-def parse_config(cls, argv=None):
-    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help."""
+def parse_config(cls, argv=None, variants: dict | None = None):
+    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
+
+    variants: {name: {field: value}} for a trainer whose Config has a `variant` field (e.g. the
+    settings of the official code, METHODS.md "paper vs code"). The chosen variant sets its fields,
+    except those the user wrote on the command line: `--variant official --clip_eps_low 0.2` mixes.
+    The flags given on the command line are kept in `cfg.cli_flags` (a set of field names)."""
     helps = {}
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
@@ -106,19 +111,30 @@ def parse_config(cls, argv=None):
                 if m:
                     helps.setdefault(m.group(1), m.group(2))
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-    parser = argparse.ArgumentParser(description=doc[0] if doc else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, kw = hints[f.name], {"default": f.default, "help": helps.get(f.name, " ")}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
-        else:
-            kw["type"] = tp
-        parser.add_argument(f"--{f.name}", **kw)
-    cfg = cls(**vars(parser.parse_args(argv)))
+
+    def parser(defaults: bool):
+        p = argparse.ArgumentParser(description=doc[0] if doc else None,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                    argument_default=None if defaults else argparse.SUPPRESS)
+        for f in dataclasses.fields(cls):
+            tp, kw = hints[f.name], {"help": helps.get(f.name, " ")}
+            if defaults:
+                kw["default"] = f.default
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is Literal:
+                kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
+            else:
+                kw["type"] = tp
+            p.add_argument(f"--{f.name}", **kw)
+        return p
+
+    cfg = cls(**vars(parser(True).parse_args(argv)))
+    cfg.cli_flags = set(vars(parser(False).parse_args(argv)))  # what the user wrote, not defaults
+    for name, value in ((variants or {}).get(getattr(cfg, "variant", None)) or {}).items():
+        if name not in cfg.cli_flags:
+            setattr(cfg, name, value)
     if not cfg.output_dir:
         cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
     return cfg

@@ -26,6 +26,7 @@ Launch:
 """
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -38,7 +39,7 @@ class Config(common.BaseConfig):
     batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
     max_steps: int = 300  # optimizer steps (one batch of demonstrations each)
     eval_every: int = 100  # evaluate every N steps (and before and after training); 0 = only then
-    loss_agg: str = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:

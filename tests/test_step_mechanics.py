@@ -51,3 +51,24 @@ def test_step_metrics_by_hand():
     assert m["truncated_frac"] == pytest.approx(1 / 3)
     assert m["grad_norm"] == 2.0 and m["lr"] == 0.1 and m["time_rollout"] == 1.0 and m["time_train"] == 3.0
     assert m["tokens_per_second"] == pytest.approx((4 + 3 + 2) / 4.0)
+
+
+def test_variant_sets_its_fields_but_the_command_line_wins():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    @dataclass
+    class Cfg(common.BaseConfig):
+        variant: Literal["paper", "official"] = "paper"  # which settings
+        clip: float = 0.2  # a clip
+        adv_std: bool = True  # std or not
+
+    official = {"official": {"clip": 1e9, "adv_std": False}}
+    cfg = common.parse_config(Cfg, [], official)
+    assert (cfg.clip, cfg.adv_std, cfg.cli_flags) == (0.2, True, set())
+    cfg = common.parse_config(Cfg, ["--variant", "official"], official)
+    assert (cfg.clip, cfg.adv_std) == (1e9, False)
+    cfg = common.parse_config(Cfg, ["--variant", "official", "--clip", "0.3", "--adv_std"], official)
+    assert (cfg.clip, cfg.adv_std) == (0.3, True) and cfg.cli_flags == {"variant", "clip", "adv_std"}
+    with pytest.raises(SystemExit):  # a fixed set of values is checked when parsed
+        common.parse_config(Cfg, ["--variant", "offical"], official)
