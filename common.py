@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import inspect
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -65,9 +66,9 @@ class BaseConfig:
     output_dir: str = ""  # default: runs/<script name>
     overwrite: bool = False  # start afresh even if output_dir already holds a run
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    max_steps: int = 40  # training iterations (one batch of prompts each)
+    max_steps: int = 80  # training iterations (one batch of prompts each)
     seed: int = 0  # base seed; rank r uses seed + r
-    save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
+    save_every: int = 40  # checkpoint every N steps (and always at the end); 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     eval_every: int = 20  # evaluate every N steps (and before and after training); 0 = only then
     eval_samples: int = 4  # k samples per eval problem; pass@1 is averaged over them (METHODS 9)
@@ -347,16 +348,21 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 # ======================================================================================
 # Embedded task: tiny tokenizer, tiny Qwen2, arithmetic problems, a pre-trained "base"
 # ======================================================================================
-# Embedded default: a tiny tokenizer, model and arithmetic task, so that the scripts run on a laptop CPU.
+# Everything is generated locally and deterministically (no hub downloads). The task is a yardstick for
+# the question every fusion method answers: on problems the base model never solves, on-policy RL has
+# no signal, and demonstrations bring it. So it has two kinds of level:
 #
-# Everything is generated locally and deterministically (no hub downloads). Level L asks for the sum of
-# L+2 digits; the demonstration adds them one at a time ("3+5=8\n8+7=15\n"), so higher levels chain
-# more steps over larger partial sums. Level 1 has 3 terms, not 2, so that its 1000 problems share
-# their facts: held-out level-1 problems then test skill, not recall of a 100-entry table.
+#   reachable     level 1  a+b+c            level 2  a+b+c+d                      (digits 1-9)
+#   out of reach  level 3  t*k+b, b+t*k     level 4  three terms, one of them t*k
 #
-# The base model is pre-trained briefly on levels 1-2 only, from a fallible teacher that slips on big
-# sums. It samples like a real base model: level 1 mostly right, level 2 sometimes, levels 3-4 (longer
-# chains, sums it never saw) almost never. RL can sharpen levels 1-2; levels 3-4 need demonstrations.
+# A demonstration writes one line per step: the product first ("7*3=21"), then the running sum of the
+# other terms in order ("21+5=26"). The base is pre-trained on levels 1-2 only, so it knows addition but
+# has never seen "*": levels 3-4 need a handful of times-table facts and the rule "multiply first", which
+# a demonstration shows in one line and which the base's own samples never contain. Every addition has a
+# left operand of at most 27 (the base's range), so that one line is all a demonstration must teach.
+# Digits are 1-9: with a 0, "skipping the 0" gives right answers for wrong reasons. The base learns
+# from a fallible teacher that sometimes writes a partial sum one too high (never too low, so a slipped
+# chain ends at a wrong answer): it solves levels 1-2 often, not always (mass for RL to sharpen).
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as in Qwen2.5)
 # Added but not special: decode(skip_special_tokens=True) keeps them, so graders still find them.
@@ -367,49 +373,85 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
 )
 # Held-out problems are make_task(n, EVAL_SEED) with n <= HELDOUT_PER_LEVEL; the base never sees them.
-EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 100
-TRAIN_PER_LEVEL = 2000  # builtin training problems per level (level 1 has 1000 in all)
-BASE_NAME = "tiny-qwen2-arith-v2"  # bump whenever the tokenizer, task, model or pre-training change
+EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 200
+TRAIN_PER_LEVEL = 250  # builtin training problems per level: equal, so every level weighs the same in training
+TASK_VERSION = 3  # part of the base model's cache key: bump whenever the task or the base changes
+BUILTIN_SETTINGS = {"max_prompt_len": 64, "max_response_len": 48}  # the task's budgets (demonstrations <= 40 tokens)
+MAX_LEFT_OPERAND = 27  # the largest partial sum the base adds to (level 2: 9+9+9)
+# The times-table facts t*k of levels 3-4. Chosen so that no wrong-steps shortcut reaches the product:
+# it is at least 10 above t (a first line "t+X" with a digit X cannot land on it, a shortcut RL finds
+# otherwise) and far from the misreading t+k. Products stay within the base's range of left operands.
+FACTS = [(t, k) for k in (3, 4, 5) for t in range(2, 10) if t * k - t >= 10 and t * k <= MAX_LEFT_OPERAND]
+# level: (number of terms, whether one of them is a product t*k)
+LEVELS = {1: (3, "none"), 2: (4, "none"), 3: (3, "first"), 4: (3, "later")}
 
 
-def _problem(terms):
-    return "+".join(map(str, terms)) + "=?"
+def _problem(terms) -> str:
+    """terms: ints and at most one (t, k) product -> "5+7*3=?"."""
+    return "+".join(f"{t[0]}*{t[1]}" if isinstance(t, tuple) else str(t) for t in terms) + "=?"
+
+
+def _value(terms) -> int:
+    return sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
+
+
+def _slip_prob(s: int) -> float:
+    """Probability that the base's teacher writes partial sum s as s + 1."""
+    return min(0.5, (s / 25) ** 2)
 
 
 def _demo(terms, slip=None):
-    """Running-sum demonstration. With `slip` (a random.Random) each written sum s is off by one with
-    probability (s/25)**2 and the chain goes on from the written value. Pre-training on such a
-    fallible but self-consistent teacher gives a base whose errors are spread-out probability mass
-    (what RL sharpens), and whose answer follows its steps (the answer equals the true sum only
-    when the steps are right, so the model cannot learn to skip them)."""
-    lines, total = [], terms[0]
-    for t in terms[1:]:
+    """The worked solution: the product first, then a running sum over the other terms in order. With
+    `slip` (a random.Random) each written sum s is one too high with probability _slip_prob(s) and the
+    chain goes on from the written value, so the answer is right only when every step is."""
+    products = [t for t in terms if isinstance(t, tuple)]
+    lines = [f"{t}*{k}={t * k}\n" for t, k in products]
+    addends = [t * k for t, k in products] + [t for t in terms if not isinstance(t, tuple)]
+    total = addends[0]
+    for t in addends[1:]:
         s = total + t
-        if slip is not None and slip.random() < (s / 25) ** 2:
-            s = abs(s + slip.choice((-1, 1)))
+        if slip is not None and slip.random() < _slip_prob(s):
+            s += 1
         lines.append(f"{total}+{t}={s}\n")
         total = s
     return "".join(lines) + "</think>\n\\boxed{" + str(total) + "}"
 
 
+def _level_problems(level: int) -> list:
+    """Every problem of a level, in a fixed order (lists of ints with at most one (t, k) product)."""
+    n_terms, product = LEVELS[level]
+    out = []
+    for digits in itertools.product(range(1, 10), repeat=n_terms - (product != "none")):
+        if product == "none":
+            if sum(digits[:-1]) <= MAX_LEFT_OPERAND:
+                out.append(list(digits))
+            continue
+        for t, k in FACTS:
+            if t * k + sum(digits[:-1]) > MAX_LEFT_OPERAND:
+                continue
+            for where in ([0] if product == "first" else range(1, n_terms)):
+                out.append(list(digits[:where]) + [(t, k)] + list(digits[where:]))
+    return out
+
+
+def steps_correct(problem: str, response: str) -> bool:
+    """Whether a response's worked steps (the text before </think>) are exactly the right running sums
+    of `problem`: what the answer-only verifier cannot see (a right answer for wrong reasons)."""
+    terms = [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
+    return response.split("</think>")[0].strip() == _demo(terms).split("</think>")[0].strip()
+
+
 def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
     """Rows {problem, answer, demo, level}: up to n_per_level distinct problems per level, not in
-    `exclude` (fewer only if the level's 10**(L+2) problems run out). Problems are drawn one by one
-    from a stream seeded by (seed, level), so a smaller n gives a prefix of a larger n."""
+    `exclude`, drawn without replacement from a shuffle seeded by (seed, level); a smaller n gives a
+    prefix of a larger n."""
     rows = []
     for level in levels:
-        n_terms = level + 2
-        size, rng, seen, taken = 10 ** n_terms, random.Random(f"{seed}:{level}"), set(), 0
-        while taken < n_per_level and len(seen) < size:
-            idx = rng.randrange(size)
-            if idx in seen:
-                continue
-            seen.add(idx)
-            terms = [int(ch) for ch in str(idx).zfill(n_terms)]
-            if _problem(terms) in exclude:
-                continue
-            rows.append({"problem": _problem(terms), "answer": str(sum(terms)), "demo": _demo(terms), "level": level})
-            taken += 1
+        problems = _level_problems(level)
+        random.Random(f"{seed}:{level}").shuffle(problems)
+        taken = [p for p in problems if _problem(p) not in exclude][:n_per_level]
+        rows += [{"problem": _problem(p), "answer": str(_value(p)), "demo": _demo(p), "level": level}
+                 for p in taken]
     return rows
 
 
@@ -450,16 +492,20 @@ def tiny_model_config(tokenizer):
     )
 
 
-def _pretrain(model, tokenizer, exclude, seed, steps=600, batch_size=32, lr=3e-3, share2=0.35):
-    """Plain SFT on fresh level-1/2 problems (a share2 fraction at level 2) with slipped demos:
-    cross-entropy on demo + eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
+def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-3, share2=0.35, share_x1=0.15):
+    """Plain SFT on level-1/2 problems (a share2 fraction at level 2, none of them held out) with the
+    fallible teacher's demonstrations, plus a share_x1 fraction of three-term problems with one t*1
+    term anywhere: the base knows the notation and the rule "the product's line comes first" (so a
+    demonstration's first tokens are unlikely to it, not impossible), but no fact beyond t*1 = t. Cross-entropy on demo +
+    eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
     rng = random.Random(seed)
+    pools = {level: [p for p in _level_problems(level) if _problem(p) not in exclude] for level in (1, 2)}
+    pools["x1"] = [list(p[:i]) + [(t, 1)] + list(p[i:]) for t in range(1, 10) for p in itertools.product(range(1, 10), repeat=2)
+                   for i in range(3)]
 
     def example():
-        while True:
-            terms = [rng.randrange(10) for _ in range(4 if rng.random() < share2 else 3)]
-            if _problem(terms) not in exclude:
-                break
+        u = rng.random()
+        terms = rng.choice(pools["x1" if u < share_x1 else 2 if u < share_x1 + share2 else 1])
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": _problem(terms)}],
                                                add_generation_prompt=True, tokenize=False)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -470,7 +516,7 @@ def _pretrain(model, tokenizer, exclude, seed, steps=600, batch_size=32, lr=3e-3
     warm = steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
     model.train()
-    for _ in (bar := tqdm(range(steps), desc="pre-training the tiny base model")):
+    for _ in (bar := tqdm(range(steps), desc="pre-training the tiny base model", mininterval=2)):
         batch = [example() for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)  # right padding; pad is never a target
         ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch])
@@ -481,7 +527,7 @@ def _pretrain(model, tokenizer, exclude, seed, steps=600, batch_size=32, lr=3e-3
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
 
@@ -489,7 +535,7 @@ def build_base_model(cache_dir, seed=0):
     """Directory with the pre-trained tiny base (safetensors) and its tokenizer; built once (about a
     minute on 2 CPU cores), then reused. Written to a temporary directory and renamed into place, so
     an interrupted build never leaves a directory that looks complete."""
-    path = os.path.join(cache_dir, f"{BASE_NAME}-seed{seed}")
+    path = os.path.join(cache_dir, f"tiny-qwen2-arith-v{TASK_VERSION}-seed{seed}")
     if os.path.isdir(path):
         return path
     tokenizer = build_tiny_tokenizer()
@@ -1261,7 +1307,6 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
     d = init_distributed()
     if global_batch % d.world_size:
         raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    seed_everything(cfg.seed + d.rank)
     verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     verifier(["</think>\\boxed{1}"], ["1"])  # start the fork pool now, before threads and CUDA exist
 
@@ -1284,6 +1329,9 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
             build_base_model(cache)  # cached after the first build
         barrier()
         base_path = build_base_model(cache)
+    # Seeded only now: a first run builds the base above, which seeds torch itself, and must still equal
+    # the same command run with the base already cached (--seed decides the run, not the cache).
+    seed_everything(cfg.seed + d.rank)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -35,10 +35,11 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 1e-4  # peak learning rate (LUFFY's SFT baseline: 5e-5)
+    lr: float = 5e-4  # peak learning rate (LUFFY's SFT baseline: 5e-5)
     batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
-    max_steps: int = 300  # optimizer steps (one batch of demonstrations each)
-    eval_every: int = 100  # evaluate every N steps (and before and after training); 0 = only then
+    max_steps: int = 150  # optimizer steps (one batch of demonstrations each)
+    eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only then
+    save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
 
 

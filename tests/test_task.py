@@ -1,7 +1,15 @@
-"""The embedded task: tokenizer round trip, problems, demonstrations and the held-out split."""
+"""The embedded task: tokenizer round trip, the four levels, demonstrations, the worked-steps check,
+the held-out split, and that --seed (not the base-model cache) decides a run."""
+import re
+
+import torch
 from transformers import AutoTokenizer
 
 import common
+
+
+def _terms(problem):
+    return [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
 
 
 def test_tokenizer_survives_save_and_reload(tmp_path):
@@ -13,31 +21,102 @@ def test_tokenizer_survives_save_and_reload(tmp_path):
     prompt = common.format_prompt(tok, row["problem"], "Think, then answer.")
     assert prompt == common.format_prompt(again, row["problem"], "Think, then answer.")
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
-    for text in (prompt, row["demo"] + "<|im_end|>", "any other text: ünïcode 123"):
+    for text in (prompt, row["demo"] + "<|im_end|>", "any other text: ünïcode 123 7*3"):
         assert tok(text)["input_ids"] == again(text)["input_ids"], text
     ids = again(row["demo"], add_special_tokens=False)["input_ids"]
     assert again.decode(ids + [again.eos_token_id], skip_special_tokens=True) == row["demo"]  # </think> kept
     assert again.eos_token == "<|im_end|>" and again.pad_token == "<|endoftext|>"
-    assert len(again(row["demo"])["input_ids"]) < 64  # short enough for CPU training
+    longest = max(len(again(r["demo"], add_special_tokens=False)["input_ids"]) for r in common.make_task(300, 0))
+    assert longest + 1 <= common.BUILTIN_SETTINGS["max_response_len"]  # every demonstration + EOS fits
 
 
-def test_problems_and_demonstrations_are_right():
-    rows = common.make_task(50, seed=0)
-    assert sorted({r["level"] for r in rows}) == [1, 2, 3, 4] and len(rows) == 200
+def test_levels_by_hand():
+    assert common.make_task(1, 0, levels=(1,))[0] == {
+        "problem": "8+3+5=?", "answer": "16", "demo": "8+3=11\n11+5=16\n</think>\n\\boxed{16}", "level": 1}
+    assert common._demo([5, 1, (6, 3)]) == "6*3=18\n18+5=23\n23+1=24\n</think>\n\\boxed{24}"  # product first
+    assert common._problem([5, 1, (6, 3)]) == "5+1+6*3=?" and common._value([5, 1, (6, 3)]) == 24
+    sizes = {level: len(common._level_problems(level)) for level in common.LEVELS}
+    assert sizes == {1: 9 ** 3, 2: 9 ** 4, 3: 576, 4: 1152}
+    # A slipping teacher writes a partial sum one too high and goes on from it: the answer is then wrong.
+    class Always:
+        def random(self):
+            return 0.0
+    assert common._demo([9, 9, 9], slip=Always()) == "9+9=19\n19+9=29\n</think>\n\\boxed{29}"
+
+
+def test_problems_answers_and_demonstrations_are_right():
+    rows = common.make_task(60, seed=0)
+    assert sorted({r["level"] for r in rows}) == [1, 2, 3, 4] and len(rows) == 240
     verifier = common.Verifier(num_workers=0)
     for r in rows:
-        terms = [int(t) for t in r["problem"].removesuffix("=?").split("+")]
-        assert len(terms) == r["level"] + 2 and int(r["answer"]) == sum(terms)
+        terms = _terms(r["problem"])
+        products = [t for t in terms if isinstance(t, tuple)]
+        n_terms, where = common.LEVELS[r["level"]]
+        assert len(terms) == n_terms and all(1 <= (t[0] if isinstance(t, tuple) else t) <= 9 for t in terms)
+        assert len(products) == (where != "none") and (where != "first" or isinstance(terms[0], tuple))
+        value = sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
+        assert int(r["answer"]) == value
         steps = r["demo"].split("</think>")[0].strip().splitlines()
-        assert len(steps) == len(terms) - 1 and steps[-1].endswith(f"={r['answer']}")
+        assert len(steps) == n_terms - 1 + len(products)  # one line per product, one per addition
+        lefts = []
+        for line in steps:
+            a, op, b, c = re.fullmatch(r"(\d+)([+*])(\d+)=(\d+)", line).groups()
+            assert int(c) == (int(a) * int(b) if op == "*" else int(a) + int(b))
+            lefts += [int(a)] if op == "+" else []
+        assert max(lefts) <= common.MAX_LEFT_OPERAND  # only additions the base knows
+        assert common.steps_correct(r["problem"], r["demo"])
     assert verifier([r["demo"] for r in rows], [r["answer"] for r in rows]) == [1.0] * len(rows)
-    assert verifier([rows[0]["demo"]], [str(int(rows[0]["answer"]) + 1)]) == [0.0]
+
+
+def test_times_table_facts_have_no_shortcut():
+    """Levels 3-4 need a fact the base lacks: no first line "t+X=p" with a digit X, and the misreading
+    t+k is far from the product, so neither a slip nor a wrong-steps shortcut lands on the answer."""
+    assert common.FACTS and all(t * k - t >= 10 and t * k - (t + k) >= 7 and t * k <= 27 for t, k in common.FACTS)
+
+
+def test_steps_correct_sees_wrong_reasons():
+    p = "7+6+3+9=?"
+    assert common.steps_correct(p, "7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}")
+    # right answer, two cancelling errors: the verifier rewards it, the steps check does not
+    assert not common.steps_correct(p, "7+6=13\n13+3=17\n17+9=25\n</think>\n\\boxed{25}")
+    assert not common.steps_correct(p, "7+6=13\n13+9=22\n22+3=25\n</think>\n\\boxed{25}")  # another order
+    assert not common.steps_correct("6*3+2+4=?", "6+2=8\n8+4=12\n</think>\n\\boxed{24}")
+    assert common.steps_correct("2+4+6*3=?", "6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}")
 
 
 def test_held_out_problems_never_train():
     held_out = common.make_task(common.HELDOUT_PER_LEVEL, common.EVAL_SEED)
-    train = common.make_task(500, seed=0, exclude={r["problem"] for r in held_out})
-    assert not {r["problem"] for r in held_out} & {r["problem"] for r in train}
-    assert len({r["problem"] for r in train}) == len(train)  # distinct
+    names = {r["problem"] for r in held_out}
+    assert len(names) == len(held_out) == 4 * common.HELDOUT_PER_LEVEL
+    train = common.make_task(common.TRAIN_PER_LEVEL, seed=0, exclude=names)
+    assert not names & {r["problem"] for r in train}
+    assert len({r["problem"] for r in train}) == len(train) == 4 * common.TRAIN_PER_LEVEL  # equal per level
     assert common.make_task(5, seed=7) == common.make_task(5, seed=7)  # deterministic
     assert common.make_task(3, seed=7, levels=(2,)) == common.make_task(5, seed=7, levels=(2,))[:3]  # prefix
+
+
+def test_base_cache_key_has_the_task_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "_pretrain", lambda *a, **k: None)
+    path = common.build_base_model(str(tmp_path))
+    assert path.endswith(f"-v{common.TASK_VERSION}-seed0")
+    monkeypatch.setattr(common, "TASK_VERSION", common.TASK_VERSION + 1)
+    assert common.build_base_model(str(tmp_path)) != path  # a new task version never reuses an old base
+
+
+def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch):
+    """The first run on a machine builds the base inside setup(), which seeds torch itself; it must
+    still draw exactly what the same command draws with the base already cached."""
+    import grpo
+
+    def pretrain(model, tokenizer, exclude, seed, **kw):  # a stand-in build that uses the torch RNG
+        torch.manual_seed(seed)
+        torch.rand(100)
+    monkeypatch.setattr(common, "_pretrain", pretrain)
+    draws = []
+    for run in ("cold", "warm"):
+        cfg = common.parse_config(grpo.Config, [
+            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / run), "--seed", "3",
+            "--no-compile", "--eval_data", "", "--verifier_workers", "0"])
+        r = common.setup(cfg, global_batch=cfg.prompts_per_minibatch)
+        draws.append((torch.rand(4).tolist(), r.next_prompts(4)))
+    assert draws[0] == draws[1]

@@ -1,0 +1,88 @@
+"""Measure a model on the built-in task's held-out problems, level by level: what the yardstick needs.
+
+    python scripts/yardstick.py                       # the built-in base (built and cached on first use)
+    python scripts/yardstick.py --model runs/grpo/checkpoint-000080/model
+
+For each level it prints
+    pass@1        accuracy averaged over k samples per problem at the evaluation temperature (0.6), for
+                  several evaluation seeds: the trainers' held-out metric, and its spread over seeds
+    sd            the sampling standard deviation of that pass@1, sqrt(sum_i p_i (1 - p_i) / k) / n, with
+                  each problem's p_i estimated from all the draws of all seeds
+    pass@8        share of problems with at least one right answer in 8 samples at temperature 1.0, the
+                  rollout temperature: how often GRPO sees any reward on the level
+    wrong_steps   share of rewarded samples whose worked steps are wrong (common.steps_correct): right
+                  answers for wrong reasons, which the answer-only verifier cannot see
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def draw(sampler, prompts, k, temperature, seed):
+    torch.manual_seed(seed)
+    groups = sampler.generate(prompts, n=k, temperature=temperature, top_p=1.0,
+                              max_tokens=common.BUILTIN_SETTINGS["max_response_len"])
+    return [[s.text for s in g] for g in groups]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", default="builtin", help="HF model directory; builtin = the cached base")
+    p.add_argument("--problems", type=int, default=common.HELDOUT_PER_LEVEL, help="held-out problems per level")
+    p.add_argument("--k", type=int, default=4, help="samples per problem for pass@1")
+    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds for pass@1")
+    p.add_argument("--json", default="", help="also write the numbers to this file")
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    path = common.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir)) if args.model == "builtin" \
+        else args.model
+    tok = AutoTokenizer.from_pretrained(path)
+    sampler = common.TorchSampler(tok, AutoModelForCausalLM.from_pretrained(path).eval())
+    rows = common.make_task(args.problems, common.EVAL_SEED)
+    prompts = [tok(common.format_prompt(tok, r["problem"], None), add_special_tokens=False)["input_ids"] for r in rows]
+    verifier = common.Verifier(num_workers=2)
+    golds = [r["answer"] for r in rows]
+
+    def grade(texts):  # [n][k] texts -> [n][k] (reward, steps right)
+        flat = verifier([t for g in texts for t in g], [a for a, g in zip(golds, texts) for _ in g])
+        k = len(texts[0])
+        return [[(flat[i * k + j], common.steps_correct(r["problem"], texts[i][j])) for j in range(k)]
+                for i, r in enumerate(rows)]
+
+    t0 = time.time()
+    runs = [grade(draw(sampler, prompts, args.k, 0.6, 10_000 + s)) for s in range(args.seeds)]
+    at8 = grade(draw(sampler, prompts, 8, 1.0, 20_000))
+    seconds = time.time() - t0
+    out = {"model": path, "problems_per_level": args.problems, "k": args.k, "seeds": args.seeds}
+    print(f"{path}: {args.problems} held-out problems per level, pass@1 over k={args.k} samples at T=0.6 "
+          f"({args.seeds} seeds), pass@8 at T=1.0; {seconds:.0f} s of sampling")
+    print(f"{'level':>5} {'pass@1 per seed':>24} {'sd':>6} {'pass@8':>7} {'wrong_steps':>17}")
+    for level in sorted({r["level"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["level"] == level]
+        per_seed = [sum(sum(x for x, _ in run[i]) / args.k for i in idx) / len(idx) for run in runs]
+        p_i = [sum(x for run in runs for x, _ in run[i]) / (args.k * args.seeds) for i in idx]
+        sd = math.sqrt(sum(p * (1 - p) for p in p_i) / args.k) / len(idx)
+        pass8 = sum(any(x for x, _ in at8[i]) for i in idx) / len(idx)
+        rewarded = [ok for run in runs for i in idx for x, ok in run[i] if x == 1]
+        wrong = sum(not ok for ok in rewarded)
+        print(f"{level:>5} {' '.join(f'{a:.3f}' for a in per_seed):>24} {sd:6.3f} {pass8:7.3f} "
+              f"{wrong:>5}/{len(rewarded):<5} {wrong / max(len(rewarded), 1):5.3f}")
+        out[f"level_{level}"] = {"pass@1": per_seed, "sd": sd, "pass@8": pass8, "wrong_steps": wrong,
+                                 "rewarded": len(rewarded)}
+    verifier.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
