@@ -1023,7 +1023,7 @@ def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, h
     No sleep mode: the engine keeps its share while training runs, which also needs the gradients
     (param_bytes) and activations; the engine takes half of what is left after those."""
     spare = free - 2 * param_bytes - headroom
-    return round((spare if sleep else (spare - param_bytes) / 2) / total, 3)
+    return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
 def sampler_kind(cfg: BaseConfig) -> str:
