@@ -1100,7 +1100,8 @@ class RolloutDebug:
                    awake, after generation (engine asleep again with sleep mode)
 
     Every rank calls generate() equally often, so the gathers and the trainer forward line up. The
-    probes draw extra samples, so a debug run is for smoke tests, not for results."""
+    probes leave torch's generator untouched (a torch-sampler run logs what it logs without them),
+    but the unseeded one advances vLLM's: a debug run is for smoke tests, not for results."""
 
     PROBE_SEED = 1234
 
@@ -1140,14 +1141,12 @@ class RolloutDebug:
         return groups
 
     def _draw(self, seed):
-        args = ([self.probe_prompt], 2, 1.0, 1.0, 16)
-        if seed is None:
-            return self.sampler.generate(*args)[0]
-        if "seed" in inspect.signature(self.sampler.generate).parameters:
-            return self.sampler.generate(*args, seed=seed)[0]
+        """n=2 samples of the probe prompt; they leave the torch generator where it was."""
+        seeded = seed is not None and "seed" in inspect.signature(self.sampler.generate).parameters
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return self.sampler.generate(*args)[0]
+            if seed is not None and not seeded:  # a sampler without a seed parameter draws from torch's
+                torch.manual_seed(seed)
+            return self.sampler.generate([self.probe_prompt], 2, 1.0, 1.0, 16, **({"seed": seed} if seeded else {}))[0]
 
     @torch.no_grad()
     def _logprob_gap(self, samples: list[Sample], temperature: float) -> dict | None:
