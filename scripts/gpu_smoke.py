@@ -66,7 +66,8 @@ def check_run(run: str, world: int, max_gap: float):
         for r, (a, b) in enumerate(zip(prev["ranks"], cur["ranks"])):
             if not math.isclose(a["weights"], b["weights"], rel_tol=1e-12, abs_tol=0.0):
                 changed += 1
-                check(a["probe"] != b["probe"], f"call {cur['call']} rank {r}: the weights changed, and so did the probe draw")
+                check(a["probe"] != b["probe"],
+                      f"call {cur['call']} rank {r}: the weights changed, and so did the probe draw")
             else:
                 same += a["probe"] == b["probe"]
     check(changed > 0, f"the weights changed between {changed} pairs of calls (needs an update with a large lr)")
