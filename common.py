@@ -905,8 +905,8 @@ class TorchSampler:
         return Sample(prompt, list(prefix), generated, text, finished=stop is not None)
 
 
-VLLM_MISSING = ("error: --sampler vllm needs vLLM, which is not importable here ({}). Install it on a CUDA "
-                "machine with `pip install vllm==0.33.0`, or pass --sampler torch.")
+VLLM_MISSING = ("error: sampling on GPUs uses vLLM (--sampler auto or vllm), which is not importable here ({}). "
+                "Install it with `pip install vllm==0.33.0`, or pass --sampler torch.")
 ENGINE_DTYPE = torch.bfloat16  # the engine's weights; pushed weights are cast to it before gathering
 
 
@@ -995,9 +995,9 @@ class VLLMSampler:
 
 
 def request_seeds(seed: int, rank: int, count: int) -> list[int]:
-    """Per-request seeds of a seeded generate() on `rank`: distinct per prompt and per rank, the same
-    for the same (seed, rank, position). vLLM seeds the k-th of a request's n samples with seed + k,
-    so the 47-bit values leave 2**16 free seeds above each one."""
+    """Per-request seeds of a seeded generate() on `rank`: the same for the same (seed, rank, position),
+    independent 47-bit draws otherwise. vLLM seeds the k-th of a request's n samples with seed + k;
+    two requests' ranges of n seeds meet with probability about 2n / 2**47."""
     if seed < 0:
         raise ValueError(f"sampling seeds must be non-negative, got {seed}")
     words = np.random.SeedSequence([seed, rank]).generate_state(count, dtype=np.uint64)
@@ -1464,6 +1464,8 @@ class Run:
 def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
           reference_model: bool = False, global_batch: int = 1) -> Run:
     check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
+    if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
+        check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
     d = init_distributed()
     if global_batch % d.world_size:
         raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
@@ -1490,7 +1492,7 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
             build_base_model(cache)  # cached after the first build
         barrier()
         base_path = build_base_model(cache)
-    check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)  # before any weights load
+        check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

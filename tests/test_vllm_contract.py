@@ -280,15 +280,18 @@ def test_context_length(tiny_model_dir, tmp_path):
         common.check_context_length(str(yarn), 16385)
 
 
-def test_cli_stops_before_loading(tiny_model_dir, tmp_path):
-    """On this CPU machine: --sampler vllm, and budgets past the model's positions, end with one
-    line and no traceback."""
-    for args, message in [(["--sampler", "vllm"], "--sampler vllm needs a CUDA GPU"),
-                          (["--max_prompt_len", "400", "--max_response_len", "200"], "has 512 positions")]:
-        p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--output_dir",
-                            str(tmp_path / "x"), "--overwrite", *args], capture_output=True, text=True, cwd=ROOT,
-                           timeout=300)
-        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+def test_stops_before_loading(tiny_model_dir, tmp_path):
+    """Budgets past the model's positions stop setup() before anything starts; on this CPU machine
+    `grpo.py --sampler vllm` ends with one line and no traceback."""
+    cfg = common.BaseConfig(model=tiny_model_dir, output_dir=str(tmp_path / "x"), max_prompt_len=400,
+                            max_response_len=200)
+    with pytest.raises(SystemExit, match="has 512 positions"):
+        common.setup(cfg)
+    assert not (tmp_path / "x").exists()  # stopped before it wrote anything
+    p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "y"),
+                        "--sampler", "vllm"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip() == "error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)"
 
 
 def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path):
