@@ -291,7 +291,8 @@ def test_stops_before_loading(tiny_model_dir, tmp_path):
     p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "y"),
                         "--sampler", "vllm"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert p.stderr.strip() == "error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)"
+    assert p.stderr.strip().splitlines()[-1] == \
+        "error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)"
 
 
 def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path):
