@@ -42,6 +42,9 @@ def load(model_dir: str, out_file: str):
         result[f"{name}_tied"] = m.lm.lm_head.weight is m.lm.model.embed_tokens.weight
         result[f"{name}_buffers_equal"] = all(torch.equal(b, dict(hf.named_buffers())[k])
                                               for k, b in m.lm.named_buffers())
+    pushed = dict(common.full_state_dict(model, dtype=torch.bfloat16))  # what vLLM receives: shards cast, then gathered
+    result["bf16_push_exact"] = set(pushed) == set(expected) and all(
+        pushed[k].dtype == torch.bfloat16 and torch.equal(pushed[k], v.to(torch.bfloat16)) for k, v in expected.items())
     result["policy_trainable"] = all(p.requires_grad for p in model.parameters())
     result["reference_frozen"] = not any(p.requires_grad for p in ref.parameters())
     result["reference_eval"] = not ref.training

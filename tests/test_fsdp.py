@@ -69,6 +69,7 @@ def test_sharded_loading_reads_once_and_equals_the_checkpoint(tiny_model_dir, tm
     for name in ("policy", "reference"):
         assert r[f"{name}_keys_equal"] and r[f"{name}_max_diff"] == 0.0, name
         assert r[f"{name}_tied"] and r[f"{name}_buffers_equal"], name
+    assert r["bf16_push_exact"]  # the weight push: local shards cast to bf16, then gathered
     assert r["policy_trainable"] and r["reference_frozen"] and r["reference_eval"]
     assert r["generation_config_eos"] is not None
     assert r["plain_is_plain"] and r["plain_max_diff"] == 0.0 and r["plain_tied"] and r["plain_frozen"]
