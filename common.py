@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import inspect
 import itertools
 import json
@@ -83,8 +84,10 @@ class BaseConfig:
     sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU
     temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
     top_p: float = 1.0  # nucleus sampling for rollouts
-    vllm_gpu_memory_utilization: float = 0.4  # fraction of GPU memory the vLLM engine may take
+    vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (README)
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
+    vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
+    rollout_debug: bool = False  # debug: write rollout_debug.jsonl (log-prob gap, probes, GPU memory; gpu_smoke.sh)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
     verifier_workers: int = 2  # fork processes grading with math-verify (0 = main thread, no backstop)
@@ -158,17 +161,42 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """nccl on GPUs, gloo on CPU; a plain single process when not launched by torchrun."""
+def init_distributed(one_rank_group: bool | None = None) -> Dist:
+    """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU.
+
+    On a GPU even one process needs a process group: FSDP2's device mesh and vLLM's external
+    launcher both read it, and the launcher also reads RANK and LOCAL_RANK from the environment.
+    So `python x.py` on a GPU machine sets up the one-rank group torchrun would have made
+    (`one_rank_group` forces that choice; tests use it on CPU)."""
+    if one_rank_group is None:
+        one_rank_group = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        if not one_rank_group:
+            return Dist()
+        for key, value in one_rank_environment().items():
+            os.environ.setdefault(key, value)
+        if torch.cuda.device_count() > 1:
+            print(f"note: {torch.cuda.device_count()} GPUs are visible but only GPU 0 is used; for all of them "
+                  f"launch with `torchrun --nproc_per_node {torch.cuda.device_count()} {sys.argv[0]} ...`",
+                  flush=True)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "RANK" not in os.environ:
-        return Dist(device=device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(minutes=60))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+
+
+def one_rank_environment() -> dict:
+    """What torchrun would export for a single process: env:// rendezvous on a free local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def shutdown():
@@ -643,18 +671,35 @@ def model_inputs(mb: dict) -> dict:
     return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
-def load_lm(path: str, d: Dist, gradient_checkpointing: bool = False):
-    """fp32 weights (FSDP2 casts to bf16 for compute on GPU); plain fp32 on CPU."""
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
-    if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return lm
+def check_context_length(model_path: str, total: int):
+    """Stop before any weights load when prompt + response budgets exceed the model's positions:
+    vLLM refuses such an engine, and the training forward would silently run past the positions
+    the model was trained on."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
+        limit = int(rope.get("original_max_position_embeddings", limit) * rope["factor"])  # extended context
+    if limit and total > limit:
+        raise SystemExit(
+            f"error: --max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} "
+            f"positions (max_position_embeddings). Use a long-context variant, e.g. the 16k-position "
+            f"Qwen2.5-Math with RoPE theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT "
+            f"(RoadQAQ/Qwen2.5-Math-1.5B-16k-think), or lower the two budgets to sum to at most {limit}.")
+
+
+def is_sharded(d: Dist) -> bool:
+    """FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32 master weights)."""
+    return d.world_size > 1 or d.device.type == "cuda"
 
 
 def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
-    """PolicyModel, under FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32 master)."""
+    """PolicyModel around `lm`, sharded with FSDP2 when `is_sharded(d)`: each decoder layer, then the
+    root (embeddings, final norm and LM head, so tied embeddings stay one parameter)."""
     model = PolicyModel(lm, compile=compile)
-    if d.world_size > 1 or d.device.type == "cuda":
+    if is_sharded(d):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -670,16 +715,75 @@ def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
     return model
 
 
+def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing: bool = False,
+                train: bool = True) -> PolicyModel:
+    """The HF model at `path` as a PolicyModel with fp32 weights (FSDP2 casts to bf16 for compute on GPU).
+
+    Sharded, no rank ever holds the whole model on its GPU, and only rank 0 reads it into host RAM:
+    every rank builds the model on the meta device (no memory), shards it, allocates its own shard,
+    and rank 0 broadcasts the checkpoint tensor by tensor into the shards. A single CPU process
+    simply loads it."""
+    if not is_sharded(d):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return wrap_policy(lm, d, compile, train)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, GenerationConfig
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    try:  # stop tokens come from here (see `stop_token_ids`), so keep the checkpoint's own
+        lm.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the one derived from the model config stays
+        pass
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap_policy(lm, d, compile, train)
+    model.to_empty(device=d.device)  # this rank's shards, uninitialised
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if d.main else None
+    set_model_state_dict(model, {"lm." + k: v for k, v in full.state_dict().items()} if full else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Non-persistent buffers (RoPE inv_freq) are in no checkpoint: rank 0's freshly built ones are broadcast.
+    source = dict(full.named_buffers()) if full else {}
+    with torch.no_grad():
+        for name, buf in lm.named_buffers():
+            if full:
+                buf.copy_(source[name])
+            dist.broadcast(buf, src=0)
+    return model
+
+
+def plain_copy(model: PolicyModel, device) -> nn.Module:
+    """An unsharded copy of the policy's HF model, for the torch sampler under FSDP. Built on the
+    meta device and allocated, with the policy's buffers; its weights arrive with `sync_weights`."""
+    lm = model.lm
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
+    copy.to_empty(device=device)
+    copy.tie_weights()  # to_empty gave tied weights separate tensors
+    with torch.no_grad():
+        for (name, buf), (name2, src) in zip(copy.named_buffers(), lm.named_buffers()):
+            assert name == name2, (name, name2)
+            buf.copy_(src)
+    copy.generation_config = lm.generation_config
+    return copy.eval().requires_grad_(False)
+
+
 def is_fsdp(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: PolicyModel):
-    """(name, full tensor) over the HF model's weights, with HF names. A collective under FSDP2:
+def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
+    """(name, full tensor) over the HF model's weights, with HF names, one tensor at a time: never a
+    full copy of the model. With `dtype`, each local shard is cast before it is gathered (a bf16
+    engine receives bf16 all-gathers, not the fp32 master weights). A collective under FSDP2:
     every rank must iterate it to the end."""
     for name, tensor in model.state_dict().items():
+        if dtype is not None:
+            tensor = tensor.to(dtype)
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
         yield name.removeprefix("lm."), tensor
@@ -796,13 +900,24 @@ class Verifier:
 class Sample:
     prompt_ids: list[int]
     prefix_ids: list[int]  # demonstration tokens given as the start of the response (may be empty)
-    generated_ids: list[int]  # sampled continuation, up to and including the first EOS
+    generated_ids: list[int]  # exactly the sampled tokens, the stop token included when one was sampled
     text: str  # decoded prefix + continuation: what the verifier grades
-    finished: bool  # stopped at EOS (False: cut at the response budget)
+    finished: bool  # the last sampled token is a stop token (False: cut at the response budget)
+    logprobs: list[float] | None = None  # the sampler's log-prob of each generated token (vLLM, if asked)
 
     @property
     def response_ids(self) -> list[int]:
         return self.prefix_ids + self.generated_ids
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The one set of tokens that ends a response, for both samplers: the tokenizer's EOS plus the
+    eos_token_id(s) of the model's generation_config (an int or a list), which vLLM stops on too
+    (Qwen2.5 instruct models: <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(i for i in ids if i is not None)
 
 
 class TorchSampler:
@@ -812,9 +927,11 @@ class TorchSampler:
     copy of the model and receives the full weights after each update, exactly as vLLM does.
     """
 
-    def __init__(self, tokenizer, lm, batch_size: int = 256):
+    def __init__(self, tokenizer, lm, batch_size: int = 256, stop_ids: list[int] | None = None):
         self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = stop_ids if stop_ids is not None else \
+            stop_token_ids(tokenizer, getattr(lm, "generation_config", None))
 
     def sync_weights(self, model: PolicyModel):
         if model.lm is self.lm:
@@ -844,7 +961,7 @@ class TorchSampler:
                 ids[j, width - len(x):], attn[j, width - len(x):] = torch.tensor(x), 1
             gen = self.lm.generate(input_ids=ids.to(self.lm.device), attention_mask=attn.to(self.lm.device),
                                    do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                   max_new_tokens=max(budget, 1), eos_token_id=self.eos_id,
+                                   max_new_tokens=max(budget, 1), eos_token_id=self.stop_ids,
                                    pad_token_id=self.pad_id)[:, width:].tolist()
             for (i, _), g in zip(chunk, gen):
                 out[i].append(self._sample(prompts[i], prefixes[i], g, max_tokens))
@@ -853,34 +970,46 @@ class TorchSampler:
 
     def _sample(self, prompt, prefix, generated, max_tokens) -> Sample:
         generated = generated[:max_tokens - len(prefix)]
-        finished = self.eos_id in generated
-        if finished:  # cut the padding that generate() appends after EOS
-            generated = generated[:generated.index(self.eos_id) + 1]
+        stop = next((k for k, t in enumerate(generated) if t in self.stop_ids), None)
+        if stop is not None:  # cut the padding that generate() appends after the stop token
+            generated = generated[:stop + 1]
         text = self.tokenizer.decode(prefix + generated, skip_special_tokens=True)
-        return Sample(prompt, list(prefix), generated, text, finished)
+        return Sample(prompt, list(prefix), generated, text, finished=stop is not None)
+
+
+VLLM_MISSING = ("error: sampling on GPUs uses vLLM (--sampler auto or vllm), which is not importable here ({}). "
+                "Install it with `pip install vllm==0.33.0`, or pass --sampler torch.")
+ENGINE_DTYPE = torch.bfloat16  # the engine's weights; pushed weights are cast to it before gathering
 
 
 class VLLMSampler:
-    """A colocated vLLM engine in every rank (vLLM 0.33; ENGINEERING.md). GPU only, never tested on CI.
+    """A colocated vLLM engine in every rank (vLLM 0.33; ENGINEERING.md). GPU only: it has not run
+    on a GPU yet; tests/test_vllm_contract.py pins its side of the protocol with a stand-in vllm.
 
-    Weights travel as full tensors gathered from FSDP2 into the engine's `load_weights`; the
-    prefix cache is reset because its KV blocks belong to the old policy. With sleep mode the
-    engine frees its weights and KV cache after every generation, and `sync_weights` (called
-    before every generation) wakes it in the documented order.
+    One engine per torchrun rank (`external_launcher`, tensor parallel 1, seed + rank), created
+    after the policy shards and before the optimizer state. Per step, `sync_weights` then
+    `generate`: with sleep mode, wake the weights, push every weight under its HF name (one gathered
+    bf16 tensor at a time), reset the prefix cache (its KV blocks belong to the old policy), wake
+    the KV cache, generate, sleep (level 2: weights and KV cache dropped, the GPU is the trainer's
+    again). Without sleep mode, the same without the wake and sleep calls.
     """
 
-    def __init__(self, tokenizer, model_path: str, d: Dist, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float, sleep: bool):
+    def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, sleep: bool, max_num_batched_tokens: int,
+                 stop_ids: list[int], logprobs: bool = False):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
-            raise SystemExit(f"--sampler vllm needs vLLM, which is not importable here ({e}). Install it "
-                             "on a CUDA machine with `pip install vllm==0.33.0`, or pass --sampler torch.")
-        self.tokenizer, self.sleep, self.SamplingParams = tokenizer, sleep, SamplingParams
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype="bfloat16", seed=seed,
-                       distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+            raise SystemExit(VLLM_MISSING.format(e))
+        self.tokenizer, self.rank, self.sleep, self.stop_ids = tokenizer, rank, sleep, list(stop_ids)
+        self.logprobs, self.SamplingParams = logprobs, SamplingParams
+        # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
+        extra = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(ENGINE_DTYPE).removeprefix("torch."),
+                       seed=seed, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       enable_sleep_mode=sleep, enable_prefix_caching=True)
+                       max_num_batched_tokens=max_num_batched_tokens, enable_sleep_mode=sleep,
+                       enable_prefix_caching=True, **extra)
         self.asleep = False
         if sleep:
             self.llm.sleep(level=2)
@@ -888,50 +1017,229 @@ class VLLMSampler:
 
     def sync_weights(self, model: PolicyModel):
         if self.asleep:
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # return the trainer's cached blocks before the engine maps its memory
             self.llm.wake_up(tags=["weights"])
-        weights = full_state_dict(model)  # every rank gathers: a collective
+        weights = full_state_dict(model, dtype=ENGINE_DTYPE)  # every rank gathers: a collective
         self.llm.apply_model(lambda m: m.load_weights(weights))
         self.llm.reset_prefix_cache()
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
+                 seed: int | None = None) -> list[list[Sample]]:
+        """n samples for each prompt (optionally continuing from prefixes[i]), as token ids; responses
+        get at most max_tokens tokens, prefix included. With `seed`, every request gets its own seed
+        (`request_seeds`), so the same call draws the same samples (evaluation); without, the
+        engine's seed (--seed + rank) drives the draws."""
         assert not self.asleep, "sync_weights() must run before generate() in sleep mode"
         prefixes = prefixes or [[] for _ in prompts]
-        params = [self.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
-                                      max_tokens=max(1, max_tokens - len(pre))) for pre in prefixes]
+        seeds = request_seeds(seed, self.rank, len(prompts)) if seed is not None else [None] * len(prompts)
+        params = [self.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, seed=s,
+                                      max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
+                                      logprobs=0 if self.logprobs else None, detokenize=False)
+                  for pre, s in zip(prefixes, seeds)]
         outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
                                  params, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
         result = []
         for p, pre, o in zip(prompts, prefixes, outs):
-            group = []
-            for c in o.outputs:
-                ids, finished = list(c.token_ids), c.finish_reason == "stop"
-                if finished and (not ids or ids[-1] != eos):  # the mask must include the EOS
-                    ids.append(eos)
-                text = self.tokenizer.decode(pre + ids, skip_special_tokens=True)
-                group.append(Sample(p, list(pre), ids, text, finished))
-            result.append(group)
+            if len(o.outputs) != n:
+                raise RuntimeError(f"vLLM returned {len(o.outputs)} samples for a prompt, expected {n}")
+            result.append([self._sample(p, pre, c, max_tokens) for c in sorted(o.outputs, key=lambda c: c.index)])
         if self.sleep:
             self.llm.sleep(level=2)
             self.asleep = True
         return result
 
+    def _sample(self, prompt, prefix, c, max_tokens) -> Sample:
+        if c.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
+        ids = list(c.token_ids)[:max(0, max_tokens - len(prefix))]  # vLLM keeps a sampled stop token here
+        # finished = the last sampled token stops, also when it came exactly at the budget (vLLM then
+        # reports "length"); nothing is ever appended, so the loss mask covers exactly what was sampled
+        finished = bool(ids) and ids[-1] in self.stop_ids
+        if c.finish_reason == "stop" and not finished and len(ids) == len(c.token_ids):
+            raise RuntimeError(f"vLLM stopped on token {ids[-1] if ids else None}, which is not in the stop set "
+                               f"{self.stop_ids}: the trainer and the engine disagree on where responses end")
+        logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)] if self.logprobs else None
+        text = self.tokenizer.decode(prefix + ids, skip_special_tokens=True)
+        return Sample(prompt, list(prefix), ids, text, finished, logprobs)
+
+
+def request_seeds(seed: int, rank: int, count: int) -> list[int]:
+    """Per-request seeds of a seeded generate() on `rank`: the same for the same (seed, rank, position),
+    independent 47-bit draws otherwise. vLLM seeds the k-th of a request's n samples with seed + k;
+    two requests' ranges of n seeds meet with probability about 2n / 2**47."""
+    if seed < 0:
+        raise ValueError(f"sampling seeds must be non-negative, got {seed}")
+    words = np.random.SeedSequence([seed, rank]).generate_state(count, dtype=np.uint64)
+    return [int(w) >> 17 for w in words]
+
+
+GiB = 2 ** 30
+
+
+def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, headroom: int = 3 * GiB) -> float:
+    """Default --vllm_gpu_memory_utilization, from the memory arithmetic (README, GPU section).
+
+    vLLM claims `fraction x total` bytes for its bf16 weights, activations and KV cache. It starts
+    after this rank's fp32 policy (and reference) shards are on the GPU, so `free` already excludes
+    them. Still to come and resident for the whole run: AdamW's two fp32 moments per trainable
+    parameter, 2 x `param_bytes` (this rank's trainable shards, fp32). Gradients are freed after
+    every optimizer step (zero_grad(set_to_none=True)), before the next generation.
+
+    Sleep mode: the engine's memory and training's working memory (gradients, activations) are never
+    held at once, so the engine takes everything beside the resident state and a headroom (NCCL
+    buffers, the root module's gathered bf16 weights, fragmentation):
+        fraction = (free - 2 * param_bytes - headroom) / total
+    No sleep mode: the engine keeps its share while training runs, which also needs the gradients
+    (param_bytes) and activations; the engine takes half of what is left after those."""
+    spare = free - 2 * param_bytes - headroom
+    return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
+
+
+def sampler_kind(cfg: BaseConfig) -> str:
+    return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
+
+
+def alloc_conf_expandable() -> str | None:
+    """The allocator variable that turns expandable segments on, if any (vLLM's sleep mode asserts on it)."""
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        items = os.environ.get(var, "").replace(" ", "").split(",")
+        settings = dict(item.split(":", 1) for item in items if ":" in item)
+        if settings.get("expandable_segments", "").lower() == "true":
+            return var
+    return None
+
+
+def check_sampler(cfg: BaseConfig):
+    """The sampler's requirements that need no weights: checked before anything loads, one line each."""
+    if sampler_kind(cfg) != "vllm":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)")
+    if importlib.util.find_spec("vllm") is None:  # found, not imported: importing waits for the engine
+        raise SystemExit(VLLM_MISSING.format("no module named 'vllm'"))
+    if cfg.vllm_sleep and (var := alloc_conf_expandable()):
+        raise SystemExit(f"error: {var}={os.environ[var]} turns on expandable segments, which vLLM's sleep mode "
+                         f"cannot work with (its memory pool asserts). Remove expandable_segments:True from {var}, "
+                         f"or pass --no-vllm_sleep.")
+
 
 def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: PolicyModel):
-    kind = cfg.sampler if cfg.sampler != "auto" else ("vllm" if d.device.type == "cuda" else "torch")
-    if kind == "vllm":
-        if d.device.type != "cuda":
-            raise SystemExit("--sampler vllm needs a CUDA GPU; on CPU use --sampler torch")
-        return VLLMSampler(tokenizer, model_path, d, seed=cfg.seed + d.rank,
+    """The sampler for this run; call it after the policy (and reference) model, before the optimizer."""
+    stop_ids = stop_token_ids(tokenizer, model.lm.generation_config)
+    if sampler_kind(cfg) == "vllm":
+        fraction = cfg.vllm_gpu_memory_utilization
+        if fraction <= 0:
+            free, total = torch.cuda.mem_get_info(d.device)
+            shard = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes
+                        for p in model.parameters() if p.requires_grad)
+            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep)
+            weights = 2 * sum(p.numel() for p in model.parameters())  # the engine's bf16 copy
+            print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now, "
+                   f"{2 * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
+            if fraction * total < weights + 2 * GiB:
+                raise SystemExit(
+                    f"error: only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
+                    f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
+                    f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
+        return VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank,
                            max_model_len=cfg.max_prompt_len + cfg.max_response_len,
-                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep)
-    if is_fsdp(model):  # the sampler needs whole weights: its own plain copy
-        return TorchSampler(tokenizer, load_lm(model_path, d).eval().requires_grad_(False))
-    return TorchSampler(tokenizer, model.lm)
+                           gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep,
+                           max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, stop_ids=stop_ids,
+                           logprobs=cfg.rollout_debug)
+    if is_fsdp(model):  # the sampler needs whole weights: its own plain copy, filled now
+        sampler = TorchSampler(tokenizer, plain_copy(model, d.device), stop_ids=stop_ids)
+        sampler.sync_weights(model)
+        return sampler
+    return TorchSampler(tokenizer, model.lm, stop_ids=stop_ids)
+
+
+class RolloutDebug:
+    """--rollout_debug: wraps a sampler and writes <output_dir>/rollout_debug.jsonl, one line per
+    generate() call with one entry per rank, for the GPU smoke test (scripts/gpu_smoke.sh):
+
+      weights      sum of the trainer's weights (changes exactly when an update changed them)
+      logprob_gap  mean / max |log-prob sampler - log-prob trainer| over the sampled tokens of up to
+                   16 samples, for samplers that return log-probs (vLLM); stale or garbled engine
+                   weights show up here
+      probe        a seeded draw (one fixed prompt, n=2, 16 tokens) before the call: equal while the
+                   weights stay equal, different after an update reached the sampler
+      first        at the first call only, an unseeded draw of the same prompt from each rank's own
+                   generator: equal across ranks would mean equal sampling seeds
+      memory       GPU memory (GiB) after each phase: training peak, before the weight push, engine
+                   awake, after generation (engine asleep again with sleep mode)
+
+    Every rank calls generate() equally often, so the gathers and the trainer forward line up. The
+    probes leave torch's generator untouched (a torch-sampler run logs what it logs without them),
+    but the unseeded one advances vLLM's: a debug run is for smoke tests, not for results."""
+
+    PROBE_SEED = 1234
+
+    def __init__(self, sampler, d: Dist, path: str, probe_prompt: list[int], pad_id: int):
+        self.sampler, self.d, self.path, self.probe_prompt, self.pad_id = sampler, d, path, probe_prompt, pad_id
+        self.calls, self.model, self.record = 0, None, {}
+        if d.main:
+            open(path, "w").close()  # this process's calls only (a resumed run starts a new file)
+
+    def sync_weights(self, model: PolicyModel):
+        self.model, self.record = model, {"memory": {}}
+        self._memory("train_peak")
+        self._memory("before_push")
+        local = sum(float((p.to_local() if hasattr(p, "to_local") else p).detach().double().sum())
+                    for p in model.parameters())
+        self.record["weights"] = all_reduce([local])[0]
+        for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
+            self.sampler.sync_weights(model)  # a sleeping engine needs the push again after every draw
+            self.record[key] = [s.generated_ids for s in self._draw(seed)]
+        self.sampler.sync_weights(model)
+        self._memory("engine_awake")
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, **kw):
+        groups = self.sampler.generate(prompts, n, temperature, top_p, max_tokens, prefixes, **kw)
+        self._memory("after_generate")
+        if getattr(self.sampler, "logprobs", False) and top_p == 1.0:
+            self.record["logprob_gap"] = self._logprob_gap([s for g in groups for s in g][:16], temperature)
+        records = [None] * self.d.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(records, self.record)
+        else:
+            records = [self.record]
+        if self.d.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"call": self.calls, "ranks": records}) + "\n")
+        self.calls += 1
+        return groups
+
+    def _draw(self, seed):
+        """n=2 samples of the probe prompt; they leave the torch generator where it was."""
+        seeded = seed is not None and "seed" in inspect.signature(self.sampler.generate).parameters
+        with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+            if seed is not None and not seeded:  # a sampler without a seed parameter draws from torch's
+                torch.manual_seed(seed)
+            return self.sampler.generate([self.probe_prompt], 2, 1.0, 1.0, 16, **({"seed": seed} if seeded else {}))[0]
+
+    @torch.no_grad()
+    def _logprob_gap(self, samples: list[Sample], temperature: float) -> dict | None:
+        """One trainer forward on every rank (a collective under FSDP), on a dummy row if none here."""
+        batch = make_batch([s.prompt_ids + s.prefix_ids for s in samples] or [[self.pad_id]],
+                           [s.generated_ids for s in samples] or [[self.pad_id]], self.pad_id, self.d.device)
+        logp, _ = self.model(**batch, temperature=temperature)  # [B, R]
+        gaps = [abs(float(logp[i, t]) - lp) for i, s in enumerate(samples) for t, lp in enumerate(s.logprobs)]
+        return {"mean": sum(gaps) / len(gaps), "max": max(gaps), "tokens": len(gaps)} if gaps else None
+
+    def _memory(self, phase: str):
+        if not torch.cuda.is_available():
+            return
+        free, total = torch.cuda.mem_get_info()
+        if phase == "train_peak":
+            self.record["memory"][phase] = torch.cuda.max_memory_allocated() / GiB
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.record["memory"][phase] = {"allocated": torch.cuda.memory_allocated() / GiB,
+                                            "reserved": torch.cuda.memory_reserved() / GiB,
+                                            "used": (total - free) / GiB}
 
 
 # ======================================================================================
@@ -1304,6 +1612,9 @@ class Run:
 
 def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
           reference_model: bool = False, global_batch: int = 1) -> Run:
+    check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
+    if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
+        check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
     d = init_distributed()
     if global_batch % d.world_size:
         raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
@@ -1329,6 +1640,7 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
             build_base_model(cache)  # cached after the first build
         barrier()
         base_path = build_base_model(cache)
+        check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
     # Seeded only now: a first run builds the base above, which seeds torch itself, and must still equal
     # the same command run with the base already cached (--seed decides the run, not the cache).
     seed_everything(cfg.seed + d.rank)
@@ -1341,9 +1653,12 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
     print0(f"data: {len(train_rows)} training prompts, {len(eval_rows)} evaluation prompts")
 
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
-    model = wrap_policy(load_lm(model_path, d, cfg.gradient_checkpointing), d, cfg.compile)
-    ref_model = wrap_policy(load_lm(base_path, d), d, cfg.compile, train=False) if reference_model else None
+    model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
+    ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
     sampler = make_sampler(cfg, d, tokenizer, model_path, model)  # before optimiser state fills the GPU
+    if cfg.rollout_debug:
+        sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"),
+                               train_rows[0]["prompt_ids"], tokenizer.pad_token_id)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,

@@ -16,17 +16,19 @@ Objective, per rollout batch of B prompts x G responses (METHODS.md Eq. 15):
 The B*G sequences of one iteration are split into B/b mini-batches, one optimizer step each
 (METHODS 0.3): rho = 1 on the first, rho != 1 on the later ones, where the clip matters.
 
-Launch:
+Launch (GPU commands: a 16k-position model, since prompt + response budgets must fit its positions):
     python grpo.py                                      # laptop: tiny model, builtin task, CPU, minutes
-    python grpo.py --model Qwen/Qwen2.5-Math-1.5B --data openr1.parquet \\
-        --prompt_key prompt --answer_key reward_model.ground_truth   # 1 GPU (vLLM sampler)
-    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet \\
+    python grpo.py --model RoadQAQ/Qwen2.5-Math-1.5B-16k-think --data openr1.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --max_prompt_len 1024 \\
+        --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler)
+    torchrun --nproc_per_node 8 grpo.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
         --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet \\
         --lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std \\
         --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: LUFFY-family baseline
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 grpo.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu_smoke.sh` first on a new GPU machine (README, "Real runs on GPUs").
 """
 import time
 from dataclasses import dataclass

@@ -12,11 +12,12 @@ count of the optimizer step (all micro-batches, all ranks): gradient accumulatio
 the gradient of one large batch. The common "mean of micro-batch means" (Eq. 14) re-weights short
 vs long examples; `--loss_agg seq-mean` gives the per-sequence variant for comparison.
 
-Launch:
+Launch (GPU commands: a 16k-position model, since prompt + response budgets must fit its positions):
     python sft.py                                       # laptop: tiny model, builtin task, CPU, minutes
-    python sft.py --model Qwen/Qwen2.5-Math-1.5B --data openr1.parquet --prompt_key prompt \\
-        --answer_key reward_model.ground_truth --demo_key target   # 1 GPU
-    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet \\
+    python sft.py --model RoadQAQ/Qwen2.5-Math-1.5B-16k-think --data openr1.parquet --prompt_key prompt \\
+        --answer_key reward_model.ground_truth --demo_key target --max_prompt_len 1024 \\
+        --max_response_len 8192 --micro_batch_size 2 --gradient_checkpointing   # 1 GPU
+    torchrun --nproc_per_node 8 sft.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
         --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
         --eval_data valid.parquet --lr 5e-5 --batch_size 64 --lr_schedule cosine --warmup_steps 200 \\
         --max_prompt_len 1024 --max_response_len 8192 --micro_batch_size 2 --gradient_checkpointing \\

@@ -50,3 +50,42 @@ def test_two_rank_fsdp_equals_single_process(tmp_path):
     assert sorted(os.listdir(ckpt2 / "optim"))[:1] == [".metadata"]
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(os.listdir(ckpt2))
     assert not any(n.endswith(".tmp") for n in os.listdir(ckpt2.parent))
+
+
+LOADER = os.path.join(HERE, "load_worker.py")
+
+
+def test_sharded_loading_reads_once_and_equals_the_checkpoint(tiny_model_dir, tmp_path):
+    """2 ranks: the policy, the reference model and the torch sampler's plain copy are built on the
+    meta device and filled from rank 0's single read of the checkpoint: equal to the HF weights,
+    tied embeddings still one parameter, RoPE buffers right, and the same log-probs as the HF model."""
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", LOADER, "load", tiny_model_dir, str(out)]
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    r = json.loads(out.read_text())
+    assert r["sharded"]
+    assert r["rank_reads"] == [2, 0]  # rank 0 read the weights (policy, reference); rank 1 never did
+    for name in ("policy", "reference"):
+        assert r[f"{name}_keys_equal"] and r[f"{name}_max_diff"] == 0.0, name
+        assert r[f"{name}_tied"] and r[f"{name}_buffers_equal"], name
+    assert r["bf16_push_exact"]  # the weight push: local shards cast to bf16, then gathered
+    assert r["policy_trainable"] and r["reference_frozen"] and r["reference_eval"]
+    assert r["generation_config_eos"] is not None
+    assert r["plain_is_plain"] and r["plain_max_diff"] == 0.0 and r["plain_tied"] and r["plain_frozen"]
+    assert r["logp_max_diff"] < 1e-5
+
+
+def test_one_rank_group_has_the_launcher_environment(tmp_path):
+    """What `python grpo.py` on one GPU sets up (here with gloo): a one-rank group and the variables
+    vLLM's external launcher and env:// read."""
+    out = tmp_path / "one.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    subprocess.run([sys.executable, LOADER, "one_rank", str(out)], check=True, env=env, timeout=120)
+    r = json.loads(out.read_text())
+    assert set(r["before"].values()) == {None}
+    assert r["after"]["RANK"] == "0" and r["after"]["LOCAL_RANK"] == "0" and r["after"]["WORLD_SIZE"] == "1"
+    assert r["after"]["MASTER_ADDR"] and int(r["after"]["MASTER_PORT"]) > 0
+    assert r["initialized"] and r["world_size"] == 1 and r["rank"] == 0 and r["backend"] == "gloo"
+    assert r["all_reduce"] == 3.0

@@ -1,10 +1,11 @@
-"""TorchSampler: n samples per prompt, EOS handling, response budget, continuation from a prefix."""
+"""TorchSampler: n samples per prompt, stop tokens, response budget, continuation from a prefix."""
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
 import common
 
 EOS, PAD = 2, 0
+GEN_EOS = 3  # a second stop token, from the model's generation_config (as <|endoftext|> in Qwen2.5 instruct)
 
 
 class ScriptedLM(torch.nn.Module):
@@ -41,7 +42,33 @@ def test_groups_eos_cut_and_budget():
     assert ids == [[PAD, 4, 5], [PAD, 4, 5], [3, 3, 6]]  # left padded
     assert mask == [[0, 1, 1], [0, 1, 1], [1, 1, 1]]
     assert max_new == 4 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["top_k"] == 0
-    assert kw["do_sample"] and kw["eos_token_id"] == EOS
+    assert kw["do_sample"] and kw["eos_token_id"] == [EOS]  # no generation_config: the tokenizer's EOS only
+
+
+def test_stop_token_ids_union_tokenizer_and_generation_config():
+    assert common.stop_token_ids(Tok()) == [EOS]
+    assert common.stop_token_ids(Tok(), GenerationConfig(eos_token_id=GEN_EOS)) == [EOS, GEN_EOS]
+    assert common.stop_token_ids(Tok(), GenerationConfig(eos_token_id=[GEN_EOS, EOS, 7])) == [EOS, GEN_EOS, 7]
+    assert common.stop_token_ids(Tok(), GenerationConfig()) == [EOS]  # eos_token_id None
+
+
+def test_stops_on_every_stop_token_and_appends_nothing():
+    """A response that ends with the generation_config's EOS is finished and ends there; nothing the
+    model did not sample (such as the tokenizer's EOS) is appended, so the mask covers only samples."""
+    script = {5: [7, GEN_EOS, 8, EOS], 6: [9, EOS], 4: [9, 9, 9, 9, 9, 9]}
+    lm = ScriptedLM(lambda row: script[row[-1]])
+    lm.generation_config = GenerationConfig(eos_token_id=[EOS, GEN_EOS])
+    sampler = common.TorchSampler(Tok(), lm)
+    assert sampler.stop_ids == [EOS, GEN_EOS]
+    out = sampler.generate([[5], [6], [4]], n=1, temperature=1.0, top_p=1.0, max_tokens=5)
+    a, b, c = (g[0] for g in out)
+    assert a.generated_ids == [7, GEN_EOS] and a.finished and a.text == "7 3"
+    assert b.generated_ids == [9, EOS] and b.finished
+    assert c.generated_ids == [9] * 5 and not c.finished
+    assert lm.calls[0][3]["eos_token_id"] == [EOS, GEN_EOS]  # generate() stops on the same set
+    # a stop token beyond the budget was never part of the response
+    cut = common.TorchSampler(Tok(), lm).generate([[5]], n=1, temperature=1.0, top_p=1.0, max_tokens=1)[0][0]
+    assert cut.generated_ids == [7] and not cut.finished
 
 
 def test_continuation_from_prefix():
@@ -70,18 +97,25 @@ def test_real_generate_on_tiny_model():
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                       eos_token_id=EOS, pad_token_id=PAD)
     lm = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # make EOS likely so that some samples stop early
-        lm.lm_head.weight[EOS] *= 0
-        lm.lm_head.weight[EOS] += lm.model.norm.weight.sign() * 0.3
+    lm.generation_config = GenerationConfig(eos_token_id=[EOS, GEN_EOS])
+    with torch.no_grad():  # make both stop tokens likely so that some samples stop early
+        for t in (EOS, GEN_EOS):
+            lm.lm_head.weight[t] *= 0
+            lm.lm_head.weight[t] += lm.model.norm.weight.sign() * 0.3
     lm.train()
-    out = common.TorchSampler(Tok(), lm).generate([[5, 6, 7], [8]], n=3, temperature=1.0, top_p=1.0,
+    out = common.TorchSampler(Tok(), lm).generate([[5, 6, 7], [8]], n=8, temperature=1.0, top_p=1.0,
                                                   max_tokens=6, prefixes=[[9], [10, 11]])
     assert lm.training  # the sampler restores the training mode
+    ends = set()
     for group, prefix in zip(out, [[9], [10, 11]]):
-        assert len(group) == 3
+        assert len(group) == 8
         for s in group:
             assert s.prefix_ids == prefix and len(s.response_ids) <= 6
-            assert s.finished == (EOS in s.generated_ids)
-            if s.finished:
-                assert s.generated_ids.index(EOS) == len(s.generated_ids) - 1  # nothing after EOS
-            assert PAD not in s.generated_ids
+            stops = [k for k, t in enumerate(s.generated_ids) if t in (EOS, GEN_EOS)]
+            assert s.finished == bool(stops)
+            if s.finished:  # exactly one stop token, the last one: nothing after it
+                assert stops == [len(s.generated_ids) - 1]
+                ends.add(s.generated_ids[-1])
+            else:  # not finished: it used the whole budget (a sampled PAD id is a real token here)
+                assert len(s.response_ids) == 6
+    assert ends == {EOS, GEN_EOS}  # both stop tokens ended some response

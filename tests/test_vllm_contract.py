@@ -1,0 +1,328 @@
+"""Our side of the vLLM protocol, on CPU: a stand-in `vllm` module records every call and answers
+with scripted tokens. What is pinned here is what VLLMSampler asks of vLLM 0.33 (engine arguments,
+the order of calls per step, prompts as token ids, stop handling, seeds) and how it reads the
+answers; whether vLLM itself behaves as documented is for scripts/gpu_smoke.sh on a GPU."""
+import importlib.machinery
+import inspect
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+import common
+
+from test_cli import ROOT
+
+GEN_EOS = 5  # a second stop token from the model's generation_config
+
+# Field names of vLLM 0.33's EngineArgs / SamplingParams that we use: a misspelt or removed
+# argument fails here rather than at the first GPU run.
+ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "distributed_executor_backend", "tensor_parallel_size",
+               "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens", "enable_sleep_mode",
+               "enable_prefix_caching", "logprobs_mode"}
+SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize", "skip_special_tokens"}
+
+
+class StandIn:
+    """The stand-in `vllm` module and its log of calls. `script(prompt_ids, k, params)` gives the k-th
+    sample of a request as (token_ids, finish_reason, logprobs or None)."""
+
+    def __init__(self, script):
+        self.script, self.events, self.engines, self.loaded = script, [], [], []
+        module = types.ModuleType("vllm")
+        module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        module.LLM, module.SamplingParams = self._llm_class(), self._params_class()
+        self.module = module
+
+    def _params_class(self):
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                unknown = set(kwargs) - SAMPLING_FIELDS
+                if unknown:
+                    raise TypeError(f"SamplingParams has no field {unknown}")
+                self.__dict__.update(kwargs)
+        return SamplingParams
+
+    def _llm_class(self):
+        standin = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                unknown = set(kwargs) - ENGINE_ARGS
+                if unknown:
+                    raise TypeError(f"LLM / EngineArgs has no argument {unknown}")
+                standin.engines.append(kwargs)
+                standin.events.append("LLM")
+
+            def sleep(self, level=1):
+                standin.events.append(f"sleep({level})")
+
+            def wake_up(self, tags=None):
+                standin.events.append(f"wake_up({','.join(tags)})")
+
+            def reset_prefix_cache(self):
+                standin.events.append("reset_prefix_cache")
+
+            def apply_model(self, func):
+                model = types.SimpleNamespace()
+
+                def load_weights(weights):
+                    assert inspect.isgenerator(weights), "weights must stream, one tensor at a time"
+                    standin.loaded = [(name, t.clone()) for name, t in weights]
+                    return {name for name, _ in standin.loaded}
+
+                model.load_weights = load_weights
+                standin.events.append("load_weights")
+                return [func(model)]
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                standin.events.append("generate")
+                standin.requests = list(zip(prompts, sampling_params))
+                outs = []
+                for prompt, params in standin.requests:
+                    samples = []
+                    for k in range(params.n):
+                        ids, reason, lps = standin.script(prompt["prompt_token_ids"], k, params)
+                        samples.append(types.SimpleNamespace(
+                            index=k, token_ids=tuple(ids), finish_reason=reason,
+                            logprobs=None if lps is None else [{t: types.SimpleNamespace(logprob=lp)}
+                                                               for t, lp in zip(ids, lps)]))
+                    outs.append(types.SimpleNamespace(outputs=samples[::-1]))  # any order: index says which
+                return outs
+        return LLM
+
+
+def default_script(prompt, k, params):
+    return [prompt[-1] + k + 1, 2], "stop", None  # 2 is the tiny tokenizer's EOS
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    box = StandIn(default_script)
+    monkeypatch.setitem(sys.modules, "vllm", box.module)
+    return box
+
+
+def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if gen_eos:
+        lm.generation_config.eos_token_id = [tok.eos_token_id, GEN_EOS]
+    model = common.PolicyModel(lm, compile=False)
+    cfg = common.BaseConfig(sampler="vllm", seed=5, vllm_sleep=sleep, vllm_gpu_memory_utilization=0.5,
+                            max_prompt_len=64, max_response_len=48, vllm_max_num_batched_tokens=4096,
+                            rollout_debug=debug)
+    return common.make_sampler(cfg, common.Dist(rank=rank, world_size=2), tok, model_dir, model), model, tok
+
+
+def test_engine_arguments(standin, tiny_model_dir):
+    make(tiny_model_dir, rank=0)
+    make(tiny_model_dir, rank=1, sleep=False)
+    a, b = standin.engines
+    for args in (a, b):
+        assert args["model"] == tiny_model_dir and args["dtype"] == "bfloat16"
+        assert args["distributed_executor_backend"] == "external_launcher" and args["tensor_parallel_size"] == 1
+        assert args["max_model_len"] == 64 + 48 and args["max_num_batched_tokens"] == 4096
+        assert args["gpu_memory_utilization"] == 0.5
+    assert (a["seed"], b["seed"]) == (5, 6)  # --seed + rank: data-parallel ranks must not sample alike
+    assert a["enable_sleep_mode"] is True and b["enable_sleep_mode"] is False
+    assert "logprobs_mode" not in a
+
+
+def test_order_per_step_with_sleep_mode(standin, tiny_model_dir):
+    sampler, model, _ = make(tiny_model_dir, sleep=True)
+    assert standin.events == ["LLM", "sleep(2)"]  # asleep until the first push: the trainer has the GPU
+    for _ in range(2):
+        standin.events.clear()
+        sampler.sync_weights(model)
+        sampler.generate([[4, 5]], n=2, temperature=1.0, top_p=1.0, max_tokens=8)
+        assert standin.events == ["wake_up(weights)", "load_weights", "reset_prefix_cache", "wake_up(kv_cache)",
+                                  "generate", "sleep(2)"]
+    with pytest.raises(AssertionError, match="sync_weights"):
+        sampler.generate([[4, 5]], n=1, temperature=1.0, top_p=1.0, max_tokens=8)
+
+
+def test_order_per_step_without_sleep_mode(standin, tiny_model_dir):
+    sampler, model, _ = make(tiny_model_dir, sleep=False)
+    assert standin.events == ["LLM"]
+    standin.events.clear()
+    sampler.sync_weights(model)
+    sampler.generate([[4, 5]], n=2, temperature=1.0, top_p=1.0, max_tokens=8)
+    sampler.generate([[4, 5]], n=2, temperature=1.0, top_p=1.0, max_tokens=8)  # no push needed in between
+    assert standin.events == ["load_weights", "reset_prefix_cache", "generate", "generate"]
+
+
+def test_every_weight_pushed_under_its_hf_name_in_bf16(standin, tiny_model_dir):
+    sampler, model, _ = make(tiny_model_dir)
+    with torch.no_grad():
+        model.lm.model.norm.weight.add_(0.5)  # a trained weight, so the push is not just the checkpoint
+    sampler.sync_weights(model)
+    hf = model.lm.state_dict()
+    assert [name for name, _ in standin.loaded] == list(hf)  # every weight, HF names, tied lm_head included
+    for name, t in standin.loaded:
+        assert t.dtype == torch.bfloat16 and torch.equal(t, hf[name].to(torch.bfloat16)), name
+
+
+def test_prompts_as_token_ids_with_prefix_and_n_samples_in_order(standin, tiny_model_dir):
+    sampler, model, tok = make(tiny_model_dir, sleep=False)
+    sampler.sync_weights(model)
+    out = sampler.generate([[4, 5], [6]], n=3, temperature=0.7, top_p=0.9, max_tokens=8,
+                           prefixes=[[10, 11], []])
+    (p0, s0), (p1, s1) = standin.requests
+    assert p0 == {"prompt_token_ids": [4, 5, 10, 11]} and p1 == {"prompt_token_ids": [6]}
+    assert (s0.n, s0.temperature, s0.top_p, s0.top_k) == (3, 0.7, 0.9, -1)
+    assert s0.max_tokens == 8 - 2 and s1.max_tokens == 8  # the prefix counts against the budget
+    assert s0.stop_token_ids == s1.stop_token_ids == [tok.eos_token_id]
+    assert s0.seed is None and s0.logprobs is None and s0.detokenize is False
+    assert [len(g) for g in out] == [3, 3]
+    for k, s in enumerate(out[0]):  # in index order although the engine listed them backwards
+        assert s.prompt_ids == [4, 5] and s.prefix_ids == [10, 11] and s.generated_ids == [11 + k + 1, 2]
+        assert s.response_ids == [10, 11, 12 + k, 2] and s.finished
+        assert s.text == tok.decode([10, 11, 12 + k, 2], skip_special_tokens=True)
+    assert [s.generated_ids for s in out[1]] == [[7, 2], [8, 2], [9, 2]]
+
+
+def test_stop_handling(standin, tiny_model_dir):
+    eos = 2
+    answers = {  # last prompt token -> (tokens, finish_reason)
+        20: ([7, 8, eos], "stop"),  # the tokenizer's EOS, kept by vLLM in token_ids
+        21: ([7, GEN_EOS], "stop"),  # the generation_config's EOS: finished, no tokenizer EOS appended
+        22: ([9, 9, 9, 9], "length"),  # cut at the budget: not finished, nothing appended
+        23: ([9, 9, eos], "length"),  # the stop token came exactly at the budget: finished
+    }
+    standin.script = lambda prompt, k, params: (*answers[prompt[-1]], None)
+    sampler, model, _ = make(tiny_model_dir, sleep=False, gen_eos=True)
+    sampler.sync_weights(model)
+    out = sampler.generate([[20], [21], [22], [23]], n=1, temperature=1.0, top_p=1.0, max_tokens=4)
+    assert standin.requests[0][1].stop_token_ids == [eos, GEN_EOS]  # one stop set, as the torch sampler's
+    got = [(g[0].generated_ids, g[0].finished) for g in out]
+    assert got == [([7, 8, eos], True), ([7, GEN_EOS], True), ([9, 9, 9, 9], False), ([9, 9, eos], True)]
+
+    answers[24] = ([7, 8], "stop")  # the engine stopped on a token outside our stop set
+    with pytest.raises(RuntimeError, match="not in the stop set"):
+        sampler.generate([[24]], n=1, temperature=1.0, top_p=1.0, max_tokens=4)
+    answers[25] = ([7], "abort")
+    with pytest.raises(RuntimeError, match="abort"):
+        sampler.generate([[25]], n=1, temperature=1.0, top_p=1.0, max_tokens=4)
+
+
+def test_seeded_generation_gives_distinct_repeatable_request_seeds(standin, tiny_model_dir):
+    r0, model, _ = make(tiny_model_dir, rank=0, sleep=False)
+    r1, _, _ = make(tiny_model_dir, rank=1, sleep=False)
+    prompts = [[4], [5], [6]]
+
+    def seeds(sampler, seed):
+        sampler.sync_weights(model)
+        sampler.generate(prompts, n=4, temperature=0.6, top_p=1.0, max_tokens=8, seed=seed)
+        return [params.seed for _, params in standin.requests]
+
+    a, again, other_rank, other_seed = seeds(r0, 7), seeds(r0, 7), seeds(r1, 7), seeds(r0, 8)
+    assert a == again  # repeatable evaluation draws
+    everything = a + other_rank + other_seed
+    assert len(set(everything)) == 9 and all(0 <= s < 2 ** 47 for s in everything)
+    # vLLM seeds sample k of a request with seed + k: no two requests may share those seeds
+    assert min(abs(x - y) for i, x in enumerate(everything) for y in everything[i + 1:]) > 4
+    assert seeds(r0, None) == [None, None, None]  # unseeded: the engine's own seed (--seed + rank)
+
+
+def test_memory_arithmetic():
+    G = common.GiB
+    # 7B on 8 x 80 GiB: 3.5 GiB fp32 shard; Adam adds 7 GiB; 3 GiB headroom
+    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True) == 0.812  # 65 / 80, rounded down
+    # without sleep mode the gradients stay too, and half of the rest is left for activations
+    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
+
+
+def test_missing_vllm_and_cpu_only_stop_with_one_line(monkeypatch, tiny_model_dir):
+    cfg = common.BaseConfig(sampler="vllm")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):  # this machine has none
+        common.check_sampler(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
+    with pytest.raises(SystemExit, match="pip install vllm") as e:
+        common.check_sampler(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="pip install vllm"):
+        make(tiny_model_dir)
+    common.check_sampler(common.BaseConfig(sampler="torch"))  # nothing asked of a torch run
+
+
+def test_expandable_segments_stop_before_loading(monkeypatch, standin):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = common.BaseConfig(sampler="vllm")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128, expandable_segments:True")
+    with pytest.raises(SystemExit, match="expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF.*--no-vllm_sleep"):
+        common.check_sampler(cfg)
+    common.check_sampler(common.BaseConfig(sampler="vllm", vllm_sleep=False))  # fine without sleep mode
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    common.check_sampler(cfg)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # the newer name
+    with pytest.raises(SystemExit, match="PYTORCH_ALLOC_CONF"):
+        common.check_sampler(cfg)
+
+
+def test_context_length(tiny_model_dir, tmp_path):
+    common.check_context_length(tiny_model_dir, 512)  # the tiny model has 512 positions
+    with pytest.raises(SystemExit, match=r"= 513 tokens.*512 positions.*Elliott/Qwen2\.5-Math-7B-16k-think"):
+        common.check_context_length(tiny_model_dir, 513)
+    yarn = tmp_path / "yarn"  # YaRN extends the context: 4 x 4096 positions
+    Qwen2Config(max_position_embeddings=4096, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+    }).save_pretrained(yarn)
+    common.check_context_length(str(yarn), 16384)
+    with pytest.raises(SystemExit):
+        common.check_context_length(str(yarn), 16385)
+
+
+def test_stops_before_loading(tiny_model_dir, tmp_path):
+    """Budgets past the model's positions stop setup() before anything starts; on this CPU machine
+    `grpo.py --sampler vllm` ends with one line and no traceback."""
+    cfg = common.BaseConfig(model=tiny_model_dir, output_dir=str(tmp_path / "x"), max_prompt_len=400,
+                            max_response_len=200)
+    with pytest.raises(SystemExit, match="has 512 positions"):
+        common.setup(cfg)
+    assert not (tmp_path / "x").exists()  # stopped before it wrote anything
+    p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "y"),
+                        "--sampler", "vllm"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == \
+        "error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)"
+
+
+def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path):
+    """The debug wrapper's log-prob gap lines up the sampler's log-probs with the trainer's: an engine
+    that reports the trainer's log-probs + 0.25 shows a gap of exactly 0.25."""
+    model_box = {}
+
+    def script(prompt, k, params):
+        ids = [30 + k, 31, 2][:params.max_tokens]
+        batch = common.make_batch([prompt], [ids], 0, "cpu")
+        with torch.no_grad():
+            logp, _ = model_box["m"](**batch, temperature=params.temperature)
+        return ids, "stop", [float(x) + 0.25 for x in logp[0]]
+
+    standin.script = script
+    sampler, model, tok = make(tiny_model_dir, sleep=True, debug=True)
+    model_box["m"] = model
+    assert standin.engines[0]["logprobs_mode"] == "processed_logprobs"  # after temperature, as the trainer's
+    path = tmp_path / "debug.jsonl"
+    debug = common.RolloutDebug(sampler, common.Dist(), str(path), [4, 5, 6], tok.pad_token_id)
+    for _ in range(2):
+        debug.sync_weights(model)
+        out = debug.generate([[7, 8], [9]], n=2, temperature=0.8, top_p=1.0, max_tokens=8, prefixes=[[10], []])
+        assert all(s.logprobs is not None and len(s.logprobs) == len(s.generated_ids) for g in out for s in g)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["call"] for x in lines] == [0, 1]
+    first, second = (x["ranks"][0] for x in lines)
+    assert first["logprob_gap"]["mean"] == pytest.approx(0.25, abs=1e-5)
+    assert first["logprob_gap"]["max"] == pytest.approx(0.25, abs=1e-5) and first["logprob_gap"]["tokens"] == 12
+    assert first["first"] and "first" not in second and first["probe"] == second["probe"]
+    assert first["weights"] == pytest.approx(sum(float(p.detach().double().sum()) for p in model.parameters()))
+    # call 0: an unseeded draw, a seeded probe, then the real generation, each after a push
+    assert [params.seed for _, params in standin.requests] == [None, None]  # the real generation: unseeded
