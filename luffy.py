@@ -219,8 +219,8 @@ def main():
         for minibatch in minibatches:
             masks = [mb["response_mask"] for mb in minibatch]
             demo_masks = [mb["response_mask"] * mb["prefix_mask"] for mb in minibatch]
-            # Z of Eq. (20) counts every token; the baseline's policy-gradient term only the rollouts'
-            pg_masks = masks if cfg.demo_loss == "shaped" else [m - d for m, d in zip(masks, demo_masks)]
+            # Z of Eq. (20) counts every sample; the baseline's policy-gradient term only the rollouts
+            pg_masks = masks if cfg.demo_loss == "shaped" else [m[d.sum(-1) == 0] for m, d in zip(masks, demo_masks)]
             norm = common.step_normaliser(pg_masks, cfg.loss_agg, constant)  # this step's Agg denominator
             token_norm = common.step_normaliser(masks, "token-mean")
             demo_norm = common.step_normaliser(demo_masks, "token-mean")

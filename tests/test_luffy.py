@@ -3,6 +3,7 @@
 is worked out in a comment; gradients are checked against closed forms written out independently."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -294,10 +295,14 @@ def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_
         (False, False, "constant", 0.001)
 
 
-def test_bad_layouts_are_refused(tiny_model_dir, small_eval_file, tmp_path):
-    p = run("luffy.py", *small(tiny_model_dir, small_eval_file, tmp_path / "a", *LUFFY, "--group_size", "1"),
-            check=False)
-    assert p.returncode != 0 and "--group_size must be at least 2" in p.stderr and "Traceback" not in p.stderr
+def test_group_of_one_is_refused_before_setup(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["luffy.py", "--group_size", "1"])
+    with pytest.raises(SystemExit, match="--group_size must be at least 2"):
+        luffy.main()
+
+
+def test_cut_demonstrations_are_refused(tiny_model_dir, small_eval_file, tmp_path):
     p = run("luffy.py", *small(tiny_model_dir, small_eval_file, tmp_path / "b", *LUFFY, "--max_response_len", "24"),
             check=False)
     assert p.returncode != 0 and "do not fit --max_response_len 24" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
