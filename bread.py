@@ -36,19 +36,22 @@ a project default [D] of METHODS.md 7 and a flag:
     it would make the batch size depend on the search (ranks must run equal micro-batch counts).
   - loss (Eq. 41 [D]): eps 0.2, token-mean (Eq. 6), beta_KL 0 (--kl_coef 0.001 for k3), beta_H 0.
 The core keys `reward`, `accuracy`, `response_length` are those of the first, anchor-free round
-(the policy's own success, comparable with grpo.py); the search's cost and anchors have own keys.
+(the policy's own success, comparable with grpo.py; `entropy` is over the generated tokens of the
+trained batch); the search's cost and anchors have their own keys (search_metrics).
 
 Launch:
     python bread.py                                     # laptop: tiny model, builtin task, CPU, minutes
-    python bread.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
-        --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
-        --max_prompt_len 1024 --max_response_len 8192 --lr 1e-6 --micro_batch_size 4 \\
-        --gradient_checkpointing     # 1 GPU (vLLM sampler); demonstrations must leave room for an EOS
+    python bread.py --model Qwen/Qwen2.5-1.5B-Instruct --data numina_hard.jsonl --demo_key solution \\
+        --no-require_think --max_prompt_len 1024 --max_response_len 4096 --lr 1e-6 \\
+        --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM); file rows: problem, answer, solution
     torchrun --nproc_per_node 8 bread.py --model Qwen/Qwen2.5-3B-Instruct --data numina_hard.jsonl \\
         --demo_key solution --no-require_think --eval_data valid.jsonl --lr 1e-6 \\
         --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --num_episodes 10 \\
         --max_prompt_len 1024 --max_response_len 4096 --micro_batch_size 4 --gradient_checkpointing \\
         --max_steps 500      # 8 GPUs: METHODS 7 reference [D] (G 8, B 128, lr 1e-6, L_max 4096, K 10)
+    torchrun --nproc_per_node 8 bread.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target ...flags above... \\
+        --max_response_len 8192 --episode_split paragraph   # 8 GPUs on LUFFY's data (1024 + 8192 tokens)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 bread.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
 """
@@ -110,7 +113,7 @@ def episode_ends(token_texts: list[str], K: int, split: str) -> list[int]:
         return []
     if split == "tokens":
         k = min(K, n)
-        return [math.ceil(j * n / k) for j in range(1, k + 1)]
+        return [-(-j * n // k) for j in range(1, k + 1)]  # ceil(j * n / k), in integers
     need, cuts, trailing = (1 if split == "line" else 2), [], 0
     for j, text in enumerate(token_texts):  # trailing: newlines at the end of the text so far
         stripped = len(text) - len(text.rstrip("\n"))
@@ -144,7 +147,8 @@ def anchor_search(sampler, verifier, questions: list[dict], ends: list[list[int]
         ks = [(state[q]["lo"] + state[q]["hi"]) // 2 for q in active]  # the middle episode
         anchors = [questions[q]["demo_ids"][:ends[q][k - 1]] for q, k in zip(active, ks)]  # P_k, never the EOS
         groups = sampler.generate([questions[q]["prompt_ids"] for q in active], n=G, prefixes=anchors, **sampling)
-        rewards = verifier([s.text for g in groups for s in g], [questions[q]["answer"] for q in active for _ in range(G)])
+        rewards = verifier([s.text for g in groups for s in g],
+                           [questions[q]["answer"] for q in active for _ in range(G)])  # [len(active) * G]
         calls += 1
         for j, (q, k, group) in enumerate(zip(active, ks, groups)):
             s, r = state[q], rewards[j * G:(j + 1) * G]
@@ -224,12 +228,13 @@ def search_metrics(results: list[dict], ends: list[list[int]], n_prompts: int, c
         sum(e[r["k"] - 1] for r, e in used), sum(sum(r["rewards"]) / len(r["rewards"]) for r, _ in used),
         sum(r["rounds"] for r in results), calls, sum(r["samples"] for r in results),
         sum(r["tokens"] for r in results), sum(len(s.generated_ids) for s in first_round)])
-    n, searched, mixed, fell, skipped, n_used, frac_tok, frac_ep, tok, rew, rounds, calls, extra_s, extra_t, first_t = sums
+    n, searched, mixed, fell, skipped, n_used, frac_tok, frac_ep, tok, rew, rounds, calls, extra_s, extra_t, first_t \
+        = sums
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    per_used = (lambda v: v / n_used) if n_used else (lambda v: None)
+    per_used = (lambda v: v / n_used) if n_used else (lambda v: None)  # means over the trained anchored groups
     return {"search_frac": searched / n, "anchor_mixed_frac": mixed / n, "anchor_fallback_frac": fell / n,
-            "anchor_skip_frac": skipped / n, "prefix_ratio": per_used(frac_tok), "anchor_episode_frac": per_used(frac_ep),
-            "anchor_tokens": per_used(tok), "anchored_reward": per_used(rew),
+            "anchor_skip_frac": skipped / n, "prefix_ratio": per_used(frac_tok),
+            "anchor_episode_frac": per_used(frac_ep), "anchor_tokens": per_used(tok), "anchored_reward": per_used(rew),
             "search_rounds": rounds / searched if searched else None, "search_calls": calls / world,
             "extra_samples": extra_s, "extra_tokens": extra_t, "generated_tokens": first_t + extra_t}
 

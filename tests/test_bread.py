@@ -184,7 +184,8 @@ def test_replacement_and_advantage_within_the_group(fallback):
                {"status": "skip", "group": None, "rewards": None},
                {"status": "fallback", "group": fell, "rewards": [1.] * G}]
     samples, rewards, weights = bread.replace_failed_groups(rollouts, first, [1, 2, 3], results, G, fallback)
-    assert samples[:G] == rollouts[:G] and samples[G:2 * G] == anchored and samples[2 * G:3 * G] == rollouts[2 * G:3 * G]
+    assert samples[:G] == rollouts[:G] and samples[G:2 * G] == anchored  # q0 kept, q1's group replaced
+    assert samples[2 * G:3 * G] == rollouts[2 * G:3 * G]  # q2 skipped: its failed group stays, weight 0
     assert samples[3 * G:] == (fell if fallback == "success" else rollouts[3 * G:])
     assert rewards.tolist() == [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0] + ([1] * 4 if fallback == "success" else [0] * 4)
     assert weights.tolist() == [1] * 8 + [0] * 4 + ([1] * 4 if fallback == "success" else [0] * 4)
@@ -230,6 +231,22 @@ def test_loss_on_generated_tokens_by_hand_two_micro_batches():
     torch.testing.assert_close(grads[0], torch.tensor([[0, 0, 0, -1.1 / 7], [0, 1.0 / 7, 1.5 / 7, 0]]),
                                rtol=0, atol=1e-6)
     torch.testing.assert_close(grads[1], torch.tensor([[0, -0.2, 0], [0, 0, 0]]), rtol=0, atol=1e-6)
+
+
+def test_kl_and_entropy_terms_skip_anchor_tokens():
+    """Eq. (11)-(12) over the generated tokens only. One row: anchor of 2 tokens (entropy 100, log-ratio
+    to the reference 5), then 2 generated tokens with entropy 1 and 3 and ref - logp = 0 and 1.
+    Entropy bonus = (1 + 3) / 2 = 2; KL = (0 + (e - 1 - 1)) / 2 = 0.35914091; A = 0, so
+    loss = 0.1 * KL - 0.01 * 2."""
+    [[mb]] = common.minibatches([_s("a", [7, 7], 2)], {"advantages": torch.zeros(1), "weights": torch.ones(1)},
+                                1, 1, 0, "cpu")
+    logp, entropy = torch.zeros(1, 4), torch.tensor([[100.0, 100.0, 1.0, 3.0]])
+    ref = torch.tensor([[5.0, 5.0, 0.0, 1.0]])
+    mask = bread.generated_mask(mb)
+    loss, t = bread.bread_loss(logp, logp, mb["advantages"], mask, cfg(kl_coef=0.1, entropy_coef=0.01), 2.0, 2.0,
+                               entropy, ref)
+    assert t["entropy_bonus"].item() == pytest.approx(2.0) and t["kl"].item() == pytest.approx(0.35914091)
+    assert loss.item() == pytest.approx(0.1 * 0.35914091 - 0.02, abs=1e-7)
 
 
 def test_anchor_is_context_only_gradient_equals_anchor_in_prompt(tiny_model_dir):
