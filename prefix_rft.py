@@ -69,11 +69,11 @@ class Config(common.BaseConfig):
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
     dual_clip: float = 3.0  # kappa of Eq. (5), a cap of -kappa A on the loss of A < 0 tokens (0 = off)
     adv_std: bool = False  # divide by the group std (Eq. 9); default Eq. (45) = Dr.GRPO's Eq. (10)
-    advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's prefix-aware estimators
+    advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's (docstring 3)
     entropy_coef: float = 0.001  # beta_H of the entropy bonus over sampled (non-prefix) tokens, Eq. (12), (48)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # constant (Eq. 8, Eq. 48) | token-mean (6) | seq-mean (7)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # constant (Eq. 8, 48) | token-mean (6) | seq-mean (7)
     loss_constant: float = 0.0  # C of Eq. (8) for one unit; 0 = |U| * L_max (minibatch) or L_max (microbatch, the code)
-    unit: Literal["minibatch", "microbatch"] = "minibatch"  # U of Eq. (6)-(8), (46): the optimizer step on all ranks | each micro-batch
+    unit: Literal["minibatch", "microbatch"] = "minibatch"  # U of Eq. (6)-(8), (46): optimizer step, all ranks | each micro-batch
     entropy_top_k: float = 0.2  # k of Eq. (46): fraction of the unit's prefix tokens that keep their loss
     prefix_high: float = 0.95  # l_high of Eq. (42)
     prefix_low_start: float = 0.95  # l_start of Eq. (42): l_low at step 0
