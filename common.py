@@ -220,6 +220,20 @@ def all_reduce(values, op=dist.ReduceOp.SUM) -> list[float]:
     return t.tolist()
 
 
+def all_gather_1d(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor (lengths may differ), in rank order; [t] in a single process."""
+    if not dist.is_initialized():
+        return [t]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([t.numel()], device=device))
+    padded = torch.zeros(max(1, *(int(s) for s in sizes)), dtype=t.dtype, device=device)  # gloo needs >= 1
+    padded[:t.numel()] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return [o[:int(s)].to(t.device) for o, s in zip(out, sizes)]
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
