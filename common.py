@@ -1238,8 +1238,8 @@ class Run:
 
     def save(self, step: int, state: dict | None = None):
         save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler}, {"data": self.stream.state_dict(), **(state or {})},
-                        keep=self.cfg.keep_checkpoints)
+                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
 
     def evaluate_base(self):
         """Held-out accuracy before training (step 0), unless this run resumes."""

@@ -61,7 +61,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official code's RL settings (OFFICIAL); flags written win
+    variant: Literal["paper", "official"] = "paper"  # official: the official RL settings (OFFICIAL); flags given win
     lr: float = 5e-5  # peak learning rate of the RL optimizer (official: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
