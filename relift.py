@@ -2,7 +2,7 @@
 
 Paper: "Learning What Reinforcement Learning Can't: Interleaved Online Fine-Tuning for Hardest
 Questions", arXiv 2506.07527. Official code: github.com/TheRoadQaQ/ReLIFT. Reference: METHODS.md
-section 4, Eq. (21)-(24), checklist item 8.
+section 4, Eq. (21)-(24), checklist (section 11) item 8.
 
 Every iteration t, on B prompts x G rollouts (no demonstration in the group, Eq. 22):
 
@@ -21,6 +21,7 @@ official trainer crashes when the buffer is still empty there). The buffer holds
 indices, is built from the all-failed prompts of every rank in global batch order (identical on
 all ranks), and the FT batch is split over the ranks. At most one FT step per iteration, as in the
 official code. The buffer, the FT step count and the FT optimizer's state are in the checkpoint.
+The second AdamW doubles the optimizer memory (the official run offloads both optimizers to CPU).
 
 Paper vs official code (METHODS.md 4); `--variant official` sets all of the RL ones at once:
   - Eq. (22) clip: paper eps = 0.2 (standard GRPO) | official no clip (--clip_eps_low/high 1e9)
