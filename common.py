@@ -1301,9 +1301,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
 # ======================================================================================
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
+                             weight_decay=weight_decay)
+
+
 def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -1359,10 +1364,12 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the global grad norm, step the optimizer and its schedule, zero the grads; returns the norm."""
+    """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
+    grads; returns the norm."""
     norm = clip_grad_norm(model, max_grad_norm)
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -1411,7 +1418,10 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
                     schedulers: dict, state: dict, keep: int = 2):
     """Write checkpoint-<step>/ {model/ (HF, safetensors), optim/ (DCP shards), rng-rank<r>.pt,
     trainer_state.pt} into a temporary directory, then rename it: a crash at any moment leaves the
-    previous checkpoint intact. Multi-node runs need output_dir on a shared filesystem."""
+    previous checkpoint intact. Multi-node runs need output_dir on a shared filesystem.
+    An optimizer that has never stepped (ReLIFT's fine-tuning AdamW before its first step) is left
+    out: get_optimizer_state_dict would initialise its state with a zero-lr step, so its first real
+    step would count as the second in Adam's bias correction."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -1423,13 +1433,14 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
+    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         weights = {k.removeprefix("lm."): v for k, v in weights.items()}
         model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                    **state}, os.path.join(tmp, "trainer_state.pt"))
+                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
     dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
              checkpoint_id=os.path.join(tmp, "optim"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
@@ -1450,11 +1461,12 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    optim = {k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()}
-    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
-    for k, o in optimizers.items():
-        set_optimizer_state_dict(model, o, optim[k])
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
+    optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
+    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
+    for k, o in saved.items():
+        set_optimizer_state_dict(model, o, optim[k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
     rng_file = os.path.join(path, f"rng-rank{rank}.pt")
@@ -1583,6 +1595,7 @@ class Run:
     logger: MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
+    extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
     bar: object = None  # the progress bar of progress()
 
     def next_prompts(self, global_batch: int) -> list[dict]:
@@ -1592,9 +1605,9 @@ class Run:
         return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
-        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer, {"main": self.optimizer},
-                        {"main": self.scheduler}, {"data": self.stream.state_dict(), **(state or {})},
-                        keep=self.cfg.keep_checkpoints)
+        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
 
     def evaluate_base(self):
         """Held-out accuracy before training (step 0), unless this run resumes."""
@@ -1625,7 +1638,10 @@ class Run:
 
 
 def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
-          reference_model: bool = False, global_batch: int = 1) -> Run:
+          reference_model: bool = False, global_batch: int = 1, extra_optimizers: dict | None = None) -> Run:
+    """extra_optimizers: {name: lr} for a trainer that also steps the same parameters with its own
+    AdamW (constant lr, no schedule; ReLIFT's fine-tuning step): run.extra_optimizers[name],
+    checkpointed and restored with the main optimizer."""
     check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
@@ -1674,11 +1690,13 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
         sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"),
                                train_rows[0]["prompt_ids"], tokenizer.pad_token_id)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
+    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
+    assert "main" not in extra, "'main' names the trainer's own optimizer"
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
-              eval_rows, stream, logger=None)
+              eval_rows, stream, logger=None, extra_optimizers=extra)
     if ckpt:
-        run.state = load_checkpoint(ckpt, model, {"main": optimizer}, {"main": scheduler})
+        run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
         print0(f"resumed from {ckpt} (step {run.start_step})")
