@@ -63,7 +63,7 @@ import common
 @dataclass
 class Config(common.BaseConfig):
     variant: Literal["paper", "official"] = "paper"  # official: the official RL settings (OFFICIAL); flags given win
-    lr: float = 5e-5  # peak learning rate of the RL optimizer (official: 1e-6)
+    lr: float = 2e-4  # peak learning rate of the RL optimizer (official: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt
@@ -75,7 +75,7 @@ class Config(common.BaseConfig):
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     ft_threshold: int = 16  # M of Eq. (23): FT step when the buffer holds M items, on the M newest (official 128 = B)
-    ft_lr: float = 5e-5  # lr of the FT step's own AdamW, constant (official 1e-6, equal to the RL lr)
+    ft_lr: float = 2e-4  # lr of the FT step's own AdamW, constant (official 1e-6, equal to the RL lr)
     ft_entropy_coef: float = 0.001  # beta_FT of Eq. (24): entropy bonus on the demonstration tokens
     ft_max_grad_norm: float = 1.0  # grad-norm clip of the FT step (the RL steps use --max_grad_norm)
 

@@ -197,7 +197,7 @@ def _model_and_rows(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = common.wrap_policy(common.load_lm(tiny_model_dir, common.Dist()), common.Dist(), compile=False)
+    model = common.load_policy(tiny_model_dir, common.Dist(), compile=False)
     rows = []
     for r in common.make_task(1, seed=5, levels=(1, 3, 4)):  # demonstrations of 3 different lengths
         text = common.format_prompt(tok, r["problem"], None)
