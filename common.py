@@ -1382,7 +1382,8 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
     rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
     is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
-    tokens of `micro`. t0-t1 rollout, t1-t2 training, in seconds."""
+    tokens of `micro`; generated_tokens: their number (all ranks), the step's sampling cost.
+    t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
                for mb in micro]
@@ -1396,6 +1397,7 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
+                   generated_tokens=n_sampled,
                    truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
                    time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
     return metrics

@@ -48,7 +48,7 @@ def test_step_metrics_by_hand():
     assert m["reward"] == pytest.approx(0.5) and m["accuracy"] == pytest.approx(1 / 3)
     assert m["entropy"] == pytest.approx((1 + 2 + 3 + 4 + 6) / 5)  # the prefix token (entropy 10) excluded
     assert m["response_length"] == pytest.approx((3 + 2 + 1) / 3)
-    assert m["truncated_frac"] == pytest.approx(1 / 3)
+    assert m["truncated_frac"] == pytest.approx(1 / 3) and m["generated_tokens"] == 5  # prefix token not sampled
     assert m["grad_norm"] == 2.0 and m["lr"] == 0.1 and m["time_rollout"] == 1.0 and m["time_train"] == 3.0
     assert m["tokens_per_second"] == pytest.approx((4 + 3 + 2) / 4.0)
 
