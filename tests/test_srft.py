@@ -248,7 +248,25 @@ def test_advantage_over_the_augmented_group():
     no_std = srft.mixed_advantages(rewards, std=False, demo_in_group=True)
     torch.testing.assert_close(no_std, torch.tensor([[7 / 8] + [-1 / 8] * 7]), rtol=0, atol=1e-7)
     std = srft.mixed_advantages(rewards, std=True, demo_in_group=True)
-    assert std[0, 0].item() == pytest.approx(2.4748737, abs=1e-5) and std[0, 1].item() == pytest.approx(-0.3535534, abs=1e-5)
+    assert std[0, 0].item() == pytest.approx(2.4748737, abs=1e-5)
+    assert std[0, 1].item() == pytest.approx(-0.3535534, abs=1e-5)
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == 2))
+
+
+def test_group_layout_demonstration_first_with_its_prefix_mask():
+    """Per prompt [demo, rollouts]; the demonstration's tokens (EOS included) are the ones srft_loss treats as
+    demonstration tokens (prefix_mask), no rollout token is."""
+    rows = [{"prompt_ids": [7, 8], "demo_ids": [30, 31, 2]}]
+    rollouts = [[common.Sample([7, 8], [], [11, 2], "a", True), common.Sample([7, 8], [], [12], "b", False)]]
+    samples = srft.mixed_groups(rows, rollouts, _Tok())
+    assert [s.response_ids for s in samples] == [[30, 31, 2], [11, 2], [12]] and samples[0].text == "30 31"
+    (mb,), = common.minibatches(samples, {"advantages": torch.arange(3.0)}, 1, 3, pad_id=0, device="cpu")
+    assert mb["response_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert mb["prefix_mask"].tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
 
 
 def test_official_variant_sets_all_five_and_flags_win():
@@ -291,7 +309,8 @@ def test_srft_smoke(variant, tiny_model_dir, small_eval_file, tmp_path):
         assert m["w_rl"] >= 0.1 * math.exp(m["entropy_rollout"]) - 1e-6
         assert (m["w_sft"] <= 0.5) == (variant == "paper")
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["w_sft_sign"], saved["demo_ratio"]) == (("minus", "plain") if variant == "paper" else ("plus", "shaped"))
+    want = ("minus", "plain") if variant == "paper" else ("plus", "shaped")
+    assert (saved["w_sft_sign"], saved["demo_ratio"]) == want
 
 
 def test_group_of_one_is_refused_before_setup(monkeypatch):
