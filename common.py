@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import decimal
 import inspect
 import json
 import math
@@ -21,10 +22,13 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,7 +41,7 @@ from torch import nn
 
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-from math_verify import parse, verify  # forked grading workers inherit it
+from math_verify import parse, verify
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Tokenizer
@@ -618,49 +622,150 @@ def full_state_dict(model: PolicyModel):
 # ======================================================================================
 
 MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
+MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, whatever they say
+MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
+
+_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
+_HEDGE = re.compile(r"\s(?:or|and/or)\s", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every complete top-level \\boxed{...} (or \\fbox{...}) in order, with balanced
+    braces (\\{ and \\} are not braces). A box inside a complete box belongs to it; an unclosed box
+    (a truncated generation) is skipped and does not hide the complete boxes after it. Linear time."""
+    stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
+    for m in _BOX_TOKENS.finditer(text):
+        tok = m.group()
+        if tok[-1] == "{" and tok != "\\{":  # a brace, or a box command with its brace
+            stack.append((m.end(), tok != "{", m.start()))
+        elif tok == "}" and stack:
+            start, is_box, cmd = stack.pop()
+            if is_box:
+                closed.append((cmd, m.end(), text[start:m.start()]))
+    out, end = [], -1
+    for start, stop, content in sorted(closed):  # closed boxes nest properly: keep the outermost
+        if start >= end:
+            out.append(content)
+            end = stop
+    return out
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} (balanced braces; \\{ and \\} are not braces), else None."""
-    found, i = None, text.find("\\boxed{")
-    while i != -1:
-        depth, j = 1, i + len("\\boxed{")
-        while j < len(text) and depth:
-            if text[j] == "\\":
-                j += 1  # skip the escaped character
-            elif text[j] in "{}":
-                depth += 1 if text[j] == "{" else -1
-            j += 1
-        if depth:  # unclosed (truncated generation): keep the last complete one
-            break
-        found = text[i + len("\\boxed{"): j - 1]
-        i = text.find("\\boxed{", j)  # boxes nested inside this one are not final answers
-    return found
+    """Content of the last complete top-level \\boxed{...}, else None."""
+    boxes = boxed_answers(text)
+    return boxes[-1] if boxes else None
 
 
-def _grade(answer: str, gold: str, timeout: int) -> float:
+# Spellings of a final answer that math-verify 0.9 misreads or cannot parse, rewritten before grading
+# (each one is a case of tests/data/verifier_cases.jsonl).
+_UNICODE_MATH = {
+    "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
+    "\u00f7": "\\div ", "\u00b1": "\\pm ", "\u2213": "\\mp ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
+    "\u00b0": "^\\circ ", "\u2264": "\\le ", "\u2265": "\\ge ", "\u2260": "\\ne ", "\u2205": "\\emptyset ",
+    "\u222a": "\\cup ", "\u2229": "\\cap ", "\u03b8": "\\theta ", "\u03b1": "\\alpha ", "\u03b2": "\\beta ",
+}
+_VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4),
+           "\u2155": (1, 5), "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6),
+           "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
+_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a",
+                        "0123456789-+"))
+_SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
+_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
+_DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """Rewrite Unicode and LaTeX spellings that math-verify does not read: Unicode minus, times,
+    pi, infinity, degree, root, vulgar fractions and superscripts (1\u00bd, x\u00b2), full-width
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000 and the decimal comma 3{,}5; \\varnothing."""
+    if text.isascii():
+        out = text
+    else:
+        out = _SQRT_ARG.sub(lambda m: "\\sqrt{" + m.group(1).strip("()") + "}" if m.group(1) != "{"
+                            else "\\sqrt{", text)
+        out = re.sub("[" + "".join(_VULGAR) + "]", lambda m: "\\frac{%d}{%d}" % _VULGAR[m.group()], out)
+        out = re.sub("[" + "".join(_SUPERSCRIPT) + "]+",
+                     lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group()) + "}", out)
+        out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
+        out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
+    out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
+    out = _DECIMAL_COMMA.sub(r"\1.\2", out)
+    return out.replace("\\varnothing", "\\emptyset")
+
+
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def _fast_grade(answer: str, gold: str) -> bool | None:
+    """Exact verdict for plain integers and decimals without math-verify, None when unsure.
+    Agrees with math-verify on every pair where it answers (tests/verifier_agreement.py --fast):
+    integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
+    their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
+    places); closer pairs and numbers of more than 12 significant digits go to math-verify."""
+    a, g = answer.strip(), gold.strip()
+    if not (_PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(g)):
+        return None
+    if "." not in a and "." not in g:
+        return int(a) == int(g)
+    x, y = decimal.Decimal(a), decimal.Decimal(g)
+    if max(len(x.normalize().as_tuple().digits), len(y.normalize().as_tuple().digits)) > 12:
+        return None
+    if x == y:
+        return True
+    return False if abs(x - y) > decimal.Decimal("2e-6") else None
+
+
+def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
+    """math-verify on one candidate: (equivalent to the gold, the text math-verify extracted).
+    kind "boxed": the content of one box; kind "text": an answer text without a box, from which
+    math-verify extracts the final answer itself ("the answer is 5", "$x = 5$"), as LUFFY grades."""
     # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
     gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
-    pred_parsed = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
     # Never str()/repr() a parsed expression: on deeply nested input that takes minutes, outside any timeout.
-    ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
-    return float(ok)
+    extracted = pred[-1] if pred and isinstance(pred[-1], str) else ""
+    ok = bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)
+    return bool(ok), extracted
+
+
+def _grading_worker_init():
+    """Grading workers ignore Ctrl-C: the trainer handles it (saves, exits with one line) and
+    terminates the pool; a worker must not die with a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Verifier:
     """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold answer, else 0.0.
 
-    A response is the text generated after a prompt that ends with `<think>\\n`. As in LUFFY, the answer
-    is the text after the first `</think>` and before a second one, if any (LUFFY prepends `<think>\\n`
-    and takes `split("</think>")[1]`); without `</think>` the reward is 0 when require_think. Unlike
-    LUFFY, which gives the whole answer text to math-verify, we grade only its last \\boxed{} (the system
-    prompt asks for one), so a response without one scores 0 without calling math-verify.
+    What is graded (METHODS.md 0.4 and 9). A response is the text generated after a prompt that
+    ends with `<think>\\n`. As in LUFFY, only the text after the first `</think>` (and before a second
+    one) is graded; without `</think>` the reward is 0 when require_think (otherwise the whole
+    response is graded). In that answer text:
+      1. every complete top-level \\boxed{} is a final answer. All the different ones must be
+         equivalent to the gold, one by one or together (\\boxed{1} and \\boxed{2} for the gold
+         "1, 2"): several different boxed answers (hedging) score 0, the same answer repeated does
+         not. An unclosed box (a truncated generation) is ignored.
+      2. with no box, math-verify reads the final answer from the text, as LUFFY does: from the
+         sentence of the last answer statement ("the answer is 5", "Final answer: $x=5$") if there
+         is one (with "or" in it, it is a hedge and scores 0), else from the last MAX_TEXT_CHARS
+         characters (math-verify's own extraction: its last expression).
+    Answers and golds are first rewritten by `normalize_answer` (Unicode and LaTeX spellings);
+    plain integers and decimals are compared exactly in this process (`_fast_grade`), everything
+    else by math-verify with the gold wrapped in `$...$`.
 
-    math-verify times out with SIGALRM, which works only on a process's main thread and cannot stop
-    work outside its timed sections or inside one long C call. So grading runs in a fork pool, one task
-    per item, each awaited at most `backstop_s`; an item that overruns scores 0 and the pool is replaced,
-    so a stuck worker cannot stall later calls. num_workers=0 grades on the calling thread, which must be
-    the main thread: handy for debugging, but with no backstop.
+    Time bound. math-verify times out with SIGALRM, which works only on a process's main thread and
+    cannot stop work outside its timed sections or inside one long C call. So grading runs in a
+    process pool, one task per candidate, each awaited at most `backstop_s`; an item that overruns
+    scores 0 and the pool is replaced, so a stuck worker cannot stall later calls. The pool uses the
+    "forkserver" start method: its workers are forked from a small server process that has imported
+    only math-verify, this module and the main script, never from a trainer that holds CUDA, NCCL,
+    vLLM or compiler threads (so the main script needs the usual `if __name__ == "__main__":` guard).
+    num_workers=0 grades on the calling thread when that is the main thread (debugging; no
+    backstop); called from any other thread, the verifier uses a pool in any case.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
@@ -669,50 +774,113 @@ class Verifier:
         # every parse raise inside math-verify, which then silently returns "no answer" (reward 0).
         self.timeout = max(1, math.ceil(timeout_s))
         self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
-        self._pool = None  # created on first use, so a verifier that is never called costs nothing
+        self._pool = None  # created on first use (or by start()), so an unused verifier costs nothing
+        self._lock = threading.Lock()
 
-    def answer(self, response: str) -> str | None:
-        """The text to grade, or None when the response scores 0 without grading."""
+    def candidates(self, response: str) -> tuple[str, list[str]] | None:
+        """("boxed", the different boxed answers) or ("text", [the answer text without a box]),
+        normalised; None when the response scores 0 without grading."""
         if "</think>" in response:
-            response = response.split("</think>", 2)[1]
+            text = response.split("</think>", 2)[1]
         elif self.require_think:
             return None
-        boxed = extract_boxed(response)
-        return boxed if boxed and boxed.strip() and len(boxed) <= MAX_ANSWER_CHARS else None
+        else:
+            text = response
+        boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in boxed_answers(text) if b.strip()))
+        if boxes:
+            if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
+                return None
+            return "boxed", boxes
+        text = _EMPTY_BOX.sub("", text)
+        cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
+        text = (text[:cut.start()] if cut else text).strip()
+        if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
+            tail = text[-MAX_TEXT_CHARS:]
+            text = tail[tail.index("\n") + 1:] if "\n" in tail else tail
+        statement = None
+        for statement in _ANSWER_STATEMENT.finditer(text):  # the last "the answer is ..." / "Answer: ..."
+            pass
+        if statement is not None:  # grade that sentence: a check after it must not be read as the answer
+            end = _SENTENCE_END.search(text, statement.end())
+            text = text[statement.start():end.start() + 1 if end else len(text)]
+            if _HEDGE.search(text):  # "the answer is 5 or 6": math-verify would take the 5
+                return None
+        return ("text", [normalize_answer(text)]) if text else None
 
     def __call__(self, responses: list[str], golds: list[str]) -> list[float]:
+        return [reward for reward, _ in self.grade(responses, golds)]
+
+    def grade(self, responses: list[str], golds: list) -> list[tuple[float, str | None]]:
+        """(reward, the graded answer) per response; the answer is None when nothing was graded.
+        A response is right when each of its different boxed answers equals the gold, or when
+        they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        rewards = [0.0] * len(responses)
-        todo = [(i, a, str(g)) for i, (r, g) in enumerate(zip(responses, golds))
-                if (a := self.answer(r)) is not None]
-        if self.num_workers == 0:
-            for i, a, g in todo:
-                rewards[i] = _grade(a, g, self.timeout)
-            return rewards
-        while todo:
-            if self._pool is None:
-                # fork: workers start at once and inherit math_verify; they never touch torch or CUDA
-                self._pool = mp.get_context("fork").Pool(self.num_workers)
-            pending = [self._pool.apply_async(_grade, (a, g, self.timeout)) for _, a, g in todo]
-            for k, ((i, _, _), result) in enumerate(zip(todo, pending)):
+        verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
+        answers, todo = [None] * len(responses), []
+        for i, (response, gold) in enumerate(zip(responses, golds)):
+            found = self.candidates(response)
+            if found is None:
+                continue
+            kind, cands = found
+            gold = normalize_answer(str(gold).strip())
+            answers[i] = " | ".join(cands) if kind == "boxed" else None
+            alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
+            for alt, answers_alt in enumerate(alternatives):
+                verdicts[i][alt] = []
+                for a in answers_alt:
+                    fast = _fast_grade(a, gold)
+                    if fast is None:
+                        todo.append((i, alt, kind, a, gold))
+                    else:
+                        verdicts[i][alt].append(fast)
+        todo = [t for t in todo if all(verdicts[t[0]][t[1]])]  # an alternative with a wrong answer is out
+        for (i, alt, kind, _, _), (ok, extracted) in zip(todo, self._run([t[2:] for t in todo])):
+            verdicts[i][alt].append(ok)
+            if kind == "text":
+                answers[i] = extracted
+        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, answers)]
+
+    def _run(self, todo: list) -> list[tuple[bool, str]]:
+        results = [(False, "")] * len(todo)
+        if not todo:
+            return results
+        if self.num_workers == 0 and threading.current_thread() is threading.main_thread():
+            return [_grade(kind, a, g, self.timeout) for kind, a, g in todo]
+        k0 = 0
+        while k0 < len(todo):
+            pool = self.start()
+            pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
+            for k, result in enumerate(pending, start=k0):
                 # Tasks run in submission order, so item k is already running when we start waiting:
                 # the backstop bounds its own run time, not the queue before it.
                 try:
-                    rewards[i] = result.get(timeout=self.backstop_s)
+                    results[k] = result.get(timeout=self.backstop_s)
                 except mp.TimeoutError:  # item k keeps its 0; kill the stuck worker, regrade the rest
                     self.close()
-                    todo = todo[k + 1:]
+                    k0 = k + 1
                     break
             else:
-                todo = []
-        return rewards
+                k0 = len(todo)
+        return results
+
+    def start(self):
+        """Start the worker pool now (a trainer does it before training; the first start of the
+        fork server imports math-verify and this module, a few seconds)."""
+        with self._lock:
+            if self._pool is None:
+                ctx = mp.get_context("forkserver")
+                # the server imports these once; the workers it forks then start in milliseconds
+                ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
+                self._pool = ctx.Pool(max(1, self.num_workers), initializer=_grading_worker_init)
+            return self._pool
 
     def close(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool.join()
+                self._pool = None
 
 
 # ======================================================================================
@@ -1160,7 +1328,7 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
         raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
     seed_everything(cfg.seed + d.rank)
     verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
-    verifier(["</think>\\boxed{1}"], ["1"])  # start the fork pool now, before threads and CUDA exist
+    verifier.start()
 
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
