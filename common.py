@@ -6,7 +6,7 @@ mechanics every trainer needs. Read it top to bottom; each section is independen
     config -> CLI | distributed | data | embedded task | model + log-probs | verifier | sampling
     | loss aggregation | optimiser | checkpoints | logging | evaluation | run setup
 
-Equation numbers refer to ../shared/docs/METHODS.md (reproduced in README.md's references).
+Equation numbers refer to ./METHODS.md, the project's method reference.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import decimal
+import difflib
 import inspect
 import json
 import math
@@ -30,6 +31,7 @@ import time
 import typing
 import unicodedata
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,13 +59,18 @@ class BaseConfig:
     # --- model and data -------------------------------------------------------------------
     model: str = "builtin"  # HF hub id or local directory; "builtin" = tiny base model built on first use
     data: str = "builtin"  # .jsonl/.json/.parquet file or hub dataset; "builtin" = embedded arithmetic task
-    eval_data: str = "builtin"  # evaluation set, same formats; "" = no evaluation
+    eval_data: list[str] = field(default_factory=lambda: ["auto"])  # evaluation sets, each FILE[:k] or builtin[:k]
+    # (k samples per problem, e.g. aime24.parquet:32 math500.jsonl); auto = builtin for the builtin task,
+    # none for file data; none = no evaluation. Files use --prompt_key / --answer_key as training data does
     prompt_key: str = "problem"  # field holding the problem (a string or a list of chat messages)
     answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
     demo_key: str = "demo"  # field holding the demonstration (string or chat messages)
-    system_prompt: str = "auto"  # "auto": METHODS 0.4 instruction for files, none for builtin; "" = none
-    max_prompt_len: int = 64  # prompts longer than this (tokens) are dropped, with a count printed
-    max_response_len: int = 48  # L_max: response budget in tokens (demonstrations truncated to it)
+    system_prompt: str = "auto"  # for training prompts: "auto" = METHODS 0.4 instruction for files, none
+    # for builtin; "" = none. Evaluation prompts never get one (METHODS 9)
+    max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
+    # 0 = auto: the builtin task's (BUILTIN_SETTINGS), 1024 for file data (the papers')
+    max_response_len: int = 0  # L_max: response budget in tokens (demonstrations are truncated to it);
+    # 0 = auto: the builtin task's, 8192 for file data (the papers')
     cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
     # --- run ------------------------------------------------------------------------------
     output_dir: str = ""  # default: runs/<script name>
@@ -71,10 +78,11 @@ class BaseConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     max_steps: int = 40  # training iterations (one batch of prompts each)
     seed: int = 0  # base seed; rank r uses seed + r
-    save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
+    save_every: int = 20  # checkpoint every N steps (and at the end, and on Ctrl-C / SIGTERM); 0 = only then
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     eval_every: int = 20  # evaluate every N steps (and before and after training); 0 = only then
-    eval_samples: int = 4  # k samples per eval problem; pass@1 is averaged over them (METHODS 9)
+    eval_samples: int = 0  # k for evaluation sets given without ":k"; 0 = auto: the builtin task's, 1 for
+    # files (METHODS 9: pass@1 averaged over k samples; the papers use 32 for AIME and AMC, 1 elsewhere)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
     lr: float = 1e-6  # peak learning rate
@@ -90,7 +98,7 @@ class BaseConfig:
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
-    verifier_workers: int = 2  # fork processes grading with math-verify (0 = main thread, no backstop)
+    verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     # --- systems ----------------------------------------------------------------------------
     micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
@@ -100,32 +108,110 @@ class BaseConfig:
     wandb_project: str = "sft-rl-fusion"  # wandb project name
 
 
+# The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
+# are not given. The builtin task has its own, BUILTIN_SETTINGS in the embedded-task section.
+FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
+# Flags that name the run's model, data and output: never reported as laptop defaults.
+_RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "resume",
+              "overwrite", "wandb", "wandb_project", "cache_dir", "seed"}
+
+
 def parse_config(cls, argv=None):
-    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help."""
+    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
+    A `list[str]` field takes several values (`--eval_data a.parquet:32 b.jsonl`, or the flag
+    repeated). The names of the flags given on the command line are kept: `given_flags(cfg)`."""
     helps = {}
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
+            name = None
             for line in inspect.getsource(klass).splitlines():
                 m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+                more = re.match(r"\s+#\s*(?!---)(.+)$", line)  # a comment line continues the help above
                 if m:
+                    name = m.group(1) if m.group(1) not in helps else None
                     helps.setdefault(m.group(1), m.group(2))
+                elif more and name:
+                    helps[name] += " " + more.group(1)
+                else:
+                    name = None
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-    parser = argparse.ArgumentParser(description=doc[0] if doc else None,
+    parser = argparse.ArgumentParser(description=doc[0] if doc else None, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
+    defaults = {}
     for f in dataclasses.fields(cls):
-        tp, kw = hints[f.name], {"default": f.default, "help": helps.get(f.name, " ")}
+        tp = hints[f.name]
+        defaults[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kw = {"default": defaults[f.name], "help": helps.get(f.name, " ")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is Literal:
             kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
+        elif typing.get_origin(tp) is list:  # no argparse default: "extend" would add to a non-empty one
+            kw.update(type=typing.get_args(tp)[0], nargs="+", action="extend", default=argparse.SUPPRESS,
+                      help=kw["help"] + f" (default: {' '.join(defaults[f.name]) or 'none'})")
         else:
             kw["type"] = tp
         parser.add_argument(f"--{f.name}", **kw)
-    cfg = cls(**vars(parser.parse_args(argv)))
-    if not cfg.output_dir:
+    args = {**defaults, **vars(parser.parse_args(argv))}
+    cfg = cls(**args)
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token[2:].split("=")[0] if token.startswith("--") else ""
+        given.add(name[3:] if name.startswith("no-") and name[3:] in args else name)
+    cfg._given = frozenset(given & set(args))  # not a field: config.json and asdict() leave it out
+    if hasattr(cfg, "output_dir") and not cfg.output_dir:
         cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
     return cfg
+
+
+def given_flags(cfg) -> frozenset:
+    """Names of the fields set on the command line (empty for a config built in code)."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def _paper_command(cfg) -> dict[str, str] | None:
+    """{flag: value} of the 8-GPU paper command in the docstring of cfg's script, or None."""
+    doc = sys.modules[type(cfg).__module__].__doc__ or ""
+    start = doc.find("--nproc_per_node 8 ")
+    if start < 0:
+        return None
+    tokens = doc[start:].split("#", 1)[0].replace("\\\n", " ").split()
+    flags, i = {}, 2  # skip "--nproc_per_node 8"
+    while i < len(tokens):
+        if tokens[i].startswith("--"):
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            flags[tokens[i][2:]] = tokens[i + 1] if has_value else "true"
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return flags
+
+
+def laptop_defaults(cfg) -> list[str]:
+    """The trainer's laptop defaults still in force, that is "--flag value (paper value)" for every
+    flag of the docstring's 8-GPU paper command that the user did not give and whose default
+    differs from the paper's value. Printed as one line for file data (a real run)."""
+    paper, given, out = _paper_command(cfg), given_flags(cfg), []
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for flag, value in (paper or {}).items():
+        name = flag.removeprefix("no-") if flag.startswith("no-") and flag[3:] in fields else flag
+        if name not in fields or name in given or name in _RUN_FLAGS:
+            continue
+        current = getattr(cfg, name)
+        if isinstance(current, bool):
+            paper_value = not flag.startswith("no-")
+        else:
+            try:
+                paper_value = type(current)(value)
+            except ValueError:
+                continue
+        if current != paper_value:
+            if isinstance(current, bool):
+                out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if paper_value else 'no-'}{name})")
+            else:
+                out.append(f"--{name} {current} (paper: {value})")
+    return out
 
 
 # ======================================================================================
@@ -271,44 +357,152 @@ def _is_chat(x) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
 
 
-def load_rows(source: str, prompt_key: str = "problem", answer_key: str = "answer",
-              demo_key: str | None = None, need_demo: bool = False) -> list[dict]:
-    """Rows {prompt: str | chat messages, answer: str, demo: str | None, level} from a local .jsonl /
-    .json / .parquet file or a hub data set. The first bad row raises ValueError saying how to fix it.
+MAX_BAD_ROWS_SHOWN = 10  # a bad file lists this many problems, then a count of the rest
+
+
+def _show(value) -> str:
+    """A bad value, short, for an error message."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _key_paths(records: list[dict], depth: int = 3) -> list[str]:
+    """Dotted paths of the fields in the first rows (reward_model, reward_model.ground_truth, ...)."""
+    paths = {}
+
+    def walk(obj, prefix, d):
+        for k, v in obj.items():
+            path = f"{prefix}{k}"
+            paths[path] = None
+            if isinstance(v, dict) and d > 1:
+                walk(v, path + ".", d - 1)
+
+    for r in records[:100]:
+        walk(r, "", depth)
+    return list(paths)
+
+
+def _missing_key(records: list[dict], key: str, flag: str) -> str:
+    """No row has `key`: say which fields exist where the dotted path breaks, and suggest the closest."""
+    parts = key.split(".")
+    for depth in range(len(parts)):
+        prefix = ".".join(parts[:depth])
+        level = [r if not prefix else _field(r, prefix, None) for r in records[:1000]]
+        dicts = [v for v in level if isinstance(v, dict)]
+        if not any(parts[depth] in v for v in dicts):
+            break
+    paths = _key_paths(records)
+    if depth and not dicts:
+        found = next(v for v in level if v is not None)
+        there, close = f"'{prefix}' is {type(found).__name__}, not an object with fields", []
+    else:
+        names = ", ".join(dict.fromkeys(str(k) for v in dicts for k in v))
+        there = f"the rows' '{prefix}' has {names}" if depth else f"the rows have {names}"
+        close = [p for p in paths if p.split(".")[-1] == parts[-1]] or \
+            difflib.get_close_matches(key, paths, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(parts[-1], paths, n=1, cutoff=0.6)
+    if not close and flag == "--demo_key":  # a chat-message field with an assistant turn is a demonstration
+        close = [p for p in paths if _is_chat(v := _field(records[0], p, None)) and
+                 any(m["role"] == "assistant" for m in v)]
+    advice = f"did you mean {flag} {close[0]}?" if close else f"name the field with {flag}"
+    return f"no row has the field '{key}' ({flag}): {there}; {advice}"
+
+
+def _number_text(x) -> str:
+    """A JSON number as answer text: 42 -> "42", 0.5 -> "0.5", 1e-05 -> "0.00001" (never an exponent,
+    which math-verify does not read)."""
+    return str(x) if isinstance(x, int) else format(decimal.Decimal(repr(x)), "f")
+
+
+def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
+              demo_key: str | None = None, flags: dict | None = None) -> list[dict]:
+    """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level} from a local
+    .jsonl / .json / .parquet file or a hub data set.
+
+    A trainer asks only for the fields it uses (answer_key=None: no answer is read; demo_key=None: no
+    demonstration). Every row is checked before anything else happens; a bad file raises ValueError
+    that lists the first MAX_BAD_ROWS_SHOWN problems (row number, field, fix) and counts the rest. A
+    key that no row has is reported with the fields that exist at that level and the closest match.
+    Answers given as JSON numbers are converted to text (42 -> "42"), with a count printed; booleans,
+    lists and empty answers are refused. `flags` names the command-line flag of each key in messages.
     LUFFY's openr1.parquet: prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target"."""
-    if need_demo and demo_key is None:
-        raise ValueError("this method trains on demonstrations: name their field with --demo_key")
-    name, rows = os.path.basename(source), []
-    for n, record in enumerate(_read_records(source), start=1):
-        where = f"row {n} of {name}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where} is not an object with named fields")
-        prompt, answer = _field(record, prompt_key), _field(record, answer_key)
-        if prompt is _MISSING:
-            raise ValueError(f"{where} has no field '{prompt_key}'; use --prompt_key to name the prompt field")
-        if _is_chat(prompt):
-            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        elif not (isinstance(prompt, str) and prompt.strip()):
-            raise ValueError(f"{where}: field '{prompt_key}' must be a non-empty string or a list of "
-                             f"{{role, content}} messages, not {type(prompt).__name__} {str(prompt)[:50]!r}")
-        if answer is _MISSING:
-            raise ValueError(f"{where} has no field '{answer_key}'; use --answer_key to name the answer field")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise ValueError(f"{where}: answer field '{answer_key}' must be a non-empty string or number, "
-                             f"not {type(answer).__name__} {str(answer)[:50]!r}; fix or drop the row")
-        demo = _field(record, demo_key, None) if demo_key else None
-        if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
-            demo = next((m["content"] for m in reversed(demo) if m["role"] == "assistant"), None)
-        if demo is not None and not isinstance(demo, str):
-            raise ValueError(f"{where}: demonstration field '{demo_key}' must be a string or a list of "
-                             f"{{role, content}} messages with an assistant turn, not {type(demo).__name__}")
-        if need_demo and not (demo and demo.strip()):
-            raise ValueError(f"{where} has no demonstration in field '{demo_key}'; this method needs one "
-                             f"per row: drop the row or use --demo_key to name the demonstration field")
-        rows.append({"prompt": prompt, "answer": str(answer).strip(), "demo": demo or None,
-                     "level": record.get("level")})
-    if not rows:
+    flags = {"prompt": "--prompt_key", "answer": "--answer_key", "demo": "--demo_key", **(flags or {})}
+    name, records = os.path.basename(source), _read_records(source)
+    if not records:
         raise ValueError(f"{source} holds no rows")
+    objects = [r for r in records if isinstance(r, dict)]
+    keys = {"prompt": prompt_key, "answer": answer_key, "demo": demo_key}
+    absent = [_missing_key(objects, key, flags[role]) for role, key in keys.items()
+              if key and objects and not any(_field(r, key) is not _MISSING for r in objects)]
+    if absent:
+        raise ValueError(f"{name}: " + "\n  ".join(absent))
+    rows, problems, bad_rows, converted = [], [], 0, 0
+    for n, record in enumerate(records, start=1):
+        found = []  # this row's problems
+        if not isinstance(record, dict):
+            problems.append(f"row {n}: is {_show(record)}, not an object with named fields; fix or drop the row")
+            bad_rows += 1
+            continue
+        prompt = _field(record, prompt_key)
+        if prompt is _MISSING:
+            found.append(f"no field '{prompt_key}'; fill in the problem or drop the row")
+        elif _is_chat(prompt):
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        elif isinstance(prompt, str) and not prompt.strip() or prompt is None:
+            found.append(f"'{prompt_key}' is empty; fill in the problem or drop the row")
+        elif not isinstance(prompt, str):
+            found.append(f"'{prompt_key}' is {_show(prompt)}; the problem must be a string or a list of "
+                         "{role, content} chat messages")
+        answer = None
+        if answer_key:
+            answer = _field(record, answer_key)
+            if answer is _MISSING:
+                found.append(f"no field '{answer_key}'; fill in the gold answer or drop the row")
+            elif answer is None or isinstance(answer, str) and not answer.strip():
+                found.append(f"'{answer_key}' is empty{' (null)' if answer is None else ''}; fill in the gold "
+                             "answer or drop the row")
+            elif isinstance(answer, bool) or isinstance(answer, float) and not math.isfinite(answer):
+                found.append(f"'{answer_key}' is {_show(answer)}, not an answer; write the gold answer as a "
+                             "string or drop the row")
+            elif isinstance(answer, (int, float)):
+                answer, converted = _number_text(answer), converted + 1
+            elif isinstance(answer, (list, tuple, dict)):
+                found.append(f"'{answer_key}' is {_show(answer)}; the gold answer must be one string (several "
+                             "values go in one string, e.g. \"2, 3\")")
+            elif not isinstance(answer, str):
+                found.append(f"'{answer_key}' is {_show(answer)}; write the gold answer as a string")
+            else:
+                answer = answer.strip()
+        demo = None
+        if demo_key:
+            demo = _field(record, demo_key)
+            if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
+                turns = [m["content"] for m in demo if m["role"] == "assistant"]
+                demo = turns[-1] if turns else _MISSING
+                if not turns:
+                    found.append(f"'{demo_key}' has no assistant message; the demonstration is the assistant "
+                                 "turn: fix or drop the row")
+            elif demo is _MISSING:
+                found.append(f"no field '{demo_key}'; this trainer learns from a demonstration per row: fill "
+                             "it in or drop the row")
+            elif demo is None or isinstance(demo, str) and not demo.strip():
+                found.append(f"'{demo_key}' is empty; this trainer learns from a demonstration per row: fill it "
+                             "in or drop the row")
+            elif not isinstance(demo, str):
+                found.append(f"'{demo_key}' is {_show(demo)}; the demonstration must be a string or a list of "
+                             "chat messages with an assistant turn")
+        if found:
+            problems += [f"row {n}: {p}" for p in found]
+            bad_rows += 1
+        else:
+            rows.append({"prompt": prompt, "answer": answer, "demo": demo, "level": record.get("level")})
+    if problems:
+        shown = problems[:MAX_BAD_ROWS_SHOWN]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise ValueError(f"{name}: {bad_rows} of {len(records)} rows are bad; fix or drop them:\n  "
+                         + "\n  ".join(shown) + more)
+    if converted:
+        print0(f"{name}: {converted} of {len(rows)} answers were JSON numbers; converted to text (42 -> \"42\")")
     return rows
 
 
@@ -335,6 +529,10 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 # ======================================================================================
 # Embedded task: tiny tokenizer, tiny Qwen2, arithmetic problems, a pre-trained "base"
 # ======================================================================================
+
+# Settings of the builtin task, used when the data is "builtin" and the flag is left at 0 (auto).
+# File data gets the papers' budgets instead (FILE_DATA_SETTINGS) and 1 evaluation sample per problem.
+BUILTIN_SETTINGS = {"max_prompt_len": 64, "max_response_len": 48, "eval_samples": 4}
 # Embedded default: a tiny tokenizer, model and arithmetic task, so that the scripts run on a laptop CPU.
 #
 # Everything is generated locally and deterministically (no hub downloads). Level L asks for the sum of
@@ -922,9 +1120,15 @@ class TorchSampler:
                     params[name].copy_(tensor)
 
     @torch.no_grad()
-    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
         """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
-        most max_tokens tokens, prefix included."""
+        most max_tokens tokens, prefix included. With a seed the draws are repeatable and the
+        caller's torch RNG is left untouched (the generator state is forked and restored)."""
+        if seed is not None:
+            devices = [self.lm.device] if self.lm.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return self.generate(prompts, n, temperature, top_p, max_tokens, prefixes)
         prefixes = prefixes or [[] for _ in prompts]
         rows = [(i, p + pre) for i, (p, pre) in enumerate(zip(prompts, prefixes)) for _ in range(n)]
         budget = max_tokens - min(len(pre) for pre in prefixes)
@@ -993,7 +1197,8 @@ class VLLMSampler:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
+        # seed: per-request seeds for repeatable draws are implemented in the vLLM branch; ignored here
         assert not self.asleep, "sync_weights() must run before generate() in sleep mode"
         prefixes = prefixes or [[] for _ in prompts]
         params = [self.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
@@ -1203,40 +1408,120 @@ class MetricsLogger:
             self.wandb.log(record, step=step)
 
 
+def truncated_frac(finished) -> float:
+    """Fraction of responses that hit the response budget (did not end with EOS), over all ranks:
+    the `truncated_frac` metric of every trainer. `finished`: one bool per response of this rank
+    (Sample.finished for rollouts; for demonstrations, whether the EOS survived truncation)."""
+    finished = list(finished)
+    cut, total = all_reduce([sum(not f for f in finished), len(finished)])
+    return cut / total if total else 0.0
+
+
 # ======================================================================================
-# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), by difficulty level
+# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), per set and level
 # ======================================================================================
+
+
+@dataclass
+class EvalSet:
+    name: str  # its metrics: eval_accuracy_<name>, eval_accuracy_<name>_level<level>
+    source: str  # a data file, or "builtin" (the held-out problems of the builtin task)
+    k: int  # samples per problem
+    rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
+
+
+def parse_eval_sets(entries: list[str], default_k: int, builtin_k: int) -> list[EvalSet]:
+    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
+    A set's name is its file's stem; FILE:k asks for k samples per problem, else default_k."""
+    sets = []
+    for entry in entries:
+        if entry in ("none", ""):
+            continue
+        m = re.fullmatch(r"(.+):(\d+)", entry)
+        source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
+        if k == 0:
+            raise ValueError(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, "
+                             "at least 1")
+        name = "builtin" if source == "builtin" else \
+            re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
+        if any(s.name == name for s in sets):
+            raise ValueError(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files "
+                             "different names")
+        sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
+    return sets
+
+
+def _level_key(level) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
+
+
+def _eval_seed(seed: int, name: str, rank: int) -> int:
+    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
+    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
+
+
+def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
+                  max_tokens: int, seed: int, records: list | None = None) -> dict:
+    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
+    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
+    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
+    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets.
+
+    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
+    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
+    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
+    answer (what the verifier graded), reward, finished."""
+    metrics = {}
+    for s in sets:
+        index = list(range(d.rank, len(s.rows), d.world_size))
+        rows = [s.rows[i] for i in index]
+        groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
+                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
+        samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
+        graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
+        levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
+                        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+        sums = [0.0] * (2 + 2 * len(levels))  # [score sum, problems] overall, then per level
+        for i, r in enumerate(rows):
+            score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
+            sums[0], sums[1] = sums[0] + score, sums[1] + 1
+            if r["level"] is not None:
+                j = 2 + 2 * levels.index(_level_key(r["level"]))
+                sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
+        sums = all_reduce(sums)
+        metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
+        for j, level in enumerate(levels):
+            metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+        if records is not None:
+            mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
+                     "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
+                     "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
+                    for i, (x, (reward, answer)) in enumerate(zip(samples, graded))]
+            if dist.is_initialized():
+                everyone = [None] * d.world_size
+                dist.all_gather_object(everyone, mine)
+                mine = [r for part in everyone for r in part]
+            if d.main:
+                records += sorted(mine, key=lambda r: (r["index"], r["sample"]))
+    accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
+    return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
 
 
 def evaluate(run: "Run") -> dict:
-    cfg, d = run.cfg, run.d
-    rows = run.eval_rows[d.rank::d.world_size]
+    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
-    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 10_000 + d.rank)  # same eval draws every time; training RNG untouched
-        groups = run.sampler.generate([r["prompt_ids"] for r in rows], n=cfg.eval_samples,
-                                      temperature=cfg.eval_temperature, top_p=1.0,
-                                      max_tokens=cfg.max_response_len)
-    rewards = run.verifier([s.text for g in groups for s in g],
-                           [r["answer"] for r in rows for _ in range(cfg.eval_samples)])
-    levels = sorted({r["level"] for r in run.eval_rows if r["level"] is not None}, key=str)
-    sums = [0.0] * (2 + 2 * len(levels))  # [correct, count] overall, then per level
-    for i, r in enumerate(rows):
-        acc = sum(rewards[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]) / cfg.eval_samples
-        sums[0], sums[1] = sums[0] + acc, sums[1] + 1
-        if r["level"] is not None:
-            j = 2 + 2 * levels.index(r["level"])
-            sums[j], sums[j + 1] = sums[j] + acc, sums[j + 1] + 1
-    sums = all_reduce(sums)
-    out = {"eval_accuracy": sums[0] / max(sums[1], 1)}
-    for j, level in enumerate(levels):
-        out[f"eval_accuracy_{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
-    return out
+    return evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+                         max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
 
 
-def format_eval(metrics: dict) -> str:
-    return "  ".join(f"{k.removeprefix('eval_accuracy').strip('_') or 'all'}={v:.3f}"
-                     for k, v in metrics.items() if k.startswith("eval_accuracy"))
+def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
+    """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
+    parts = []
+    for s in sets:
+        prefix = f"eval_accuracy_{s.name}_level"
+        levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
+        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
+    return " | ".join(parts)
 
 
 # ======================================================================================
@@ -1280,11 +1565,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_rows: list
-    eval_rows: list
+    eval_sets: list
     stream: PromptStream
     logger: MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
+    data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
+    bar: object = None  # the progress bar, once the loop runs
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -1298,45 +1585,189 @@ class Run:
                         keep=self.cfg.keep_checkpoints)
 
     def evaluate_base(self):
-        """Held-out accuracy before training (step 0), unless this run resumes."""
-        if self.start_step == 0 and self.eval_rows:
-            metrics = evaluate(self)
-            self.logger.log(0, metrics)
-            print0(f"eval before training: {format_eval(metrics)}")
+        """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
+        if self.start_step:
+            return
+        metrics = dict(self.data_stats)
+        if self.eval_sets:
+            metrics.update(evaluate(self))
+            print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
+        self.logger.log(0, metrics)
 
     def end_step(self, step: int, metrics: dict, state: dict | None = None):
-        """After training step `step` (1-based): evaluate when due, log, checkpoint when due."""
+        """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
+        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
         cfg = self.cfg
         last = step == cfg.max_steps
-        if self.eval_rows and (cfg.eval_every and step % cfg.eval_every == 0 or last):
+        if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
             metrics.update(evaluate(self))
             if last:
-                print0(f"eval after training:  {format_eval(metrics)}")
+                print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
         self.logger.log(step, metrics)
-        if cfg.save_every and step % cfg.save_every == 0 or last:
+        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
+        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
             self.save(step, state)
+        if signum and not last:
+            if self.bar is not None:
+                self.bar.close()
+            print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
+                   f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
+            shutdown()
+            raise SystemExit(128 + signum)
 
     def progress(self):
-        return tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
-                    total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+        """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
+        _interrupts.training = True
+        self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
+                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+        return self.bar
 
 
-def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
-          reference_model: bool = False, global_batch: int = 1) -> Run:
+class _Interrupts:
+    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
+    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
+    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
+    of the same kind exits at once without saving. (torchrun answers Ctrl-C by sending SIGTERM to
+    its workers, so a SIGINT followed by one SIGTERM still saves.) Grading workers ignore SIGINT."""
+
+    def __init__(self):
+        self.signum, self.training, self.main = 0, False, True
+
+    def install(self, main_rank: bool):
+        self.signum, self.training, self.main = 0, False, main_rank
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def _say(self, text: str):
+        if self.main:  # os.write: print() is not safe inside a signal handler
+            os.write(2, ("\n" + text + "\n").encode())
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training or signum == self.signum:
+            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
+                      + ("; the newest checkpoint is kept" if self.training else ""))
+            raise SystemExit(128 + signum)
+        if not self.signum:
+            self.signum = signum
+            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
+                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
+
+
+_interrupts = _Interrupts()
+
+
+def _fail(message: str):
+    """Stop before training with one message (printed by rank 0 only), no traceback."""
+    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
+
+
+def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
+    """Fill in the "auto" settings, which depend on the data: the builtin task's (BUILTIN_SETTINGS)
+    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
+    a file-data run still uses, and returns the evaluation sets (without rows)."""
+    builtin = cfg.data == "builtin"
+    chosen = []
+    for key in ("max_prompt_len", "max_response_len"):
+        if getattr(cfg, key) <= 0:
+            setattr(cfg, key, (BUILTIN_SETTINGS if builtin else FILE_DATA_SETTINGS)[key])
+            chosen.append(f"--{key} {getattr(cfg, key)}")
+    if chosen and not builtin:
+        print0(f"file data: {' and '.join(chosen)} tokens (the papers' budgets; set the flags to change them)")
+    if "auto" in cfg.eval_data:
+        if cfg.eval_data != ["auto"]:
+            _fail("--eval_data auto cannot be combined with other sets")
+        cfg.eval_data = ["builtin"] if builtin else ["none"]
+        if not builtin:
+            print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
+                   "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
+    try:
+        sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples or 1,
+                               cfg.eval_samples or BUILTIN_SETTINGS["eval_samples"])
+    except ValueError as e:
+        _fail(str(e))
+    if not builtin and (laptop := laptop_defaults(cfg)):
+        script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
+        print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
+               f"the 8-GPU command in {script}'s docstring")
+    return sets, builtin
+
+
+def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True,
+              need_demo: bool = False) -> list[dict]:
+    """Validated rows {prompt, answer, demo, level} of the builtin task or of a file; a bad file stops
+    the run here, before anything is built, loaded or written."""
+    if source == "builtin":  # training problems never include the held-out evaluation problems
+        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
+        raw = held_out if split == "eval" else make_task(
+            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
+        return [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
+    try:
+        return load_rows(source, cfg.prompt_key, cfg.answer_key if need_answer else None,
+                         cfg.demo_key if need_demo else None)
+    except ValueError as e:  # bad input: say what and where, without a traceback
+        _fail(str(e))
+
+
+def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
+                max_response_len: int, name: str) -> tuple[list[dict], dict]:
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
+    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
+    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
+    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
+    out, too_long, truncated = [], 0, 0
+    for r in rows:
+        text = format_prompt(tokenizer, r["prompt"], system_prompt)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_len:
+            too_long += 1
+            continue
+        demo_ids, finished = None, None
+        if r["demo"] is not None:
+            demo = strip_think_prefix(text, r["demo"])
+            demo_ids = tokenizer(demo, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            finished = len(demo_ids) <= max_response_len
+            truncated += not finished
+            demo_ids = demo_ids[:max_response_len]
+        out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
+                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
+    if too_long:
+        print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
+               "tokens")
+    if truncated:
+        print0(f"{name}: {truncated} of {len(rows) - too_long} demonstrations are longer than --max_response_len "
+               f"{max_response_len} tokens and were truncated to it (their EOS is cut off)")
+    if not out:
+        _fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
+    return out, {"rows": len(out), "prompts_dropped": too_long, "demos_truncated": truncated}
+
+
+def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+          need_demo: bool = False, reference_model: bool = False, global_batch: int = 1) -> Run:
+    """Everything before the training loop, in an order that fails early: settings, then every row of
+    every data file is checked, then output_dir is claimed, then models are built or loaded.
+    need_answer / need_demo: the fields the trainer reads from its training data."""
     d = init_distributed()
+    _interrupts.install(d.main)
     if global_batch % d.world_size:
-        raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    seed_everything(cfg.seed + d.rank)
-    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
-    verifier.start()
+        _fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
+    eval_sets, builtin = resolve_settings(cfg)
+    train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
+    for s in eval_sets:
+        s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
 
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
     if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
                                                  os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        raise SystemExit(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite "
-                         "to start afresh there, or another --output_dir")
+        _fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
+              "there, or another --output_dir")
+    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
+    # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
+    threading.Thread(target=verifier.start).start()
     if d.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -1349,13 +1780,17 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
             build_base_model(cache)  # cached after the first build
         barrier()
         base_path = build_base_model(cache)
+    seed_everything(cfg.seed + d.rank)  # after the build, which seeds torch itself: cold cache = warm cache
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_rows = encode_rows(cfg, tokenizer, cfg.data, "train", need_demo)
-    eval_rows = encode_rows(cfg, tokenizer, cfg.eval_data, "eval", False) \
-        if cfg.eval_data else []
-    print0(f"data: {len(train_rows)} training prompts, {len(eval_rows)} evaluation prompts")
+    system = (None if builtin else MATH_SYSTEM_PROMPT) if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
+    train_rows, counts = encode_rows(train_raw, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len,
+                                     "training data" if builtin else os.path.basename(cfg.data))
+    for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
+        s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
+    print0(f"data: {len(train_rows)} training prompts; evaluation: " +
+           (", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in eval_sets) or "none"))
 
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
     model = wrap_policy(load_lm(model_path, d, cfg.gradient_checkpointing), d, cfg.compile)
@@ -1364,7 +1799,7 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
-              eval_rows, stream, logger=None)
+              eval_sets, stream, logger=None, data_stats={f"train_{k}": v for k, v in counts.items()})
     if ckpt:
         run.state = load_checkpoint(ckpt, model, {"main": optimizer}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
@@ -1372,40 +1807,3 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
     return run
-
-
-def encode_rows(cfg: BaseConfig, tokenizer, source: str, split: str, need_demo: bool) -> list[dict]:
-    """Load, validate and tokenize a data set: rows of {problem, prompt_ids, answer, demo_ids, level}.
-    demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4)."""
-    if source == "builtin":  # training problems never include the held-out evaluation problems
-        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
-        raw = held_out if split == "eval" else make_task(
-            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
-        rows = [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
-        system = None if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
-    else:
-        try:
-            rows = load_rows(source, cfg.prompt_key, cfg.answer_key, cfg.demo_key, need_demo)
-        except ValueError as e:  # bad input: say what and where, without a traceback
-            raise SystemExit(f"error: {e}")
-        system = MATH_SYSTEM_PROMPT if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
-    out, too_long = [], 0
-    for r in rows:
-        text = format_prompt(tokenizer, r["prompt"], system)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) > cfg.max_prompt_len:
-            too_long += 1
-            continue
-        demo_ids = None
-        if r["demo"] is not None:
-            demo = strip_think_prefix(text, r["demo"])
-            demo_ids = (tokenizer(demo, add_special_tokens=False)["input_ids"] +
-                        [tokenizer.eos_token_id])[:cfg.max_response_len]
-        out.append({"problem": r["prompt"], "prompt_ids": prompt_ids, "answer": r["answer"],
-                    "demo_ids": demo_ids, "level": r["level"]})
-    if too_long:
-        print0(f"{source}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len "
-               f"{cfg.max_prompt_len} tokens")
-    if not out:
-        raise SystemExit(f"{source}: no usable {split} prompts (raise --max_prompt_len?)")
-    return out

@@ -30,6 +30,7 @@ Launch:
 """
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -47,7 +48,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: str = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
 
 
@@ -170,6 +171,7 @@ def main():
                        response_length=n_tok / n_seq, grad_norm=sum(grad_norms) / len(grad_norms),
                        lr=run.scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1,
                        tokens_per_second=all_tok / (t2 - t0))
+        metrics["truncated_frac"] = common.truncated_frac(s.finished for s in samples)  # hit max_response_len
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
         run.end_step(step + 1, metrics)
     common.shutdown()

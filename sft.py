@@ -26,6 +26,7 @@ Launch:
 """
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -38,7 +39,8 @@ class Config(common.BaseConfig):
     batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
     max_steps: int = 300  # optimizer steps (one batch of demonstrations each)
     eval_every: int = 100  # evaluate every N steps (and before and after training); 0 = only then
-    loss_agg: str = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
+    save_every: int = 100  # checkpoint every N steps (and at the end, and on Ctrl-C / SIGTERM); 0 = only then
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
@@ -48,7 +50,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> t
 
 def main():
     cfg = common.parse_config(Config)
-    run = common.setup(cfg, need_demo=True, global_batch=cfg.batch_size)
+    run = common.setup(cfg, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
     model, d, tok = run.model, run.d, run.tokenizer
     run.evaluate_base()
     for step in (bar := run.progress()):
@@ -78,6 +80,7 @@ def main():
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
         metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
+                       truncated_frac=common.truncated_frac(r["demo_finished"] for r in rows),
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -15,19 +15,27 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def test_jsonl_round_trip(tmp_path):
+def test_jsonl_round_trip_and_numeric_answers(tmp_path, capsys):
     src = write_jsonl(tmp_path / "train.jsonl", [
         {"problem": "1+1?", "answer": "2", "level": 3},
         {"problem": "Half of 1?", "answer": 0.5},
         {"problem": "6*7?", "answer": 42, "solution": "<think>\n6*7=42</think>\\boxed{42}"},
+        {"problem": "Tiny?", "answer": 1e-05},
     ])
     assert load_rows(src) == [
         {"prompt": "1+1?", "answer": "2", "demo": None, "level": 3},
         {"prompt": "Half of 1?", "answer": "0.5", "demo": None, "level": None},
         {"prompt": "6*7?", "answer": "42", "demo": None, "level": None},
+        {"prompt": "Tiny?", "answer": "0.00001", "demo": None, "level": None},  # never an exponent
     ]
-    assert load_rows(src, demo_key="solution")[2]["demo"] == "<think>\n6*7=42</think>\\boxed{42}"
-    assert load_rows(src, demo_key="solution")[0]["demo"] is None
+    assert "train.jsonl: 3 of 4 answers were JSON numbers; converted to text" in capsys.readouterr().out
+    # a trainer reads only the fields it uses: no answer for SFT, a demonstration for every row
+    with pytest.raises(ValueError, match="rows are bad") as err:
+        load_rows(src, answer_key=None, demo_key="solution")
+    assert "row 1: no field 'solution'; this trainer learns from a demonstration per row" in str(err.value)
+    rows = load_rows(write_jsonl(tmp_path / "demos.jsonl", [{"problem": "6*7?", "solution": "42"}]),
+                     answer_key=None, demo_key="solution")
+    assert rows == [{"prompt": "6*7?", "answer": None, "demo": "42", "level": None}]
 
 
 def test_json_list_and_object_with_one_list(tmp_path):
@@ -39,49 +47,95 @@ def test_json_list_and_object_with_one_list(tmp_path):
         assert rows == [{"prompt": "2+2?", "answer": "4", "demo": None, "level": None}]
 
 
-def test_parquet_luffy_layout(tmp_path):
-    # the column layout of LUFFY's openr1.parquet: chat-message prompt and target, nested ground truth
-    table = pa.Table.from_pylist([{
-        "data_source": "openr1",
-        "prompt": [{"content": "Be careful.", "role": "system"}, {"content": "What is 6*7?", "role": "user"}],
-        "target": [{"content": "<think>\n6*7=42\n</think>\n\\boxed{42}", "role": "assistant"}],
-        "ability": "math",
-        "reward_model": {"ground_truth": "42", "style": "rule"},
-        "extra_info": {"index": 0, "split": "default"},
-    }])
-    pq.write_table(table, tmp_path / "openr1.parquet")
-    rows = load_rows(str(tmp_path / "openr1.parquet"), prompt_key="prompt",
-                     answer_key="reward_model.ground_truth", demo_key="target", need_demo=True)
-    assert rows == [{
+LUFFY_ROW = {
+    "data_source": "openr1",
+    "prompt": [{"content": "Be careful.", "role": "system"}, {"content": "What is 6*7?", "role": "user"}],
+    "target": [{"content": "<think>\n6*7=42\n</think>\n\\boxed{42}", "role": "assistant"}],
+    "ability": "math",
+    "reward_model": {"ground_truth": "42", "style": "rule"},
+    "extra_info": {"index": 0, "split": "default"},
+}
+
+
+@pytest.fixture
+def openr1(tmp_path):
+    """A file with the column layout of LUFFY's openr1.parquet: chat-message prompt and target, nested
+    ground truth (pyarrow gives these back as lists and dicts)."""
+    pq.write_table(pa.Table.from_pylist([LUFFY_ROW, LUFFY_ROW]), tmp_path / "openr1.parquet")
+    return str(tmp_path / "openr1.parquet")
+
+
+def test_parquet_luffy_layout(openr1):
+    rows = load_rows(openr1, prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target")
+    assert rows[0] == {
         "prompt": [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "What is 6*7?"}],
-        "answer": "42", "demo": "<think>\n6*7=42\n</think>\n\\boxed{42}", "level": None}]
+        "answer": "42", "demo": "<think>\n6*7=42\n</think>\n\\boxed{42}", "level": None}
     assert type(rows[0]["prompt"]) is list
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"answer_key": "reward_model.groundtruth"},  # a typo in a nested key: the keys at that level
+     "no row has the field 'reward_model.groundtruth' (--answer_key): the rows' 'reward_model' has "
+     "ground_truth, style; did you mean --answer_key reward_model.ground_truth?"),
+    ({"answer_key": "ground_truth"},  # the nested key given without its parent
+     "no row has the field 'ground_truth' (--answer_key): the rows have data_source, prompt, target, ability, "
+     "reward_model, extra_info; did you mean --answer_key reward_model.ground_truth?"),
+    ({"answer_key": "answer"},  # nothing close: list the fields and name the flag
+     "no row has the field 'answer' (--answer_key): the rows have data_source, prompt, target, ability, "
+     "reward_model, extra_info; name the field with --answer_key"),
+    ({"answer_key": "ability.value"},
+     "no row has the field 'ability.value' (--answer_key): 'ability' is str, not an object with fields; name "
+     "the field with --answer_key"),
+    ({"prompt_key": "problem"}, "no row has the field 'problem' (--prompt_key): the rows have data_source, "
+     "prompt, target, ability, reward_model, extra_info; did you mean --prompt_key prompt?"),
+    ({"demo_key": "demo"}, "no row has the field 'demo' (--demo_key): the rows have data_source, prompt, target, "
+     "ability, reward_model, extra_info; did you mean --demo_key target?"),  # the field with an assistant turn
+])
+def test_a_key_no_row_has(openr1, kwargs, message):
+    keys = {"prompt_key": "prompt", "answer_key": "reward_model.ground_truth", **kwargs}
+    with pytest.raises(ValueError) as err:
+        load_rows(openr1, **keys)
+    assert str(err.value) == "openr1.parquet: " + message
 
 
 GOOD = {"problem": "1+1?", "answer": "2", "target": "<think>\n2</think>\\boxed{2}"}
 
 
 @pytest.mark.parametrize("bad, kwargs, message", [
-    ({"problem": "1+1?"}, {}, "row 2 of train.jsonl has no field 'answer'; use --answer_key"),
-    ({"problem": "1+1?", "answer": "  "}, {}, "row 2 of train.jsonl: answer field 'answer' must be a non-empty"),
-    ({"problem": "1+1?", "answer": None}, {}, "row 2 of train.jsonl: answer field 'answer' must be a non-empty"),
-    ({"problem": "1+1?", "answer": ["2", "3"]}, {}, "must be a non-empty string or number, not list"),
-    ({"question": "1+1?", "answer": "2"}, {}, "row 2 of train.jsonl has no field 'problem'; use --prompt_key"),
-    ({"problem": 12, "answer": "2"}, {}, "row 2 of train.jsonl: field 'problem' must be a non-empty string or a list"),
-    ({"problem": [{"role": "user"}], "answer": "2"}, {}, "field 'problem' must be a non-empty string or a list"),
-    ({"problem": "1+1?", "answer": "2"}, {"demo_key": "target", "need_demo": True},
-     "row 2 of train.jsonl has no demonstration in field 'target'"),
-    ({"problem": "1+1?", "answer": "2", "target": [{"role": "user", "content": "hi"}]},
-     {"demo_key": "target", "need_demo": True}, "row 2 of train.jsonl has no demonstration in field 'target'"),
+    ({"problem": "1+1?"}, {}, "row 2: no field 'answer'; fill in the gold answer or drop the row"),
+    ({"problem": "1+1?", "answer": "  "}, {}, "row 2: 'answer' is empty; fill in the gold answer or drop the row"),
+    ({"problem": "1+1?", "answer": None}, {}, "row 2: 'answer' is empty (null); fill in the gold answer"),
+    ({"problem": "1+1?", "answer": True}, {}, "row 2: 'answer' is bool True, not an answer; write the gold answer"),
+    ({"problem": "1+1?", "answer": float("nan")}, {}, "row 2: 'answer' is float nan, not an answer"),
+    ({"problem": "1+1?", "answer": ["2", "3"]}, {},
+     "row 2: 'answer' is list ['2', '3']; the gold answer must be one string (several values go in one string"),
+    ({"question": "1+1?", "answer": "2"}, {}, "row 2: no field 'problem'; fill in the problem or drop the row"),
+    ({"problem": 12, "answer": "2"}, {}, "row 2: 'problem' is int 12; the problem must be a string or a list of"),
+    ({"problem": [{"role": "user"}], "answer": "2"}, {}, "row 2: 'problem' is list [{'role': 'user'}]; the problem"),
+    ({"problem": "1+1?", "answer": "2"}, {"demo_key": "target"},
+     "row 2: no field 'target'; this trainer learns from a demonstration per row: fill it in or drop the row"),
+    ({"problem": "1+1?", "answer": "2", "target": [{"role": "user", "content": "hi"}]}, {"demo_key": "target"},
+     "row 2: 'target' has no assistant message; the demonstration is the assistant turn"),
     ({"problem": "1+1?", "answer": "2", "target": 5}, {"demo_key": "target"},
-     "row 2 of train.jsonl: demonstration field 'target' must be a string"),
-    (["1+1?", "2"], {}, "row 2 of train.jsonl is not an object"),
+     "row 2: 'target' is int 5; the demonstration must be a string or a list of chat messages"),
+    (["1+1?", "2"], {}, "row 2: is list ['1+1?', '2'], not an object with named fields; fix or drop the row"),
 ])
 def test_bad_row_messages(tmp_path, bad, kwargs, message):
     src = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad, GOOD])
     with pytest.raises(ValueError) as err:
         load_rows(src, **kwargs)
+    assert str(err.value).startswith("train.jsonl: 1 of 3 rows are bad; fix or drop them:\n  row 2: ")
     assert message in str(err.value)
+
+
+def test_every_bad_row_is_counted_and_the_first_ones_listed(tmp_path):
+    rows = [GOOD] * 3 + [{"problem": "1+1?"}] * 20 + [{"problem": "", "answer": ""}] * 2 + [GOOD]
+    with pytest.raises(ValueError) as err:
+        load_rows(write_jsonl(tmp_path / "train.jsonl", rows))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "train.jsonl: 22 of 26 rows are bad; fix or drop them:"
+    assert lines[1] == "  row 4: no field 'answer'; fill in the gold answer or drop the row"
+    assert len(lines) == 1 + 10 + 1 and lines[-1] == "  ... and 14 more"  # 24 problems in 22 rows
 
 
 def test_file_errors(tmp_path):
@@ -102,8 +156,6 @@ def test_file_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no rows"):
         load_rows(str(tmp_path / "empty.jsonl"))
-    with pytest.raises(ValueError, match="need_demo|--demo_key"):
-        load_rows(write_jsonl(tmp_path / "ok.jsonl", [GOOD]), need_demo=True)
 
 
 def test_hub_name_offline_says_download():
