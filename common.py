@@ -1627,8 +1627,9 @@ class _Interrupts:
     """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
     to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
     every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
-    of the same kind exits at once without saving. (torchrun answers Ctrl-C by sending SIGTERM to
-    its workers, so a SIGINT followed by one SIGTERM still saves.) Grading workers ignore SIGINT."""
+    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
+    workers in their own session and passes a signal on to them once, then kills them after
+    --shutdown_timeout seconds.)"""
 
     def __init__(self):
         self.signum, self.training, self.main = 0, False, True
