@@ -147,11 +147,32 @@ def test_missing_nested_key_suggests_the_closest(tmp_path):
             "ground_truth, style; did you mean --answer_key reward_model.ground_truth?") in p.stderr
 
 
-def test_fixed_choice_flags_are_checked_when_parsed(tmp_path):
-    p = run("grpo.py", "--loss_agg", "tokenmean", "--output_dir", str(tmp_path / "w"), check=False)
-    assert p.returncode == 2 and "invalid choice: 'tokenmean'" in p.stderr
-    p = run("sft.py", "--loss_agg", "constant", "--output_dir", str(tmp_path / "w"), check=False)
-    assert p.returncode == 2 and "invalid choice: 'constant'" in p.stderr
+def test_fixed_choice_flags_are_checked_when_parsed(capsys):
+    import pytest
+
+    import common
+    import grpo
+    import sft
+    for config, value in [(grpo.Config, "tokenmean"), (sft.Config, "constant")]:
+        with pytest.raises(SystemExit) as err:
+            common.parse_config(config, ["--loss_agg", value])
+        assert err.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_config_flags_given_and_list_values():
+    import common
+    import grpo
+    cfg = common.parse_config(grpo.Config, ["--eval_data", "a.jsonl:32", "b.jsonl", "--eval_data", "c.parquet",
+                                            "--lr=1e-6", "--no-adv_std"])
+    assert cfg.eval_data == ["a.jsonl:32", "b.jsonl", "c.parquet"] and cfg.lr == 1e-6 and cfg.adv_std is False
+    assert common.given_flags(cfg) == {"eval_data", "lr", "adv_std"}
+    default = common.parse_config(grpo.Config, [])
+    assert default.eval_data == ["auto"] and common.given_flags(default) == set()
+    default.data = "train.jsonl"  # file data: the laptop defaults that differ from the docstring's paper command
+    assert common.laptop_defaults(default)[:3] == ["--lr 5e-05 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)",
+                                                   "--prompts_per_minibatch 8 (paper: 64)"]
+    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default)
+    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg))  # given: not listed
 
 
 def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path):
