@@ -256,12 +256,9 @@ def main():
         raise SystemExit("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
     run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b)
-    model, eos = run.model, run.tokenizer.eos_token_id
-    cut = sum(r["demo_ids"][-1] != eos for r in run.train_rows)  # truncated to max_response_len: no EOS left
-    if cut:
-        raise SystemExit(f"{cut} of {len(run.train_rows)} demonstrations do not fit --max_response_len "
-                         f"{cfg.max_response_len} with room for one generated token; anchors reach the whole "
-                         "demonstration (Eq. 40), so raise --max_response_len or drop those rows")
+    model = run.model
+    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len,
+                                        "anchors reach the whole demonstration (Eq. 40)")
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()

@@ -6,13 +6,15 @@ mechanics every trainer needs. Read it top to bottom; each section is independen
     config -> CLI | distributed | data | embedded task | model + log-probs | verifier | sampling
     | loss aggregation | optimiser | checkpoints | logging | evaluation | run setup
 
-Equation numbers refer to ../shared/docs/METHODS.md (reproduced in README.md's references).
+Equation numbers refer to ./METHODS.md, the project's method reference.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import decimal
+import difflib
 import importlib.util
 import inspect
 import itertools
@@ -23,11 +25,15 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
+import unicodedata
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,7 +45,7 @@ from torch import nn
 
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-from math_verify import parse, verify  # forked grading workers inherit it
+from math_verify import parse, verify
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Tokenizer
@@ -55,13 +61,18 @@ class BaseConfig:
     # --- model and data -------------------------------------------------------------------
     model: str = "builtin"  # HF hub id or local directory; "builtin" = tiny base model built on first use
     data: str = "builtin"  # .jsonl/.json/.parquet file or hub dataset; "builtin" = embedded arithmetic task
-    eval_data: str = "builtin"  # evaluation set, same formats; "" = no evaluation
+    eval_data: list[str] = field(default_factory=lambda: ["auto"])  # evaluation sets, each FILE[:k] or builtin[:k]
+    # (k samples per problem, e.g. aime24.parquet:32 math500.jsonl); auto = builtin for the builtin task,
+    # none for file data; none = no evaluation. Files use --prompt_key / --answer_key as training data does
     prompt_key: str = "problem"  # field holding the problem (a string or a list of chat messages)
     answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
     demo_key: str = "demo"  # field holding the demonstration (string or chat messages)
-    system_prompt: str = "auto"  # "auto": METHODS 0.4 instruction for files, none for builtin; "" = none
-    max_prompt_len: int = 64  # prompts longer than this (tokens) are dropped, with a count printed
-    max_response_len: int = 48  # L_max: response budget in tokens (demonstrations truncated to it)
+    system_prompt: str = "auto"  # for training prompts: "auto" = METHODS 0.4 instruction for files, none
+    # for builtin; "" = none. Evaluation prompts never get one (METHODS 9)
+    max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
+    # 0 = auto: the builtin task's (BUILTIN_SETTINGS), 1024 for file data (the papers')
+    max_response_len: int = 0  # L_max: response budget in tokens (demonstrations are truncated to it);
+    # 0 = auto: the builtin task's, 8192 for file data (the papers')
     cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
     # --- run ------------------------------------------------------------------------------
     output_dir: str = ""  # default: runs/<script name>
@@ -69,10 +80,11 @@ class BaseConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     max_steps: int = 80  # training iterations (one batch of prompts each)
     seed: int = 0  # base seed; rank r uses seed + r
-    save_every: int = 40  # checkpoint every N steps (and always at the end); 0 = only at the end
+    save_every: int = 40  # checkpoint every N steps (and at the end, and on Ctrl-C / SIGTERM); 0 = only then
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     eval_every: int = 20  # evaluate every N steps (and before and after training); 0 = only then
-    eval_samples: int = 4  # k samples per eval problem; pass@1 is averaged over them (METHODS 9)
+    eval_samples: int = 0  # k for evaluation sets given without ":k"; 0 = auto: the builtin task's, 1 for
+    # files (METHODS 9: pass@1 averaged over k samples; the papers use 32 for AIME and AMC, 1 elsewhere)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
     lr: float = 1e-6  # peak learning rate
@@ -90,7 +102,7 @@ class BaseConfig:
     rollout_debug: bool = False  # debug: write rollout_debug.jsonl (log-prob gap, probes, GPU memory; gpu_smoke.sh)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
-    verifier_workers: int = 2  # fork processes grading with math-verify (0 = main thread, no backstop)
+    verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     # --- systems ----------------------------------------------------------------------------
     micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
@@ -100,48 +112,117 @@ class BaseConfig:
     wandb_project: str = "sft-rl-fusion"  # wandb project name
 
 
+# The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
+# are not given. The builtin task has its own, BUILTIN_SETTINGS in the embedded-task section.
+FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
+# Flags that name the run's model, data and output: never reported as laptop defaults.
+_RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "resume",
+              "overwrite", "wandb", "wandb_project", "cache_dir", "seed"}
+
+
 def parse_config(cls, argv=None, variants: dict | None = None):
     """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
+    A `list[str]` field takes several values (`--eval_data a.parquet:32 b.jsonl`, or the flag
+    repeated). The names of the flags given on the command line are kept: `given_flags(cfg)`.
 
     variants: {name: {field: value}} for a trainer whose Config has a `variant` field (e.g. the
     settings of the official code, METHODS.md "paper vs code"). The chosen variant sets its fields,
-    except those the user wrote on the command line: `--variant official --clip_eps_low 0.2` mixes.
-    The flags given on the command line are kept in `cfg.cli_flags` (a set of field names)."""
+    except those the user wrote on the command line: `--variant official --clip_eps_low 0.2` mixes."""
     helps = {}
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
+            name = None
             for line in inspect.getsource(klass).splitlines():
                 m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+                more = re.match(r"\s+#\s*(?!---)(.+)$", line)  # a comment line continues the help above
                 if m:
+                    name = m.group(1) if m.group(1) not in helps else None
                     helps.setdefault(m.group(1), m.group(2))
+                elif more and name:
+                    helps[name] += " " + more.group(1)
+                else:
+                    name = None
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=doc[0] if doc else None, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-
-    def parser(defaults: bool):
-        p = argparse.ArgumentParser(description=doc[0] if doc else None,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                    argument_default=None if defaults else argparse.SUPPRESS)
-        for f in dataclasses.fields(cls):
-            tp, kw = hints[f.name], {"help": helps.get(f.name, " ")}
-            if defaults:
-                kw["default"] = f.default
-            if tp is bool:
-                kw["action"] = argparse.BooleanOptionalAction
-            elif typing.get_origin(tp) is Literal:
-                kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
-            else:
-                kw["type"] = tp
-            p.add_argument(f"--{f.name}", **kw)
-        return p
-
-    cfg = cls(**vars(parser(True).parse_args(argv)))
-    cfg.cli_flags = set(vars(parser(False).parse_args(argv)))  # what the user wrote, not defaults
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        defaults[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kw = {"default": defaults[f.name], "help": helps.get(f.name, " ")}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
+        elif typing.get_origin(tp) is list:  # no argparse default: "extend" would add to a non-empty one
+            kw.update(type=typing.get_args(tp)[0], nargs="+", action="extend", default=argparse.SUPPRESS,
+                      help=kw["help"] + f" (default: {' '.join(defaults[f.name]) or 'none'})")
+        else:
+            kw["type"] = tp
+        parser.add_argument(f"--{f.name}", **kw)
+    args = {**defaults, **vars(parser.parse_args(argv))}
+    cfg = cls(**args)
+    given = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        name = token[2:].split("=")[0] if token.startswith("--") else ""
+        given.add(name[3:] if name.startswith("no-") and name[3:] in args else name)
+    cfg._given = frozenset(given & set(args))  # not a field: config.json and asdict() leave it out
     for name, value in ((variants or {}).get(getattr(cfg, "variant", None)) or {}).items():
-        if name not in cfg.cli_flags:
+        if name not in cfg._given:
             setattr(cfg, name, value)
-    if not cfg.output_dir:
+    if hasattr(cfg, "output_dir") and not cfg.output_dir:
         cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
     return cfg
+
+
+def given_flags(cfg) -> frozenset:
+    """Names of the fields set on the command line (empty for a config built in code)."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def _paper_command(cfg) -> dict[str, str] | None:
+    """{flag: value} of the 8-GPU paper command in the docstring of cfg's script, or None."""
+    doc = sys.modules[type(cfg).__module__].__doc__ or ""
+    start = doc.find("--nproc_per_node 8 ")
+    if start < 0:
+        return None
+    tokens = doc[start:].split("#", 1)[0].replace("\\\n", " ").split()
+    flags, i = {}, 2  # skip "--nproc_per_node 8"
+    while i < len(tokens):
+        if tokens[i].startswith("--"):
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            flags[tokens[i][2:]] = tokens[i + 1] if has_value else "true"
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return flags
+
+
+def laptop_defaults(cfg) -> list[str]:
+    """The trainer's laptop defaults still in force, that is "--flag value (paper value)" for every
+    flag of the docstring's 8-GPU paper command that the user did not give and whose default
+    differs from the paper's value. Printed as one line for file data (a real run)."""
+    paper, given, out = _paper_command(cfg), given_flags(cfg), []
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for flag, value in (paper or {}).items():
+        name = flag.removeprefix("no-") if flag.startswith("no-") and flag[3:] in fields else flag
+        if name not in fields or name in given or name in _RUN_FLAGS:
+            continue
+        current = getattr(cfg, name)
+        if isinstance(current, bool):
+            paper_value = not flag.startswith("no-")
+        else:
+            try:
+                paper_value = type(current)(value)
+            except ValueError:
+                continue
+        if current != paper_value:
+            if isinstance(current, bool):
+                out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if paper_value else 'no-'}{name})")
+            else:
+                out.append(f"--{name} {current} (paper: {value})")
+    return out
 
 
 # ======================================================================================
@@ -326,44 +407,152 @@ def _is_chat(x) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
 
 
-def load_rows(source: str, prompt_key: str = "problem", answer_key: str = "answer",
-              demo_key: str | None = None, need_demo: bool = False) -> list[dict]:
-    """Rows {prompt: str | chat messages, answer: str, demo: str | None, level} from a local .jsonl /
-    .json / .parquet file or a hub data set. The first bad row raises ValueError saying how to fix it.
+MAX_BAD_ROWS_SHOWN = 10  # a bad file lists this many problems, then a count of the rest
+
+
+def _show(value) -> str:
+    """A bad value, short, for an error message."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _key_paths(records: list[dict], depth: int = 3) -> list[str]:
+    """Dotted paths of the fields in the first rows (reward_model, reward_model.ground_truth, ...)."""
+    paths = {}
+
+    def walk(obj, prefix, d):
+        for k, v in obj.items():
+            path = f"{prefix}{k}"
+            paths[path] = None
+            if isinstance(v, dict) and d > 1:
+                walk(v, path + ".", d - 1)
+
+    for r in records[:100]:
+        walk(r, "", depth)
+    return list(paths)
+
+
+def _missing_key(records: list[dict], key: str, flag: str) -> str:
+    """No row has `key`: say which fields exist where the dotted path breaks, and suggest the closest."""
+    parts = key.split(".")
+    for depth in range(len(parts)):
+        prefix = ".".join(parts[:depth])
+        level = [r if not prefix else _field(r, prefix, None) for r in records[:1000]]
+        dicts = [v for v in level if isinstance(v, dict)]
+        if not any(parts[depth] in v for v in dicts):
+            break
+    paths = _key_paths(records)
+    if depth and not dicts:
+        found = next(v for v in level if v is not None)
+        there, close = f"'{prefix}' is {type(found).__name__}, not an object with fields", []
+    else:
+        names = ", ".join(dict.fromkeys(str(k) for v in dicts for k in v))
+        there = f"the rows' '{prefix}' has {names}" if depth else f"the rows have {names}"
+        close = [p for p in paths if p.split(".")[-1] == parts[-1]] or \
+            difflib.get_close_matches(key, paths, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(parts[-1], paths, n=1, cutoff=0.6)
+    if not close and flag == "--demo_key":  # a chat-message field with an assistant turn is a demonstration
+        close = [p for p in paths if _is_chat(v := _field(records[0], p, None)) and
+                 any(m["role"] == "assistant" for m in v)]
+    advice = f"did you mean {flag} {close[0]}?" if close else f"name the field with {flag}"
+    return f"no row has the field '{key}' ({flag}): {there}; {advice}"
+
+
+def _number_text(x) -> str:
+    """A JSON number as answer text: 42 -> "42", 0.5 -> "0.5", 1e-05 -> "0.00001" (never an exponent,
+    which math-verify does not read)."""
+    return str(x) if isinstance(x, int) else format(decimal.Decimal(repr(x)), "f")
+
+
+def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
+              demo_key: str | None = None, flags: dict | None = None) -> list[dict]:
+    """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level} from a local
+    .jsonl / .json / .parquet file or a hub data set.
+
+    A trainer asks only for the fields it uses (answer_key=None: no answer is read; demo_key=None: no
+    demonstration). Every row is checked before anything else happens; a bad file raises ValueError
+    that lists the first MAX_BAD_ROWS_SHOWN problems (row number, field, fix) and counts the rest. A
+    key that no row has is reported with the fields that exist at that level and the closest match.
+    Answers given as JSON numbers are converted to text (42 -> "42"), with a count printed; booleans,
+    lists and empty answers are refused. `flags` names the command-line flag of each key in messages.
     LUFFY's openr1.parquet: prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target"."""
-    if need_demo and demo_key is None:
-        raise ValueError("this method trains on demonstrations: name their field with --demo_key")
-    name, rows = os.path.basename(source), []
-    for n, record in enumerate(_read_records(source), start=1):
-        where = f"row {n} of {name}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where} is not an object with named fields")
-        prompt, answer = _field(record, prompt_key), _field(record, answer_key)
-        if prompt is _MISSING:
-            raise ValueError(f"{where} has no field '{prompt_key}'; use --prompt_key to name the prompt field")
-        if _is_chat(prompt):
-            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        elif not (isinstance(prompt, str) and prompt.strip()):
-            raise ValueError(f"{where}: field '{prompt_key}' must be a non-empty string or a list of "
-                             f"{{role, content}} messages, not {type(prompt).__name__} {str(prompt)[:50]!r}")
-        if answer is _MISSING:
-            raise ValueError(f"{where} has no field '{answer_key}'; use --answer_key to name the answer field")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise ValueError(f"{where}: answer field '{answer_key}' must be a non-empty string or number, "
-                             f"not {type(answer).__name__} {str(answer)[:50]!r}; fix or drop the row")
-        demo = _field(record, demo_key, None) if demo_key else None
-        if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
-            demo = next((m["content"] for m in reversed(demo) if m["role"] == "assistant"), None)
-        if demo is not None and not isinstance(demo, str):
-            raise ValueError(f"{where}: demonstration field '{demo_key}' must be a string or a list of "
-                             f"{{role, content}} messages with an assistant turn, not {type(demo).__name__}")
-        if need_demo and not (demo and demo.strip()):
-            raise ValueError(f"{where} has no demonstration in field '{demo_key}'; this method needs one "
-                             f"per row: drop the row or use --demo_key to name the demonstration field")
-        rows.append({"prompt": prompt, "answer": str(answer).strip(), "demo": demo or None,
-                     "level": record.get("level")})
-    if not rows:
+    flags = {"prompt": "--prompt_key", "answer": "--answer_key", "demo": "--demo_key", **(flags or {})}
+    name, records = os.path.basename(source), _read_records(source)
+    if not records:
         raise ValueError(f"{source} holds no rows")
+    objects = [r for r in records if isinstance(r, dict)]
+    keys = {"prompt": prompt_key, "answer": answer_key, "demo": demo_key}
+    absent = [_missing_key(objects, key, flags[role]) for role, key in keys.items()
+              if key and objects and not any(_field(r, key) is not _MISSING for r in objects)]
+    if absent:
+        raise ValueError(f"{name}: " + "\n  ".join(absent))
+    rows, problems, bad_rows, converted = [], [], 0, 0
+    for n, record in enumerate(records, start=1):
+        found = []  # this row's problems
+        if not isinstance(record, dict):
+            problems.append(f"row {n}: is {_show(record)}, not an object with named fields; fix or drop the row")
+            bad_rows += 1
+            continue
+        prompt = _field(record, prompt_key)
+        if prompt is _MISSING:
+            found.append(f"no field '{prompt_key}'; fill in the problem or drop the row")
+        elif _is_chat(prompt):
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        elif isinstance(prompt, str) and not prompt.strip() or prompt is None:
+            found.append(f"'{prompt_key}' is empty; fill in the problem or drop the row")
+        elif not isinstance(prompt, str):
+            found.append(f"'{prompt_key}' is {_show(prompt)}; the problem must be a string or a list of "
+                         "{role, content} chat messages")
+        answer = None
+        if answer_key:
+            answer = _field(record, answer_key)
+            if answer is _MISSING:
+                found.append(f"no field '{answer_key}'; fill in the gold answer or drop the row")
+            elif answer is None or isinstance(answer, str) and not answer.strip():
+                found.append(f"'{answer_key}' is empty{' (null)' if answer is None else ''}; fill in the gold "
+                             "answer or drop the row")
+            elif isinstance(answer, bool) or isinstance(answer, float) and not math.isfinite(answer):
+                found.append(f"'{answer_key}' is {_show(answer)}, not an answer; write the gold answer as a "
+                             "string or drop the row")
+            elif isinstance(answer, (int, float)):
+                answer, converted = _number_text(answer), converted + 1
+            elif isinstance(answer, (list, tuple, dict)):
+                found.append(f"'{answer_key}' is {_show(answer)}; the gold answer must be one string (several "
+                             "values go in one string, e.g. \"2, 3\")")
+            elif not isinstance(answer, str):
+                found.append(f"'{answer_key}' is {_show(answer)}; write the gold answer as a string")
+            else:
+                answer = answer.strip()
+        demo = None
+        if demo_key:
+            demo = _field(record, demo_key)
+            if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
+                turns = [m["content"] for m in demo if m["role"] == "assistant"]
+                demo = turns[-1] if turns else _MISSING
+                if not turns:
+                    found.append(f"'{demo_key}' has no assistant message; the demonstration is the assistant "
+                                 "turn: fix or drop the row")
+            elif demo is _MISSING:
+                found.append(f"no field '{demo_key}'; this trainer learns from a demonstration per row: fill "
+                             "it in or drop the row")
+            elif demo is None or isinstance(demo, str) and not demo.strip():
+                found.append(f"'{demo_key}' is empty; this trainer learns from a demonstration per row: fill it "
+                             "in or drop the row")
+            elif not isinstance(demo, str):
+                found.append(f"'{demo_key}' is {_show(demo)}; the demonstration must be a string or a list of "
+                             "chat messages with an assistant turn")
+        if found:
+            problems += [f"row {n}: {p}" for p in found]
+            bad_rows += 1
+        else:
+            rows.append({"prompt": prompt, "answer": answer, "demo": demo, "level": record.get("level")})
+    if problems:
+        shown = problems[:MAX_BAD_ROWS_SHOWN]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise ValueError(f"{name}: {bad_rows} of {len(records)} rows are bad; fix or drop them:\n  "
+                         + "\n  ".join(shown) + more)
+    if converted:
+        print0(f"{name}: {converted} of {len(rows)} answers were JSON numbers; converted to text (42 -> \"42\")")
     return rows
 
 
@@ -418,7 +607,11 @@ CHAT_TEMPLATE = (
 EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 200
 TRAIN_PER_LEVEL = 250  # builtin training problems per level: equal, so every level weighs the same in training
 TASK_VERSION = 3  # part of the base model's cache key: bump whenever the task or the base changes
-BUILTIN_SETTINGS = {"max_prompt_len": 64, "max_response_len": 48}  # the task's budgets (demonstrations <= 40 tokens)
+# Settings of the builtin task, used when the data is "builtin" and the flag is left at 0 (auto): its
+# budgets (demonstration + EOS <= 30 tokens) and k = 4 evaluation samples per problem (200 problems per
+# level x 4 samples keep the evaluation's sampling sd <= 0.016 per level, README). File data gets the
+# papers' budgets instead (FILE_DATA_SETTINGS) and 1 evaluation sample per problem.
+BUILTIN_SETTINGS = {"max_prompt_len": 64, "max_response_len": 48, "eval_samples": 4}
 MAX_LEFT_OPERAND = 27  # the largest partial sum the base adds to (level 2: 9+9+9)
 # The times-table facts t*k of levels 3-4. Chosen so that no wrong-steps shortcut reaches the product:
 # it is at least 10 above t (a first line "t+X" with a digit X cannot land on it, a shortcut RL finds
@@ -701,7 +894,11 @@ def check_context_length(model_path: str, total: int):
     the model was trained on."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:  # no such directory, no config.json, an unknown hub id offline
+        raise SystemExit(f"error: cannot read the model config of --model {model_path}: "
+                         f"{str(e).splitlines()[0]}") from None
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
@@ -818,49 +1015,150 @@ def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
 # ======================================================================================
 
 MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
+MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, whatever they say
+MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
+
+_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
+_HEDGE = re.compile(r"\s(?:or|and/or)\s", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every complete top-level \\boxed{...} (or \\fbox{...}) in order, with balanced
+    braces (\\{ and \\} are not braces). A box inside a complete box belongs to it; an unclosed box
+    (a truncated generation) is skipped and does not hide the complete boxes after it. Linear time."""
+    stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
+    for m in _BOX_TOKENS.finditer(text):
+        tok = m.group()
+        if tok[-1] == "{" and tok != "\\{":  # a brace, or a box command with its brace
+            stack.append((m.end(), tok != "{", m.start()))
+        elif tok == "}" and stack:
+            start, is_box, cmd = stack.pop()
+            if is_box:
+                closed.append((cmd, m.end(), text[start:m.start()]))
+    out, end = [], -1
+    for start, stop, content in sorted(closed):  # closed boxes nest properly: keep the outermost
+        if start >= end:
+            out.append(content)
+            end = stop
+    return out
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} (balanced braces; \\{ and \\} are not braces), else None."""
-    found, i = None, text.find("\\boxed{")
-    while i != -1:
-        depth, j = 1, i + len("\\boxed{")
-        while j < len(text) and depth:
-            if text[j] == "\\":
-                j += 1  # skip the escaped character
-            elif text[j] in "{}":
-                depth += 1 if text[j] == "{" else -1
-            j += 1
-        if depth:  # unclosed (truncated generation): keep the last complete one
-            break
-        found = text[i + len("\\boxed{"): j - 1]
-        i = text.find("\\boxed{", j)  # boxes nested inside this one are not final answers
-    return found
+    """Content of the last complete top-level \\boxed{...}, else None."""
+    boxes = boxed_answers(text)
+    return boxes[-1] if boxes else None
 
 
-def _grade(answer: str, gold: str, timeout: int) -> float:
+# Spellings of a final answer that math-verify 0.9 misreads or cannot parse, rewritten before grading
+# (each one is a case of tests/data/verifier_cases.jsonl).
+_UNICODE_MATH = {
+    "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
+    "\u00f7": "\\div ", "\u00b1": "\\pm ", "\u2213": "\\mp ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
+    "\u00b0": "^\\circ ", "\u2264": "\\le ", "\u2265": "\\ge ", "\u2260": "\\ne ", "\u2205": "\\emptyset ",
+    "\u222a": "\\cup ", "\u2229": "\\cap ", "\u03b8": "\\theta ", "\u03b1": "\\alpha ", "\u03b2": "\\beta ",
+}
+_VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4),
+           "\u2155": (1, 5), "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6),
+           "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
+_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a",
+                        "0123456789-+"))
+_SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
+_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
+_DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """Rewrite Unicode and LaTeX spellings that math-verify does not read: Unicode minus, times,
+    pi, infinity, degree, root, vulgar fractions and superscripts (1\u00bd, x\u00b2), full-width
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000 and the decimal comma 3{,}5; \\varnothing."""
+    if text.isascii():
+        out = text
+    else:
+        out = _SQRT_ARG.sub(lambda m: "\\sqrt{" + m.group(1).strip("()") + "}" if m.group(1) != "{"
+                            else "\\sqrt{", text)
+        out = re.sub("[" + "".join(_VULGAR) + "]", lambda m: "\\frac{%d}{%d}" % _VULGAR[m.group()], out)
+        out = re.sub("[" + "".join(_SUPERSCRIPT) + "]+",
+                     lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group()) + "}", out)
+        out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
+        out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
+    out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
+    out = _DECIMAL_COMMA.sub(r"\1.\2", out)
+    return out.replace("\\varnothing", "\\emptyset")
+
+
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def _fast_grade(answer: str, gold: str) -> bool | None:
+    """Exact verdict for plain integers and decimals without math-verify, None when unsure.
+    Agrees with math-verify on every pair where it answers (tests/verifier_agreement.py --fast):
+    integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
+    their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
+    places); closer pairs and numbers of more than 12 significant digits go to math-verify."""
+    a, g = answer.strip(), gold.strip()
+    if not (_PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(g)):
+        return None
+    if "." not in a and "." not in g:
+        return int(a) == int(g)
+    x, y = decimal.Decimal(a), decimal.Decimal(g)
+    if max(len(x.normalize().as_tuple().digits), len(y.normalize().as_tuple().digits)) > 12:
+        return None
+    if x == y:
+        return True
+    return False if abs(x - y) > decimal.Decimal("2e-6") else None
+
+
+def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
+    """math-verify on one candidate: (equivalent to the gold, the text math-verify extracted).
+    kind "boxed": the content of one box; kind "text": an answer text without a box, from which
+    math-verify extracts the final answer itself ("the answer is 5", "$x = 5$"), as LUFFY grades."""
     # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
     gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
-    pred_parsed = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+    pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
     # Never str()/repr() a parsed expression: on deeply nested input that takes minutes, outside any timeout.
-    ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
-    return float(ok)
+    extracted = pred[-1] if pred and isinstance(pred[-1], str) else ""
+    ok = bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)
+    return bool(ok), extracted
+
+
+def _grading_worker_init():
+    """Grading workers ignore Ctrl-C: the trainer handles it (saves, exits with one line) and
+    terminates the pool; a worker must not die with a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Verifier:
     """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold answer, else 0.0.
 
-    A response is the text generated after a prompt that ends with `<think>\\n`. As in LUFFY, the answer
-    is the text after the first `</think>` and before a second one, if any (LUFFY prepends `<think>\\n`
-    and takes `split("</think>")[1]`); without `</think>` the reward is 0 when require_think. Unlike
-    LUFFY, which gives the whole answer text to math-verify, we grade only its last \\boxed{} (the system
-    prompt asks for one), so a response without one scores 0 without calling math-verify.
+    What is graded (METHODS.md 0.4 and 9). A response is the text generated after a prompt that
+    ends with `<think>\\n`. As in LUFFY, only the text after the first `</think>` (and before a second
+    one) is graded; without `</think>` the reward is 0 when require_think (otherwise the whole
+    response is graded). In that answer text:
+      1. every complete top-level \\boxed{} is a final answer. All the different ones must be
+         equivalent to the gold, one by one or together (\\boxed{1} and \\boxed{2} for the gold
+         "1, 2"): several different boxed answers (hedging) score 0, the same answer repeated does
+         not. An unclosed box (a truncated generation) is ignored.
+      2. with no box, math-verify reads the final answer from the text, as LUFFY does: from the
+         sentence of the last answer statement ("the answer is 5", "Final answer: $x=5$") if there
+         is one (with "or" in it, it is a hedge and scores 0), else from the last MAX_TEXT_CHARS
+         characters (math-verify's own extraction: its last expression).
+    Answers and golds are first rewritten by `normalize_answer` (Unicode and LaTeX spellings);
+    plain integers and decimals are compared exactly in this process (`_fast_grade`), everything
+    else by math-verify with the gold wrapped in `$...$`.
 
-    math-verify times out with SIGALRM, which works only on a process's main thread and cannot stop
-    work outside its timed sections or inside one long C call. So grading runs in a fork pool, one task
-    per item, each awaited at most `backstop_s`; an item that overruns scores 0 and the pool is replaced,
-    so a stuck worker cannot stall later calls. num_workers=0 grades on the calling thread, which must be
-    the main thread: handy for debugging, but with no backstop.
+    Time bound. math-verify times out with SIGALRM, which works only on a process's main thread and
+    cannot stop work outside its timed sections or inside one long C call. So grading runs in a
+    process pool, one task per candidate, each awaited at most `backstop_s`; an item that overruns
+    scores 0 and the pool is replaced, so a stuck worker cannot stall later calls. The pool uses the
+    "forkserver" start method: its workers are forked from a small server process that has imported
+    only math-verify, this module and the main script, never from a trainer that holds CUDA, NCCL,
+    vLLM or compiler threads (so the main script needs the usual `if __name__ == "__main__":` guard).
+    num_workers=0 grades on the calling thread when that is the main thread (debugging; no
+    backstop); called from any other thread, the verifier uses a pool in any case.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
@@ -869,50 +1167,113 @@ class Verifier:
         # every parse raise inside math-verify, which then silently returns "no answer" (reward 0).
         self.timeout = max(1, math.ceil(timeout_s))
         self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
-        self._pool = None  # created on first use, so a verifier that is never called costs nothing
+        self._pool = None  # created on first use (or by start()), so an unused verifier costs nothing
+        self._lock = threading.Lock()
 
-    def answer(self, response: str) -> str | None:
-        """The text to grade, or None when the response scores 0 without grading."""
+    def candidates(self, response: str) -> tuple[str, list[str]] | None:
+        """("boxed", the different boxed answers) or ("text", [the answer text without a box]),
+        normalised; None when the response scores 0 without grading."""
         if "</think>" in response:
-            response = response.split("</think>", 2)[1]
+            text = response.split("</think>", 2)[1]
         elif self.require_think:
             return None
-        boxed = extract_boxed(response)
-        return boxed if boxed and boxed.strip() and len(boxed) <= MAX_ANSWER_CHARS else None
+        else:
+            text = response
+        boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in boxed_answers(text) if b.strip()))
+        if boxes:
+            if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
+                return None
+            return "boxed", boxes
+        text = _EMPTY_BOX.sub("", text)
+        cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
+        text = (text[:cut.start()] if cut else text).strip()
+        if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
+            tail = text[-MAX_TEXT_CHARS:]
+            text = tail[tail.index("\n") + 1:] if "\n" in tail else tail
+        statement = None
+        for statement in _ANSWER_STATEMENT.finditer(text):  # the last "the answer is ..." / "Answer: ..."
+            pass
+        if statement is not None:  # grade that sentence: a check after it must not be read as the answer
+            end = _SENTENCE_END.search(text, statement.end())
+            text = text[statement.start():end.start() + 1 if end else len(text)]
+            if _HEDGE.search(text):  # "the answer is 5 or 6": math-verify would take the 5
+                return None
+        return ("text", [normalize_answer(text)]) if text else None
 
     def __call__(self, responses: list[str], golds: list[str]) -> list[float]:
+        return [reward for reward, _ in self.grade(responses, golds)]
+
+    def grade(self, responses: list[str], golds: list) -> list[tuple[float, str | None]]:
+        """(reward, the graded answer) per response; the answer is None when nothing was graded.
+        A response is right when each of its different boxed answers equals the gold, or when
+        they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        rewards = [0.0] * len(responses)
-        todo = [(i, a, str(g)) for i, (r, g) in enumerate(zip(responses, golds))
-                if (a := self.answer(r)) is not None]
-        if self.num_workers == 0:
-            for i, a, g in todo:
-                rewards[i] = _grade(a, g, self.timeout)
-            return rewards
-        while todo:
-            if self._pool is None:
-                # fork: workers start at once and inherit math_verify; they never touch torch or CUDA
-                self._pool = mp.get_context("fork").Pool(self.num_workers)
-            pending = [self._pool.apply_async(_grade, (a, g, self.timeout)) for _, a, g in todo]
-            for k, ((i, _, _), result) in enumerate(zip(todo, pending)):
+        verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
+        answers, todo = [None] * len(responses), []
+        for i, (response, gold) in enumerate(zip(responses, golds)):
+            found = self.candidates(response)
+            if found is None:
+                continue
+            kind, cands = found
+            gold = normalize_answer(str(gold).strip())
+            answers[i] = " | ".join(cands) if kind == "boxed" else None
+            alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
+            for alt, answers_alt in enumerate(alternatives):
+                verdicts[i][alt] = []
+                for a in answers_alt:
+                    fast = _fast_grade(a, gold)
+                    if fast is None:
+                        todo.append((i, alt, kind, a, gold))
+                    else:
+                        verdicts[i][alt].append(fast)
+        todo = [t for t in todo if all(verdicts[t[0]][t[1]])]  # an alternative with a wrong answer is out
+        for (i, alt, kind, _, _), (ok, extracted) in zip(todo, self._run([t[2:] for t in todo])):
+            verdicts[i][alt].append(ok)
+            if kind == "text":
+                answers[i] = extracted
+        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, answers)]
+
+    def _run(self, todo: list) -> list[tuple[bool, str]]:
+        results = [(False, "")] * len(todo)
+        if not todo:
+            return results
+        if self.num_workers == 0 and threading.current_thread() is threading.main_thread():
+            return [_grade(kind, a, g, self.timeout) for kind, a, g in todo]
+        k0 = 0
+        while k0 < len(todo):
+            pool = self.start()
+            pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
+            for k, result in enumerate(pending, start=k0):
                 # Tasks run in submission order, so item k is already running when we start waiting:
                 # the backstop bounds its own run time, not the queue before it.
                 try:
-                    rewards[i] = result.get(timeout=self.backstop_s)
+                    results[k] = result.get(timeout=self.backstop_s)
                 except mp.TimeoutError:  # item k keeps its 0; kill the stuck worker, regrade the rest
                     self.close()
-                    todo = todo[k + 1:]
+                    k0 = k + 1
                     break
             else:
-                todo = []
-        return rewards
+                k0 = len(todo)
+        return results
+
+    def start(self):
+        """Start the worker pool now (a trainer does it before training; the first start of the
+        fork server imports math-verify and this module, a few seconds)."""
+        with self._lock:
+            if self._pool is None:
+                ctx = mp.get_context("forkserver")
+                # the server imports these once; the workers it forks then start in milliseconds
+                ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
+                self._pool = ctx.Pool(max(1, self.num_workers), initializer=_grading_worker_init)
+            return self._pool
 
     def close(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool.join()
+                self._pool = None
 
 
 # ======================================================================================
@@ -967,9 +1328,15 @@ class TorchSampler:
                     params[name].copy_(tensor)
 
     @torch.no_grad()
-    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None) -> list[list[Sample]]:
+    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
         """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
-        most max_tokens tokens, prefix included."""
+        most max_tokens tokens, prefix included. With a seed the draws are repeatable and the
+        caller's torch RNG is left untouched (the generator state is forked and restored)."""
+        if seed is not None:
+            devices = [self.lm.device] if self.lm.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return self.generate(prompts, n, temperature, top_p, max_tokens, prefixes)
         prefixes = prefixes or [[] for _ in prompts]
         rows = [(i, p + pre) for i, (p, pre) in enumerate(zip(prompts, prefixes)) for _ in range(n)]
         budget = max_tokens - min(len(pre) for pre in prefixes)
@@ -1150,9 +1517,19 @@ def check_sampler(cfg: BaseConfig):
                          f"or pass --no-vllm_sleep.")
 
 
-def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: PolicyModel):
-    """The sampler for this run; call it after the policy (and reference) model, before the optimizer."""
-    stop_ids = stop_token_ids(tokenizer, model.lm.generation_config)
+def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: PolicyModel | None):
+    """The sampler for this run; call it after the policy (and reference) model, before the optimizer.
+    model may be None for vLLM with a fixed memory fraction (evaluation: the engine loads the weights)."""
+    from transformers import GenerationConfig
+
+    if model is not None:  # load_policy keeps the checkpoint's own generation_config
+        generation_config = model.lm.generation_config
+    else:
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+    stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
         fraction = cfg.vllm_gpu_memory_utilization
         if fraction <= 0:
@@ -1172,7 +1549,7 @@ def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: Po
                            max_model_len=cfg.max_prompt_len + cfg.max_response_len,
                            gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep,
                            max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, stop_ids=stop_ids,
-                           logprobs=cfg.rollout_debug)
+                           logprobs=getattr(cfg, "rollout_debug", False))
     if is_fsdp(model):  # the sampler needs whole weights: its own plain copy, filled now
         sampler = TorchSampler(tokenizer, plain_copy(model, d.device), stop_ids=stop_ids)
         sampler.sync_weights(model)
@@ -1526,39 +1903,110 @@ class MetricsLogger:
 
 
 # ======================================================================================
-# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), by difficulty level
+# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), per set and level
 # ======================================================================================
 
 
+@dataclass
+class EvalSet:
+    name: str  # its metrics: eval_accuracy_<name>, eval_accuracy_<name>_level<level>
+    source: str  # a data file, or "builtin" (the held-out problems of the builtin task)
+    k: int  # samples per problem
+    rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
+
+
+def parse_eval_sets(entries: list[str], default_k: int, builtin_k: int) -> list[EvalSet]:
+    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
+    A set's name is its file's stem; FILE:k asks for k samples per problem, else default_k."""
+    sets = []
+    for entry in entries:
+        if entry in ("none", ""):
+            continue
+        m = re.fullmatch(r"(.+):(\d+)", entry)
+        source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
+        if k == 0:
+            raise ValueError(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, "
+                             "at least 1")
+        name = "builtin" if source == "builtin" else \
+            re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
+        if any(s.name == name for s in sets):
+            raise ValueError(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files "
+                             "different names")
+        sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
+    return sets
+
+
+def _level_key(level) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
+
+
+def _eval_seed(seed: int, name: str, rank: int) -> int:
+    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
+    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
+
+
+def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
+                  max_tokens: int, seed: int, records: list | None = None) -> dict:
+    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
+    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
+    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
+    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets.
+
+    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
+    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
+    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
+    answer (what the verifier graded), reward, finished."""
+    metrics = {}
+    for s in sets:
+        index = list(range(d.rank, len(s.rows), d.world_size))
+        rows = [s.rows[i] for i in index]
+        groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
+                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
+        samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
+        graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
+        levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
+                        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+        sums = [0.0] * (2 + 2 * len(levels))  # [score sum, problems] overall, then per level
+        for i, r in enumerate(rows):
+            score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
+            sums[0], sums[1] = sums[0] + score, sums[1] + 1
+            if r["level"] is not None:
+                j = 2 + 2 * levels.index(_level_key(r["level"]))
+                sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
+        sums = all_reduce(sums)
+        metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
+        for j, level in enumerate(levels):
+            metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+        if records is not None:
+            mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
+                     "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
+                     "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
+                    for i, (x, (reward, answer)) in enumerate(zip(samples, graded))]
+            if dist.is_initialized():
+                everyone = [None] * d.world_size
+                dist.all_gather_object(everyone, mine)
+                mine = [r for part in everyone for r in part]
+            if d.main:
+                records += sorted(mine, key=lambda r: (r["index"], r["sample"]))
+    accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
+    return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
+
+
 def evaluate(run: "Run") -> dict:
-    cfg, d = run.cfg, run.d
-    rows = run.eval_rows[d.rank::d.world_size]
+    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
-    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 10_000 + d.rank)  # same eval draws every time; training RNG untouched
-        groups = run.sampler.generate([r["prompt_ids"] for r in rows], n=cfg.eval_samples,
-                                      temperature=cfg.eval_temperature, top_p=1.0,
-                                      max_tokens=cfg.max_response_len)
-    rewards = run.verifier([s.text for g in groups for s in g],
-                           [r["answer"] for r in rows for _ in range(cfg.eval_samples)])
-    levels = sorted({r["level"] for r in run.eval_rows if r["level"] is not None}, key=str)
-    sums = [0.0] * (2 + 2 * len(levels))  # [correct, count] overall, then per level
-    for i, r in enumerate(rows):
-        acc = sum(rewards[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]) / cfg.eval_samples
-        sums[0], sums[1] = sums[0] + acc, sums[1] + 1
-        if r["level"] is not None:
-            j = 2 + 2 * levels.index(r["level"])
-            sums[j], sums[j + 1] = sums[j] + acc, sums[j + 1] + 1
-    sums = all_reduce(sums)
-    out = {"eval_accuracy": sums[0] / max(sums[1], 1)}
-    for j, level in enumerate(levels):
-        out[f"eval_accuracy_{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
-    return out
+    return evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+                         max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
 
 
-def format_eval(metrics: dict) -> str:
-    return "  ".join(f"{k.removeprefix('eval_accuracy').strip('_') or 'all'}={v:.3f}"
-                     for k, v in metrics.items() if k.startswith("eval_accuracy"))
+def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
+    """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
+    parts = []
+    for s in sets:
+        prefix = f"eval_accuracy_{s.name}_level"
+        levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
+        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
+    return " | ".join(parts)
 
 
 # ======================================================================================
@@ -1602,13 +2050,14 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_rows: list
-    eval_rows: list
+    eval_sets: list
     stream: PromptStream
     logger: MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
     extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
-    bar: object = None  # the progress bar of progress()
+    data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
+    bar: object = None  # the progress bar, once the loop runs
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -1622,54 +2071,210 @@ class Run:
                         {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
 
     def evaluate_base(self):
-        """Held-out accuracy before training (step 0), unless this run resumes."""
-        if self.start_step == 0 and self.eval_rows:
-            metrics = evaluate(self)
-            self.logger.log(0, metrics)
-            print0(f"eval before training: {format_eval(metrics)}")
+        """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
+        if self.start_step:
+            return
+        metrics = dict(self.data_stats)
+        if self.eval_sets:
+            metrics.update(evaluate(self))
+            print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
+        self.logger.log(0, metrics)
 
     def end_step(self, step: int, metrics: dict, state: dict | None = None):
-        """After training step `step` (1-based): evaluate when due, log, checkpoint when due."""
+        """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
+        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
         cfg = self.cfg
         last = step == cfg.max_steps
-        if self.eval_rows and (cfg.eval_every and step % cfg.eval_every == 0 or last):
+        if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
             metrics.update(evaluate(self))
             if last:
-                print0(f"eval after training:  {format_eval(metrics)}")
+                print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
-        if cfg.save_every and step % cfg.save_every == 0 or last:
+        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
+        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
             self.save(step, state)
+        if signum and not last:
+            if self.bar is not None:
+                self.bar.close()
+            print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
+                   f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
+            shutdown()
+            raise SystemExit(128 + signum)
 
     def progress(self):
-        """The training steps still to run, with a progress bar on rank 0."""
+        """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
+        _interrupts.training = True
         self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
                         total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
         return self.bar
 
 
-def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool = False,
-          reference_model: bool = False, global_batch: int = 1, extra_optimizers: dict | None = None) -> Run:
-    """extra_optimizers: {name: lr} for a trainer that also steps the same parameters with its own
-    AdamW (constant lr, no schedule; ReLIFT's fine-tuning step): run.extra_optimizers[name],
-    checkpointed and restored with the main optimizer."""
+class _Interrupts:
+    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
+    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
+    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
+    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
+    workers in their own session and passes a signal on to them once, then kills them after
+    --shutdown_timeout seconds.)"""
+
+    def __init__(self):
+        self.signum, self.training, self.main = 0, False, True
+
+    def install(self, main_rank: bool):
+        self.signum, self.training, self.main = 0, False, main_rank
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def _say(self, text: str):
+        if self.main:  # os.write: print() is not safe inside a signal handler
+            os.write(2, ("\n" + text + "\n").encode())
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training or signum == self.signum:
+            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
+                      + ("; the newest checkpoint is kept" if self.training else ""))
+            raise SystemExit(128 + signum)
+        if not self.signum:
+            self.signum = signum
+            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
+                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
+
+
+_interrupts = _Interrupts()
+
+
+def _fail(message: str):
+    """Stop before training with one message (printed by rank 0 only), no traceback."""
+    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
+
+
+def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
+    """Fill in the "auto" settings, which depend on the data: the builtin task's (BUILTIN_SETTINGS)
+    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
+    a file-data run still uses, and returns the evaluation sets (without rows)."""
+    builtin = cfg.data == "builtin"
+    chosen = []
+    for key in ("max_prompt_len", "max_response_len"):
+        if getattr(cfg, key) <= 0:
+            setattr(cfg, key, (BUILTIN_SETTINGS if builtin else FILE_DATA_SETTINGS)[key])
+            chosen.append(f"--{key} {getattr(cfg, key)}")
+    if chosen and not builtin:
+        print0(f"file data: {' and '.join(chosen)} tokens (the papers' budgets; set the flags to change them)")
+    if "auto" in cfg.eval_data:
+        if cfg.eval_data != ["auto"]:
+            _fail("--eval_data auto cannot be combined with other sets")
+        cfg.eval_data = ["builtin"] if builtin else ["none"]
+        if not builtin:
+            print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
+                   "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
+    try:
+        sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples or 1,
+                               cfg.eval_samples or BUILTIN_SETTINGS["eval_samples"])
+    except ValueError as e:
+        _fail(str(e))
+    if not builtin and (laptop := laptop_defaults(cfg)):
+        script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
+        print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
+               f"the 8-GPU command in {script}'s docstring")
+    return sets, builtin
+
+
+def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True,
+              need_demo: bool = False) -> list[dict]:
+    """Validated rows {prompt, answer, demo, level} of the builtin task or of a file; a bad file stops
+    the run here, before anything is built, loaded or written."""
+    if source == "builtin":  # training problems never include the held-out evaluation problems
+        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
+        raw = held_out if split == "eval" else make_task(
+            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
+        return [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
+    try:
+        return load_rows(source, cfg.prompt_key, cfg.answer_key if need_answer else None,
+                         cfg.demo_key if need_demo else None)
+    except ValueError as e:  # bad input: say what and where, without a traceback
+        _fail(str(e))
+
+
+def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
+                max_response_len: int, name: str) -> tuple[list[dict], dict]:
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
+    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
+    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
+    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
+    out, too_long, truncated = [], 0, 0
+    for r in rows:
+        text = format_prompt(tokenizer, r["prompt"], system_prompt)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_len:
+            too_long += 1
+            continue
+        demo_ids, finished = None, None
+        if r["demo"] is not None:
+            demo = strip_think_prefix(text, r["demo"])
+            demo_ids = tokenizer(demo, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            finished = len(demo_ids) <= max_response_len
+            truncated += not finished
+            demo_ids = demo_ids[:max_response_len]
+        out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
+                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
+    if too_long:
+        print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
+               "tokens")
+    if truncated:
+        print0(f"{name}: {truncated} of {len(rows) - too_long} demonstrations are longer than --max_response_len "
+               f"{max_response_len} tokens and were truncated to it (their EOS is cut off)")
+    if not out:
+        _fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
+    return out, {"rows": len(out), "prompts_dropped": too_long, "demos_truncated": truncated}
+
+
+def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: str):
+    """Refuse, before training, demonstrations that lost their EOS to the response budget (encode_rows
+    cuts them at max_response_len): a method that trains on, or continues from, the whole demonstration
+    would learn an unfinished one. `why` says what the method does with them."""
+    cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
+    if cut:
+        _fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
+              f"their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); {why}: raise --max_response_len or drop "
+              f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
+
+
+def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+          need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
+          extra_optimizers: dict | None = None) -> Run:
+    """Everything before the training loop, in an order that fails early: the sampler's requirements,
+    settings, every row of every data file, the budgets against the model's positions, then output_dir
+    is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
+    from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
+    parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
+    run.extra_optimizers[name], checkpointed and restored with the main optimizer."""
     check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
+    d = init_distributed()
+    _interrupts.install(d.main)
+    if global_batch % d.world_size:
+        _fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
+    eval_sets, builtin = resolve_settings(cfg)
+    train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
+    for s in eval_sets:
+        s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
-    d = init_distributed()
-    if global_batch % d.world_size:
-        raise SystemExit(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
-    verifier(["</think>\\boxed{1}"], ["1"])  # start the fork pool now, before threads and CUDA exist
 
     ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
     if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
                                                  os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        raise SystemExit(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite "
-                         "to start afresh there, or another --output_dir")
+        _fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
+              "there, or another --output_dir")
+    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
+    # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
+    threading.Thread(target=verifier.start).start()
     if d.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -1683,16 +2288,17 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
         barrier()
         base_path = build_base_model(cache)
         check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
-    # Seeded only now: a first run builds the base above, which seeds torch itself, and must still equal
-    # the same command run with the base already cached (--seed decides the run, not the cache).
-    seed_everything(cfg.seed + d.rank)
+    seed_everything(cfg.seed + d.rank)  # after the build, which seeds torch itself: cold cache = warm cache
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_rows = encode_rows(cfg, tokenizer, cfg.data, "train", need_demo)
-    eval_rows = encode_rows(cfg, tokenizer, cfg.eval_data, "eval", False) \
-        if cfg.eval_data else []
-    print0(f"data: {len(train_rows)} training prompts, {len(eval_rows)} evaluation prompts")
+    system = (None if builtin else MATH_SYSTEM_PROMPT) if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
+    train_rows, counts = encode_rows(train_raw, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len,
+                                     "training data" if builtin else os.path.basename(cfg.data))
+    for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
+        s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
+    print0(f"data: {len(train_rows)} training prompts; evaluation: " +
+           (", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in eval_sets) or "none"))
 
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
     model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
@@ -1706,7 +2312,8 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
     assert "main" not in extra, "'main' names the trainer's own optimizer"
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
-              eval_rows, stream, logger=None, extra_optimizers=extra)
+              eval_sets, stream, logger=None, extra_optimizers=extra,
+              data_stats={f"train_{k}": v for k, v in counts.items()})
     if ckpt:
         run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
@@ -1714,40 +2321,3 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_demo: bool
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
     return run
-
-
-def encode_rows(cfg: BaseConfig, tokenizer, source: str, split: str, need_demo: bool) -> list[dict]:
-    """Load, validate and tokenize a data set: rows of {problem, prompt_ids, answer, demo_ids, level}.
-    demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4)."""
-    if source == "builtin":  # training problems never include the held-out evaluation problems
-        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
-        raw = held_out if split == "eval" else make_task(
-            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
-        rows = [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
-        system = None if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
-    else:
-        try:
-            rows = load_rows(source, cfg.prompt_key, cfg.answer_key, cfg.demo_key, need_demo)
-        except ValueError as e:  # bad input: say what and where, without a traceback
-            raise SystemExit(f"error: {e}")
-        system = MATH_SYSTEM_PROMPT if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
-    out, too_long = [], 0
-    for r in rows:
-        text = format_prompt(tokenizer, r["prompt"], system)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) > cfg.max_prompt_len:
-            too_long += 1
-            continue
-        demo_ids = None
-        if r["demo"] is not None:
-            demo = strip_think_prefix(text, r["demo"])
-            demo_ids = (tokenizer(demo, add_special_tokens=False)["input_ids"] +
-                        [tokenizer.eos_token_id])[:cfg.max_response_len]
-        out.append({"problem": r["prompt"], "prompt_ids": prompt_ids, "answer": r["answer"],
-                    "demo_ids": demo_ids, "level": r["level"]})
-    if too_long:
-        print0(f"{source}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len "
-               f"{cfg.max_prompt_len} tokens")
-    if not out:
-        raise SystemExit(f"{source}: no usable {split} prompts (raise --max_prompt_len?)")
-    return out

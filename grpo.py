@@ -50,7 +50,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
 
 

@@ -166,16 +166,6 @@ def luffy_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: f
     return loss, terms
 
 
-def check_demonstrations(rows: list[dict], eos_id: int, max_response_len: int):
-    """common.encode_rows cuts y* + EOS at the response budget; a cut demonstration would be trained as
-    if it were complete and graded without its answer. Refuse those before training."""
-    cut = [r for r in rows if r["demo_ids"][-1] != eos_id]
-    if cut:
-        raise SystemExit(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len "
-                         f"{max_response_len} with their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); raise "
-                         f"--max_response_len or drop the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
-
-
 # ======================================================================================
 # Training loop
 # ======================================================================================
@@ -190,7 +180,7 @@ def main():
         raise SystemExit("--group_size must be at least 2: a LUFFY group is G-1 rollouts plus one demonstration "
                          "(official: 8 = 7 + 1)")
     run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
-    check_demonstrations(run.train_rows, run.tokenizer.eos_token_id, cfg.max_response_len)
+    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len, "a demonstration is trained as a whole response")
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()

@@ -40,8 +40,8 @@ class Config(common.BaseConfig):
     batch_size: int = 32  # demonstrations per optimizer step (global, all ranks)
     max_steps: int = 150  # optimizer steps (one batch of demonstrations each)
     eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only then
-    save_every: int = 50  # checkpoint every N steps (and always at the end); 0 = only at the end
-    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = per-sequence means (Eq. 7 form)
+    save_every: int = 50  # checkpoint every N steps (and at the end, and on Ctrl-C / SIGTERM); 0 = only then
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
@@ -51,7 +51,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> t
 
 def main():
     cfg = common.parse_config(Config)
-    run = common.setup(cfg, need_demo=True, global_batch=cfg.batch_size)
+    run = common.setup(cfg, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
     model, d, tok = run.model, run.d, run.tokenizer
     run.evaluate_base()
     for step in run.progress():
@@ -73,11 +73,13 @@ def main():
         t1 = time.time()
 
         n_tok = sum(float(mb["response_mask"].sum()) for mb in micro)
-        loss_sum, entropy_sum, n_tok, n_seq, all_tok = common.all_reduce(
-            [loss_sum, entropy_sum, n_tok, len(rows), sum(mb["input_ids"].numel() for mb in micro)])
+        loss_sum, entropy_sum, n_tok, n_seq, n_cut, all_tok = common.all_reduce(
+            [loss_sum, entropy_sum, n_tok, len(rows), sum(not r["demo_finished"] for r in rows),
+             sum(float(mb["attention_mask"].sum()) for mb in micro)])
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
         metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
+                       truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
         run.end_step(step + 1, metrics)

@@ -26,7 +26,7 @@ response tokens, demonstrations included, as LUFFY's paper; official: the consta
 token-mean entropy over all response tokens, demonstrations included (Eq. 12), beta_H = 0.001 (Eq. 31).
 
 Paper vs official code. The official SRFT code was not available to us: these differences come from
-secondary reading (METHODS.md 5, tagged [3P]; two reimplementations read, see METHODS-srft.md).
+secondary reading (METHODS.md 5, tagged [3P]; two reimplementations read, see METHODS.md 5).
 `--variant official` sets all five (a flag written on the command line wins):
     1. Eq. (26): w_SFT = 0.5 sg(exp(+H_t)), the opposite exponent           (--w_sft_sign plus)
     2. Eq. (28): shaped demonstration ratio f(p) = p / (p + 0.1), Eq. (17)   (--demo_ratio shaped)
@@ -35,7 +35,7 @@ secondary reading (METHODS.md 5, tagged [3P]; two reimplementations read, see ME
     4. Eq. (30): no clip on rollout tokens, c = -A rho (LUFFY code base)      (--no-on_policy_clip)
     5. Eq. (31): Z = the constant C of Eq. (8), D * L_max = 8 * 8192          (--loss_agg constant)
 Not followed (METHODS 5): the paper's derivation with +-1 rewards (positive rollouts -log p, negative
-+log p); the reimplementations' per-sequence entropies; see METHODS-srft.md for what they do.
++log p); the reimplementations' per-sequence entropies; see METHODS.md 5 for what they do.
 
 Launch:
     python srft.py                                      # laptop: tiny model, builtin task, CPU, minutes
@@ -193,16 +193,6 @@ def srft_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: fl
     return loss, terms
 
 
-def check_demonstrations(rows: list[dict], eos_id: int, max_response_len: int):
-    """common.encode_rows cuts y* + EOS at the response budget; a cut demonstration would be trained as
-    if it were complete and graded without its answer. Refuse those before training."""
-    cut = [r for r in rows if r["demo_ids"][-1] != eos_id]
-    if cut:
-        raise SystemExit(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len "
-                         f"{max_response_len} with their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); raise "
-                         f"--max_response_len or drop the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
-
-
 # ======================================================================================
 # Training loop
 # ======================================================================================
@@ -217,7 +207,7 @@ def main():
         raise SystemExit("--group_size must be at least 2: an SRFT group is G-1 rollouts plus one demonstration "
                          "(official: 8 = 7 + 1)")
     run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
-    check_demonstrations(run.train_rows, run.tokenizer.eos_token_id, cfg.max_response_len)
+    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len, "a demonstration is trained as a whole response")
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()

@@ -145,11 +145,7 @@ def add_piece_ends(rows: list[dict], tokenizer, max_response_len: int):
     """row["piece_ends"]: where each piece (line) of the demonstration ends, in tokens: after every token whose
     text ends with a newline, except a newline that ends the demonstration, so its last line is never hinted.
     Refuses demonstrations cut at the response budget (their last line would be a fragment)."""
-    eos = tokenizer.eos_token_id
-    cut = sum(r["demo_ids"][-1] != eos for r in rows)
-    if cut:
-        raise SystemExit(f"{cut} of {len(rows)} demonstrations do not fit in --max_response_len {max_response_len} "
-                         "tokens with their EOS; raise --max_response_len or drop the long rows")
+    common.require_whole_demonstrations(rows, max_response_len, "the last line of a cut one would be a fragment")
     newline = {i for i in {i for r in rows for i in r["demo_ids"]} if tokenizer.decode([i]).endswith("\n")}
     for r in rows:
         demo = r["demo_ids"][:-1]  # without the EOS
@@ -164,18 +160,21 @@ def add_piece_ends(rows: list[dict], tokenizer, max_response_len: int):
 class AnswerTagVerifier(common.Verifier):
     """UFT's answer format: the last <answer>...</answer> on the text's last line, graded as the default."""
 
-    def answer(self, response: str) -> str | None:
+    def candidates(self, response: str) -> tuple[str, list[str]] | None:
         found = re.findall(r"<answer>(.*?)</answer>", response.split("\n")[-1])
         answer = found[-1].strip() if found else ""
-        return answer if answer and len(answer) <= common.MAX_ANSWER_CHARS else None
+        return ("boxed", [common.normalize_answer(answer)]) if answer and len(answer) <= common.MAX_ANSWER_CHARS \
+            else None
 
 
 def rewards_for(verifier, texts: list[str], golds: list[str], scale: str) -> list[float]:
-    """METHODS 0.4's binary reward, or UFT's scale: 1 correct, 0.1 an answer present but wrong, 0 none."""
+    """METHODS 0.4's binary reward, or UFT's scale: 1 correct, 0.1 an answer present (a box, or UFT's
+    answer tag) but wrong, 0 none."""
     correct = verifier(texts, golds)
     if scale == "binary":
         return correct
-    return [1.0 if c == 1.0 else 0.1 if verifier.answer(text) is not None else 0.0 for c, text in zip(correct, texts)]
+    present = [(found := verifier.candidates(text)) is not None and found[0] == "boxed" for text in texts]
+    return [1.0 if c == 1.0 else 0.1 if p else 0.0 for c, p in zip(correct, present)]
 
 
 def token_masks(mb: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,17 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE_KEYS = {"step", "loss", "reward", "accuracy", "entropy", "response_length", "grad_norm", "lr",
-             "time_rollout", "time_train", "tokens_per_second"}
+CORE_KEYS = {"step", "loss", "reward", "accuracy", "entropy", "response_length", "truncated_frac", "grad_norm",
+             "lr", "time_rollout", "time_train", "tokens_per_second"}
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 
 
@@ -29,9 +31,10 @@ def metrics(out):
 
 
 def small(model, eval_file, out, *extra):
-    return ["--model", model, "--eval_data", eval_file, "--output_dir", str(out), "--no-compile",
-            "--eval_samples", "1", "--max_response_len", "24", "--verifier_workers", "1", "--system_prompt", "",
-            *extra]
+    return ["--model", model, *(["--eval_data", eval_file] if eval_file else []), "--output_dir", str(out),
+            "--no-compile", "--eval_samples", "1", "--max_prompt_len", "64", "--max_response_len", "24",
+            "--verifier_workers", "1",
+            "--system_prompt", "", *extra]
 
 
 GRPO = ["--prompts_per_step", "4", "--prompts_per_minibatch", "2", "--group_size", "3", "--micro_batch_size", "4"]
@@ -39,13 +42,23 @@ GRPO = ["--prompts_per_step", "4", "--prompts_per_minibatch", "2", "--group_size
 
 def test_grpo_smoke_and_checkpoint(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "grpo"
-    run("grpo.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "2", *GRPO))
+    hard = tmp_path / "hard.jsonl"  # a second evaluation set, without levels
+    hard.write_text("".join(json.dumps({"problem": "9+9+9=?", "answer": "27"}) + "\n" for _ in range(3)))
+    p = run("grpo.py", *small(tiny_model_dir, None, out, "--max_steps", "2", *GRPO,
+                              "--eval_data", f"{small_eval_file}:2", str(hard)))
+    assert "evaluation: eval (8 problems x 2 samples), hard (3 problems x 1 samples)" in p.stdout
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]
-    assert set(lines[0]) >= {"eval_accuracy", "eval_accuracy_1", "eval_accuracy_4"}
+    assert lines[0]["train_rows"] > 0 and lines[0]["train_prompts_dropped"] == 0
+    assert set(lines[0]) >= {"eval_accuracy", "eval_accuracy_eval", "eval_accuracy_eval_level1",
+                             "eval_accuracy_eval_level4", "eval_accuracy_hard"}
+    assert not any(k.startswith("eval_accuracy_hard_") for k in lines[0])
+    assert lines[0]["eval_accuracy"] == (lines[0]["eval_accuracy_eval"] + lines[0]["eval_accuracy_hard"]) / 2
     for m in lines[1:]:
         assert CORE_KEYS | {"pg_loss", "clip_frac"} <= set(m), set(m)
         assert m["lr"] > 0 and 0 <= m["accuracy"] <= 1 and m["response_length"] > 0
+        # a random model rarely stops: its rollouts run to the 24-token budget
+        assert 0 < m["truncated_frac"] <= 1 and (m["truncated_frac"] == 1) == (m["response_length"] == 24)
     assert "eval_accuracy" in lines[2]
     ckpt = out / "checkpoint-000002"
     assert sorted(os.listdir(ckpt)) == ["model", "optim", "rng-rank0.pt", "trainer_state.pt"]
@@ -62,8 +75,10 @@ def test_sft_smoke(tiny_model_dir, small_eval_file, tmp_path):
                          "--gradient_checkpointing"))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
+    assert 0 < lines[0]["train_demos_truncated"] < lines[0]["train_rows"]  # level 3-4 demos exceed 24 tokens
     for m in lines[1:]:
         assert CORE_KEYS | {"sft_loss"} <= set(m) and m["reward"] is None and m["time_rollout"] == 0
+        assert m["truncated_frac"] in (0, 0.25, 0.5, 0.75, 1)  # a batch of 4
     assert lines[3]["loss"] < lines[1]["loss"]  # three steps at lr 1e-3 fit the demonstrations better
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-000003" / "model")
 
@@ -101,10 +116,153 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, small_eval_file, tmp_pa
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_bad_data_row_stops_with_a_fix(tiny_model_dir, small_eval_file, tmp_path):
+def test_bad_rows_are_all_reported_before_anything_happens(small_eval_file, tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text('{"problem": "1+1=?", "answer": "2"}\n{"problem": "2+2=?", "solution": "4"}\n')
-    p = run("grpo.py", *small(tiny_model_dir, small_eval_file, tmp_path / "y", "--data", str(data)), check=False)
-    assert p.returncode != 0
-    assert "row 2 of train.jsonl has no field 'answer'; use --answer_key" in p.stderr
-    assert "Traceback" not in p.stderr
+    good = {"problem": "1+1=?", "answer": "2"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        good, {"problem": "2+2=?", "solution": "4"}, good, {"problem": "", "answer": "3"},
+        {"problem": "3+3=?", "answer": ["6", "7"]}, *[{"problem": "4+4=?"}] * 12]))
+    out = tmp_path / "y"
+    # the model does not exist: the data must be checked first, and output_dir left alone
+    p = run("grpo.py", "--model", str(tmp_path / "no-such-model"), "--data", str(data), "--output_dir", str(out),
+            check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "train.jsonl: 15 of 17 rows are bad; fix or drop them:" in p.stderr
+    assert "row 2: no field 'answer'; fill in the gold answer or drop the row" in p.stderr
+    assert "row 4: 'problem' is empty" in p.stderr and "row 5: 'answer' is list" in p.stderr
+    assert "... and 5 more" in p.stderr
+    assert not out.exists()
+
+
+def test_missing_nested_key_suggests_the_closest(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{
+        "prompt": [{"content": "What is 6*7?", "role": "user"}], "ability": "math",
+        "target": [{"content": "<think>\n6*7=42\n</think>\n\\boxed{42}", "role": "assistant"}],
+        "reward_model": {"ground_truth": "42", "style": "rule"}}] * 3), tmp_path / "openr1.parquet")
+    p = run("grpo.py", "--data", str(tmp_path / "openr1.parquet"), "--prompt_key", "prompt",
+            "--answer_key", "reward_model.groundtruth", "--output_dir", str(tmp_path / "z"), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert ("no row has the field 'reward_model.groundtruth' (--answer_key): the rows' 'reward_model' has "
+            "ground_truth, style; did you mean --answer_key reward_model.ground_truth?") in p.stderr
+
+
+def test_fixed_choice_flags_are_checked_when_parsed(capsys):
+    import pytest
+
+    import common
+    import grpo
+    import sft
+    for config, value in [(grpo.Config, "tokenmean"), (sft.Config, "constant")]:
+        with pytest.raises(SystemExit) as err:
+            common.parse_config(config, ["--loss_agg", value])
+        assert err.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_config_flags_given_and_list_values():
+    import common
+    import grpo
+    cfg = common.parse_config(grpo.Config, ["--eval_data", "a.jsonl:32", "b.jsonl", "--eval_data", "c.parquet",
+                                            "--lr=1e-6", "--no-adv_std"])
+    assert cfg.eval_data == ["a.jsonl:32", "b.jsonl", "c.parquet"] and cfg.lr == 1e-6 and cfg.adv_std is False
+    assert common.given_flags(cfg) == {"eval_data", "lr", "adv_std"}
+    default = common.parse_config(grpo.Config, [])
+    assert default.eval_data == ["auto"] and common.given_flags(default) == set()
+    default.data = "train.jsonl"  # file data: the laptop defaults that differ from the docstring's paper command
+    assert common.laptop_defaults(default)[:3] == ["--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)",
+                                                   "--prompts_per_minibatch 8 (paper: 64)"]
+    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default)
+    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg))  # given: not listed
+
+
+def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path):
+    model = tmp_path / "long_model"  # the tiny model with positions for the papers' 1024 + 8192 tokens
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{i}+1=?", "answer": i + 1}) + "\n" for i in range(5)))
+    out = tmp_path / "f"
+    p = run("grpo.py", "--model", str(model), "--data", str(data), "--output_dir", str(out), "--max_steps", "0",
+            "--no-compile", "--verifier_workers", "0")  # max_steps 0: set up, then stop
+    assert "train.jsonl: 5 of 5 answers were JSON numbers; converted to text" in p.stdout
+    assert "file data: --max_prompt_len 1024 and --max_response_len 8192 tokens (the papers' budgets" in p.stdout
+    assert "no evaluation: file data has no held-out set of its own; name one or more with --eval_data" in p.stdout
+    assert ("file data with laptop defaults you did not set: --lr 0.0002 (paper: 1e-6), --prompts_per_step 16 "
+            "(paper: 128)") in p.stdout and "grpo.py's docstring" in p.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_prompt_len"] == 1024 and config["max_response_len"] == 8192 and config["eval_data"] == ["none"]
+    assert metrics(out) == [{"step": 0, "train_rows": 5.0, "train_prompts_dropped": 0.0, "train_demos_truncated": 0.0}]
+
+
+def test_sft_reads_no_answer_and_counts_truncated_demonstrations(tiny_model_dir, tmp_path):
+    import common
+    from transformers import AutoTokenizer
+    data = tmp_path / "demos.jsonl"  # no answer field: SFT does not need one; level-4 demos exceed 24 tokens
+    rows = common.make_task(4, seed=0, levels=(1, 4))
+    data.write_text("".join(json.dumps({"problem": r["problem"], "demo": r["demo"]}) + "\n" for r in rows))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    longer = sum(len(tok(r["demo"], add_special_tokens=False)["input_ids"]) + 1 > 24 for r in rows)
+    assert 0 < longer < 8
+    out = tmp_path / "s"
+    p = run("sft.py", "--model", tiny_model_dir, "--data", str(data), "--output_dir", str(out), "--no-compile",
+            "--max_steps", "1", "--batch_size", "8", "--max_prompt_len", "64", "--max_response_len", "24",
+            "--system_prompt", "", "--verifier_workers", "0")
+    lines = metrics(out)
+    truncated = lines[0]["train_demos_truncated"]
+    assert truncated == longer and f"demos.jsonl: {longer} of 8 demonstrations are longer than --max_response_len 24" \
+        in p.stdout
+    assert lines[1]["truncated_frac"] == truncated / 8  # the batch is the whole file
+
+
+def _wait_for_step(path, step, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-2000:]}\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no step logged in time")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path):
+    out = tmp_path / "int"
+    args = small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--save_every", "0")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "grpo.py"), *args, "--max_steps", "500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+    _wait_for_step(out / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stdout + stderr
+    step = metrics(out)[-1]["step"]
+    ckpt = out / f"checkpoint-{step:06d}"
+    assert ckpt.is_dir() and step < 500
+    said = [line for line in stderr.splitlines() if "SIGINT" in line]
+    assert said == ["SIGINT: saving a checkpoint at the end of this step, then exiting (Ctrl-C again exits at once)",
+                    f"SIGINT: stopped after step {step} and saved {ckpt}; continue with --resume"], said
+    p = run("grpo.py", *args, "--max_steps", str(step + 1), "--resume")
+    assert f"resumed from {ckpt} (step {step})" in p.stdout
+    assert [m["step"] for m in metrics(out)] == list(range(step + 2))
+
+
+def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
+    out = tmp_path / "twice"
+    args = small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--max_steps", "500", "--save_every", "0",
+                 "--group_size", "16", "--max_response_len", "64")  # slower steps: the 2nd signal comes mid-step
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "grpo.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+    _wait_for_step(out / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    while "SIGTERM: saving a checkpoint" not in proc.stderr.readline():  # acknowledged: send the second one
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    assert "SIGTERM: exiting now; the newest checkpoint is kept" in stderr
+    assert not list(out.glob("checkpoint-*"))  # it did not wait for the end of the step to save

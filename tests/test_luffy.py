@@ -89,10 +89,11 @@ def test_mixed_groups_layout_and_masks():
 
 
 def test_truncated_demonstration_is_refused():
-    ok = [{"problem": "1+1=?", "demo_ids": [5, 6, 2]}]
-    luffy.check_demonstrations(ok, eos_id=2, max_response_len=3)
+    ok = [{"problem": "1+1=?", "demo_ids": [5, 6, 2], "demo_finished": True}]
+    common.require_whole_demonstrations(ok, 3, "trained whole")
     with pytest.raises(SystemExit, match="1 of 2 demonstrations do not fit --max_response_len 3"):
-        luffy.check_demonstrations(ok + [{"problem": "2+2=?", "demo_ids": [5, 6, 7]}], eos_id=2, max_response_len=3)
+        common.require_whole_demonstrations(ok + [{"problem": "2+2=?", "demo_ids": [5, 6, 7], "demo_finished": False}],
+                                            3, "trained whole")
 
 
 def test_official_variant_sets_all_four_and_flags_win():
@@ -286,7 +287,8 @@ def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_
     run("luffy.py", *small(tiny_model_dir, small_eval_file, out, *LUFFY, "--eval_data", "", "--variant", "official",
                            "--demo_loss", "sft"))
     lines = metrics(out)
-    assert [m["step"] for m in lines] == [1, 2]
+    assert [m["step"] for m in lines] == [0, 1, 2]  # step 0: the data counts (no evaluation asked for)
+    lines = lines[1:]
     for m in lines:
         assert CORE_KEYS | {"pg_loss", "sft_loss", "entropy_bonus", "demo_prob", "demo_reward"} <= set(m), set(m)
         assert m["clip_frac"] == 0.0 and m["sft_loss"] > 0 and "off_policy_loss" not in m

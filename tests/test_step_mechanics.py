@@ -65,10 +65,10 @@ def test_variant_sets_its_fields_but_the_command_line_wins():
 
     official = {"official": {"clip": 1e9, "adv_std": False}}
     cfg = common.parse_config(Cfg, [], official)
-    assert (cfg.clip, cfg.adv_std, cfg.cli_flags) == (0.2, True, set())
+    assert (cfg.clip, cfg.adv_std, common.given_flags(cfg)) == (0.2, True, set())
     cfg = common.parse_config(Cfg, ["--variant", "official"], official)
     assert (cfg.clip, cfg.adv_std) == (1e9, False)
     cfg = common.parse_config(Cfg, ["--variant", "official", "--clip", "0.3", "--adv_std"], official)
-    assert (cfg.clip, cfg.adv_std) == (0.3, True) and cfg.cli_flags == {"variant", "clip", "adv_std"}
+    assert (cfg.clip, cfg.adv_std) == (0.3, True) and common.given_flags(cfg) == {"variant", "clip", "adv_std"}
     with pytest.raises(SystemExit):  # a fixed set of values is checked when parsed
         common.parse_config(Cfg, ["--variant", "offical"], official)

@@ -109,7 +109,8 @@ def test_hint_draws_come_from_the_checkpointed_generator():
 
 
 def demo_rows(tok, demos, max_len=48):
-    return [{"demo_ids": (tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:max_len]} for d in demos]
+    ids = [tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in demos]
+    return [{"problem": d, "demo_ids": i[:max_len], "demo_finished": len(i) <= max_len} for d, i in zip(demos, ids)]
 
 
 def test_pieces_are_lines_but_never_the_last(tiny_model_dir, capsys):
@@ -128,7 +129,7 @@ def test_pieces_are_lines_but_never_the_last(tiny_model_dir, capsys):
 
 def test_bad_demonstrations_are_refused(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with pytest.raises(SystemExit, match="do not fit in --max_response_len 8"):
+    with pytest.raises(SystemExit, match="do not fit --max_response_len 8"):
         uft.add_piece_ends(demo_rows(tok, ["3+5=8\n8+7=15\n</think>\n\\boxed{15}"], max_len=8), tok, 8)
     with pytest.raises(SystemExit, match="no demonstration has more than one line"):
         uft.add_piece_ends(demo_rows(tok, ["42", "\\boxed{7}"]), tok, 48)
@@ -346,7 +347,8 @@ def test_cli_run_and_resume(tiny_model_dir, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run("uft.py", *small(tiny_model_dir, "", full, *args))  # no evaluation: common's, tested elsewhere
     a = metrics(full)
-    assert [m["step"] for m in a] == [1, 2, 3]
+    assert [m["step"] for m in a] == [0, 1, 2, 3]  # step 0: the data counts (no evaluation asked for)
+    a = a[1:]
     keys = CORE_KEYS | {"pg_loss", "clip_frac", "kl", "entropy_bonus", "hint_loss", "hint_prob", "hint_fraction",
                         "hint_share", "hint_length"}
     for m in a:
@@ -364,7 +366,8 @@ def test_cli_run_and_resume(tiny_model_dir, tmp_path):
     p = run("uft.py", *small(tiny_model_dir, "", cut, *args, "--resume"))
     assert "resumed from" in p.stdout + p.stderr
     b = metrics(cut)
-    assert [m["step"] for m in b] == [1, 2, 3]
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    b = b[1:]
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
     assert os.path.isdir(cut / "checkpoint-000003")

@@ -1,0 +1,121 @@
+"""Evaluate a model on math test sets: pass@1 averaged over k samples per problem (METHODS.md section 9).
+
+The same verifier, prompt format and evaluation code as the trainers' --eval_data (common.evaluate_sets):
+the chat template without the training system message, the answer graded after </think>, k samples
+per problem at temperature 0.6, accuracy per file and per level (rows with a `level` field).
+Writes metrics.json and one JSON record per sample (prompt, response, extracted answer, reward) to
+records.jsonl in --output_dir.
+
+    python evaluate.py --model runs/grpo/checkpoint-000040 --data builtin          # CPU, torch sampler
+    python evaluate.py --model Qwen/Qwen2.5-Math-7B --data aime24.parquet:32 amc23.parquet:32 \\
+        math500.jsonl --prompt_key prompt --answer_key reward_model.ground_truth   # 1 GPU, vLLM
+    torchrun --nproc_per_node 8 evaluate.py --model runs/luffy/checkpoint-000500 --data ...  # 8 GPUs
+
+--model is an HF model directory or hub id, a trainer's checkpoint directory (checkpoint-N/, whose
+model/ is loaded), a run directory (its newest checkpoint), or "builtin" (the tiny base model).
+Each --data entry is FILE[:k] or builtin[:k]: k samples per problem (the papers use 32 for AIME and
+AMC, 1 elsewhere); without ":k", --eval_samples.
+"""
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import common
+
+
+@dataclass
+class Config:
+    model: str = ""  # HF directory or hub id, checkpoint-N/ directory, run directory, or "builtin"
+    data: list[str] = field(default_factory=list)  # evaluation sets, each FILE[:k] or builtin[:k]
+    # (k samples per problem, e.g. --data aime24.parquet:32 math500.jsonl); several entries or the flag repeated
+    prompt_key: str = "problem"  # field holding the problem (a string or a list of chat messages)
+    answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
+    eval_samples: int = 0  # k for sets given without ":k"; 0 = auto: 1 for files, the builtin task's for builtin
+    temperature: float = 0.6  # METHODS 9: sampling temperature (top-p 1.0)
+    max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
+    # 0 = auto: 1024 with files (the papers'), the builtin task's when only builtin is evaluated
+    max_response_len: int = 0  # response budget in tokens; 0 = auto: 8192 with files (the papers'), the
+    # builtin task's when only builtin is evaluated
+    seed: int = 0  # the draws of each set are seeded by (seed, set name, rank): repeatable
+    output_dir: str = ""  # where metrics.json and records.jsonl go; default runs/eval/<model name>
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU
+    vllm_gpu_memory_utilization: float = 0.8  # fraction of GPU memory the vLLM engine may take
+    vllm_max_num_batched_tokens: int = 8192  # vLLM's token budget per engine step (bounds its activations)
+    require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
+    verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
+    verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
+    cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
+    vllm_sleep: bool = False  # (no training here: the vLLM engine stays awake)
+
+
+def model_directory(model: str, cache_dir: str) -> str:
+    """The HF directory (or hub id) to load for --model."""
+    if model == "builtin":
+        return common.build_base_model(os.path.expanduser(cache_dir))
+    if os.path.isdir(os.path.join(model, "model")):  # a trainer's checkpoint-N/
+        return os.path.join(model, "model")
+    if os.path.isdir(model) and (ckpt := common.latest_checkpoint(model)):  # a run directory
+        common.print0(f"--model {model} is a run directory: evaluating its newest checkpoint, {ckpt}")
+        return os.path.join(ckpt, "model")
+    return model
+
+
+def main():
+    cfg = common.parse_config(Config)
+    if not cfg.model or not cfg.data:
+        raise SystemExit("error: name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
+    common.check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
+    d = common.init_distributed()
+    builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)
+    settings = common.BUILTIN_SETTINGS if builtin_only else common.FILE_DATA_SETTINGS
+    for key in ("max_prompt_len", "max_response_len"):
+        if getattr(cfg, key) <= 0:
+            setattr(cfg, key, settings[key])
+    try:  # every row of every file is checked before a model is loaded
+        sets = common.parse_eval_sets(cfg.data, cfg.eval_samples or 1,
+                                      cfg.eval_samples or common.BUILTIN_SETTINGS["eval_samples"])
+    except ValueError as e:
+        common._fail(str(e))
+    raw = {s.name: common.read_rows(cfg, s.source, "eval") for s in sets}
+    if "output_dir" not in common.given_flags(cfg):
+        name = "-".join(p for p in os.path.normpath(cfg.model).split(os.sep)[-2:] if p not in (".", "runs"))
+        cfg.output_dir = os.path.join("runs", "eval", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+
+    path = model_directory(cfg.model, cfg.cache_dir)
+    common.check_context_length(path, cfg.max_prompt_len + cfg.max_response_len)  # before any weights load
+    verifier = common.Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    verifier.start()
+    tokenizer = common.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for s in sets:  # METHODS 9: no system message (a data set's own messages are kept)
+        s.rows, _ = common.encode_rows(raw[s.name], tokenizer, None, cfg.max_prompt_len, cfg.max_response_len,
+                                       s.name)
+    common.print0("evaluating " + ", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in sets)
+                  + f" with at most {cfg.max_response_len} response tokens")
+    if cfg.sampler == "vllm" or cfg.sampler == "auto" and d.device.type == "cuda":
+        policy = None  # the vLLM engine loads the weights itself
+    else:
+        policy = common.load_policy(path, d, compile=False, train=False)
+    sampler = common.make_sampler(cfg, d, tokenizer, path, policy)
+    records = []
+    metrics = common.evaluate_sets(sets, sampler, verifier, d, temperature=cfg.temperature,
+                                   max_tokens=cfg.max_response_len, seed=cfg.seed, records=records)
+    verifier.close()
+    if d.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "records.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "model_path": path, "metrics": metrics}, f, indent=1)
+        common.print0(common.format_eval(metrics, sets))
+        common.print0(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')} and records.jsonl "
+                      f"({len(records)} samples)")
+    common.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The verifier: the graded case set, answer extraction, spellings, the fast path, time bounds, threads."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import common
+from common import Verifier, boxed_answers, extract_boxed, normalize_answer
+
+TIMEOUT = 1
+# Wall-clock bound for one pathological item, pool restart included: generous, because the machines
+# are noisy; what it catches is an unbounded item (minutes).
+BOUND_S = 3 * TIMEOUT + 7
+CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_cases.jsonl")
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    yield v
+    v.close()
+
+
+# ---------------------------------------------------------------------------------- the graded case set
+
+def test_graded_cases(verifier):
+    """Every case of tests/data/verifier_cases.jsonl gets its human grade (the README quotes the
+    agreement of plain math-verify on the same set: tests/verifier_agreement.py)."""
+    with open(CASES, encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    assert len(cases) >= 50 and {c["grade"] for c in cases} == {0, 1}
+    assert {"equivalent", "wrong", "hedging", "unboxed", "format", "malformed", "pathological"} == \
+        {c["kind"] for c in cases}
+    start = time.time()
+    rewards = verifier([c["response"] for c in cases], [c["gold"] for c in cases])
+    wrong = [f"case {c['id']} ({c['note']}): got {r}, graded {c['grade']}"
+             for c, r in zip(cases, rewards) if r != c["grade"]]
+    assert not wrong, "\n".join(wrong)
+    assert time.time() - start < 6 * BOUND_S  # six pathological cases, each bounded
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+@pytest.mark.parametrize("text, expected", [
+    (r"so \boxed{1} and finally \boxed{\frac{1}{2}}.", ["1", r"\frac{1}{2}"]),
+    (r"\boxed{\{1, 2\}}", [r"\{1, 2\}"]),
+    (r"\boxed{a_{\boxed{3}}} end", [r"a_{\boxed{3}}"]),  # outermost box, not the nested one
+    (r"\boxed{5} then truncated \boxed{\frac{1}{", ["5"]),
+    (r"\boxed{\frac{1}{ restart: \boxed{5} end", ["5"]),  # an unclosed box does not hide a later one
+    (r"\fbox{7} and \boxed {8}", ["7", "8"]),
+    (r"\boxed{5}}} }", ["5"]),
+    (r"\boxed{}", [""]),
+    ("no box here", []),
+])
+def test_boxed_answers(text, expected):
+    assert boxed_answers(text) == expected
+    assert extract_boxed(text) == (expected[-1] if expected else None)
+
+
+def test_boxed_answers_is_linear():
+    start = time.time()
+    assert boxed_answers("\\boxed{" * 50_000) == []
+    assert boxed_answers("{" * 200_000 + "}" * 200_000 + "\\boxed{1}") == ["1"]
+    assert time.time() - start < 5  # quadratic scanning would take minutes
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\u22125", "-5"), ("\u00bd", "\\frac{1}{2}"), ("1\u00bd", "1\\frac{1}{2}"), ("\u221a2", "\\sqrt{2}"),
+    ("2\u221a(x+1)", "2\\sqrt{x+1}"), ("x\u00b2", "x^{2}"), ("x\u207b\u00b9", "x^{-1}"),
+    ("\u221e", "\\infty "), ("45\u00b0", "45^\\circ "), ("\uff14\uff12", "42"),
+    ("1\\,000", "1000"), ("12\\,345\\,678", "12345678"), ("1{,}000", "1000"), ("3{,}5", "3.5"),
+    ("\\varnothing", "\\emptyset"), ("1,000", "1,000"), ("0.5\\,000", "0.5\\,000"), ("(1, 000)", "(1, 000)"),
+])
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("5", "5", True), ("05", "5", True), ("+5", "5", True), ("-0", "0", True), ("41", "42", False),
+    ("1000000000000000001", "1000000000000000000", False), ("5.0", "5", True), ("0.50", "0.5", True),
+    ("0.5", "0.6", False), ("1.0000001", "1", None), ("1.000003", "1", False),  # math-verify rounds to 6 places
+    ("1.2345678901234", "1.2345678901234", None),  # more digits than a float keeps: math-verify decides
+    ("1/2", "0.5", None), ("x", "5", None), ("5.", "5", None),
+])
+def test_fast_grade(answer, gold, expected):
+    assert common._fast_grade(answer, gold) is expected
+
+
+@pytest.mark.parametrize("response, gold, reward", [
+    ("3+5=8\n</think>\n\\boxed{8}", "8", 1.0),
+    ("</think>\\boxed{68}", 68, 1.0),  # numeric gold
+    ("</think>\\boxed{2}", "2\\sqrt{2}", 0.0),  # the bare-LaTeX gold trap: 2\sqrt{2} must not read as 2
+    ("</think>\\boxed{68}</think>\\boxed{5}", "68", 1.0),  # LUFFY grades the text before a 2nd </think>
+    ("\\boxed{68}", "68", 0.0),  # no </think>
+    ("</think> The answer is 68.", "68", 1.0),  # an unboxed final answer is graded
+    ("</think> The answer is 68 or 69.", "68", 0.0),  # a hedged one scores 0
+    ("</think>\\boxed{68} or \\boxed{69}", "68", 0.0),
+    ("</think>\\boxed{68}, again \\boxed{68}", "68", 1.0),
+    ("</think>\\boxed{1} \\boxed{2} \\boxed{3} \\boxed{4} \\boxed{5}", "1, 2, 3, 4, 5", 0.0),  # > 4: hedging
+    ("</think>\\boxed{" + "6" * 1001 + "}", "6" * 1001, 0.0),  # over MAX_ANSWER_CHARS
+])
+def test_rewards(verifier, response, gold, reward):
+    assert verifier([response], [gold]) == [reward]
+
+
+def test_grade_returns_the_graded_answer(verifier):
+    out = verifier.grade(["</think>\\boxed{1} and \\boxed{\\frac{1}{2}}", "</think> so the answer is $7$.",
+                          "no think", "</think>\\boxed{4}"], ["1", "7", "1", "4"])
+    assert out == [(0.0, "1 | \\frac{1}{2}"), (1.0, "7"), (0.0, None), (1.0, "4")]
+
+
+def test_batch_keeps_order(verifier):
+    responses = [f"</think>\\boxed{{\\frac{{{i}}}{{1}}}}" for i in range(40)]  # not plain numbers: the pool
+    golds = [str(i if i % 3 else i + 1) for i in range(40)]
+    assert verifier(responses, golds) == [0.0 if i % 3 == 0 else 1.0 for i in range(40)]
+
+
+def test_require_think_off_grades_text_without_think():
+    v = Verifier(num_workers=0, timeout_s=TIMEOUT, require_think=False)
+    assert v(["\\boxed{68}", "x</think>\\boxed{68}", "\\boxed{7}"], ["68", "68", "68"]) == [1.0, 1.0, 0.0]
+
+
+def test_fast_and_empty_answers_never_call_math_verify(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("math-verify was called")
+    monkeypatch.setattr(common, "parse", boom)
+    v = Verifier(num_workers=0)
+    assert v(["", "\\boxed{1}", "</think>\\boxed{ }", "</think>\\boxed{" + "1" * 5000 + "}", "</think>",
+              "</think> 1", "</think>\\boxed{2.50}", "</think>\\boxed{-3}"],
+             ["1", "1", "1", "1", "1", "1", "2.5", "3"]) == [0, 0, 0, 0, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("timeout_s", [2.0, 0.5])
+def test_float_timeout_still_grades(timeout_s):
+    # math-verify hands its timeout to signal.alarm, which rejects floats; math-verify swallows that
+    # error and returns "no answer", so a float passed through would silently make every reward 0
+    v = Verifier(num_workers=0, timeout_s=timeout_s)
+    assert v(["</think>\\boxed{\\frac{1}{2}}"], ["0.5"]) == [1.0]
+
+
+def test_mismatched_lengths(verifier):
+    with pytest.raises(ValueError, match="2 responses but 1 gold"):
+        verifier(["a", "b"], ["1"])
+
+
+# ---------------------------------------------------------------------------------- time bound, processes
+
+@pytest.mark.parametrize("answer", [
+    "9^{9^{9^{9^{9}}}}",
+    "".join("\\frac{1}{1+" for _ in range(60)) + "1" + "}" * 60,
+    "{" * 400 + "1" + "}" * 400,
+])
+def test_pathological_is_bounded_and_verifier_recovers(verifier, answer):
+    start = time.time()
+    assert verifier(["</think>\\boxed{" + answer + "}", "</think>\\boxed{\\sqrt{64}}"], ["3", "8"]) == [0.0, 1.0]
+    assert time.time() - start < BOUND_S
+    assert verifier(["</think>\\boxed{\\frac{136}{2}}"], ["68"]) == [1.0]
+
+
+_real_grade = common._grade
+
+
+def _grade_or_hang(kind, answer, gold, timeout):  # module level so the pool can pickle it by name
+    if gold == "hang":  # stands for an input stuck in C code, where no SIGALRM can interrupt it
+        time.sleep(60)
+    return _real_grade(kind, answer, gold, timeout)
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("PPid:")).split()[1])
+
+
+def test_backstop_replaces_a_stuck_worker_from_the_fork_server(monkeypatch):
+    monkeypatch.setattr(common, "_grade", _grade_or_hang)  # workers import this test module by name
+    v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    v.start()
+    try:
+        responses = ["</think>\\boxed{x}", "</think>\\boxed{y}", "</think>\\boxed{z}", "</think>\\boxed{w}"]
+        start = time.time()
+        assert v(responses, ["x", "hang", "z", "v"]) == [1.0, 0.0, 1.0, 0.0]
+        assert time.time() - start < BOUND_S
+        # the replacement pool was forked by the fork server, not by this (possibly threaded) process
+        assert all(_parent_pid(p.pid) != os.getpid() for p in v._pool._pool)
+        start = time.time()
+        assert v(responses[:1], ["x"]) == [1.0]
+        assert time.time() - start < BOUND_S
+    finally:
+        v.close()
+
+
+def test_called_from_a_worker_thread():
+    # math-verify's SIGALRM timeouts fail off the main thread: such calls must go through the pool,
+    # even with num_workers=0
+    v = Verifier(num_workers=0, timeout_s=TIMEOUT)
+    out = []
+    thread = threading.Thread(target=lambda: out.append(v(["</think>\\boxed{\\frac{1}{2}}"] * 2, ["0.5", "0.4"])))
+    thread.start()
+    thread.join(timeout=60)
+    v.close()
+    assert out == [[1.0, 0.0]]
+
+
+def test_workers_ignore_ctrl_c(verifier):
+    verifier.start()
+    pids = [p.pid for p in verifier._pool._pool]
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert [p.pid for p in verifier._pool._pool] == pids and all(p.is_alive() for p in verifier._pool._pool)
+    assert verifier(["</think>\\boxed{\\frac{2}{4}}"], ["0.5"]) == [1.0]

@@ -1,0 +1,142 @@
+"""How often the verifier agrees with the human grades of tests/data/verifier_cases.jsonl, next to
+plain math-verify (the whole response, the gold wrapped in $...$), plus two checks of the fast path:
+its agreement with math-verify on generated pairs of plain numbers, and the grading speed.
+
+    python tests/verifier_agreement.py              # the agreement table quoted in the README
+    python tests/verifier_agreement.py --verbose    # and every case where a grader disagrees
+    python tests/verifier_agreement.py --fast       # fast path vs math-verify, and items per second
+
+Both graders run with the same 2-second math-verify timeouts and the same hard bound per item.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_cases.jsonl")
+TIMEOUT = 2
+
+
+def load_cases():
+    with open(CASES, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def plain_math_verify(response: str, gold: str) -> float:
+    """math-verify used directly: its own extraction on the whole response."""
+    gold_parsed = common.parse("$" + gold + "$", parsing_timeout=TIMEOUT)
+    pred = common.parse(response, parsing_timeout=TIMEOUT)
+    return float(bool(gold_parsed) and bool(pred) and common.verify(gold_parsed, pred, timeout_seconds=TIMEOUT))
+
+
+def grade_plain(cases) -> list[float]:
+    """Plain math-verify in a process pool, each item bounded like ours (a stuck item scores 0)."""
+    out = []
+    ctx = mp.get_context("forkserver")
+    pool = ctx.Pool(1, initializer=common._grading_worker_init)
+    for c in cases:
+        try:
+            out.append(pool.apply_async(plain_math_verify, (c["response"], c["gold"])).get(3 * TIMEOUT))
+        except mp.TimeoutError:
+            out.append(0.0)
+            pool.terminate()
+            pool = ctx.Pool(1, initializer=common._grading_worker_init)
+    pool.terminate()
+    return out
+
+
+def agreement(verbose: bool):
+    cases = load_cases()
+    verifier = common.Verifier(num_workers=2, timeout_s=TIMEOUT)
+    ours = verifier([c["response"] for c in cases], [c["gold"] for c in cases])
+    verifier.close()
+    plain = grade_plain(cases)
+    kinds = list(dict.fromkeys(c["kind"] for c in cases))
+    total, agree_ours, agree_plain = Counter(), Counter(), Counter()
+    for c, a, b in zip(cases, ours, plain):
+        total[c["kind"]] += 1
+        agree_ours[c["kind"]] += a == c["grade"]
+        agree_plain[c["kind"]] += b == c["grade"]
+        if verbose and (a != c["grade"] or b != c["grade"]):
+            print(f"case {c['id']:3d} [{c['kind']}] {c['note']}: human {c['grade']}, ours {a:.0f}, "
+                  f"plain math-verify {b:.0f}")
+    print(f"\n| cases | n | ours | plain math-verify |\n|---|---|---|---|")
+    for k in kinds:
+        print(f"| {k} | {total[k]} | {agree_ours[k]} | {agree_plain[k]} |")
+    n = sum(total.values())
+    a, b = sum(agree_ours.values()), sum(agree_plain.values())
+    print(f"| all | {n} | {a} ({a / n:.0%}) | {b} ({b / n:.0%}) |")
+
+
+def random_number_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Plain integers and decimals, equal, different, and closer than math-verify's 6-place rounding."""
+    rng, pairs = random.Random(seed), []
+    for _ in range(n):
+        kind = rng.randrange(6)
+        x = rng.choice([rng.randrange(10), rng.randrange(10**6), rng.randrange(10**20)]) * rng.choice([1, -1])
+        if kind == 0:  # integers, equal or off by a little
+            pairs.append((str(x), str(x + rng.choice([0, 0, 1, -1, 10]))))
+        elif kind == 1:  # leading zeros and signs
+            pairs.append(("+" + str(abs(x)) if rng.random() < 0.5 else "0" + str(abs(x)), str(abs(x))))
+        elif kind == 2:  # an integer written as a decimal
+            pairs.append((f"{x}.{'0' * rng.randrange(1, 4)}", str(x)))
+        else:  # decimals: equal, trailing zeros, or different by 1e-9 .. 1
+            d = round(rng.uniform(-1000, 1000), rng.randrange(1, 9))
+            delta = rng.choice([0, 0, 1e-9, 1e-7, 5e-7, 1e-6, 3e-6, 1e-5, 0.01, 1])
+            pairs.append((f"{d:.{rng.randrange(1, 10)}f}", f"{d + delta:.{rng.randrange(1, 10)}f}"))
+    return pairs
+
+
+def fast_path(n: int):
+    pairs = random_number_pairs(n)
+    decided = agree = 0
+    for a, g in pairs:
+        fast = common._fast_grade(a, g)
+        if fast is not None:
+            decided += 1
+            agree += fast == common._grade("boxed", a, g, TIMEOUT)[0]
+    print(f"fast path: {len(pairs)} generated pairs of plain numbers, decided {decided} without math-verify, "
+          f"agreed with math-verify on {agree} of those")
+
+    responses = [f"Adding them up.\n</think>\nThe sum is \\boxed{{{i % 37}}}." for i in range(512)]
+    golds = [str((i * 7) % 37) for i in range(512)]
+    verifier = common.Verifier(num_workers=2, timeout_s=TIMEOUT)
+    verifier.start()
+    verifier(responses[:8], golds[:8])  # warm
+    for name, fn in [("ours (fast path)", lambda: verifier(responses, golds)),
+                     ("ours without the fast path", lambda: _without_fast_path(verifier, responses, golds)),
+                     ("plain math-verify, main thread",
+                      lambda: [plain_math_verify(r, g) for r, g in zip(responses, golds)])]:
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        print(f"{name}: {len(responses) / elapsed:,.0f} items/s ({len(responses)} integer answers)")
+    verifier.close()
+
+
+def _without_fast_path(verifier, responses, golds):
+    saved = common._fast_grade
+    common._fast_grade = lambda a, g: None
+    try:
+        return verifier(responses, golds)
+    finally:
+        common._fast_grade = saved
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--pairs", type=int, default=3000)
+    args = parser.parse_args()
+    if args.fast:
+        fast_path(args.pairs)
+    else:
+        agreement(args.verbose)
