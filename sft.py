@@ -78,6 +78,7 @@ def main():
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
         metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
+                       demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
         run.end_step(step + 1, metrics)
