@@ -615,7 +615,17 @@ def _logprob_entropy(hidden, weight, labels, temperature: float, with_entropy: b
     return logp, entropy
 
 
-_compiled_logprob_entropy = torch.compile(_logprob_entropy, dynamic=True)
+_compiled = {}
+
+
+def logprob_entropy_kernel(compile: bool):
+    """_logprob_entropy, torch.compile'd on first request (so that importing common, and a --no-compile
+    run, never pay for the compiler's import)."""
+    if not compile:
+        return _logprob_entropy
+    if "kernel" not in _compiled:
+        _compiled["kernel"] = torch.compile(_logprob_entropy, dynamic=True)
+    return _compiled["kernel"]
 
 
 class PolicyModel(nn.Module):
@@ -632,7 +642,7 @@ class PolicyModel(nn.Module):
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
-        self.kernel = _compiled_logprob_entropy if compile else _logprob_entropy
+        self.kernel = logprob_entropy_kernel(compile)
 
     def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0,
                 with_entropy: bool = False):

@@ -205,7 +205,7 @@ def test_compiled_kernel_matches_reference():
     lm = tiny_lm(seed=8)
     prompts, responses = random_pairs(8, [2, 3], [3, 2])
     model = common.PolicyModel(lm, compile=True, chunk_size=3)
-    assert model.kernel is common._compiled_logprob_entropy
+    assert model.kernel is common.logprob_entropy_kernel(True) is not common._logprob_entropy
     batch = common.make_batch(prompts, responses, PAD, "cpu")
     with torch.no_grad():
         logp, entropy = model(**batch, temperature=0.7, with_entropy=True)

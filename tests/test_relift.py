@@ -129,7 +129,7 @@ def test_variants_set_the_official_rl_settings_only():
     assert (off.clip_eps_low, off.clip_eps_high, off.adv_std, off.loss_agg, off.max_grad_norm, off.entropy_coef) == \
         (1e9, 1e9, False, "constant", 0.7, 0.001)
     for c in (paper, off):  # the FT step is the same in both variants (Eq. 24 with its own AdamW)
-        assert (c.ft_threshold, c.ft_lr, c.ft_entropy_coef, c.ft_max_grad_norm) == (16, 5e-5, 0.001, 1.0)
+        assert (c.ft_threshold, c.ft_lr, c.ft_entropy_coef, c.ft_max_grad_norm) == (16, c.lr, 0.001, 1.0)
     mixed = common.parse_config(relift.Config, ["--variant", "official", "--clip_eps_low", "0.2"],
                                 {"official": relift.OFFICIAL})
     assert mixed.clip_eps_low == 0.2 and mixed.clip_eps_high == 1e9
@@ -247,7 +247,7 @@ def test_fine_tune_steps_its_own_optimizer_only(tiny_model_dir):
     assert all(p.grad is None for p in model.parameters())  # the FT step leaves no gradient behind
     for name, p in model.named_parameters():
         step = p.detach() - before[name] * (1 - c.ft_lr * 0.01)  # remove the decoupled weight decay
-        moved = step.abs()[ft_opt.state[p]["exp_avg"].abs() > 1e-6]  # |g| >> Adam's eps
+        moved = step.abs()[ft_opt.state[p]["exp_avg"].abs() > 1e-5]  # |g| > 1e-4 >> Adam's eps 1e-8
         torch.testing.assert_close(moved, torch.full_like(moved, c.ft_lr), rtol=1e-3, atol=1e-9)
 
 

@@ -325,7 +325,7 @@ def test_reward_scales_and_answer_formats():
 def test_official_variant_sets_the_run_config_and_the_command_line_wins():
     variants = {"official": uft.OFFICIAL}
     paper = common.parse_config(uft.Config, [], variants)
-    assert (paper.lr, paper.group_size, paper.entropy_coef, paper.reward_scale) == (5e-5, 8, 0.0, "binary")
+    assert (paper.lr, paper.group_size, paper.entropy_coef, paper.reward_scale) == (2e-4, 8, 0.0, "binary")
     off = common.parse_config(uft.Config, ["--variant", "official", "--group_size", "8"], variants)
     assert (off.lr, off.prompts_per_step, off.prompts_per_minibatch, off.max_steps) == (1e-6, 256, 64, 500)
     assert (off.kl_coef, off.entropy_coef, off.reward_scale, off.group_size) == (0.001, 0.001, "uft", 8)
