@@ -236,7 +236,8 @@ def search_metrics(results: list[dict], ends: list[list[int]], n_prompts: int, c
             "anchor_skip_frac": skipped / n, "prefix_ratio": per_used(frac_tok),
             "anchor_episode_frac": per_used(frac_ep), "anchor_tokens": per_used(tok), "anchored_reward": per_used(rew),
             "search_rounds": rounds / searched if searched else None, "search_calls": calls / world,
-            "extra_samples": extra_s, "extra_tokens": extra_t, "generated_tokens": first_t + extra_t}
+            "extra_samples": extra_s, "extra_tokens": extra_t, "generated_tokens": first_t + extra_t,
+            "demo_tokens": tok}  # anchor tokens of the trained anchored groups, once per question
 
 
 # ======================================================================================

@@ -152,6 +152,7 @@ def main():
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
         metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
                                       t0, t1, t2)
+        metrics.update(demo_tokens=0)  # demonstration tokens used: none
         run.end_step(step + 1, metrics)
     common.shutdown()
 

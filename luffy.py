@@ -233,7 +233,7 @@ def main():
             float(by_group[:, 0].sum()), by_group.shape[0],
             sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, demo_tokens)),
             sum(float(m.sum()) for m in demo_tokens)])
-        metrics.update(demo_reward=demo_r / n_demo, entropy_demo=demo_h / max(n_tok, 1))
+        metrics.update(demo_reward=demo_r / n_demo, entropy_demo=demo_h / max(n_tok, 1), demo_tokens=n_tok)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -311,7 +311,8 @@ def main():
             sum(float((mb["old_entropy"] * mb["prefix_mask"]).sum()) for mb in micro)])
         metrics.update(prefix_low=l_low, prefix_ratio=ratio_sum / n_hybrid, reward_plain=metrics["reward"],
                        reward_hybrid=r_hybrid / n_hybrid, gate_kept_frac=n_kept / max(n_prefix, 1),
-                       entropy_prefix=h_prefix / max(n_prefix, 1))  # pi_old's mean entropy on prefix tokens
+                       entropy_prefix=h_prefix / max(n_prefix, 1),  # pi_old's mean entropy on prefix tokens
+                       demo_tokens=n_prefix)  # the hybrids' prefix tokens, all ranks
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -266,7 +266,8 @@ def main():
         metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
                                       t0, t1, t2)
         metrics.update(hardest_prompts=len(hardest), buffer_size=len(buffer), ft_steps=int(bool(ft_batch)),
-                       ft_steps_total=ft_steps_total, **ft)
+                       ft_steps_total=ft_steps_total, **ft,
+                       demo_tokens=sum(len(run.train_rows[i]["demo_ids"]) for i in ft_batch))  # FT targets, all ranks
         run.end_step(step + 1, metrics, {"buffer": buffer, "ft_steps_total": ft_steps_total})
     common.shutdown()
 

@@ -80,6 +80,7 @@ def main():
         metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
+                       demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
                        time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
         run.end_step(step + 1, metrics)

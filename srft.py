@@ -254,8 +254,10 @@ def main():
         by_group = rewards.view(-1, G)  # [P, G], column 0 the demonstrations
         metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
                                       grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
-        demo_r, n_demo = common.all_reduce([float(by_group[:, 0].sum()), by_group.shape[0]])
-        metrics.update(demo_reward=demo_r / n_demo)
+        demo_r, n_demo, demo_tokens = common.all_reduce([float(by_group[:, 0].sum()), by_group.shape[0],
+                                                         sum(float((mb["response_mask"] * mb["prefix_mask"]).sum())
+                                                             for mb in micro)])  # the whole demonstrations
+        metrics.update(demo_reward=demo_r / n_demo, demo_tokens=demo_tokens)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -292,7 +292,8 @@ def main():
                                       t0, t1, t2)
         fraction, hinted, length, n = common.all_reduce([sum(f for _, f in hints), sum(h > 0 for h, _ in hints),
                                                          sum(h for h, _ in hints), len(hints)])
-        metrics.update(hint_prob=p_t, hint_fraction=fraction / n, hint_share=hinted / n, hint_length=length / n)
+        metrics.update(hint_prob=p_t, hint_fraction=fraction / n, hint_share=hinted / n, hint_length=length / n,
+                       demo_tokens=length)  # hint tokens, once per prompt, all ranks
         run.end_step(step + 1, metrics)
     common.shutdown()
 

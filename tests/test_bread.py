@@ -310,6 +310,8 @@ def test_bread_smoke(tiny_model_dir, small_eval_file, tmp_path):
         assert m["anchor_mixed_frac"] + m["anchor_fallback_frac"] + m["anchor_skip_frac"] == pytest.approx(1.0)
         assert m["extra_samples"] == pytest.approx(m["search_rounds"] * 4 * 3)  # rounds x questions x G
         assert m["generated_tokens"] > m["extra_tokens"] > 0
+        used = (m["anchor_mixed_frac"] + m["anchor_fallback_frac"]) * 4  # trained anchored groups (fallback success)
+        assert m["demo_tokens"] == pytest.approx((m["anchor_tokens"] or 0) * used)
 
 
 def test_bread_refuses_bad_input(tiny_model_dir, small_eval_file, tmp_path):

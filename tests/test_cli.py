@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_KEYS = {"step", "loss", "reward", "accuracy", "entropy", "response_length", "truncated_frac", "grad_norm",
-             "lr", "time_rollout", "time_train", "tokens_per_second"}
+             "lr", "time_rollout", "time_train", "tokens_per_second", "demo_tokens"}
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 
 
@@ -59,6 +59,7 @@ def test_grpo_smoke_and_checkpoint(tiny_model_dir, small_eval_file, tmp_path):
         assert m["lr"] > 0 and 0 <= m["accuracy"] <= 1 and m["response_length"] > 0
         # a random model rarely stops: its rollouts run to the 24-token budget
         assert 0 < m["truncated_frac"] <= 1 and (m["truncated_frac"] == 1) == (m["response_length"] == 24)
+        assert m["demo_tokens"] == 0 and m["generated_tokens"] > 0
     assert "eval_accuracy" in lines[2]
     ckpt = out / "checkpoint-000002"
     assert sorted(os.listdir(ckpt)) == ["model", "optim", "rng-rank0.pt", "trainer_state.pt"]
@@ -79,6 +80,7 @@ def test_sft_smoke(tiny_model_dir, small_eval_file, tmp_path):
     for m in lines[1:]:
         assert CORE_KEYS | {"sft_loss"} <= set(m) and m["reward"] is None and m["time_rollout"] == 0
         assert m["truncated_frac"] in (0, 0.25, 0.5, 0.75, 1)  # a batch of 4
+        assert abs(m["demo_tokens"] - 4 * m["response_length"]) < 1e-6  # 4 demonstrations, all their tokens
     assert lines[3]["loss"] < lines[1]["loss"]  # three steps at lr 1e-3 fit the demonstrations better
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-000003" / "model")
 

@@ -280,6 +280,7 @@ def test_luffy_smoke_paper(tiny_model_dir, small_eval_file, tmp_path):
         assert m["demo_reward"] == 1.0  # the builtin demonstrations are correct and graded as such
         assert 0 < m["demo_prob"] < 1 and m["shaping_weight"] > 0 and m["off_policy_loss"] != 0
         assert "sft_loss" not in m and "entropy_bonus" not in m
+        assert m["demo_tokens"] == int(m["demo_tokens"]) and 4 * 10 < m["demo_tokens"] <= 4 * 48  # 4 whole demos
 
 
 def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_path):

@@ -376,6 +376,7 @@ def test_prefix_rft_smoke(tiny_model_dir, small_eval_file, tmp_path):
         assert KEYS <= set(m), KEYS - set(m)
         assert 0 < m["prefix_ratio"] < 1 and 0 <= m["reward_hybrid"] <= 1 and m["reward_plain"] == m["reward"]
         assert 0.2 <= m["gate_kept_frac"] <= 1
+        assert m["demo_tokens"] == int(m["demo_tokens"]) and 4 <= m["demo_tokens"] < 4 * 24  # 4 prefixes, never whole
     assert lines[1]["prefix_low"] == pytest.approx(0.95) and lines[2]["prefix_low"] == pytest.approx(0.5)
     assert "eval_accuracy" in lines[2] and json.loads((out / "config.json").read_text())["unit"] == "minibatch"
 

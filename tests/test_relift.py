@@ -311,6 +311,7 @@ def test_cli_smoke_ft_after_rl_and_resume(tiny_model_dir, small_eval_file, tmp_p
         [(4, 4, 0, 0), (4, 2, 1, 1), (4, 0, 1, 2), (4, 4, 0, 2)]
     assert a[1]["ft_loss"] == a[1]["sft_loss"] == a[1]["ft_grad_norm"] == 0  # no FT step: zeros, same keys
     assert a[2]["sft_loss"] > 0 and a[2]["ft_grad_norm"] > 0
+    assert a[1]["demo_tokens"] == 0 and 6 * 10 < a[2]["demo_tokens"] <= 6 * 24  # the 6 popped demonstrations
     assert a[2]["ft_loss"] == pytest.approx(a[2]["sft_loss"] - 0.001 * a[2]["entropy_demo"], rel=1e-6)
 
     # The FT step comes after the RL step: with M = 4 an FT step ends step 1, yet step 1's RL

@@ -303,6 +303,7 @@ def test_srft_smoke(variant, tiny_model_dir, small_eval_file, tmp_path):
     for m in lines:
         assert KEYS <= set(m), set(m)
         assert m["demo_reward"] == 1.0 and m["sft_loss"] > 0 and m["off_policy_loss"] != 0
+        assert m["demo_tokens"] == int(m["demo_tokens"]) and 4 * 10 < m["demo_tokens"] <= 4 * 48  # 4 whole demos
         # the mean of a convex function of H is at least the function of the mean H (Jensen), per step and
         # averaged over steps: the logged weights and entropies are of the same tokens
         sign = -1 if variant == "paper" else 1

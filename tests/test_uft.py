@@ -357,7 +357,8 @@ def test_cli_run_and_resume(tiny_model_dir, tmp_path):
     # T_hint = round(0.6 * 3) = 2: p = 0.5 + 0.225 (1 + cos(pi t / 2)) = 0.725, 0.5, then no hint
     assert [m["hint_prob"] for m in a] == pytest.approx([0.725, 0.5, 0.0], abs=1e-12)
     assert all(m["hint_share"] > 0 and m["hint_loss"] > 0 and m["hint_length"] > 0 for m in a[:2])
-    assert a[2]["hint_share"] == a[2]["hint_fraction"] == a[2]["hint_loss"] == 0.0
+    assert a[2]["hint_share"] == a[2]["hint_fraction"] == a[2]["hint_loss"] == a[2]["demo_tokens"] == 0.0
+    assert all(m["demo_tokens"] == pytest.approx(4 * m["hint_length"]) for m in a)  # once per prompt, 4 prompts
     assert a[2]["loss"] != a[1]["loss"]
 
     shutil.copytree(full, cut)

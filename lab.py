@@ -1,0 +1,856 @@
+"""The laptop lab: every trainer on the built-in task with one budget, three seeds each, and the papers'
+claims put to the test (issue 14). One command, one results folder:
+
+    python lab.py                     # the full lab into lab_results/ (2 idle cores: see README, "The laptop lab")
+    python lab.py --jobs 4            # 4 trainers at a time, each with OMP_NUM_THREADS = cores / 4
+    python lab.py --quick             # smoke run into lab_results_quick/: 1 seed, 4 steps, 10 problems per level
+    python lab.py --verdicts lab_results/results.json    # the claim-by-claim verdicts of a finished lab
+
+What runs. Every trainer of TRAINERS whose file exists next to this one (one that does not, e.g. srft.py
+on a branch without it, is listed as missing in the results), with seeds 0, 1, 2, plus the two-stage
+baselines SFT then GRPO and GRPO then SFT, whose second stage starts from the first stage's final
+checkpoint. Each run is a subprocess of the trainer's own command line,
+`python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console in lab.log there.
+
+Budget matching (BUDGET_TEXT, also written into results.md):
+  - the same base (the built-in one) and the same prompts: 80 steps x 16 prompts = 1280, drawn in the same
+    seeded order; sft.py with --batch_size 16 --max_steps 80; a two-stage baseline 40 + 40 steps of 16
+    (the second stage restarts the seeded order: it sees the first stage's 640 prompts again, since no
+    trainer flag starts the stream later; the same seed keeps the evaluation's draws those of the others);
+  - the same lr per family: the trainers' defaults (RL 2e-4, SFT 5e-4), and every other default too;
+  - what cannot be matched is reported: generated tokens (sum over steps of the core key generated_tokens,
+    the sampling cost) and demonstration tokens (sum of demo_tokens: the demonstration tokens a step put
+    before the model as training target or as context, once per prompt, all ranks).
+
+Reruns. A run is finished when its metrics.jsonl reaches its last step and its final checkpoint exists;
+a rerun of the lab reuses it if its command is unchanged (lab_job.json holds the command). An unfinished
+run with the same command is resumed (--resume: from its newest checkpoint, or from scratch if it has
+none); a run whose command changed is deleted and started afresh, and so is the second stage of a
+two-stage baseline whose first stage ran again. A failed run stays in the table as failed, with the tail
+of its log in <results>/failures/.
+
+Verdicts: `verdicts()` turns results.json into one verdict per claim of issue 14 with the decision rules
+written in its docstring (and in RULES); nothing is hand-written. matplotlib is needed for the figures
+only (optional: without it the lab says so and writes everything else); the trainers never import it.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ======================================================================================
+# What runs: methods, budget, jobs
+# ======================================================================================
+
+TRAINERS = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # table order
+FUSION = ["luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # single-stage fusion (claim 3)
+TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft")}
+METHODS = TRAINERS + list(TWO_STAGE)
+LABELS = {"sft": "SFT", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT", "uft": "UFT",
+          "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
+          "grpo_then_sft": "GRPO then SFT"}
+GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task v3: levels by reachability
+GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)"}
+
+BUDGET_TEXT = (
+    "Budget matching: every method starts from the same built-in base and sees the same {prompts_total} "
+    "training prompts ({steps} steps x {prompts} prompts, the same seeded order); sft.py runs "
+    "`--batch_size {prompts} --max_steps {steps}`, a two-stage baseline {half} + {rest} steps of {prompts} (its "
+    "second stage restarts the seeded order, so it sees the first stage's prompts again: fewer distinct ones). "
+    "Each family uses its trainer's default lr (RL 2e-4, SFT 5e-4) and every other default. Not matched, "
+    "and therefore reported: generated tokens (sum over steps of `generated_tokens`, the sampling cost; "
+    "sft.py samples nothing while training: 0) and demonstration tokens (sum of `demo_tokens`: the "
+    "demonstration tokens a step put before the model as training target or as context, once per prompt).")
+
+
+@dataclass
+class Budget:
+    steps: int = 80  # training steps of every method (a two-stage baseline: steps // 2 + the rest)
+    prompts: int = 16  # prompts per step (RL: --prompts_per_step, mini-batches of half; SFT: --batch_size)
+    eval_every: int = 20  # held-out evaluation every N steps (and at 0 and at the end)
+    eval_per_level: int = 200  # held-out problems per level; 200 = the whole built-in held-out set
+    seeds: tuple = (0, 1, 2)
+    model: str = "builtin"  # the base of every method (tests pass a tiny random model)
+    trainer_flags: tuple = ()  # extra flags of common.BaseConfig, given to every trainer
+
+
+@dataclass
+class Job:
+    name: str  # "grpo-s0", "sft_then_grpo-s0/stage2"
+    script: str  # "grpo.py"
+    args: list  # the trainer's flags, --output_dir included
+    out: str  # its output directory
+    last_step: int
+    after: str | None = None  # the job that must finish first (a second stage's first stage)
+
+
+def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
+    """(methods whose trainers exist, {missing method: why})."""
+    have = [m for m in TRAINERS if os.path.exists(os.path.join(root, f"{m}.py"))]
+    missing = {m: f"{m}.py is not in this checkout" for m in TRAINERS if m not in have}
+    for name, stages in TWO_STAGE.items():
+        if all(s in have for s in stages):
+            have.append(name)
+        else:
+            missing[name] = "needs " + " and ".join(f"{s}.py" for s in stages)
+    return have, missing
+
+
+def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, model: str, eval_file: str | None):
+    """The flags of one trainer run under the lab's budget (trainer defaults for everything else)."""
+    args = ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps), "--eval_every", str(budget.eval_every),
+            "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1"]
+    if trainer == "sft":
+        args += ["--batch_size", str(budget.prompts)]
+    else:
+        args += ["--prompts_per_step", str(budget.prompts), "--prompts_per_minibatch", str(budget.prompts // 2)]
+    if model != "builtin":
+        args += ["--model", model]
+    if eval_file:  # a file of built-in held-out rows: no system prompt, as for the built-in data
+        args += ["--eval_data", eval_file, "--system_prompt", ""]
+    return args + list(budget.trainer_flags)
+
+
+def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None = None) -> list[Job]:
+    """Every run of the lab, seed by seed (so a lab cut short has whole seeds), second stages last."""
+    jobs = []
+    for seed in budget.seeds:
+        for m in methods:
+            out = os.path.join(results, "runs", f"{m}-s{seed}")
+            if m in TRAINERS:
+                jobs.append(Job(f"{m}-s{seed}", f"{m}.py",
+                                trainer_args(m, budget, seed, budget.steps, out, budget.model, eval_file),
+                                out, budget.steps))
+                continue
+            (first, second), half = TWO_STAGE[m], budget.steps // 2
+            s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
+            start = os.path.join(s1, f"checkpoint-{half:06d}", "model")
+            jobs.append(Job(f"{m}-s{seed}/stage1", f"{first}.py",
+                            trainer_args(first, budget, seed, half, s1, budget.model, eval_file), s1, half))
+            jobs.append(Job(f"{m}-s{seed}/stage2", f"{second}.py",
+                            trainer_args(second, budget, seed, budget.steps - half, s2, start, eval_file), s2,
+                            budget.steps - half, after=f"{m}-s{seed}/stage1"))
+    return jobs
+
+
+def heldout_file(results: str, per_level: int) -> str | None:
+    """A .jsonl of the first `per_level` built-in held-out problems of each level (None: use all 200)."""
+    import common  # torch and transformers: only when a subset is asked for
+
+    if per_level >= common.HELDOUT_PER_LEVEL:
+        return None
+    path = os.path.join(results, f"heldout-{per_level}-per-level.jsonl")
+    os.makedirs(results, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in common.make_task(per_level, seed=common.EVAL_SEED))
+    return path
+
+
+# ======================================================================================
+# Running: reuse, resume, parallel jobs, failures
+# ======================================================================================
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def signature(job: Job, results: str) -> list[str]:
+    """The job's command with the results folder written as <results> (a moved folder is still reused)."""
+    return [job.script] + [a.replace(os.path.abspath(results), "<results>") for a in job.args]
+
+
+def job_state(job: Job) -> dict | None:
+    path = os.path.join(job.out, "lab_job.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def origin(job: Job | None) -> str | None:
+    """When this run was started from scratch (its first attempt): identifies a first stage's run, so that
+    a second stage is only ever reused or resumed on top of the first stage it started from."""
+    state = job_state(job) if job else None
+    return state["attempts"][0]["started"] if state and state["attempts"] else None
+
+
+def finished(job: Job, results: str, first: Job | None = None) -> bool:
+    """metrics.jsonl reaches the last step, the final checkpoint exists, the command is the lab's and,
+    for a second stage, the first stage (`first`) is still the run it started from."""
+    state = job_state(job)
+    return (state is not None and state["signature"] == signature(job, results)
+            and (first is None or state.get("after") == origin(first))
+            and any(r["step"] == job.last_step for r in read_metrics(job.out))
+            and os.path.isdir(os.path.join(job.out, f"checkpoint-{job.last_step:06d}")))
+
+
+def start(job: Job, results: str, threads: int, fresh: bool, first: Job | None = None) -> subprocess.Popen:
+    """Launch one trainer. fresh (or another command, or another first stage under a second stage):
+    delete what the directory holds and start from scratch; else --resume (newest checkpoint, if any)."""
+    state = job_state(job)
+    if fresh or state is None or state["signature"] != signature(job, results) or \
+            (first is not None and state.get("after") != origin(first)):
+        shutil.rmtree(job.out, ignore_errors=True)
+        state = {"signature": signature(job, results), "after": origin(first), "attempts": []}
+    os.makedirs(job.out, exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args] + (["--resume"] if state["attempts"] else [])
+    state["attempts"].append({"started": now(), "command": shlex.join(cmd), "wall_s": None, "returncode": None})
+    with open(os.path.join(job.out, "lab_job.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               TQDM_MININTERVAL="5")  # progress bars every 5 s in the log, not on every step
+    with open(os.path.join(job.out, "lab.log"), "a") as log:  # the child keeps its own handle
+        log.write(f"\n==== {now()}  {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(job: Job, results: str, wall: float, returncode: int) -> str:
+    """Record the attempt; on failure copy the log's tail to <results>/failures/<job>.log."""
+    state = job_state(job)
+    state["attempts"][-1].update(wall_s=round(wall, 1), returncode=returncode)
+    with open(os.path.join(job.out, "lab_job.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    if returncode == 0 and finished(job, results):
+        return "done"
+    with open(os.path.join(job.out, "lab.log"), errors="replace") as f:
+        tail = f.readlines()[-80:]
+    path = failure_log(results, job.name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{job.name}: exit code {returncode} after {wall:.0f} s; full log {job.out}/lab.log\n\n")
+        f.writelines(tail)
+    return "failed"
+
+
+def failure_log(results: str, name: str) -> str:
+    return os.path.join(results, "failures", name.replace("/", "-") + ".log")
+
+
+def run_jobs(jobs: list[Job], results: str, n_jobs: int, threads: int, say=print) -> dict[str, str]:
+    """Run what is not finished, n_jobs at a time; returns {job name: reused | done | failed | blocked}."""
+    status, order = {}, {j.name: j for j in jobs}
+    for j in jobs:
+        first = order.get(j.after)
+        if finished(j, results, first) and (first is None or status.get(j.after) == "reused"):
+            status[j.name] = "reused"
+    todo = [j for j in jobs if j.name not in status]
+    n_todo = len(todo)
+    say(f"lab: {len(jobs)} runs, {len(jobs) - n_todo} reused, {n_todo} to run, {n_jobs} at a time "
+        f"with OMP_NUM_THREADS={threads}")
+    running, t_lab = {}, time.time()
+    try:
+        while todo or running:
+            for j in list(todo):
+                if len(running) >= n_jobs:
+                    break
+                if j.after and status.get(j.after) in ("failed", "blocked"):
+                    status[j.name] = "blocked"
+                    todo.remove(j)
+                elif j.after is None or status.get(j.after) in ("done", "reused"):
+                    todo.remove(j)  # a second stage after a first stage that ran now starts afresh
+                    running[j.name] = (start(j, results, threads, fresh=status.get(j.after) == "done",
+                                             first=order.get(j.after)), time.time())
+                    say(f"  start  {j.name}")
+            time.sleep(0.5)
+            for name, (p, t0) in list(running.items()):
+                if p.poll() is None:
+                    continue
+                del running[name]
+                status[name] = finish(order[name], results, time.time() - t0, p.returncode)
+                done = sum(s != "reused" for s in status.values())
+                say(f"  {status[name]:6s} {name} in {time.time() - t0:.0f} s ({done}/{n_todo} runs, "
+                    f"{(time.time() - t_lab) / 60:.1f} min)" +
+                    (f": see {failure_log(results, name)}" if status[name] == "failed" else ""))
+    except BaseException:  # Ctrl-C, SIGTERM (main), a closed pipe: stop the trainers this lab started, each
+        for p, _ in running.values():  # with its own process group (its verifier workers too)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        raise
+    return status
+
+
+# ======================================================================================
+# Collecting: metrics.jsonl -> per-run numbers -> per-method mean and spread over seeds
+# ======================================================================================
+
+
+def stitch(stages: list[list[dict]]) -> list[dict]:
+    """The records of consecutive stages as one run: a later stage's steps are shifted by the steps
+    before it, and its step-0 evaluation (the previous stage's final model, already logged) is dropped."""
+    out, offset = [], 0
+    for i, records in enumerate(stages):
+        out += [dict(r, step=r["step"] + offset) for r in records if not (i and r["step"] == 0)]
+        offset += max((r["step"] for r in records), default=0)
+    return out
+
+
+def eval_levels(records: list[dict]) -> list[str]:
+    return sorted({k.removeprefix("eval_accuracy_") for r in records for k in r if k.startswith("eval_accuracy_")})
+
+
+def accuracies(record: dict, levels: list[str]) -> dict:
+    """One evaluation record -> {all, each level, reachable, out_of_reach} (a group: mean of its levels)."""
+    acc = {"all": record["eval_accuracy"], **{lv: record[f"eval_accuracy_{lv}"] for lv in levels}}
+    for group, members in GROUPS.items():
+        if all(lv in acc for lv in members):
+            acc[group] = sum(acc[lv] for lv in members) / len(members)
+    return acc
+
+
+def window(steps: int) -> int:
+    """Training steps averaged for the start and final entropy and response length: the first / last 10%."""
+    return max(1, steps // 10)
+
+
+def summarize_run(records: list[dict], wall_s: float | None) -> dict:
+    """The numbers of one (possibly stitched) run; each record carries the `trainer` that logged it.
+    A key some step lacks gives None (n/a), except generated_tokens of sft.py, which samples nothing
+    while training and does not log it: 0."""
+    levels = eval_levels(records)
+    evals = {r["step"]: accuracies(r, levels) for r in records if "eval_accuracy" in r}
+    train = [r for r in records if r["step"] > 0 and "loss" in r]
+    w, last = window(len(train)), max(evals)
+
+    def value(r, key):
+        return 0.0 if key == "generated_tokens" and r["trainer"] == "sft" and key not in r else r.get(key)
+
+    def total(key):
+        values = [value(r, key) for r in train]
+        return None if None in values else sum(values)
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    cumulative, running = {0: 0.0}, 0.0  # demonstration tokens used up to each evaluation step
+    for r in train:
+        running = None if running is None or r.get("demo_tokens") is None else running + r["demo_tokens"]
+        cumulative[r["step"]] = running
+    return {
+        "final_step": last, "final": evals[last], "base": evals.get(0),
+        "evals": {str(s): a for s, a in sorted(evals.items())},
+        "entropy_start": mean(train[:w], "entropy"), "entropy_final": mean(train[-w:], "entropy"),
+        "response_length_final": mean(train[-w:], "response_length"),
+        "generated_tokens": total("generated_tokens"), "demo_tokens": total("demo_tokens"),
+        "demo_tokens_at": {str(s): cumulative.get(s) for s in sorted(evals)},
+        "entropy_curve": [[r["step"], r.get("entropy")] for r in train],
+        "wall_s": wall_s,
+    }
+
+
+def stats(values: list) -> dict | None:
+    """Mean and spread over seeds: min, max, range and the sample std (None with one seed)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    std = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": m, "min": min(values), "max": max(values), "range": max(values) - min(values), "std": std,
+            "n": len(values)}
+
+
+SUMMARY_KEYS = ["entropy_start", "entropy_final", "response_length_final", "generated_tokens", "demo_tokens", "wall_s"]
+
+
+def summarize_method(runs: list[dict]) -> dict:
+    """Per-method stats over the runs that finished; accuracy keys as final.<key>, base.<key>."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    out = {k: stats([r[k] for r in ok]) for k in SUMMARY_KEYS}
+    out["entropy_fall"] = stats([r["entropy_start"] - r["entropy_final"] for r in ok
+                                 if r["entropy_start"] is not None and r["entropy_final"] is not None])
+    for part in ("final", "base"):
+        keys = sorted({k for r in ok if r[part] for k in r[part]})
+        out[part] = {k: stats([r[part].get(k) for r in ok if r[part]]) for k in keys}
+    return out
+
+
+def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, budget: Budget, results: str) -> dict:
+    """Everything results.md, the figures and the verdicts need, as one JSON-able dict."""
+    by_name = {j.name: j for j in jobs}
+    out = {"methods": {}, "missing": missing}
+    for m in methods:
+        stages = ["stage1", "stage2"] if m in TWO_STAGE else [None]
+        trainers = list(TWO_STAGE.get(m, (m,)))
+        runs = []
+        for seed in budget.seeds:
+            names = [f"{m}-s{seed}" + (f"/{s}" if s else "") for s in stages]
+            states = [status.get(n, "not run") for n in names]
+            run = {"seed": seed, "dir": os.path.relpath(os.path.join(results, "runs", f"{m}-s{seed}"), results)}
+            if all(s in ("done", "reused") for s in states):
+                walls = [sum(a["wall_s"] or 0 for a in (job_state(by_name[n]) or {}).get("attempts", []))
+                         for n in names]
+                records = stitch([[dict(r, trainer=t) for r in read_metrics(by_name[n].out)]
+                                  for t, n in zip(trainers, names)])
+                run.update(status="ok", **summarize_run(records, sum(walls)))
+            else:
+                bad = [n for n, s in zip(names, states) if s not in ("done", "reused")]
+                run.update(status="failed", failed=bad, why=", ".join(f"{n}: {status.get(n, 'not run')}" for n in bad),
+                           logs=[os.path.relpath(failure_log(results, n), results) for n in bad
+                                 if status.get(n) == "failed"])
+            runs.append(run)
+        out["methods"][m] = {"label": LABELS[m], "trainers": trainers, "runs": runs, "summary": summarize_method(runs)}
+    # The base: the step-0 evaluations of the single-stage runs of one seed are the same model and draws
+    base_runs = [r for m in methods if m in TRAINERS for r in out["methods"][m]["runs"] if r["status"] == "ok"]
+    seen, per_seed = set(), []
+    for r in base_runs:
+        if r["seed"] not in seen and r["base"]:
+            seen.add(r["seed"])
+            per_seed.append(r["base"])
+    out["base"] = {k: stats([b.get(k) for b in per_seed]) for k in sorted({k for b in per_seed for k in b})}
+    return out
+
+
+# ======================================================================================
+# Writing: results.md (table), figures (PNG), results.json
+# ======================================================================================
+
+
+def fmt(s: dict | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    """stats -> "mean (min-max)"; one seed or no spread: "mean"; none: "n/a"."""
+    if s is None:
+        return "n/a"
+    f = (lambda v: f"{v / scale:.{digits}f}{unit}")
+    return f(s["mean"]) if s["min"] == s["max"] else f"{f(s['mean'])} ({f(s['min'])}-{f(s['max'])})"
+
+
+def fmt_tokens(s: dict | None) -> str:
+    """Token counts in one unit per cell, chosen by the largest seed: 950, 9.5k, 95k, 9.50M."""
+    if s is None:
+        return "n/a"
+    top = s["max"]
+    if top >= 1e6:
+        return fmt(s, 2, 1e6, "M")
+    return fmt(s, 0, 1e3, "k") if top >= 1e4 else fmt(s, 1, 1e3, "k") if top >= 1e3 else fmt(s, 0)
+
+
+def table(res: dict) -> list[str]:
+    """The Markdown table: one row per method (and the base), accuracy at the final step."""
+    levels = sorted({k for m in res["methods"].values() for k in m["summary"]["final"]
+                     if k not in ("all", *GROUPS)}) or ["1", "2", "3", "4"]
+    acc_keys = ["all", *levels, *GROUPS]
+    head = ["method", "seeds ok", "all levels", *[f"level {lv}" for lv in levels], "reachable (1-2)",
+            "out of reach (3-4)", "entropy", "response length", "generated tokens", "demo tokens", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = res.get("base") or {}
+    if base:
+        lines.append("| base model (step 0) | " + str((base.get("all") or {}).get("n", 0)) + " | " +
+                     " | ".join(fmt(base.get(k)) for k in acc_keys) + " | - | - | - | - | - |")
+    for name, m in res["methods"].items():
+        s, runs = m["summary"], m["runs"]
+        ok = sum(r["status"] == "ok" for r in runs)
+        failed = [f"seed {r['seed']} FAILED: " + (", ".join(r["logs"]) or r["why"])
+                  for r in runs if r["status"] != "ok"]
+        label = m["label"] + (f" **({'; '.join(failed)})**" if failed else "")
+        if not ok:
+            lines.append(f"| {label} | 0/{len(runs)} | " + " | ".join(["failed"] * (len(head) - 2)) + " |")
+            continue
+        lines.append(f"| {label} | {ok}/{len(runs)} | " + " | ".join(fmt(s["final"].get(k)) for k in acc_keys) +
+                     f" | {fmt(s['entropy_final'])} | {fmt(s['response_length_final'], 1)} | "
+                     f"{fmt_tokens(s['generated_tokens'])} | {fmt_tokens(s['demo_tokens'])} | {fmt(s['wall_s'], 0)} |")
+    for name, why in res.get("missing", {}).items():
+        lines.append(f"| {LABELS.get(name, name)} | not run: {why} |" + " |" * (len(head) - 2))
+    return lines
+
+
+def results_markdown(res: dict) -> str:
+    lab, b = res["lab"], res["lab"]["budget"]
+    steps, w = b["steps"], window(b["steps"])
+    missing = ", ".join(f"{LABELS.get(k, k)} ({v})" for k, v in res.get("missing", {}).items()) or "none"
+    text = [
+        "# Laptop lab results", "",
+        f"Command: `{lab['command']}`  ",
+        f"Machine: {lab['machine']['cpu']}, {lab['machine']['cores']} cores, load average "
+        f"{lab['machine']['load_start']} at the start and {lab['machine']['load_end']} at the end; "
+        f"{lab['jobs']} run(s) at a time with OMP_NUM_THREADS={lab['threads']}  ",
+        f"Date: {lab['date']} (lab wall time {lab['wall_min']:.1f} min)  ",
+        f"Git commit: {lab['commit']}  ",
+        f"Seeds: {', '.join(map(str, b['seeds']))}; methods missing: {missing}", "",
+        BUDGET_TEXT.format(prompts_total=steps * b["prompts"], steps=steps, prompts=b["prompts"], half=steps // 2,
+                           rest=steps - steps // 2), "",
+        *table(res), "",
+        f"Accuracy: held-out pass@1 at step {steps} (mean over the samples of each problem at the evaluation "
+        f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
+        "is the mean of its levels. Each cell: mean over seeds, (min-max) over seeds (no range: all seeds "
+        "equal). The base row is the step-0 evaluation (one per seed: the seeds differ only in the "
+        "evaluation's sampling, so its spread is the evaluation noise). Entropy and response length: mean "
+        f"of the core keys `entropy` and `response_length` over the last {w} training steps; for SFT (and a "
+        "run ending with an SFT stage) "
+        "they are measured on the demonstrations it trains on, not on its own samples. Generated and "
+        "demonstration tokens: sums over all training steps (BREAD's demo tokens count the anchors of the "
+        "groups it trained on, not the longer anchors its search tried). Wall time: the trainer processes "
+        "(two stages summed), start-up and evaluation included, with the other runs of the lab beside them "
+        "when it ran more than one at a time.", "",
+        "![held-out accuracy against step](accuracy.png)", "",
+        "![entropy against step](entropy.png)", "",
+        "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]
+    for v in res.get("verdicts", []):
+        text += [f"{v['claim']}. **{v['text']}** Verdict: **{v['verdict']}**. {v['measured']}", ""]
+    text += ["Decision rules:", "", *[f"- {r}" for r in RULES], ""]
+    return "\n".join(text)
+
+
+def series(res: dict, metric: str) -> dict:
+    """{method label: {steps, mean, lo, hi}} of one metric against the step, over the seeds that finished:
+    metric "entropy" (every training step) or an accuracy key ("all", a level, "reachable", "out_of_reach";
+    the evaluation steps). lo / hi: min / max over seeds, at steps every seed has."""
+    out = {}
+    for m in res["methods"].values():
+        ok = [r for r in m["runs"] if r["status"] == "ok"]
+        if not ok:
+            continue
+        if metric == "entropy":
+            per_seed = [{s: v for s, v in r["entropy_curve"] if v is not None} for r in ok]
+        else:
+            per_seed = [{int(s): a[metric] for s, a in r["evals"].items() if metric in a} for r in ok]
+        steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+        if steps:
+            values = [[p[s] for p in per_seed] for s in steps]
+            out[m["label"]] = {"steps": steps, "mean": [sum(v) / len(v) for v in values],
+                               "lo": [min(v) for v in values], "hi": [max(v) for v in values]}
+    return out
+
+
+def figures(res: dict, results: str) -> list[str]:
+    """accuracy.png (reachable and out-of-reach levels) and entropy.png; raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {LABELS[m]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(METHODS)}
+
+    def draw(ax, data, title, ylabel):
+        for label, s in data.items():
+            style = "--" if label in ("SFT then GRPO", "GRPO then SFT") else "-"
+            ax.plot(s["steps"], s["mean"], style, color=colors.get(label), label=label, lw=1.5)
+            ax.fill_between(s["steps"], s["lo"], s["hi"], color=colors.get(label), alpha=0.15, lw=0)
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
+    seeds = res["lab"]["budget"]["seeds"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, group in zip(axes, GROUPS):
+        draw(ax, series(res, group), f"held-out accuracy, {GROUP_TEXT[group]}", "pass@1")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: never over a curve
+    fig.suptitle(f"line: mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; band: min-max "
+                 "over seeds", fontsize=9)
+    fig.tight_layout()
+    paths = [os.path.join(results, "accuracy.png"), os.path.join(results, "entropy.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax, series(res, "entropy"), "token entropy of the training batch (SFT: on its demonstrations)",
+         "mean entropy (nats)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_results(res: dict, results: str, say=print) -> None:
+    """results.json, results.md and the figures (the figures only where matplotlib is installed)."""
+    res["verdicts"] = verdicts(res)
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(results, "results.md"), "w") as f:
+        f.write(results_markdown(res))
+    try:
+        figures(res, results)
+    except ImportError:
+        say("lab: matplotlib is not installed, so no figures (pip install matplotlib; training never needs it). "
+            "Then `python lab.py` again redraws them from the finished runs in seconds.")
+
+
+# ======================================================================================
+# Verdicts: the six claims of issue 14, decided by explicit rules from results.json
+# ======================================================================================
+
+FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0}
+RULES = [
+    "Comparing a number X of two methods (or a method and the base): d = mean over seeds of X for the first "
+    "minus the second; margin = the larger of the two seed ranges (max - min), and at least a floor: 0.02 for "
+    "accuracy (about the evaluation's sampling noise on 800 samples per level), 0.01 nats for entropy, 0 for "
+    "token counts. \"above\" if d > margin, \"below\" if d < -margin, else \"within\".",
+    "A claim that X is larger (or smaller): agrees if X is above (below); disagrees if it is on the other "
+    "side; within the margin it disagrees when both seed ranges are under the floor (the lab resolves a "
+    "difference of the floor and saw none) and cannot tell otherwise. Fewer than 2 finished seeds on either "
+    "side: cannot tell.",
+    "\"Matches or beats\" (claim 3): agrees unless below. A claim over several methods agrees when every "
+    "comparison agrees, disagrees when every one disagrees, and is mixed otherwise (each listed); missing "
+    "or failed methods are named and left out.",
+    "Claim 1: GRPO's final accuracy against the base (step 0) on the reachable levels (must be above) and the "
+    "out-of-reach levels (must not be above). Claim 2: SFT's out-of-reach accuracy against the base. Claims "
+    "3-4: accuracy on all levels at the final step. Claim 5: entropy fall = mean entropy of the first 10% "
+    "of training steps minus that of the last 10%, GRPO's against LUFFY's and SRFT's. Claim 6: for each "
+    "method that always uses the whole demonstration (SFT, LUFFY, SRFT), the first evaluation step at which "
+    "its seed-mean accuracy on all levels reaches BREAD's final one, and the demonstration tokens it used "
+    "until then; BREAD's total must be fewer. If it never reaches BREAD's accuracy, BREAD agrees when its "
+    "total is below that method's whole-run total, and it cannot tell otherwise.",
+]
+CLAIMS = {
+    1: "GRPO from a weak base improves the levels it can sometimes solve, not the levels it never solves.",
+    2: "SFT on demonstrations moves the out-of-reach levels.",
+    3: "Single-stage fusion (LUFFY, SRFT, ReLIFT, UFT, Prefix-RFT, BREAD) matches or beats both, and SFT then GRPO.",
+    4: "GRPO then SFT ends worse than SFT then GRPO (SRFT's Table 4 on the order of the stages).",
+    5: "GRPO's entropy falls faster than SRFT's and LUFFY's.",
+    6: "BREAD reaches its accuracy with fewer demonstration tokens than the methods that always use the whole "
+       "demonstration.",
+}
+
+
+def compare(a: dict | None, b: dict | None, floor: float) -> dict:
+    """a, b: stats over seeds -> {side: above | below | within | too few seeds, d, margin, resolved}."""
+    if not a or not b or a["n"] < 2 or b["n"] < 2:
+        return {"side": "too few seeds", "d": None, "margin": None, "resolved": False}
+    d, margin = a["mean"] - b["mean"], max(a["range"], b["range"], floor)
+    side = "above" if d > margin else "below" if d < -margin else "within"
+    return {"side": side, "d": d, "margin": margin, "resolved": max(a["range"], b["range"]) < floor}
+
+
+def directional(c: dict, want: str) -> str:
+    """The verdict on a claim that the first number is `want` (above / below) the second (RULES 2)."""
+    if c["side"] == "too few seeds":
+        return "cannot tell"
+    if c["side"] == want:
+        return "agrees"
+    if c["side"] != "within":
+        return "disagrees"
+    return "disagrees" if c["resolved"] else "cannot tell"
+
+
+def combine(parts: dict[str, str]) -> str:
+    """Verdicts of several comparisons -> one (RULES 3)."""
+    if not parts:
+        return "cannot tell"
+    kinds = set(parts.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "mixed: " + "; ".join(f"{v} for {k}" for v, k in sorted((v, k) for k, v in parts.items()))
+
+
+def verdicts(res: dict) -> list[dict]:
+    """One {claim, text, measured, verdict} per claim of issue 14, by the rules in RULES."""
+    methods, base = res["methods"], res.get("base") or {}
+
+    def summ(m):
+        x = methods.get(m)
+        return x["summary"] if x and any(r["status"] == "ok" for r in x["runs"]) else None
+
+    def acc(m, key="all"):
+        s = summ(m)
+        return s["final"].get(key) if s else None
+
+    def show(s, digits=3):
+        return fmt(s, digits) if s else "n/a"
+
+    def absent(names):
+        gone = [LABELS[n] for n in names if summ(n) is None]
+        return f" Not measured (missing or failed): {', '.join(gone)}." if gone else ""
+
+    out = []
+
+    # 1. GRPO: reachable above the base, out of reach not above it
+    r = compare(acc("grpo", "reachable"), base.get("reachable"), FLOOR["accuracy"])
+    o = compare(acc("grpo", "out_of_reach"), base.get("out_of_reach"), FLOOR["accuracy"])
+    if "too few seeds" in (r["side"], o["side"]):
+        v1 = "cannot tell"
+    elif o["side"] == "above" or r["side"] == "below":
+        v1 = "disagrees"
+    elif r["side"] == "above":
+        v1 = "agrees"
+    else:
+        v1 = "disagrees" if r["resolved"] else "cannot tell"
+    out.append((1, v1, f"GRPO, reachable levels: base {show(base.get('reachable'))} -> {show(acc('grpo', 'reachable'))}"
+                       f" ({r['side']}); out-of-reach levels: base {show(base.get('out_of_reach'))} -> "
+                       f"{show(acc('grpo', 'out_of_reach'))} ({o['side']})." + absent(["grpo"])))
+
+    # 2. SFT: out of reach above the base
+    c = compare(acc("sft", "out_of_reach"), base.get("out_of_reach"), FLOOR["accuracy"])
+    out.append((2, directional(c, "above"), f"SFT, out-of-reach levels: base {show(base.get('out_of_reach'))} -> "
+                                            f"{show(acc('sft', 'out_of_reach'))} ({c['side']})." + absent(["sft"])))
+
+    # 3. each fusion method: not below SFT, GRPO, SFT then GRPO (all levels)
+    comparators = ["sft", "grpo", "sft_then_grpo"]
+    parts, notes = {}, []
+    for f in [f for f in FUSION if summ(f)]:
+        sides = {c: compare(acc(f), acc(c), FLOOR["accuracy"]) for c in comparators if summ(c)}
+        if not sides or any(s["side"] == "too few seeds" for s in sides.values()):
+            parts[LABELS[f]] = "cannot tell"
+        else:
+            parts[LABELS[f]] = "disagrees" if any(s["side"] == "below" for s in sides.values()) else "agrees"
+        few = any(s["side"] == "too few seeds" for s in sides.values())
+        notes.append(f"{LABELS[f]} {show(acc(f))} (" + ("too few seeds" if few else ", ".join(
+            f"{s['side']} {LABELS[c]}" for c, s in sides.items())) + ")")
+    ref = ", ".join(f"{LABELS[c]} {show(acc(c))}" for c in comparators)
+    out.append((3, combine(parts), f"All levels, final: {ref}" + "".join("; " + n for n in notes) + "." +
+                absent(FUSION + comparators)))
+
+    # 4. GRPO then SFT below SFT then GRPO
+    c = compare(acc("grpo_then_sft"), acc("sft_then_grpo"), FLOOR["accuracy"])
+    out.append((4, directional(c, "below"), f"All levels, final: GRPO then SFT {show(acc('grpo_then_sft'))}, SFT then "
+                                            f"GRPO {show(acc('sft_then_grpo'))} ({c['side']})." +
+                absent(["grpo_then_sft", "sft_then_grpo"])))
+
+    # 5. GRPO's entropy fall above LUFFY's and SRFT's
+    fall = {m: summ(m)["entropy_fall"] if summ(m) else None for m in ("grpo", "luffy", "srft")}
+    parts = {LABELS[m]: directional(compare(fall["grpo"], fall[m], FLOOR["entropy"]), "above")
+             for m in ("luffy", "srft") if fall[m] and fall["grpo"]}
+    out.append((5, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
+                ", ".join(f"{LABELS[m]} {show(fall[m], 3)}" for m in fall) + "." + absent(["grpo", "luffy", "srft"])))
+
+    # 6. BREAD's demonstration tokens against what whole-demonstration methods used to reach its accuracy
+    parts, notes = {}, []
+    bread, target = summ("bread"), acc("bread")
+    for m in [m for m in ("sft", "luffy", "srft") if summ(m)]:
+        if not bread or not target or not bread["demo_tokens"] or not summ(m)["demo_tokens"]:
+            parts[LABELS[m]] = "cannot tell"
+            notes.append(f"{LABELS[m]}: no demo_tokens logged")
+            continue
+        ok = [r for r in methods[m]["runs"] if r["status"] == "ok"]
+        curve = series({"methods": {m: methods[m]}}, "all").get(LABELS[m], {"steps": [], "mean": []})
+        reach = next((s for s, a in zip(curve["steps"], curve["mean"]) if a >= target["mean"]), None)
+        if reach is None:
+            used = summ(m)["demo_tokens"]
+            c = compare(bread["demo_tokens"], used, FLOOR["tokens"])
+            parts[LABELS[m]] = "agrees" if c["side"] == "below" else "cannot tell"
+            notes.append(f"{LABELS[m]} never reaches it ({fmt_tokens(used)} demo tokens in all)")
+        else:
+            used = stats([r["demo_tokens_at"].get(str(reach)) for r in ok])
+            c = compare(bread["demo_tokens"], used, FLOOR["tokens"])
+            parts[LABELS[m]] = directional(c, "below")
+            notes.append(f"{LABELS[m]} reaches it at step {reach} with {fmt_tokens(used)} demo tokens")
+    tokens = fmt_tokens(bread and bread["demo_tokens"])
+    out.append((6, combine(parts), f"BREAD: all levels {show(target)} with {tokens} demo tokens (anchors of its "
+                                   "trained groups)" + "".join("; " + n for n in notes) + "." +
+                absent(["bread", "sft", "luffy", "srft"])))
+    return [{"claim": n, "text": CLAIMS[n], "verdict": v, "measured": text} for n, v, text in out]
+
+
+def print_verdicts(res: dict) -> None:
+    for v in verdicts(res):
+        print(f"{v['claim']}. {v['text']}\n   measured: {v['measured']}\n   verdict:  {v['verdict']}\n")
+    print("Decision rules:\n" + "\n".join(f"  - {r}" for r in RULES))
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    except OSError:
+        return "unknown (no git)"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="results folder (default lab_results/, with --quick lab_results_quick/)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 4 steps, eval every 2, 10 problems per "
+                   "level x 2 samples")
+    p.add_argument("--jobs", type=int, default=1, help="trainers run at a time (each with OMP_NUM_THREADS = cores / N)")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each trainer (default cores / jobs; 1 on "
+                   "a machine busy with other work, where spinning OpenMP threads slow everything down)")
+    p.add_argument("--methods", default="all", help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default 80; --quick 4)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step (even)")
+    p.add_argument("--eval_every", type=int, default=None, help="evaluation interval (default 20; --quick 2)")
+    p.add_argument("--eval_per_level", type=int, default=None, help="held-out problems per level (default 200; "
+                   "--quick 10)")
+    p.add_argument("--model", default="builtin", help="base model of every method (default: the built-in one)")
+    p.add_argument("--trainer_flags", default="", help="extra common flags for every trainer, e.g. "
+                   "\"--eval_samples 8\" (--quick adds --eval_samples 2)")
+    p.add_argument("--verdicts", metavar="RESULTS_JSON", help="print the claim-by-claim verdicts of results.json, "
+                   "run nothing")
+    a = p.parse_args(argv)
+    if a.prompts < 2 or a.prompts % 2:
+        p.error("--prompts must be even (RL trainers take mini-batches of half a step's prompts)")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.verdicts:
+        with open(a.verdicts) as f:
+            print_verdicts(json.load(f))
+        return
+    q = a.quick
+    seeds = tuple(int(s) for s in (a.seeds or ("0" if q else "0,1,2")).split(","))
+    steps = a.steps or (4 if q else 80)
+    budget = Budget(steps=steps, prompts=a.prompts, eval_every=a.eval_every or (2 if q else 20),
+                    eval_per_level=a.eval_per_level or (10 if q else 200), seeds=seeds, model=a.model,
+                    trainer_flags=tuple((["--eval_samples", "2"] if q else []) + shlex.split(a.trainer_flags)))
+    if budget.steps < 2:
+        sys.exit("--steps must be at least 2 (a two-stage baseline needs a step per stage)")
+    results = os.path.abspath(a.out or ("lab_results_quick" if q else "lab_results"))
+    have, missing = available_methods()
+    wanted = METHODS if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    methods = [m for m in METHODS if m in wanted and m in have]
+    missing = {m: why for m, why in missing.items() if m in wanted}
+    missing.update({m: "not selected with --methods" for m in METHODS if m not in wanted})
+    n_jobs = max(1, a.jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // n_jobs)
+    info = {"command": "python lab.py " + shlex.join(sys.argv[1:] if argv is None else argv), "date": now(),
+            "commit": git_commit(), "machine": machine(), "jobs": n_jobs, "threads": threads,
+            "budget": asdict(budget)}
+    eval_file = heldout_file(results, budget.eval_per_level)
+    jobs = plan(budget, methods, results, eval_file)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_jobs stops its trainers
+    t0 = time.time()
+    status = run_jobs(jobs, results, n_jobs, threads)
+    info.update(wall_min=(time.time() - t0) / 60)
+    info["machine"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    res = {"lab": info, **collect(jobs, status, methods, missing, budget, results)}
+    write_results(res, results)
+    print(f"lab: {results}/results.md ({info['wall_min']:.1f} min)\n")
+    print_verdicts(res)
+    failed = sorted(n for n, s in status.items() if s in ("failed", "blocked"))
+    if failed:
+        print(f"\nlab: {len(failed)} run(s) failed or blocked: {', '.join(failed)} (see {results}/failures/)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
