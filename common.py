@@ -1950,7 +1950,9 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
     """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
     problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
     mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
-    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets.
+    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets. On the
+    builtin task, eval_wrong_steps_<set> is the share of rewarded samples whose worked steps are wrong
+    (`steps_correct`): right answers for wrong reasons.
 
     Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
     from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
@@ -1973,10 +1975,16 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
             if r["level"] is not None:
                 j = 2 + 2 * levels.index(_level_key(r["level"]))
                 sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
+        if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
+            rewarded = [(reward == 1, rows[i // s.k]["problem"], x.text) for i, (x, (reward, _)) in
+                        enumerate(zip(samples, graded))]
+            sums += [sum(r for r, _, _ in rewarded), sum(r and not steps_correct(p, t) for r, p, t in rewarded)]
         sums = all_reduce(sums)
         metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
         for j, level in enumerate(levels):
             metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+        if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
+            metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
         if records is not None:
             mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
                      "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -298,13 +299,17 @@ def stitch(stages: list[list[dict]]) -> list[dict]:
     return out
 
 
+LEVEL_KEY = re.compile(r"eval_accuracy_.+_level(\w+)")  # eval_accuracy_<set>_level<L> (one evaluation set)
+
+
 def eval_levels(records: list[dict]) -> list[str]:
-    return sorted({k.removeprefix("eval_accuracy_") for r in records for k in r if k.startswith("eval_accuracy_")})
+    return sorted({m.group(1) for r in records for k in r if (m := LEVEL_KEY.fullmatch(k))})
 
 
 def accuracies(record: dict, levels: list[str]) -> dict:
     """One evaluation record -> {all, each level, reachable, out_of_reach} (a group: mean of its levels)."""
-    acc = {"all": record["eval_accuracy"], **{lv: record[f"eval_accuracy_{lv}"] for lv in levels}}
+    by_level = {m.group(1): v for k, v in record.items() if (m := LEVEL_KEY.fullmatch(k))}
+    acc = {"all": record["eval_accuracy"], **{lv: by_level[lv] for lv in levels}}
     for group, members in GROUPS.items():
         if all(lv in acc for lv in members):
             acc[group] = sum(acc[lv] for lv in members) / len(members)

@@ -118,7 +118,8 @@ BASE = [0.60, 0.40, 0.0, 0.0]
 
 
 def evaluation(levels):
-    return {"eval_accuracy": sum(levels) / 4, **{f"eval_accuracy_{i + 1}": v for i, v in enumerate(levels)}}
+    return {"eval_accuracy": sum(levels) / 4, "eval_accuracy_builtin": sum(levels) / 4,
+            **{f"eval_accuracy_builtin_level{i + 1}": v for i, v in enumerate(levels)}}
 
 
 def fake_metrics(final, entropy, demo, generated, steps=(1, 2, 3, 4), base=BASE, mid=None):

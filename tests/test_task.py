@@ -120,3 +120,26 @@ def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch):
         r = common.setup(cfg, global_batch=cfg.prompts_per_minibatch)
         draws.append((torch.rand(4).tolist(), r.next_prompts(4)))
     assert draws[0] == draws[1]
+
+
+def test_evaluation_measures_right_answers_for_wrong_reasons():
+    """eval_wrong_steps_builtin: the share of rewarded samples whose worked steps are wrong."""
+    rows = [{"problem": "7+6+3+9=?", "prompt_ids": [1], "answer": "25", "level": 2, "prompt_text": ""},
+            {"problem": "6*3+2+4=?", "prompt_ids": [2], "answer": "24", "level": 3, "prompt_text": ""}]
+    texts = {1: ["7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}",  # right, right steps
+                 "7+6=13\n13+3=17\n17+9=25\n</think>\n\\boxed{25}"],  # right, two cancelling errors
+             2: ["6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}",  # right, right steps
+                 "6+2=8\n8+4=12\n</think>\n\\boxed{12}"]}  # wrong: not rewarded, not counted
+
+    class Scripted:
+        def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None):
+            return [[common.Sample(p, [], [], t, True) for t in texts[p[0]][:n]] for p in prompts]
+
+    sets = [common.EvalSet("builtin", "builtin", 2, rows)]
+    m = common.evaluate_sets(sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6,
+                             max_tokens=48, seed=0)
+    assert m["eval_accuracy_builtin"] == 0.75 and m["eval_accuracy_builtin_level3"] == 0.5
+    assert m["eval_wrong_steps_builtin"] == 1 / 3
+    sets = [common.EvalSet("other", "other.jsonl", 2, rows)]  # file data: no worked steps to check
+    assert "eval_wrong_steps_other" not in common.evaluate_sets(
+        sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6, max_tokens=48, seed=0)
