@@ -28,7 +28,7 @@ before the <answer> tag. The same holds for file data (--demo_key): an OpenR1 tr
 its lines; a one-line demonstration is never hinted (counted at start-up).
 
 Schedule on the built-in task: T_hint = round(0.6 * --max_steps) unless --hint_steps is given, the
-official 300 of 500; with the default 40 steps hints stop after step 24.
+official 300 of 500; with the default 80 steps hints stop after step 48.
 
 Reward: METHODS 0.4's binary verifier by default, as in every trainer here, so that runs of
 different methods compare; `--reward_scale uft` gives UFT's 1 / 0.1 / 0 (correct / an answer is
