@@ -345,8 +345,11 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
     for r in train:
         running = None if running is None or r.get("demo_tokens") is None else running + r["demo_tokens"]
         cumulative[r["step"]] = running
+    wrong = [v for k, v in next(r for r in records if r["step"] == last and "eval_accuracy" in r).items()
+             if k.startswith("eval_wrong_steps_")]  # builtin sets only: right answers, wrong worked steps
     return {
         "final_step": last, "final": evals[last], "base": evals.get(0),
+        "wrong_steps_final": sum(wrong) / len(wrong) if wrong else None,
         "evals": {str(s): a for s, a in sorted(evals.items())},
         "entropy_start": mean(train[:w], "entropy"), "entropy_final": mean(train[-w:], "entropy"),
         "response_length_final": mean(train[-w:], "response_length"),
@@ -368,7 +371,8 @@ def stats(values: list) -> dict | None:
             "n": len(values)}
 
 
-SUMMARY_KEYS = ["entropy_start", "entropy_final", "response_length_final", "generated_tokens", "demo_tokens", "wall_s"]
+SUMMARY_KEYS = ["entropy_start", "entropy_final", "response_length_final", "wrong_steps_final", "generated_tokens",
+                "demo_tokens", "wall_s"]
 
 
 def summarize_method(runs: list[dict]) -> dict:
@@ -448,12 +452,12 @@ def table(res: dict) -> list[str]:
                      if k not in ("all", *GROUPS)}) or ["1", "2", "3", "4"]
     acc_keys = ["all", *levels, *GROUPS]
     head = ["method", "seeds ok", "all levels", *[f"level {lv}" for lv in levels], "reachable (1-2)",
-            "out of reach (3-4)", "entropy", "response length", "generated tokens", "demo tokens", "wall time (s)"]
+            "out of reach (3-4)", "wrong steps", "entropy", "response length", "generated tokens", "demo tokens", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = res.get("base") or {}
     if base:
         lines.append("| base model (step 0) | " + str((base.get("all") or {}).get("n", 0)) + " | " +
-                     " | ".join(fmt(base.get(k)) for k in acc_keys) + " | - | - | - | - | - |")
+                     " | ".join(fmt(base.get(k)) for k in acc_keys) + " | - | - | - | - | - | - |")
     for name, m in res["methods"].items():
         s, runs = m["summary"], m["runs"]
         ok = sum(r["status"] == "ok" for r in runs)
@@ -464,7 +468,7 @@ def table(res: dict) -> list[str]:
             lines.append(f"| {label} | 0/{len(runs)} | " + " | ".join(["failed"] * (len(head) - 2)) + " |")
             continue
         lines.append(f"| {label} | {ok}/{len(runs)} | " + " | ".join(fmt(s["final"].get(k)) for k in acc_keys) +
-                     f" | {fmt(s['entropy_final'])} | {fmt(s['response_length_final'], 1)} | "
+                     f" | {fmt(s['wrong_steps_final'])} | {fmt(s['entropy_final'])} | {fmt(s['response_length_final'], 1)} | "
                      f"{fmt_tokens(s['generated_tokens'])} | {fmt_tokens(s['demo_tokens'])} | {fmt(s['wall_s'], 0)} |")
     for name, why in res.get("missing", {}).items():
         lines.append(f"| {LABELS.get(name, name)} | not run: {why} |" + " |" * (len(head) - 2))
@@ -491,7 +495,9 @@ def results_markdown(res: dict) -> str:
         f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
         "is the mean of its levels. Each cell: mean over seeds, (min-max) over seeds (no range: all seeds "
         "equal). The base row is the step-0 evaluation (one per seed: the seeds differ only in the "
-        "evaluation's sampling, so its spread is the evaluation noise). Entropy and response length: mean "
+        "evaluation's sampling, so its spread is the evaluation noise). Wrong steps: at the final evaluation, "
+        "the share of rewarded samples whose worked steps differ from the task's (`eval_wrong_steps_builtin`): "
+        "right answers for wrong reasons, which the answer-only verifier rewards. Entropy and response length: mean "
         f"of the core keys `entropy` and `response_length` over the last {w} training steps; for SFT (and a "
         "run ending with an SFT stage) "
         "they are measured on the demonstrations it trains on, not on its own samples. Generated and "

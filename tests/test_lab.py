@@ -122,8 +122,9 @@ def evaluation(levels):
             **{f"eval_accuracy_builtin_level{i + 1}": v for i, v in enumerate(levels)}}
 
 
-def fake_metrics(final, entropy, demo, generated, steps=(1, 2, 3, 4), base=BASE, mid=None):
-    """Records of one stage: evaluation at its first step 0, at step 2 (mid, default halfway) and 4."""
+def fake_metrics(final, entropy, demo, generated, steps=(1, 2, 3, 4), base=BASE, mid=None, wrong=None):
+    """Records of one stage: evaluation at its first step 0, at step 2 (mid, default halfway) and 4;
+    `wrong`: eval_wrong_steps_builtin of the last evaluation."""
     mid = mid or [(a + b) / 2 for a, b in zip(base, final)]
     out = [{"step": 0, **evaluation(base)}]
     for i, s in enumerate(steps):
@@ -133,7 +134,7 @@ def fake_metrics(final, entropy, demo, generated, steps=(1, 2, 3, 4), base=BASE,
         if s == 2:
             r.update(evaluation(mid))
         if s == steps[-1]:
-            r.update(evaluation(final))
+            r.update(evaluation(final), **({} if wrong is None else {"eval_wrong_steps_builtin": wrong}))
         out.append(r)
     return out
 
@@ -164,7 +165,7 @@ def fabricate(tmp_path):
         base = [0.60 + 0.02 * s, 0.40, 0.0, 0.0]  # eval noise of the base: L1 0.60, 0.62, 0.64
         e = 0.01 * s
         write(f"{res}/runs/grpo-s{s}", fake_metrics([0.95 + e, 0.90 + e, 0, 0], [1.0, 0.8, 0.6, 0.4], 0, 100,
-                                                    base=base), 10 * (s + 1))
+                                                    base=base, wrong=0.01 * s), 10 * (s + 1))
         write(f"{res}/runs/sft-s{s}", fake_metrics([0.9, 0.8, 0.9 + 2 * e, 0.5 + 10 * e], [0.5] * 4, 50, None,
                                                    base=base), 5)
         write(f"{res}/runs/luffy-s{s}", fake_metrics([0.5, 0.4, 0.1, 0.0], [1.0, 1.0, 0.9, 0.9], 60, 70, base=base), 7)
@@ -205,6 +206,7 @@ def test_collect_means_spreads_tokens_and_failures(fabricated):
     approx_stats(g["entropy_final"], 0.4, 0.4, 0.4)
     approx_stats(g["entropy_fall"], 0.6, 0.6, 0.6)
     approx_stats(g["response_length_final"], 14.0, 14.0, 14.0)
+    approx_stats(g["wrong_steps_final"], 0.01, 0.0, 0.02)  # the last evaluation's eval_wrong_steps_builtin
     approx_stats(data["base"]["1"], 0.62, 0.60, 0.64)
     approx_stats(data["base"]["reachable"], 0.51, 0.50, 0.52)
     s = data["methods"]["sft"]["summary"]
@@ -231,7 +233,9 @@ def test_table_lists_every_method_with_numbers(fabricated):
         assert label in rows, label
     cells = [c.strip() for c in rows["GRPO"].strip("|").split("|")]
     assert cells[:4] == ["GRPO", "3/3", "0.468 (0.463-0.473)", "0.960 (0.950-0.970)"]
-    assert cells[-5:] == ["0.400", "14.0", "400", "0", "20 (10-30)"]  # entropy, length, tokens, demo tokens, wall
+    # wrong steps, entropy, length, generated tokens, demo tokens, wall
+    assert cells[-6:] == ["0.010 (0.000-0.020)", "0.400", "14.0", "400", "0", "20 (10-30)"]
+    assert rows["SFT"].split(" | ")[-6] == "n/a"  # logged no eval_wrong_steps_builtin
     assert "0.620 (0.600-0.640)" in rows["base model (step 0)"]
     assert "not run: srft.py is not in this checkout" in rows["SRFT"]
     failed = next(line for line in md.splitlines() if line.startswith("| GRPO then SFT"))
