@@ -485,7 +485,10 @@ def results_markdown(res: dict) -> str:
         f"Machine: {lab['machine']['cpu']}, {lab['machine']['cores']} cores, load average "
         f"{lab['machine']['load_start']} at the start and {lab['machine']['load_end']} at the end; "
         f"{lab['jobs']} run(s) at a time with OMP_NUM_THREADS={lab['threads']}  ",
-        f"Date: {lab['date']} (lab wall time {lab['wall_min']:.1f} min)  ",
+        f"Date: {lab['date']} (this invocation {lab['wall_min']:.1f} min, {lab.get('reused', 0)} of "
+        f"{lab.get('runs', '?')} runs reused from earlier ones; the trainer processes ran "
+        f"{lab.get('runs_wall_min', 0):.1f} min in all, started between {lab.get('first_started')} and "
+        f"{lab.get('last_started')})  ",
         f"Git commit: {lab['commit']}  ",
         f"Seeds: {', '.join(map(str, b['seeds']))}; methods missing: {missing}", "",
         BUDGET_TEXT.format(prompts_total=steps * b["prompts"], steps=steps, prompts=b["prompts"], half=steps // 2,
@@ -792,6 +795,15 @@ def git_commit() -> str:
         return "unknown (no git)"
 
 
+def run_times(jobs: list[Job]) -> dict:
+    """The trainer processes' wall time summed over every attempt of every run, and when the first and the
+    last attempt started: what the lab cost, also when this invocation reused runs from an earlier one."""
+    attempts = [a for j in jobs for a in (job_state(j) or {}).get("attempts", [])]
+    started = sorted(a["started"] for a in attempts if a.get("started"))
+    return {"runs_wall_min": sum(a.get("wall_s") or 0 for a in attempts) / 60,
+            "first_started": started[0] if started else None, "last_started": started[-1] if started else None}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default lab_results/, with --quick lab_results_quick/)")
@@ -851,7 +863,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_jobs stops its trainers
     t0 = time.time()
     status = run_jobs(jobs, results, n_jobs, threads)
-    info.update(wall_min=(time.time() - t0) / 60)
+    info.update(wall_min=(time.time() - t0) / 60, reused=sum(s == "reused" for s in status.values()),
+                runs=len(jobs), **run_times(jobs))
     info["machine"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     res = {"lab": info, **collect(jobs, status, methods, missing, budget, results)}
     write_results(res, results)

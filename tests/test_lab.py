@@ -355,3 +355,15 @@ def test_quick_lab_end_to_end(tmp_path):
     assert set(data["methods"]) == set(have)
     assert all(r["status"] == "ok" for m in data["methods"].values() for r in m["runs"])
     assert (out / "results.md").exists() and len(data["verdicts"]) == 6
+
+
+def test_run_times_sum_every_attempt(fabricated):
+    """What the lab cost, also when results.md is rewritten by an invocation that reused every run."""
+    _, res = fabricated
+    methods = ["sft", "grpo", "luffy", "bread", "sft_then_grpo", "grpo_then_sft"]
+    jobs = lab.plan(lab.Budget(steps=4, eval_every=2), methods, res)
+    # walls written by fabricate(): GRPO 10+20+30, SFT 3x5, LUFFY 3x7, BREAD 3x9, SFT then GRPO 3x(3+4),
+    # GRPO then SFT 3x4 + 2x6 (its seed 2 second stage failed before it wrote anything)
+    t = lab.run_times(jobs)
+    assert t["runs_wall_min"] == pytest.approx((60 + 15 + 21 + 27 + 21 + 12 + 12) / 60)
+    assert t["first_started"] is None  # the fabricated attempts carry no start time
