@@ -12,11 +12,16 @@ For each level it prints
                   rollout temperature: how often GRPO sees any reward on the level
     wrong_steps   share of rewarded samples whose worked steps are wrong (common.steps_correct): right
                   answers for wrong reasons, which the answer-only verifier cannot see
+    right = steps + k + other
+                  pass@1 split by how the rewarded samples were worked: every step right; right but for
+                  the multiplier copied wrong on the product's line (`7*3` written `7*4=21`); other
+                  wrong steps (usually a guess); as shares of all samples, mean over the seeds
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -32,6 +37,15 @@ def draw(sampler, prompts, k, temperature, seed):
     groups = sampler.generate(prompts, n=k, temperature=temperature, top_p=1.0,
                               max_tokens=common.BUILTIN_SETTINGS["max_response_len"])
     return [[s.text for s in g] for g in groups]
+
+
+def only_multiplier_wrong(problem: str, response: str) -> bool:
+    """Whether the worked steps are right once the product's line gets the problem's multiplier back."""
+    product = re.search(r"(\d)\*(\d)", problem)
+    if product is None:
+        return False
+    fixed = re.sub(r"^\s*(\d)\*\d=", lambda m: f"{m.group(1)}*{product.group(2)}=", response, count=1)
+    return fixed != response and common.steps_correct(problem, fixed)
 
 
 def main():
@@ -52,11 +66,11 @@ def main():
     verifier = common.Verifier(num_workers=2)
     golds = [r["answer"] for r in rows]
 
-    def grade(texts):  # [n][k] texts -> [n][k] (reward, steps right)
+    def grade(texts):  # [n][k] texts -> [n][k] (reward, steps right, only the multiplier wrong)
         flat = verifier([t for g in texts for t in g], [a for a, g in zip(golds, texts) for _ in g])
         k = len(texts[0])
-        return [[(flat[i * k + j], common.steps_correct(r["problem"], texts[i][j])) for j in range(k)]
-                for i, r in enumerate(rows)]
+        return [[(flat[i * k + j], common.steps_correct(r["problem"], texts[i][j]),
+                  only_multiplier_wrong(r["problem"], texts[i][j])) for j in range(k)] for i, r in enumerate(rows)]
 
     t0 = time.time()
     runs = [grade(draw(sampler, prompts, args.k, 0.6, 10_000 + s)) for s in range(args.seeds)]
@@ -65,19 +79,25 @@ def main():
     out = {"model": path, "problems_per_level": args.problems, "k": args.k, "seeds": args.seeds}
     print(f"{path}: {args.problems} held-out problems per level, pass@1 over k={args.k} samples at T=0.6 "
           f"({args.seeds} seeds), pass@8 at T=1.0; {seconds:.0f} s of sampling")
-    print(f"{'level':>5} {'pass@1 per seed':>24} {'sd':>6} {'pass@8':>7} {'wrong_steps':>17}")
+    print(f"{'level':>5} {'pass@1 per seed':>24} {'sd':>6} {'pass@8':>7} {'wrong_steps':>17} "
+          f"{'right = steps + k + other':>27}")
     for level in sorted({r["level"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["level"] == level]
-        per_seed = [sum(sum(x for x, _ in run[i]) / args.k for i in idx) / len(idx) for run in runs]
-        p_i = [sum(x for run in runs for x, _ in run[i]) / (args.k * args.seeds) for i in idx]
+        per_seed = [sum(sum(x for x, _, _ in run[i]) / args.k for i in idx) / len(idx) for run in runs]
+        p_i = [sum(x for run in runs for x, _, _ in run[i]) / (args.k * args.seeds) for i in idx]
         sd = math.sqrt(sum(p * (1 - p) for p in p_i) / args.k) / len(idx)
-        pass8 = sum(any(x for x, _ in at8[i]) for i in idx) / len(idx)
-        rewarded = [ok for run in runs for i in idx for x, ok in run[i] if x == 1]
-        wrong = sum(not ok for ok in rewarded)
+        pass8 = sum(any(x for x, _, _ in at8[i]) for i in idx) / len(idx)
+        rewarded = [(ok, k_only) for run in runs for i in idx for x, ok, k_only in run[i] if x == 1]
+        wrong = sum(not ok for ok, _ in rewarded)
+        samples = len(idx) * args.k * args.seeds
+        split = [sum(ok for ok, _ in rewarded) / samples, sum(k_only for _, k_only in rewarded) / samples]
+        split.append(len(rewarded) / samples - sum(split))
         print(f"{level:>5} {' '.join(f'{a:.3f}' for a in per_seed):>24} {sd:6.3f} {pass8:7.3f} "
-              f"{wrong:>5}/{len(rewarded):<5} {wrong / max(len(rewarded), 1):5.3f}")
+              f"{wrong:>5}/{len(rewarded):<5} {wrong / max(len(rewarded), 1):5.3f} "
+              f"{len(rewarded) / samples:6.3f} = {' + '.join(f'{v:.3f}' for v in split)}")
         out[f"level_{level}"] = {"pass@1": per_seed, "sd": sd, "pass@8": pass8, "wrong_steps": wrong,
-                                 "rewarded": len(rewarded)}
+                                 "rewarded": len(rewarded), "right_steps": split[0], "multiplier_only": split[1],
+                                 "other_wrong": split[2]}
     verifier.close()
     if args.json:
         with open(args.json, "w") as f:

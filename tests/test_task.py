@@ -1,11 +1,15 @@
 """The embedded task: tokenizer round trip, the four levels, demonstrations, the worked-steps check,
 the held-out split, and that --seed (not the base-model cache) decides a run."""
+import importlib.util
+import os
 import re
 
 import torch
 from transformers import AutoTokenizer
 
 import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _terms(problem):
@@ -143,3 +147,16 @@ def test_evaluation_measures_right_answers_for_wrong_reasons():
     sets = [common.EvalSet("other", "other.jsonl", 2, rows)]  # file data: no worked steps to check
     assert "eval_wrong_steps_other" not in common.evaluate_sets(
         sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6, max_tokens=48, seed=0)
+
+
+def test_yardstick_tells_a_miscopied_multiplier_from_other_wrong_steps():
+    spec = importlib.util.spec_from_file_location("yardstick", os.path.join(ROOT, "scripts", "yardstick.py"))
+    yardstick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(yardstick)
+    right = "7*3=21\n21+6=27\n27+5=32\n</think>\n\\boxed{32}"
+    assert common.steps_correct("7*3+6+5=?", right)
+    assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right)  # nothing wrong
+    assert yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("7*3=", "7*4="))
+    assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("7*3=21", "7*4=20"))  # the fact too
+    assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("27+5", "26+5"))  # a sum wrong
+    assert not yardstick.only_multiplier_wrong("1+2+3=?", "1+2=3\n3+3=6\n</think>\n\\boxed{6}")  # no product
