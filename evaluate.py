@@ -96,7 +96,7 @@ def main():
                                        s.name)
     common.print0("evaluating " + ", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in sets)
                   + f" with at most {cfg.max_response_len} response tokens")
-    if cfg.sampler == "vllm" or cfg.sampler == "auto" and d.device.type == "cuda":
+    if common.sampler_kind(cfg) == "vllm":
         policy = None  # the vLLM engine loads the weights itself
     else:
         policy = common.load_policy(path, d, compile=False, train=False)

@@ -188,22 +188,34 @@ def origin(job: Job | None) -> str | None:
     return state["attempts"][0]["started"] if state and state["attempts"] else None
 
 
-def finished(job: Job, results: str, first: Job | None = None) -> bool:
-    """metrics.jsonl reaches the last step, the final checkpoint exists, the command is the lab's and,
-    for a second stage, the first stage (`first`) is still the run it started from."""
-    state = job_state(job)
+def attempts(job: Job) -> list[dict]:
+    """The job's recorded attempts (started, command, wall_s, returncode), oldest first; [] if never run."""
+    return (job_state(job) or {}).get("attempts", [])
+
+
+def same_run(job: Job, state: dict | None, results: str, first: Job | None) -> bool:
+    """The recorded command is the lab's and, for a second stage, the first stage (`first`) is still the
+    run it started from."""
     return (state is not None and state["signature"] == signature(job, results)
-            and (first is None or state.get("after") == origin(first))
-            and any(r["step"] == job.last_step for r in read_metrics(job.out))
+            and (first is None or state.get("after") == origin(first)))
+
+
+def complete(job: Job) -> bool:
+    """metrics.jsonl reaches the last step and the final checkpoint exists."""
+    return (any(r["step"] == job.last_step for r in read_metrics(job.out))
             and os.path.isdir(os.path.join(job.out, f"checkpoint-{job.last_step:06d}")))
+
+
+def finished(job: Job, results: str, first: Job | None = None) -> bool:
+    """A run to reuse: the same run (same_run), complete."""
+    return same_run(job, job_state(job), results, first) and complete(job)
 
 
 def start(job: Job, results: str, threads: int, fresh: bool, first: Job | None = None) -> subprocess.Popen:
     """Launch one trainer. fresh (or another command, or another first stage under a second stage):
     delete what the directory holds and start from scratch; else --resume (newest checkpoint, if any)."""
     state = job_state(job)
-    if fresh or state is None or state["signature"] != signature(job, results) or \
-            (first is not None and state.get("after") != origin(first)):
+    if fresh or not same_run(job, state, results, first):
         shutil.rmtree(job.out, ignore_errors=True)
         state = {"signature": signature(job, results), "after": origin(first), "attempts": []}
     os.makedirs(job.out, exist_ok=True)
@@ -225,7 +237,7 @@ def finish(job: Job, results: str, wall: float, returncode: int) -> str:
     state["attempts"][-1].update(wall_s=round(wall, 1), returncode=returncode)
     with open(os.path.join(job.out, "lab_job.json"), "w") as f:
         json.dump(state, f, indent=1)
-    if returncode == 0 and finished(job, results):
+    if returncode == 0 and complete(job):  # start() wrote this run's signature
         return "done"
     with open(os.path.join(job.out, "lab.log"), errors="replace") as f:
         tail = f.readlines()[-80:]
@@ -400,7 +412,7 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
             states = [status.get(n, "not run") for n in names]
             run = {"seed": seed, "dir": os.path.relpath(os.path.join(results, "runs", f"{m}-s{seed}"), results)}
             if all(s in ("done", "reused") for s in states):
-                walls = [sum(a["wall_s"] or 0 for a in (job_state(by_name[n]) or {}).get("attempts", []))
+                walls = [sum(a["wall_s"] or 0 for a in attempts(by_name[n]))
                          for n in names]
                 records = stitch([[dict(r, trainer=t) for r in read_metrics(by_name[n].out)]
                                   for t, n in zip(trainers, names)])
@@ -549,7 +561,7 @@ def figures(res: dict, results: str) -> list[str]:
 
     def draw(ax, data, title, ylabel):
         for label, s in data.items():
-            style = "--" if label in ("SFT then GRPO", "GRPO then SFT") else "-"
+            style = "--" if label in {LABELS[m] for m in TWO_STAGE} else "-"
             ax.plot(s["steps"], s["mean"], style, color=colors.get(label), label=label, lw=1.5)
             ax.fill_between(s["steps"], s["lo"], s["hi"], color=colors.get(label), alpha=0.15, lw=0)
         ax.set_title(title)
@@ -673,9 +685,6 @@ def verdicts(res: dict) -> list[dict]:
         s = summ(m)
         return s["final"].get(key) if s else None
 
-    def show(s, digits=3):
-        return fmt(s, digits) if s else "n/a"
-
     def absent(names):
         gone = [LABELS[n] for n in names if summ(n) is None]
         return f" Not measured (missing or failed): {', '.join(gone)}." if gone else ""
@@ -693,14 +702,14 @@ def verdicts(res: dict) -> list[dict]:
         v1 = "agrees"
     else:
         v1 = "disagrees" if r["resolved"] else "cannot tell"
-    out.append((1, v1, f"GRPO, reachable levels: base {show(base.get('reachable'))} -> {show(acc('grpo', 'reachable'))}"
-                       f" ({r['side']}); out-of-reach levels: base {show(base.get('out_of_reach'))} -> "
-                       f"{show(acc('grpo', 'out_of_reach'))} ({o['side']})." + absent(["grpo"])))
+    out.append((1, v1, f"GRPO, reachable levels: base {fmt(base.get('reachable'))} -> {fmt(acc('grpo', 'reachable'))}"
+                       f" ({r['side']}); out-of-reach levels: base {fmt(base.get('out_of_reach'))} -> "
+                       f"{fmt(acc('grpo', 'out_of_reach'))} ({o['side']})." + absent(["grpo"])))
 
     # 2. SFT: out of reach above the base
     c = compare(acc("sft", "out_of_reach"), base.get("out_of_reach"), FLOOR["accuracy"])
-    out.append((2, directional(c, "above"), f"SFT, out-of-reach levels: base {show(base.get('out_of_reach'))} -> "
-                                            f"{show(acc('sft', 'out_of_reach'))} ({c['side']})." + absent(["sft"])))
+    out.append((2, directional(c, "above"), f"SFT, out-of-reach levels: base {fmt(base.get('out_of_reach'))} -> "
+                                            f"{fmt(acc('sft', 'out_of_reach'))} ({c['side']})." + absent(["sft"])))
 
     # 3. each fusion method: not below SFT, GRPO, SFT then GRPO (all levels)
     comparators = ["sft", "grpo", "sft_then_grpo"]
@@ -712,16 +721,16 @@ def verdicts(res: dict) -> list[dict]:
         else:
             parts[LABELS[f]] = "disagrees" if any(s["side"] == "below" for s in sides.values()) else "agrees"
         few = any(s["side"] == "too few seeds" for s in sides.values())
-        notes.append(f"{LABELS[f]} {show(acc(f))} (" + ("too few seeds" if few else ", ".join(
+        notes.append(f"{LABELS[f]} {fmt(acc(f))} (" + ("too few seeds" if few else ", ".join(
             f"{s['side']} {LABELS[c]}" for c, s in sides.items())) + ")")
-    ref = ", ".join(f"{LABELS[c]} {show(acc(c))}" for c in comparators)
+    ref = ", ".join(f"{LABELS[c]} {fmt(acc(c))}" for c in comparators)
     out.append((3, combine(parts), f"All levels, final: {ref}" + "".join("; " + n for n in notes) + "." +
                 absent(FUSION + comparators)))
 
     # 4. GRPO then SFT below SFT then GRPO
     c = compare(acc("grpo_then_sft"), acc("sft_then_grpo"), FLOOR["accuracy"])
-    out.append((4, directional(c, "below"), f"All levels, final: GRPO then SFT {show(acc('grpo_then_sft'))}, SFT then "
-                                            f"GRPO {show(acc('sft_then_grpo'))} ({c['side']})." +
+    out.append((4, directional(c, "below"), f"All levels, final: GRPO then SFT {fmt(acc('grpo_then_sft'))}, SFT then "
+                                            f"GRPO {fmt(acc('sft_then_grpo'))} ({c['side']})." +
                 absent(["grpo_then_sft", "sft_then_grpo"])))
 
     # 5. GRPO's entropy fall above LUFFY's and SRFT's
@@ -729,7 +738,7 @@ def verdicts(res: dict) -> list[dict]:
     parts = {LABELS[m]: directional(compare(fall["grpo"], fall[m], FLOOR["entropy"]), "above")
              for m in ("luffy", "srft") if fall[m] and fall["grpo"]}
     out.append((5, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
-                ", ".join(f"{LABELS[m]} {show(fall[m], 3)}" for m in fall) + "." + absent(["grpo", "luffy", "srft"])))
+                ", ".join(f"{LABELS[m]} {fmt(fall[m], 3)}" for m in fall) + "." + absent(["grpo", "luffy", "srft"])))
 
     # 6. BREAD's demonstration tokens against what whole-demonstration methods used to reach its accuracy
     parts, notes = {}, []
@@ -753,14 +762,14 @@ def verdicts(res: dict) -> list[dict]:
             parts[LABELS[m]] = directional(c, "below")
             notes.append(f"{LABELS[m]} reaches it at step {reach} with {fmt_tokens(used)} demo tokens")
     tokens = fmt_tokens(bread and bread["demo_tokens"])
-    out.append((6, combine(parts), f"BREAD: all levels {show(target)} with {tokens} demo tokens (anchors of its "
+    out.append((6, combine(parts), f"BREAD: all levels {fmt(target)} with {tokens} demo tokens (anchors of its "
                                    "trained groups)" + "".join("; " + n for n in notes) + "." +
                 absent(["bread", "sft", "luffy", "srft"])))
     return [{"claim": n, "text": CLAIMS[n], "verdict": v, "measured": text} for n, v, text in out]
 
 
-def print_verdicts(res: dict) -> None:
-    for v in verdicts(res):
+def print_verdicts(claims: list[dict]) -> None:
+    for v in claims:
         print(f"{v['claim']}. {v['text']}\n   measured: {v['measured']}\n   verdict:  {v['verdict']}\n")
     print("Decision rules:\n" + "\n".join(f"  - {r}" for r in RULES))
 
@@ -798,9 +807,9 @@ def git_commit() -> str:
 def run_times(jobs: list[Job]) -> dict:
     """The trainer processes' wall time summed over every attempt of every run, and when the first and the
     last attempt started: what the lab cost, also when this invocation reused runs from an earlier one."""
-    attempts = [a for j in jobs for a in (job_state(j) or {}).get("attempts", [])]
-    started = sorted(a["started"] for a in attempts if a.get("started"))
-    return {"runs_wall_min": sum(a.get("wall_s") or 0 for a in attempts) / 60,
+    every = [a for j in jobs for a in attempts(j)]
+    started = sorted(a["started"] for a in every if a.get("started"))
+    return {"runs_wall_min": sum(a.get("wall_s") or 0 for a in every) / 60,
             "first_started": started[0] if started else None, "last_started": started[-1] if started else None}
 
 
@@ -834,7 +843,7 @@ def main(argv=None):
     a = parse_args(argv)
     if a.verdicts:
         with open(a.verdicts) as f:
-            print_verdicts(json.load(f))
+            print_verdicts(verdicts(json.load(f)))
         return
     q = a.quick
     seeds = tuple(int(s) for s in (a.seeds or ("0" if q else "0,1,2")).split(","))
@@ -869,7 +878,7 @@ def main(argv=None):
     res = {"lab": info, **collect(jobs, status, methods, missing, budget, results)}
     write_results(res, results)
     print(f"lab: {results}/results.md ({info['wall_min']:.1f} min)\n")
-    print_verdicts(res)
+    print_verdicts(res["verdicts"])
     failed = sorted(n for n, s in status.items() if s in ("failed", "blocked"))
     if failed:
         print(f"\nlab: {len(failed)} run(s) failed or blocked: {', '.join(failed)} (see {results}/failures/)")

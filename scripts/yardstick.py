@@ -33,9 +33,8 @@ import common  # noqa: E402
 
 
 def draw(sampler, prompts, k, temperature, seed):
-    torch.manual_seed(seed)
     groups = sampler.generate(prompts, n=k, temperature=temperature, top_p=1.0,
-                              max_tokens=common.BUILTIN_SETTINGS["max_response_len"])
+                              max_tokens=common.BUILTIN_SETTINGS["max_response_len"], seed=seed)
     return [[s.text for s in g] for g in groups]
 
 
