@@ -230,7 +230,7 @@ def search_metrics(results: list[dict], ends: list[list[int]], n_prompts: int, c
         sum(r["tokens"] for r in results), sum(len(s.generated_ids) for s in first_round)])
     n, searched, mixed, fell, skipped, n_used, frac_tok, frac_ep, tok, rew, rounds, calls, extra_s, extra_t, first_t \
         = sums
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = common.world_size()
     per_used = (lambda v: v / n_used) if n_used else (lambda v: None)  # means over the trained anchored groups
     return {"search_frac": searched / n, "anchor_mixed_frac": mixed / n, "anchor_fallback_frac": fell / n,
             "anchor_skip_frac": skipped / n, "prefix_ratio": per_used(frac_tok),
@@ -256,10 +256,8 @@ def main():
     if cfg.num_episodes < 1 or cfg.max_search_rounds < 0:
         raise SystemExit("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
     run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b)
+                       global_batch=b, whole_demos="anchors reach the whole demonstration (Eq. 40)")
     model = run.model
-    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len,
-                                        "anchors reach the whole demonstration (Eq. 40)")
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()

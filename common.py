@@ -291,6 +291,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 in a single process)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce(values, op=dist.ReduceOp.SUM) -> list[float]:
     """Reduce a list of Python numbers over ranks (identity in a single process)."""
     if not dist.is_initialized():
@@ -465,7 +470,7 @@ def _number_text(x) -> str:
 
 
 def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
-              demo_key: str | None = None, flags: dict | None = None) -> list[dict]:
+              demo_key: str | None = None) -> list[dict]:
     """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level} from a local
     .jsonl / .json / .parquet file or a hub data set.
 
@@ -474,9 +479,9 @@ def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None =
     that lists the first MAX_BAD_ROWS_SHOWN problems (row number, field, fix) and counts the rest. A
     key that no row has is reported with the fields that exist at that level and the closest match.
     Answers given as JSON numbers are converted to text (42 -> "42"), with a count printed; booleans,
-    lists and empty answers are refused. `flags` names the command-line flag of each key in messages.
+    lists and empty answers are refused. Messages name each key's command-line flag.
     LUFFY's openr1.parquet: prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target"."""
-    flags = {"prompt": "--prompt_key", "answer": "--answer_key", "demo": "--demo_key", **(flags or {})}
+    flags = {"prompt": "--prompt_key", "answer": "--answer_key", "demo": "--demo_key"}
     name, records = os.path.basename(source), _read_records(source)
     if not records:
         raise ValueError(f"{source} holds no rows")
@@ -741,9 +746,7 @@ def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-
     def example():
         u = rng.random()
         terms = rng.choice(pools["x1" if u < share_x1 else 2 if u < share_x1 + share2 else 1])
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": _problem(terms)}],
-                                               add_generation_prompt=True, tokenize=False)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = tokenizer(format_prompt(tokenizer, _problem(terms), None), add_special_tokens=False)["input_ids"]
         t = tokenizer(_demo(terms, slip=rng) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         return p + t, [-100] * len(p) + t
 
@@ -1615,11 +1618,8 @@ class RolloutDebug:
 
     def _draw(self, seed):
         """n=2 samples of the probe prompt; they leave the torch generator where it was."""
-        seeded = seed is not None and "seed" in inspect.signature(self.sampler.generate).parameters
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            if seed is not None and not seeded:  # a sampler without a seed parameter draws from torch's
-                torch.manual_seed(seed)
-            return self.sampler.generate([self.probe_prompt], 2, 1.0, 1.0, 16, **({"seed": seed} if seeded else {}))[0]
+            return self.sampler.generate([self.probe_prompt], 2, 1.0, 1.0, 16, seed=seed)[0]
 
     @torch.no_grad()
     def _logprob_gap(self, samples: list[Sample], temperature: float) -> dict | None:
@@ -1661,7 +1661,7 @@ def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0)
     The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
     loss is scaled by D to make the averaged gradient that of the global sum / denominator.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if mode == "token-mean":
         total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
     elif mode == "seq-mean":
@@ -1717,6 +1717,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 # ======================================================================================
 # One RL iteration's mechanics: mini-batches, old log-probs, optimizer step, core metrics
 # ======================================================================================
+
+
+def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
+    """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
+    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24)."""
+    n = micro_batch_size
+    return [make_batch([r["prompt_ids"] for r in rows[s:s + n]], [r["demo_ids"] for r in rows[s:s + n]], pad_id,
+                       device) for s in range(0, len(rows), n)]
 
 
 def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
@@ -1780,7 +1788,7 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
         sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
         sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
     *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
@@ -1915,9 +1923,11 @@ class EvalSet:
     rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
 
 
-def parse_eval_sets(entries: list[str], default_k: int, builtin_k: int) -> list[EvalSet]:
+def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
     """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
-    A set's name is its file's stem; FILE:k asks for k samples per problem, else default_k."""
+    A set's name is its file's stem; FILE:k asks for k samples per problem, else --eval_samples, whose
+    0 means 1 for a file and the builtin task's own k for builtin. A bad entry stops the run."""
+    default_k, builtin_k = eval_samples or 1, eval_samples or BUILTIN_SETTINGS["eval_samples"]
     sets = []
     for entry in entries:
         if entry in ("none", ""):
@@ -1925,13 +1935,11 @@ def parse_eval_sets(entries: list[str], default_k: int, builtin_k: int) -> list[
         m = re.fullmatch(r"(.+):(\d+)", entry)
         source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
         if k == 0:
-            raise ValueError(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, "
-                             "at least 1")
+            _fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
         name = "builtin" if source == "builtin" else \
             re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
         if any(s.name == name for s in sets):
-            raise ValueError(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files "
-                             "different names")
+            _fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
         sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
     return sets
 
@@ -2179,11 +2187,7 @@ def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
         if not builtin:
             print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
                    "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
-    try:
-        sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples or 1,
-                               cfg.eval_samples or BUILTIN_SETTINGS["eval_samples"])
-    except ValueError as e:
-        _fail(str(e))
+    sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
     if not builtin and (laptop := laptop_defaults(cfg)):
         script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
         print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
@@ -2253,13 +2257,16 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
 
 def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
-          extra_optimizers: dict | None = None) -> Run:
+          extra_optimizers: dict | None = None, whole_demos: str | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
     settings, every row of every data file, the budgets against the model's positions, then output_dir
     is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
     from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
     parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
-    run.extra_optimizers[name], checkpointed and restored with the main optimizer."""
+    run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
+    method that trains on or continues from the whole demonstration, what it does with it; then
+    demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
+    model loads."""
     check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
     d = init_distributed()
     _interrupts.install(d.main)
@@ -2303,6 +2310,8 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bo
     system = (None if builtin else MATH_SYSTEM_PROMPT) if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
     train_rows, counts = encode_rows(train_raw, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len,
                                      "training data" if builtin else os.path.basename(cfg.data))
+    if whole_demos:
+        require_whole_demonstrations(train_rows, cfg.max_response_len, whole_demos)
     for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
         s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
     print0(f"data: {len(train_rows)} training prompts; evaluation: " +

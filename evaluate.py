@@ -74,12 +74,8 @@ def main():
     for key in ("max_prompt_len", "max_response_len"):
         if getattr(cfg, key) <= 0:
             setattr(cfg, key, settings[key])
-    try:  # every row of every file is checked before a model is loaded
-        sets = common.parse_eval_sets(cfg.data, cfg.eval_samples or 1,
-                                      cfg.eval_samples or common.BUILTIN_SETTINGS["eval_samples"])
-    except ValueError as e:
-        common._fail(str(e))
-    raw = {s.name: common.read_rows(cfg, s.source, "eval") for s in sets}
+    sets = common.parse_eval_sets(cfg.data, cfg.eval_samples)
+    raw = {s.name: common.read_rows(cfg, s.source, "eval") for s in sets}  # every row checked before a model loads
     if "output_dir" not in common.given_flags(cfg):
         name = "-".join(p for p in os.path.normpath(cfg.model).split(os.sep)[-2:] if p not in (".", "runs"))
         cfg.output_dir = os.path.join("runs", "eval", re.sub(r"[^A-Za-z0-9_.-]", "_", name))

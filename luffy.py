@@ -179,8 +179,8 @@ def main():
     if G < 2:
         raise SystemExit("--group_size must be at least 2: a LUFFY group is G-1 rollouts plus one demonstration "
                          "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
-    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len, "a demonstration is trained as a whole response")
+    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
+                       whole_demos="a demonstration is trained as a whole response")
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
@@ -208,7 +208,7 @@ def main():
         terms, grad_norms = [], []
         for minibatch in minibatches:
             masks = [mb["response_mask"] for mb in minibatch]
-            demo_masks = [mb["response_mask"] * mb["prefix_mask"] for mb in minibatch]
+            demo_masks = [mb["prefix_mask"] for mb in minibatch]  # the demonstration rows' response tokens
             # Z of Eq. (20) counts every sample; the baseline's policy-gradient term only the rollouts
             pg_masks = masks if cfg.demo_loss == "shaped" else [m[d.sum(-1) == 0] for m, d in zip(masks, demo_masks)]
             norm = common.step_normaliser(pg_masks, cfg.loss_agg, constant)  # this step's Agg denominator
@@ -228,7 +228,7 @@ def main():
         by_group = rewards.view(-1, G)  # [P, G], column 0 the demonstrations
         metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
                                       grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
-        demo_tokens = [mb["response_mask"] * mb["prefix_mask"] for mb in micro]
+        demo_tokens = [mb["prefix_mask"] for mb in micro]
         demo_r, n_demo, demo_h, n_tok = common.all_reduce([
             float(by_group[:, 0].sum()), by_group.shape[0],
             sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, demo_tokens)),

@@ -175,9 +175,7 @@ FT_NONE = {"ft_loss": 0.0, "sft_loss": 0.0, "entropy_demo": 0.0, "ft_grad_norm":
 def fine_tune(model, optimizer, rows: list[dict], cfg: Config, pad_id: int, device) -> dict:
     """One step of the FT optimizer (its own AdamW) on this rank's share of the popped (x, y*) rows,
     Eq. (24) at temperature 1. Returns the FT terms, reduced over ranks."""
-    micro = [common.make_batch([r["prompt_ids"] for r in rows[s:s + cfg.micro_batch_size]],
-                               [r["demo_ids"] for r in rows[s:s + cfg.micro_batch_size]], pad_id, device)
-             for s in range(0, len(rows), cfg.micro_batch_size)]
+    micro = common.demo_batches(rows, cfg.micro_batch_size, pad_id, device)
     norm = common.step_normaliser([mb["response_mask"] for mb in micro], "token-mean")  # global token count
     sums = dict.fromkeys(("ft_loss", "sft_loss", "entropy_demo"), 0.0)
     for mb in micro:
@@ -187,7 +185,7 @@ def fine_tune(model, optimizer, rows: list[dict], cfg: Config, pad_id: int, devi
         for k in sums:
             sums[k] += float(terms[k])
     grad_norm = common.optimizer_step(model, optimizer, None, cfg.ft_max_grad_norm)  # constant lr
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = common.world_size()
     out = {k: v / world for k, v in zip(sums, common.all_reduce(list(sums.values())))}
     return {**out, "ft_grad_norm": grad_norm}
 

@@ -57,10 +57,7 @@ def main():
     for step in run.progress():
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
-        micro = [common.make_batch([r["prompt_ids"] for r in rows[s:s + cfg.micro_batch_size]],
-                                   [r["demo_ids"] for r in rows[s:s + cfg.micro_batch_size]],
-                                   tok.pad_token_id, d.device)
-                 for s in range(0, len(rows), cfg.micro_batch_size)]
+        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, d.device)
         norm = common.step_normaliser([mb["response_mask"] for mb in micro], cfg.loss_agg)  # global count
         loss_sum, entropy_sum = 0.0, 0.0
         for mb in micro:

@@ -119,18 +119,6 @@ def mixed_groups(prompts: list[dict], rollouts: list[list[common.Sample]], token
     return [s for row, group in zip(prompts, rollouts) for s in [demonstration_sample(row, tokenizer), *group]]
 
 
-def mixed_advantages(rewards: torch.Tensor, std: bool, demo_in_group: bool) -> torch.Tensor:
-    """rewards [P, G], column 0 the demonstration -> advantages [P, G].
-    demo_in_group: Eq. (16), one group statistic over on- and off-policy samples together (LUFFY).
-    Otherwise (the RL + SFT-loss baseline) the statistics of the G-1 rollouts only; the demonstration
-    gets 0, unused: its loss is the NLL."""
-    if demo_in_group:
-        return group_advantages(rewards, std)  # Eq. (16): Eq. (9) or, official, Eq. (10) over all G
-    advantages = torch.zeros_like(rewards)
-    advantages[:, 1:] = group_advantages(rewards[:, 1:], std)
-    return advantages
-
-
 def shaping(prob: torch.Tensor, gamma: float) -> torch.Tensor:
     """Eq. (17): f(p) = p / (p + gamma), applied elementwise."""
     return prob / (prob + gamma)
@@ -206,8 +194,8 @@ def main():
     if G < 2:
         raise SystemExit("--group_size must be at least 2: an SRFT group is G-1 rollouts plus one demonstration "
                          "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
-    common.require_whole_demonstrations(run.train_rows, cfg.max_response_len, "a demonstration is trained as a whole response")
+    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
+                       whole_demos="a demonstration is trained as a whole response")
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
@@ -221,8 +209,7 @@ def main():
         samples = mixed_groups(prompts, rollouts, run.tokenizer)  # [P*G]: per prompt [demo, rollouts]
         rewards = torch.tensor(run.verifier([s.text for s in samples],
                                             [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]
-        advantages = mixed_advantages(rewards.view(-1, G), cfg.adv_std,
-                                      demo_in_group=True).view(-1)  # [P*G], Eq. (25)
+        advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (25): demo in the group
         t1 = time.time()
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old, no grad -------------
@@ -235,7 +222,7 @@ def main():
         terms, grad_norms = [], []
         for minibatch in minibatches:
             masks = [mb["response_mask"] for mb in minibatch]
-            demo_masks = [mb["response_mask"] * mb["prefix_mask"] for mb in minibatch]
+            demo_masks = [mb["prefix_mask"] for mb in minibatch]  # the demonstration rows' response tokens
             norm = common.step_normaliser(masks, cfg.loss_agg, constant)  # this step's Agg denominator
             token_norm = common.step_normaliser(masks, "token-mean")
             demo_norm = common.step_normaliser(demo_masks, "token-mean")
@@ -255,7 +242,7 @@ def main():
         metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
                                       grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
         demo_r, n_demo, demo_tokens = common.all_reduce([float(by_group[:, 0].sum()), by_group.shape[0],
-                                                         sum(float((mb["response_mask"] * mb["prefix_mask"]).sum())
+                                                         sum(float(mb["prefix_mask"].sum())
                                                              for mb in micro)])  # the whole demonstrations
         metrics.update(demo_reward=demo_r / n_demo, demo_tokens=demo_tokens)
         run.end_step(step + 1, metrics)

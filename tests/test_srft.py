@@ -245,9 +245,9 @@ def test_advantage_over_the_augmented_group():
     """7 failed rollouts + a correct demonstration: mean 1/8; no std: A_demo = 7/8, A_on = -1/8; with the
     unbiased std 1/sqrt(8): 7/sqrt(8) = 2.4748737 and -1/sqrt(8) = -0.3535534."""
     rewards = torch.tensor([[1.0] + [0.0] * 7])
-    no_std = srft.mixed_advantages(rewards, std=False, demo_in_group=True)
+    no_std = srft.group_advantages(rewards, std=False)
     torch.testing.assert_close(no_std, torch.tensor([[7 / 8] + [-1 / 8] * 7]), rtol=0, atol=1e-7)
-    std = srft.mixed_advantages(rewards, std=True, demo_in_group=True)
+    std = srft.group_advantages(rewards, std=True)
     assert std[0, 0].item() == pytest.approx(2.4748737, abs=1e-5)
     assert std[0, 1].item() == pytest.approx(-0.3535534, abs=1e-5)
 
