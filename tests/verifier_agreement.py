@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -105,19 +106,27 @@ def fast_path(n: int):
     print(f"fast path: {len(pairs)} generated pairs of plain numbers, decided {decided} without math-verify, "
           f"agreed with math-verify on {agree} of those")
 
-    responses = [f"Adding them up.\n</think>\nThe sum is \\boxed{{{i % 37}}}." for i in range(512)]
-    golds = [str((i * 7) % 37) for i in range(512)]
+    cases = {"integer answers": ([f"Adding them up.\n</think>\nThe sum is \\boxed{{{i % 37}}}." for i in range(512)],
+                                 [str((i * 7) % 37) for i in range(512)]),
+             "fractions, which go to math-verify": (
+                 [f"So.\n</think>\n\\boxed{{\\frac{{{i % 7 + 1}}}{{{i % 5 + 2}}}}}" for i in range(256)],
+                 [f"{(i * 3) % 7 + 1}/{i % 5 + 2}" for i in range(256)])}
     verifier = common.Verifier(num_workers=2, timeout_s=TIMEOUT)
     verifier.start()
-    verifier(responses[:8], golds[:8])  # warm
-    for name, fn in [("ours (fast path)", lambda: verifier(responses, golds)),
-                     ("ours without the fast path", lambda: _without_fast_path(verifier, responses, golds)),
-                     ("plain math-verify, main thread",
-                      lambda: [plain_math_verify(r, g) for r, g in zip(responses, golds)])]:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        print(f"{name}: {len(responses) / elapsed:,.0f} items/s ({len(responses)} integer answers)")
+    verifier(*(x[:8] for x in cases["integer answers"]))  # warm
+    for case, (responses, golds) in cases.items():
+        methods = {"ours (fast path)": lambda: verifier(responses, golds),
+                   "ours without the fast path": lambda: _without_fast_path(verifier, responses, golds),
+                   "plain math-verify, main thread": lambda: [plain_math_verify(r, g) for r, g in zip(responses, golds)]}
+        rates = {name: [] for name in methods}
+        for _ in range(3):  # interleaved, so that a noisy machine slows every method alike
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                fn()
+                rates[name].append(len(responses) / (time.perf_counter() - start))
+        for name, r in rates.items():
+            print(f"{len(responses)} {case}, {name}: {statistics.median(r):,.0f} items/s (median of 3; "
+                  f"{min(r):,.0f}-{max(r):,.0f})")
     verifier.close()
 
 
