@@ -276,6 +276,7 @@ def main():
                              cfg.episode_split) for i in failed]  # Eq. (39), EOS excluded
         results, calls = anchor_search(run.sampler, run.verifier, [prompts[i] for i in failed], ends, G,
                                        cfg.max_search_rounds, **sampling)  # Eq. (40)
+        run.sampler.release()  # the rollout's last generate: a sleeping vLLM engine frees the GPU
         samples, rewards, weights = replace_failed_groups(rollouts, first_rewards, failed, results, G, cfg.fallback)
         advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (9) per group
         t1 = time.time()

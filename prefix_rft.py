@@ -265,6 +265,7 @@ def main():
         groups = run.sampler.generate([p["prompt_ids"] for p in prompts for _ in range(G)], n=1,
                                       temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len,
                                       prefixes=prefixes)
+        run.sampler.release()  # the rollout's last generate: a sleeping vLLM engine frees the GPU
         samples = [g[0] for g in groups]  # prompt-major: sample j of prompt i at i*G + j, the hybrid at j = G-1
         rewards = torch.tensor(run.verifier([s.text for s in samples],
                                             [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]

