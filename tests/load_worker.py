@@ -68,6 +68,17 @@ def load(model_dir: str, out_file: str):
         logp, _ = model(**batch)
         ref_logp, _ = common.PolicyModel(hf, compile=False)(**batch)
     result["logp_max_diff"] = float((logp - ref_logp).abs().max())
+
+    # the reference model's root is resharded after old_logprobs' no-grad forwards (FSDP2 keeps a root
+    # gathered for a backward that a reference model never runs): its root parameters are shards again
+    run = type("Run", (), {"model": model, "ref_model": ref})()
+    mb = dict(batch)
+    with torch.no_grad():
+        ref(**common.model_inputs(mb))
+    root = lambda m: m.lm.model.embed_tokens.weight  # noqa: E731  (owned by the root FSDP module)
+    result["ref_root_gathered_after_forward"] = not hasattr(root(ref), "to_local")
+    common.old_logprobs(run, [mb], temperature=1.0)
+    result["ref_root_sharded_after_old_logprobs"] = hasattr(root(ref), "to_local")
     if d.main:
         with open(out_file, "w") as f:
             json.dump(result, f)

@@ -74,6 +74,8 @@ def test_sharded_loading_reads_once_and_equals_the_checkpoint(tiny_model_dir, tm
     assert r["generation_config_eos"] is not None
     assert r["plain_is_plain"] and r["plain_max_diff"] == 0.0 and r["plain_tied"] and r["plain_frozen"]
     assert r["logp_max_diff"] < 1e-5
+    # FSDP2 leaves a root gathered after a no-grad forward; old_logprobs reshards the reference model's
+    assert r["ref_root_gathered_after_forward"] and r["ref_root_sharded_after_old_logprobs"]
 
 
 def test_one_rank_group_has_the_launcher_environment(tmp_path):
