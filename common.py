@@ -11,6 +11,7 @@ Equation numbers refer to ./METHODS.md, the project's method reference.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -1154,10 +1155,24 @@ def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
     return bool(ok), extracted
 
 
-def _grading_worker_init():
+def _grading_worker_init(ready):
     """Grading workers ignore Ctrl-C: the trainer handles it (saves, exits with one line) and
-    terminates the pool; a worker must not die with a traceback of its own."""
+    terminates the pool; a worker must not die with a traceback of its own. `ready` tells the
+    verifier that this worker is up: its start-up must not count against an item's backstop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ready.release()
+
+
+WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (4-10 s)
+TIMEOUT_WARN_SHARE = 0.05  # Run.end_step warns when more of a step's responses than this ran past the backstop
+_RERUN_EXIT = 86  # exit status of a worker that found the main script starting a verifier again
+
+
+def _probe_worker(timeout: int):
+    """The test task of `Verifier.start`: one grade through math-verify in a fresh worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in the pool's workers
+    if not _grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
+        raise RuntimeError("math-verify graded \\frac{1}{2} = 0.5 as wrong in a grading worker")
 
 
 class Verifier:
@@ -1184,10 +1199,17 @@ class Verifier:
     process pool, one task per candidate, each awaited at most `backstop_s`; an item that overruns
     scores 0 and the pool is replaced, so a stuck worker cannot stall later calls. The pool uses the
     "forkserver" start method: its workers are forked from a small server process that has imported
-    only math-verify, this module and the main script, never from a trainer that holds CUDA, NCCL,
-    vLLM or compiler threads (so the main script needs the usual `if __name__ == "__main__":` guard).
-    num_workers=0 grades on the calling thread when that is the main thread (debugging; no
-    backstop); called from any other thread, the verifier uses a pool in any case.
+    only math-verify and this module, never from a trainer that holds CUDA, NCCL, vLLM or compiler
+    threads. As with any non-fork start method, each worker first runs the main script's top level
+    (as `__mp_main__`), so a script that grades with workers needs the usual
+    `if __name__ == "__main__":` guard. `start` tests one worker before it starts the pool: a pool
+    that cannot grade (workers that die at start, an unguarded script) stops the program with one
+    message instead of grading every answer 0 by timeout; so does a call of 3 or more items that all
+    overran the backstop. num_workers=0 grades on the calling thread when that is the main thread
+    (debugging; no backstop); called from any other thread, the verifier uses a pool in any case.
+
+    `take_stats()` returns (responses whose grading overran the backstop, responses graded) since
+    its last call: every trainer logs their ratio as verifier_timeout_share (`Run.end_step`).
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
@@ -1198,6 +1220,9 @@ class Verifier:
         self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
         self._pool = None  # created on first use (or by start()), so an unused verifier costs nothing
         self._lock = threading.Lock()
+        self._tested = False  # start() has seen one worker grade
+        self._failure = None  # why the workers cannot grade: every later start() stops with it
+        self.timeouts = self.graded = 0  # since the last take_stats()
 
     def candidates(self, response: str) -> tuple[str, list[str]] | None:
         """("boxed", the different boxed answers) or ("text", [the answer text without a box]),
@@ -1257,45 +1282,126 @@ class Verifier:
                     else:
                         verdicts[i][alt].append(fast)
         todo = [t for t in todo if all(verdicts[t[0]][t[1]])]  # an alternative with a wrong answer is out
-        for (i, alt, kind, _, _), (ok, extracted) in zip(todo, self._run([t[2:] for t in todo])):
+        results = self._run([t[2:] for t in todo])
+        for (i, alt, kind, _, _), result in zip(todo, results):
+            ok, extracted = result or (False, "")  # None: overran the backstop, scores 0
             verdicts[i][alt].append(ok)
             if kind == "text":
                 answers[i] = extracted
+        with self._lock:
+            self.graded += len(responses)
+            self.timeouts += len({t[0] for t, result in zip(todo, results) if result is None})
         return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, answers)]
 
-    def _run(self, todo: list) -> list[tuple[bool, str]]:
-        results = [(False, "")] * len(todo)
+    def take_stats(self) -> tuple[int, int]:
+        """(responses with an item that overran the backstop, responses graded) since the last call."""
+        with self._lock:
+            stats, self.timeouts, self.graded = (self.timeouts, self.graded), 0, 0
+        return stats
+
+    def _run(self, todo: list) -> list[tuple[bool, str] | None]:
+        """math-verify's verdict on each (kind, answer, gold); None for an item that overran the backstop."""
+        results = [None] * len(todo)
         if not todo:
             return results
         if self.num_workers == 0 and threading.current_thread() is threading.main_thread():
             return [_grade(kind, a, g, self.timeout) for kind, a, g in todo]
-        k0 = 0
+        k0, overran = 0, 0
         while k0 < len(todo):
             pool = self.start()
             pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
             for k, result in enumerate(pending, start=k0):
-                # Tasks run in submission order, so item k is already running when we start waiting:
-                # the backstop bounds its own run time, not the queue before it.
+                # Tasks run in submission order on workers that are up (start() waits for them), so
+                # item k is already running when we start waiting: the backstop bounds its own run
+                # time, not the queue or the workers' start before it.
                 try:
                     results[k] = result.get(timeout=self.backstop_s)
-                except mp.TimeoutError:  # item k keeps its 0; kill the stuck worker, regrade the rest
+                except mp.TimeoutError:  # item k stays None (0); kill the stuck worker, regrade the rest
                     self.close()
-                    k0 = k + 1
+                    k0, overran = k + 1, overran + 1
                     break
             else:
                 k0 = len(todo)
+        if overran == len(todo) >= 3:  # not slow answers: workers that do not grade at all
+            raise SystemExit(f"error: the grading workers are not grading: all {len(todo)} answers of one call "
+                             f"ran past the {self.backstop_s:g} s time bound (3x --verifier_timeout), so every "
+                             "reward would be 0. Grade some of them in this process with Verifier(num_workers=0) "
+                             "(--verifier_workers 0) to see why.")
         return results
 
     def start(self):
-        """Start the worker pool now (a trainer does it before training; the first start of the
-        fork server imports math-verify and this module, a few seconds)."""
+        """Start the worker pool now (a trainer does it while the model loads). The first start
+        waits for the fork server to import math-verify and this module (a few seconds), then for
+        one test grade in a fresh worker; if that fails, the program stops with one message."""
+        if getattr(mp.current_process(), "_inheriting", False):
+            # This process is a grading worker still starting (multiprocessing's own flag): it is
+            # running the main script's top level, which has no `if __name__ == "__main__":` guard
+            # and starts a verifier again. Leave at once, quietly, with a status the parent
+            # recognises: one message there instead of a traceback in every worker it keeps forking.
+            os._exit(_RERUN_EXIT)
         with self._lock:
+            if self._failure:
+                raise SystemExit(self._failure)
             if self._pool is None:
                 ctx = mp.get_context("forkserver")
                 # the server imports these once; the workers it forks then start in milliseconds
                 ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
-                self._pool = ctx.Pool(max(1, self.num_workers), initializer=_grading_worker_init)
+                if not self._tested:
+                    self._test_worker(ctx)
+                    # runs before multiprocessing's own exit hook, which ends a pool so that it fails
+                    # noisily when it is collected at interpreter shutdown (a script's global verifier)
+                    atexit.register(self.close)
+                ready, n = ctx.Semaphore(0), max(1, self.num_workers)
+                self._pool = ctx.Pool(n, initializer=_grading_worker_init, initargs=(ready,))
+                if not all(ready.acquire(timeout=WORKER_START_S) for _ in range(n)):
+                    self._pool.terminate()
+                    self._pool = None
+                    raise SystemExit(f"error: the grading workers did not start within {WORKER_START_S} s (a test "
+                                     "worker had); or grade in this process with Verifier(num_workers=0) "
+                                     "(--verifier_workers 0)")
             return self._pool
+
+    def _test_worker(self, ctx):
+        """One worker started as the pool starts its own, grading one answer. A Pool would replace a
+        worker that dies at start, forever, each printing its error, while every task timed out."""
+        probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
+        # The fork server, started here unless the program already runs one, ignores the sys.path it
+        # is given (CPython 3.11-3.13): it would preload this module only in a program started from
+        # the repository, and elsewhere every worker would import torch and the rest itself, seconds
+        # each, so that the first items of every pool overran the backstop.
+        path, failed = os.environ.get("PYTHONPATH"), None
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
+        try:
+            probe.start()
+        except (OSError, EOFError) as e:  # the fork server died as it started
+            failed = repr(e)
+        finally:
+            if path is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = path
+        if not failed:
+            probe.join(WORKER_START_S)
+        if probe.exitcode == 0:
+            self._tested = True
+            return
+        main = getattr(sys.modules["__main__"], "__file__", None)
+        main = f"the main script ({main})" if main else "the main script"
+        if failed:
+            why = f"the fork server exited as it started ({failed})"
+        elif probe.exitcode is None:
+            probe.kill()
+            probe.join()
+            why = f"a test worker did not grade one answer within {WORKER_START_S} s"
+        elif probe.exitcode == _RERUN_EXIT:
+            why = "the main script starts a verifier at its top level, so each worker does too"
+        else:
+            why = f"a test worker exited with status {probe.exitcode} (its error is printed above)"
+        self._failure = (f"error: the grading workers could not start: {why}. Every worker runs the top level of "
+                         f"{main} as it starts: put that code under `if __name__ == \"__main__\":` (in a file: "
+                         "a script read from stdin cannot be run again), or grade in this process with "
+                         "Verifier(num_workers=0) (--verifier_workers 0; no hard time bound).")
+        raise SystemExit(self._failure)
 
     def close(self):
         with self._lock:
@@ -2232,6 +2338,7 @@ class Run:
     extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
     data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
     bar: object = None  # the progress bar, once the loop runs
+    warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -2252,7 +2359,23 @@ class Run:
         if self.eval_sets:
             metrics.update(evaluate(self))
             print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.timeout_share(0))
         self.logger.log(0, metrics)
+
+    def timeout_share(self, step: int) -> dict:
+        """verifier_timeout_share: the share of the responses graded since the last log line (the
+        step's rollouts, and on an evaluation step the evaluation's samples too) whose grading
+        overran the verifier's backstop and scored 0, all ranks. Warns once when it passes
+        TIMEOUT_WARN_SHARE: such rewards are zeros from timeouts, not wrong answers."""
+        timeouts, graded = all_reduce(list(self.verifier.take_stats()))
+        share = timeouts / max(graded, 1)
+        if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
+            self.warned_timeouts = True
+            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past "
+                   f"the {self.verifier.backstop_s:g} s time bound, not because they were wrong; raise "
+                   "--verifier_timeout or look at those answers (verifier_timeout_share in metrics.jsonl; not "
+                   "repeated)", file=sys.stderr)
+        return {"verifier_timeout_share": share}
 
     def end_step(self, step: int, metrics: dict, state: dict | None = None):
         """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
@@ -2263,6 +2386,7 @@ class Run:
             metrics.update(evaluate(self))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.timeout_share(step))
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})

@@ -2,6 +2,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +17,7 @@ TIMEOUT = 1
 # are noisy; what it catches is an unbounded item (minutes).
 BOUND_S = 3 * TIMEOUT + 7
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_cases.jsonl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +118,9 @@ def test_grade_returns_the_graded_answer(verifier):
 def test_batch_keeps_order(verifier):
     responses = [f"</think>\\boxed{{\\frac{{{i}}}{{1}}}}" for i in range(40)]  # not plain numbers: the pool
     golds = [str(i if i % 3 else i + 1) for i in range(40)]
+    verifier.take_stats()
     assert verifier(responses, golds) == [0.0 if i % 3 == 0 else 1.0 for i in range(40)]
+    assert verifier.take_stats() == (0, 40) and verifier.take_stats() == (0, 0)  # no timeouts, 40 graded
 
 
 def test_require_think_off_grades_text_without_think():
@@ -183,13 +188,92 @@ def test_backstop_replaces_a_stuck_worker_from_the_fork_server(monkeypatch):
         start = time.time()
         assert v(responses, ["x", "hang", "z", "v"]) == [1.0, 0.0, 1.0, 0.0]
         assert time.time() - start < BOUND_S
+        assert v.take_stats() == (1, 4)  # one response of four overran the backstop
         # the replacement pool was forked by the fork server, not by this (possibly threaded) process
         assert all(_parent_pid(p.pid) != os.getpid() for p in v._pool._pool)
         start = time.time()
         assert v(responses[:1], ["x"]) == [1.0]
         assert time.time() - start < BOUND_S
+        assert v.take_stats() == (0, 1)
     finally:
         v.close()
+
+
+def test_a_batch_that_times_out_wholesale_stops_with_one_message(monkeypatch):
+    monkeypatch.setattr(common, "_grade", _grade_or_hang)
+    v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    v.start()
+    v.backstop_s = 0.5  # a short backstop keeps the test fast
+    try:
+        assert v(["</think>\\boxed{x}", "</think>\\boxed{y}"], ["hang", "hang"]) == [0.0, 0.0]  # too few to tell
+        assert v.take_stats() == (2, 2)
+        start = time.time()
+        with pytest.raises(SystemExit, match="the grading workers are not grading: all 3 answers of one call ran past"):
+            v(["</think>\\boxed{x}", "</think>\\boxed{y}", "</think>\\boxed{z}", "</think> 1"],
+              ["hang", "hang", "hang", "1"])  # the fast-path answer needs no worker
+        assert time.time() - start < 3 * 0.5 + BOUND_S
+    finally:
+        v.close()
+
+
+# A quick script without the `if __name__ == "__main__":` guard, as a new user writes one: every
+# grading worker runs it again as it starts.
+UNGUARDED = """import common
+v = common.Verifier(num_workers=2, timeout_s=1, require_think=False)
+print("rewards", v(["\\\\boxed{\\\\frac{1}{2}}"] * 3, ["0.5"] * 3))
+"""
+
+
+def test_an_unguarded_script_stops_with_one_message(tmp_path):
+    script = tmp_path / "quick.py"
+    script.write_text(UNGUARDED)
+    start = time.time()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), timeout=120)
+    assert p.returncode == 1 and "rewards" not in p.stdout, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert p.stderr.startswith("error: the grading workers could not start: the main script starts a verifier "
+                               "at its top level, so each worker does too. ")
+    assert 'under `if __name__ == "__main__":`' in p.stderr and "Verifier(num_workers=0)" in p.stderr
+    assert len((p.stdout + p.stderr).splitlines()) == 1  # not a traceback per worker, or per task
+    assert time.time() - start < 60  # the test worker's exit is seen at once, not after a timeout
+
+
+def test_a_guarded_script_elsewhere_gets_workers_that_start_at_once(tmp_path):
+    # The fork server preloads this code even for a script outside the repository (it ignores the
+    # sys.path it is given): the workers then start in milliseconds and the backstop bounds grading only.
+    script = tmp_path / "quick.py"
+    script.write_text(f"""import sys
+if __name__ == "__mp_main__":  # a worker running this script again: was the code preloaded?
+    print("preloaded", "common" in sys.modules, flush=True)
+sys.path.insert(0, {ROOT!r})
+import common
+if __name__ == "__main__":
+    v = common.Verifier(num_workers=2, timeout_s=1, require_think=False)
+    print("rewards", v(["\\\\boxed{{\\\\frac{{%d}}{{2}}}}" % (2 * i) for i in range(8)], [str(i) for i in range(8)]),
+          v.take_stats())
+    v.close()
+""")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(env, OMP_NUM_THREADS="1"), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"rewards {[1.0] * 8} (0, 8)" in p.stdout
+    preloaded = [line for line in p.stdout.splitlines() if line.startswith("preloaded")]
+    assert len(preloaded) == 3 and set(preloaded) == {"preloaded True"}  # the test worker and two in the pool
+
+
+def test_the_timeout_share_is_logged_and_warned_about_once(capsys):
+    class Stub:
+        backstop_s = 6.0
+        stats = [(0, 0), (1, 10), (3, 10), (0, 10)]
+
+        def take_stats(self):
+            return self.stats.pop(0)
+
+    run = common.Run(*[None] * 6, Stub(), *[None] * 6)
+    assert [run.timeout_share(s)["verifier_timeout_share"] for s in range(4)] == [0.0, 0.1, 0.3, 0.0]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "step 1: 10% of the responses graded scored 0" in err
 
 
 def test_called_from_a_worker_thread():
