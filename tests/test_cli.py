@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +17,16 @@ CORE_KEYS = {"step", "loss", "reward", "accuracy", "entropy", "response_length",
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 
 
-def run(script, *args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=ROOT)
+def run(script, *args, check=True, nproc=1):
+    """The script as a user runs it: plain python, or torchrun with `nproc` ranks (a thread each)."""
+    env = dict(os.environ, OMP_NUM_THREADS="2" if nproc == 1 else "1", PYTHONUNBUFFERED="1")
+    with socket.socket() as s:  # a free port for torchrun's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    p = subprocess.run([*launcher, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       env=env, timeout=900, cwd=ROOT)
     if check and p.returncode:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

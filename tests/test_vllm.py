@@ -12,9 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import types
 
 import pytest
@@ -24,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 from test_bread import BREAD
-from test_cli import CORE_KEYS, GRPO, ROOT, TIMING, metrics, small
+from test_cli import CORE_KEYS, GRPO, TIMING, metrics, run, small
 from test_luffy import LUFFY
 from test_prefix_rft import PRFT
 from test_relift import ARGS as RELIFT
@@ -58,12 +55,12 @@ def engine(tiny_model_dir, tmp_path_factory):
                                  stop_ids=stops, max_num_batched_tokens=1024, kv_cache_bytes=16 << 20,
                                  logprobs=True, log_dir=str(tmp_path_factory.mktemp("vllm_log")))
     after = {"rng": common.rng_state(), "threads": torch.get_num_threads(), "set": torch.set_num_threads}
+    for k, v in saved.items():  # read at start only; a trainer run in a subprocess must not inherit them
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     yield types.SimpleNamespace(sampler=sampler, model=model, tok=tok, stops=stops, rng=rng, threads=threads,
                                 after=after)
     sampler.close()
     assert not dist.is_initialized()  # the engine's shutdown took the process group down with its own
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def same_rng(a, b):
@@ -159,23 +156,6 @@ def test_release_keeps_a_cpu_engine_usable(engine):
 
 # ---- Whole runs through the command line -------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script, *args, nproc=2, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
-    p = subprocess.run([*launcher, os.path.join(ROOT, script), *args], capture_output=True, text=True, env=env,
-                       timeout=900, cwd=ROOT)
-    if check and p.returncode:
-        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
 def debug_calls(out):
     with open(os.path.join(out, "rollout_debug.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -207,8 +187,8 @@ def test_trainer_two_steps_on_two_ranks(script, tiny_model_dir, small_eval_file,
         second = tmp_path / "second.jsonl"
         second.write_text(open(small_eval_file).read())
         evals = ["--eval_data", f"{small_eval_file}:2", str(second)]
-    p = launch(script, *small(tiny_model_dir, None, out, "--max_steps", "2", "--eval_every", "0", *TRAINERS[script],
-                              *data, *evals, "--sampler", "vllm", "--rollout_debug", "--lr", "1e-2"))
+    p = run(script, *small(tiny_model_dir, None, out, "--max_steps", "2", "--eval_every", "0", *TRAINERS[script],
+                           *data, *evals, "--sampler", "vllm", "--rollout_debug", "--lr", "1e-2"), nproc=2)
     assert "Traceback" not in p.stderr and "Invalid process group" not in p.stderr
     assert "vLLM 0.32.0 engine on every rank: float32" in p.stdout
     lines = metrics(out)
@@ -231,13 +211,13 @@ def test_resumed_vllm_run_equals_the_uninterrupted_one(tiny_model_dir, small_eva
     after its step-2 checkpoint and resumed: every metric but the timings is equal, step for step."""
     args = [*GRPO, "--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--sampler", "vllm", "--lr", "1e-3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    launch("grpo.py", *small(tiny_model_dir, small_eval_file, full, *args), nproc=1)
+    run("grpo.py", *small(tiny_model_dir, small_eval_file, full, *args))
     shutil.copytree(full, cut)  # the cut run wrote what the full run wrote until it died in its step-4 save
     shutil.rmtree(cut / "checkpoint-000004")
     with open(cut / "metrics.jsonl") as f:
         kept = f.readlines()[:3]  # steps 0-2
     (cut / "metrics.jsonl").write_text("".join(kept))
-    p = launch("grpo.py", *small(tiny_model_dir, small_eval_file, cut, *args, "--resume"), nproc=1)
+    p = run("grpo.py", *small(tiny_model_dir, small_eval_file, cut, *args, "--resume"))
     assert "resumed from" in p.stdout + p.stderr
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
     a, b = strip(metrics(full)), strip(metrics(cut))
@@ -251,7 +231,7 @@ def test_evaluate_with_the_vllm_sampler(tiny_model_dir, small_eval_file, tmp_pat
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        launch("evaluate.py", "--model", tiny_model_dir, "--data", f"{small_eval_file}:2", "--output_dir", str(out),
+        run("evaluate.py", "--model", tiny_model_dir, "--data", f"{small_eval_file}:2", "--output_dir", str(out),
                "--max_prompt_len", "64", "--max_response_len", "24", "--verifier_workers", "1", "--sampler", "vllm",
                nproc=1)
         with open(out / "records.jsonl") as f:
