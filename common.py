@@ -120,10 +120,6 @@ class BaseConfig:
 # The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
 # are not given. The builtin task has its own, BUILTIN_SETTINGS in the embedded-task section.
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
-# Flags that name the run's model, data and output: never reported as laptop defaults.
-_RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "resume",
-              "overwrite", "wandb", "wandb_project", "cache_dir", "seed"}
-
 
 def parse_config(cls, argv=None, variants: dict | None = None):
     """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
@@ -186,48 +182,31 @@ def given_flags(cfg) -> frozenset:
     return getattr(cfg, "_given", frozenset())
 
 
-def _paper_command(cfg) -> dict[str, str] | None:
-    """{flag: value} of the 8-GPU paper command in the docstring of cfg's script, or None."""
-    doc = sys.modules[type(cfg).__module__].__doc__ or ""
-    start = doc.find("--nproc_per_node 8 ")
-    if start < 0:
-        return None
-    tokens = doc[start:].split("#", 1)[0].replace("\\\n", " ").split()
-    flags, i = {}, 2  # skip "--nproc_per_node 8"
-    while i < len(tokens):
-        if tokens[i].startswith("--"):
-            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
-            flags[tokens[i][2:]] = tokens[i + 1] if has_value else "true"
-            i += 2 if has_value else 1
-        else:
-            i += 1
-    return flags
+def _flag_text(value) -> str:
+    """A setting as the command line writes it: 1e-06 -> "1e-6"."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
-def laptop_defaults(cfg) -> list[str]:
-    """The trainer's laptop defaults still in force, that is "--flag value (paper value)" for every
-    flag of the docstring's 8-GPU paper command that the user did not give and whose default
-    differs from the paper's value. Printed as one line for file data (a real run)."""
-    paper, given, out = _paper_command(cfg), given_flags(cfg), []
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for flag, value in (paper or {}).items():
-        name = flag.removeprefix("no-") if flag.startswith("no-") and flag[3:] in fields else flag
-        if name not in fields or name in given or name in _RUN_FLAGS:
-            continue
+def laptop_defaults(cfg, paper: dict) -> list[str]:
+    """The trainer's laptop defaults still in force: "--flag value (paper: value)" for every setting of
+    `paper` (the trainer's PAPER, its 8-GPU paper command) that the user did not give and that differs.
+    Printed as one line for file data (a real run)."""
+    given, out = given_flags(cfg), []
+    for name, value in paper.items():
         current = getattr(cfg, name)
+        if name in given or current == value:
+            continue
         if isinstance(current, bool):
-            paper_value = not flag.startswith("no-")
+            out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if value else 'no-'}{name})")
         else:
-            try:
-                paper_value = type(current)(value)
-            except ValueError:
-                continue
-        if current != paper_value:
-            if isinstance(current, bool):
-                out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if paper_value else 'no-'}{name})")
-            else:
-                out.append(f"--{name} {current} (paper: {value})")
+            out.append(f"--{name} {_flag_text(current)} (paper: {_flag_text(value)})")
     return out
+
+
+def fail(message: str):
+    """Refuse before training: stop with one line "error: <message>" (printed by rank 0 only), no traceback.
+    Every trainer's check of its settings and data goes through here."""
+    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
 
 
 # ======================================================================================
@@ -318,8 +297,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def rank() -> int:
+    """This process's rank (0 in a single process); a trainer's main() has it as run.d.rank."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def world_size() -> int:
-    """Ranks in the process group (1 in a single process)."""
+    """Ranks in the process group (1 in a single process); a trainer's main() has it as run.d.world_size."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -1740,7 +1724,7 @@ def check_sampler(cfg):
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
-        _fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
+        fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
     if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
         # vLLM 0.32's sleep-mode pool turns them off around its own allocations (device_allocator/cumem.py
         # use_memory_pool), so they only apply to training's: no reason to refuse, worth a line
@@ -1790,7 +1774,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
             print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now, "
                    f"{2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
             if fraction * total < weights + 2 * GiB:
-                _fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
+                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
                       f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
                       f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
@@ -2197,11 +2181,11 @@ def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
         m = re.fullmatch(r"(.+):(\d+)", entry)
         source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
         if k == 0:
-            _fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
+            fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
         name = "builtin" if source == "builtin" else \
             re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
         if any(s.name == name for s in sets):
-            _fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
+            fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
         sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
     return sets
 
@@ -2445,15 +2429,10 @@ class _Interrupts:
 _interrupts = _Interrupts()
 
 
-def _fail(message: str):
-    """Stop before training with one message (printed by rank 0 only), no traceback."""
-    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
-
-
-def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
+def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
     """Fill in the "auto" settings, which depend on the data: the builtin task's (BUILTIN_SETTINGS)
     or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
-    a file-data run still uses, and returns the evaluation sets (without rows)."""
+    a file-data run still uses (against `paper`, the trainer's PAPER), and returns the evaluation sets (without rows)."""
     builtin = cfg.data == "builtin"
     chosen = []
     for key in ("max_prompt_len", "max_response_len"):
@@ -2464,13 +2443,13 @@ def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
         print0(f"file data: {' and '.join(chosen)} tokens (the papers' budgets; set the flags to change them)")
     if "auto" in cfg.eval_data:
         if cfg.eval_data != ["auto"]:
-            _fail("--eval_data auto cannot be combined with other sets")
+            fail("--eval_data auto cannot be combined with other sets")
         cfg.eval_data = ["builtin"] if builtin else ["none"]
         if not builtin:
             print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
                    "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
     sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
-    if not builtin and (laptop := laptop_defaults(cfg)):
+    if not builtin and (laptop := laptop_defaults(cfg, paper or {})):
         script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
         print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
                f"the 8-GPU command in {script}'s docstring")
@@ -2490,7 +2469,7 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
         return load_rows(source, cfg.prompt_key, cfg.answer_key if need_answer else None,
                          cfg.demo_key if need_demo else None)
     except ValueError as e:  # bad input: say what and where, without a traceback
-        _fail(str(e))
+        fail(str(e))
 
 
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
@@ -2522,7 +2501,7 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
         print0(f"{name}: {truncated} of {len(rows) - too_long} demonstrations are longer than --max_response_len "
                f"{max_response_len} tokens and were truncated to it (their EOS is cut off)")
     if not out:
-        _fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
+        fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
     return out, {"rows": len(out), "prompts_dropped": too_long, "demos_truncated": truncated}
 
 
@@ -2532,14 +2511,15 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
     would learn an unfinished one. `why` says what the method does with them."""
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
-        _fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
+        fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
               f"their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); {why}: raise --max_response_len or drop "
               f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
 
 
-def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
-          extra_optimizers: dict | None = None, whole_demos: str | None = None) -> Run:
+          extra_optimizers: dict | None = None, whole_demos: str | None = None,
+          verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
     settings, every row of every data file, the budgets against the model's positions, then output_dir
     is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
@@ -2548,13 +2528,15 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bo
     run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
     method that trains on or continues from the whole demonstration, what it does with it; then
     demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
-    model loads."""
+    model loads. paper: the trainer's PAPER (its 8-GPU paper command), against which a file-data run is
+    told the laptop defaults it still uses. verifier: the Verifier class to build (a subclass for a
+    method with its own answer format; default Verifier)."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
     _interrupts.install(d.main)
     if global_batch % d.world_size:
-        _fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    eval_sets, builtin = resolve_settings(cfg)
+        fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
+    eval_sets, builtin = resolve_settings(cfg, paper)
     train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
@@ -2566,9 +2548,9 @@ def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bo
         print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
     if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
                                                  os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        _fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
+        fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
               "there, or another --output_dir")
-    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
     # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
     threading.Thread(target=verifier.start).start()

@@ -68,7 +68,7 @@ def model_directory(model: str, cache_dir: str) -> str:
 def main():
     cfg = common.parse_config(Config)
     if not cfg.model or not cfg.data:
-        raise SystemExit("error: name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
+        common.fail("name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
     common.check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = common.init_distributed(one_rank_group=True if common.sampler_kind(cfg) == "vllm" else None)
     builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)

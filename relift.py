@@ -83,6 +83,10 @@ class Config(common.BaseConfig):
 # The official ReLIFT run (examples/math-7b/train.sh): no clip, no std, Dr.GRPO constant, clip 0.7, entropy 0.001
 OFFICIAL = dict(clip_eps_low=1e9, clip_eps_high=1e9, adv_std=False, loss_agg="constant", max_grad_norm=0.7,
                 entropy_coef=0.001)
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
+         "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
+         "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
 
 
 # ======================================================================================
@@ -199,13 +203,13 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G, M = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size, cfg.ft_threshold
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if M < 1 or cfg.ft_lr <= 0:
-        raise SystemExit("--ft_threshold (M) must be at least 1 and --ft_lr positive")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+        common.fail("--ft_threshold (M) must be at least 1 and --ft_lr positive")
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, extra_optimizers={"ft": cfg.ft_lr})
     if M % run.d.world_size:
-        raise SystemExit(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
+        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
     model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.d.rank, run.d.world_size
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     for i, row in enumerate(run.train_rows):

@@ -96,6 +96,9 @@ class Config(common.BaseConfig):
 # The official run's settings (liumy2010/UFT run.py, scripts/train.sh, verl's ppo_trainer.yaml).
 OFFICIAL = {"lr": 1e-6, "prompts_per_step": 256, "prompts_per_minibatch": 64, "group_size": 4, "max_steps": 500,
             "kl_coef": 0.001, "entropy_coef": 0.001, "reward_scale": "uft"}
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+         "gradient_checkpointing": True}
 
 
 # ======================================================================================
@@ -152,7 +155,7 @@ def add_piece_ends(rows: list[dict], tokenizer, max_response_len: int):
         r["piece_ends"] = [j + 1 for j, token in enumerate(demo[:-1]) if token in newline]
     single = sum(not r["piece_ends"] for r in rows)
     if single == len(rows):
-        raise SystemExit("no demonstration has more than one line: UFT's hints are whole lines (--demo_key)")
+        common.fail("no demonstration has more than one line: UFT's hints are whole lines (--demo_key)")
     if single:
         common.print0(f"{single} of {len(rows)} demonstrations are a single line: their prompts never get a hint")
 
@@ -219,13 +222,13 @@ def uft_loss(logp, old_logp, advantages, mask, hint_mask, cfg: Config, norm: flo
 def check_config(cfg: Config):
     """Refuse hint settings the schedule cannot use, naming the flag."""
     if not 0 <= cfg.hint_prob_low <= cfg.hint_prob_high <= 1:
-        raise SystemExit("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
+        common.fail("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
     if cfg.hint_chunks < 1:
-        raise SystemExit("--hint_chunks must be at least 1 (Eq. 32; official 5)")
+        common.fail("--hint_chunks must be at least 1 (Eq. 32; official 5)")
     if cfg.hint_steps < 0:
-        raise SystemExit("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
+        common.fail("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
     if cfg.kl_coef < 0:
-        raise SystemExit("--kl_coef (beta of the KL and hint terms) must be >= 0")
+        common.fail("--kl_coef (beta of the KL and hint terms) must be >= 0")
 
 
 # ======================================================================================
@@ -237,12 +240,10 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     check_config(cfg)
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b)
-    if cfg.answer_format == "answer_tag":
-        run.verifier.__class__ = AnswerTagVerifier  # the same verifier (and fork pool), UFT's extraction
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+                       global_batch=b, verifier=AnswerTagVerifier if cfg.answer_format == "answer_tag" else None)
     add_piece_ends(run.train_rows, run.tokenizer, cfg.max_response_len)
     hint_steps = cfg.hint_steps or max(1, round(0.6 * cfg.max_steps))  # T_hint of Eq. (33)
     model = run.model
