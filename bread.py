@@ -67,7 +67,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-4  # peak learning rate (METHODS 7 reference [D]: 1e-6)
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt and per search round (>= 2: the search wants a mixed group)
@@ -76,7 +76,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     num_episodes: int = 10  # K of Eq. (39): at most K episodes per demonstration (paper ~10; builtin: 4-7 lines)
     episode_split: Literal["line", "paragraph", "tokens"] = "line"  # Eq. (39) cuts [D]: line | blank line | K equal

@@ -41,7 +41,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-4  # peak learning rate (official LUFFY-family runs: 1e-6)
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt

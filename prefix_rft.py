@@ -59,8 +59,8 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official code's behaviour (docstring list)
-    lr: float = 2e-4  # peak learning rate (official LUFFY-family runs: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt, G - 1 plain rollouts and one hybrid
@@ -70,7 +70,7 @@ class Config(common.BaseConfig):
     adv_std: bool = False  # divide by the group std (Eq. 9); default Eq. (45) = Dr.GRPO's Eq. (10)
     advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's (docstring 3)
     entropy_coef: float = 0.001  # beta_H of the entropy bonus over sampled (non-prefix) tokens, Eq. (12), (48)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # constant (Eq. 8, 48) | token-mean (6) | seq-mean (7)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # Eq. (6) | Eq. (7) | Eq. (8) (Eq. 48)
     loss_constant: float = 0.0  # C of Eq. (8) for one unit; 0 = |U| * L_max (minibatch) or L_max (microbatch, the code)
     unit: Literal["minibatch", "microbatch"] = "minibatch"  # U of Eq. (6)-(8), (46): optimizer step, all ranks | each micro-batch
     entropy_top_k: float = 0.2  # k of Eq. (46): fraction of the unit's prefix tokens that keep their loss

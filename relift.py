@@ -62,8 +62,8 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official RL settings (OFFICIAL); flags given win
-    lr: float = 2e-4  # peak learning rate of the RL optimizer (official: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt
@@ -72,7 +72,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     ft_threshold: int = 16  # M of Eq. (23): FT step when the buffer holds M items, on the M newest (official 128 = B)
     ft_lr: float = 2e-4  # lr of the FT step's own AdamW, constant (official 1e-6, equal to the RL lr)

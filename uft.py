@@ -73,8 +73,8 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official run's settings (top docstring)
-    lr: float = 2e-4  # peak learning rate (official UFT runs: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt, all continuing the prompt's one hint
@@ -83,7 +83,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.001  # beta of Eq. (37)-(38): weighs the k3 KL (Eq. 11) and the hint term (Eq. 36)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12) (official: 0.001)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     hint_chunks: int = 5  # most chunks a demonstration is cut into, Eq. (32)
     hint_prob_high: float = 0.95  # p_high of Eq. (33): hint probability at step 1
