@@ -147,14 +147,14 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
 
 def heldout_file(results: str, per_level: int) -> str | None:
     """A .jsonl of the first `per_level` built-in held-out problems of each level (None: use all 200)."""
-    import common  # torch and transformers: only when a subset is asked for
+    import builtin_task  # torch and transformers: only when a subset is asked for
 
-    if per_level >= common.HELDOUT_PER_LEVEL:
+    if per_level >= builtin_task.HELDOUT_PER_LEVEL:
         return None
     path = os.path.join(results, f"heldout-{per_level}-per-level.jsonl")
     os.makedirs(results, exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in common.make_task(per_level, seed=common.EVAL_SEED))
+        f.writelines(json.dumps(r) + "\n" for r in builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED))
     return path
 
 

@@ -9,6 +9,7 @@ import torch
 from test_cli import CORE_KEYS, metrics, run, small
 
 import bread
+import builtin_task
 import common
 
 EOS = 2
@@ -298,7 +299,7 @@ SEARCH_KEYS = {"search_frac", "anchor_mixed_frac", "anchor_fallback_frac", "anch
 def test_bread_smoke(tiny_model_dir, small_eval_file, tmp_path):
     """Level-1 training problems from a file (demonstrations of 21 tokens + EOS fit the 24-token budget)."""
     data, out = tmp_path / "train.jsonl", tmp_path / "bread"
-    data.write_text("".join(json.dumps(r) + "\n" for r in common.make_task(20, seed=5, levels=(1,))))
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_task.make_task(20, seed=5, levels=(1,))))
     run("bread.py", *small(tiny_model_dir, small_eval_file, out, "--data", str(data), "--max_steps", "2",
                            "--eval_every", "0", *BREAD))
     lines = metrics(out)

@@ -153,6 +153,8 @@ def test_missing_nested_key_suggests_the_closest(tmp_path):
 
 def test_fixed_choice_flags_are_checked_when_parsed(capsys):
 
+    import builtin_task
+
     import common
     import grpo
     import sft
@@ -163,6 +165,7 @@ def test_fixed_choice_flags_are_checked_when_parsed(capsys):
 
 
 def test_config_flags_given_and_list_values():
+    import builtin_task
     import common
     import grpo
     cfg = common.parse_config(grpo.Config, ["--eval_data", "a.jsonl:32", "b.jsonl", "--eval_data", "c.parquet",
@@ -200,10 +203,11 @@ def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path)
 
 
 def test_sft_reads_no_answer_and_counts_truncated_demonstrations(tiny_model_dir, tmp_path):
+    import builtin_task
     import common
     from transformers import AutoTokenizer
     data = tmp_path / "demos.jsonl"  # no answer field: SFT does not need one; level-4 demos exceed 24 tokens
-    rows = common.make_task(4, seed=0, levels=(1, 4))
+    rows = builtin_task.make_task(4, seed=0, levels=(1, 4))
     data.write_text("".join(json.dumps({"problem": r["problem"], "demo": r["demo"]}) + "\n" for r in rows))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     longer = sum(len(tok(r["demo"], add_special_tokens=False)["input_ids"]) + 1 > 24 for r in rows)

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import builtin_task  # noqa: E402
 import common  # noqa: E402
 import relift  # noqa: E402
 from test_cli import CORE_KEYS, TIMING, metrics, run, small  # noqa: E402
@@ -199,7 +200,7 @@ def _model_and_rows(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = common.load_policy(tiny_model_dir, common.Dist(), compile=False)
     rows = []
-    for r in common.make_task(1, seed=5, levels=(1, 3, 4)):  # demonstrations of 3 different lengths
+    for r in builtin_task.make_task(1, seed=5, levels=(1, 3, 4)):  # demonstrations of 3 different lengths
         text = common.format_prompt(tok, r["problem"], None)
         rows.append({"prompt_ids": tok(text, add_special_tokens=False)["input_ids"],
                      "demo_ids": tok(r["demo"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]})
