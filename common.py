@@ -1133,7 +1133,7 @@ class PolicyModel(nn.Module):
     width R, so response token t of every row sits at column P + t and is predicted from column
     P + t - 1. Outputs are [B, R] matrices, the c_{i,t} / m_{i,t} grid of the equations.
     The LM head runs on the masked response positions only, in chunks, under activation
-    checkpointing, so the [B, T, V] logits never exist (ENGINEERING.md: log-prob memory).
+    checkpointing, so the [B, T, V] logits never exist.
     This wrapper is also the FSDP2 root, so the root's hooks cover the LM head call.
     """
 
@@ -1395,7 +1395,7 @@ _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 def _fast_grade(answer: str, gold: str) -> bool | None:
     """Exact verdict for plain integers and decimals without math-verify, None when unsure.
-    Agrees with math-verify on every pair where it answers (tests/verifier_agreement.py --fast):
+    Agrees with math-verify on every pair where it answers (scripts/verifier_agreement.py --fast):
     integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
     their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
     places); closer pairs and numbers of more than 12 significant digits go to math-verify."""

@@ -6,17 +6,14 @@ Every expected number is worked out in a comment."""
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import builtin_task  # noqa: E402
-import common  # noqa: E402
-import relift  # noqa: E402
-from test_cli import CORE_KEYS, TIMING, metrics, run, small  # noqa: E402
+import builtin_task
+import common
+import relift
+from test_cli import CORE_KEYS, TIMING, metrics, run, small
 
 RELIFT_KEYS = {"pg_loss", "clip_frac", "hardest_prompts", "buffer_size", "ft_steps", "ft_steps_total", "ft_loss",
                "sft_loss", "entropy_demo", "ft_grad_norm"}

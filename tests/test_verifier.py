@@ -31,7 +31,7 @@ def verifier():
 
 def test_graded_cases(verifier):
     """Every case of tests/data/verifier_cases.jsonl gets its human grade (the README quotes the
-    agreement of plain math-verify on the same set: tests/verifier_agreement.py)."""
+    agreement of plain math-verify on the same set: scripts/verifier_agreement.py)."""
     with open(CASES, encoding="utf-8") as f:
         cases = [json.loads(line) for line in f]
     assert len(cases) >= 50 and {c["grade"] for c in cases} == {0, 1}
