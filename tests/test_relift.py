@@ -6,6 +6,7 @@ Every expected number is worked out in a comment."""
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
