@@ -345,7 +345,7 @@ def test_bad_input_is_refused(monkeypatch):
     with pytest.raises(SystemExit, match="--ft_threshold"):
         relift.main()  # refused before setup
 
-    def setup(cfg, **kw):  # every row must carry a demonstration: common refuses rows without one
+    def setup(cfg, paper, **kw):  # every row must carry a demonstration: common refuses rows without one
         assert kw["need_demo"] and kw["extra_optimizers"] == {"ft": cfg.ft_lr}
         raise SystemExit("checked")
 
