@@ -67,7 +67,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-4  # peak learning rate (METHODS 7 reference [D]: 1e-6)
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt and per search round (>= 2: the search wants a mixed group)
@@ -76,12 +76,18 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     num_episodes: int = 10  # K of Eq. (39): at most K episodes per demonstration (paper ~10; builtin: 4-7 lines)
     episode_split: Literal["line", "paragraph", "tokens"] = "line"  # Eq. (39) cuts [D]: line | blank line | K equal
     max_search_rounds: int = 0  # extra rounds per question at most; 0 = the search's own bound ceil(log2(K_q+1))
     fallback: Literal["success", "skip"] = "success"  # no mixed group: smallest all-success group [D] | skip
+
+
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+         "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
+         "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -185,14 +191,13 @@ def generated_mask(mb: dict) -> torch.Tensor:
     return mb["response_mask"] * (1 - mb["prefix_mask"]) * mb["weights"][:, None]
 
 
-def bread_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_norm: float,
-               entropy=None, ref_logp=None):
-    """One micro-batch's share of Eq. (41) = GRPO's Eq. (15) on the selected groups.
+def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_norm: float,
+              entropy=None, ref_logp=None):
+    """One micro-batch's share of Eq. (15).
 
-    logp, old_logp, ref_logp, entropy, mask: [B, R]; advantages: [B]; mask = generated_mask(mb), so
-    anchor tokens never enter a term. `norm` is the optimizer step's denominator for cfg.loss_agg,
-    `token_norm` its token count (KL and entropy are token-means, Eq. 11-12). Returns (loss, dict
-    of detached terms)."""
+    logp, old_logp, ref_logp, entropy, mask: [B, R]; advantages: [B]. `norm` is the optimizer
+    step's denominator for cfg.loss_agg, `token_norm` its token count (KL and entropy are
+    token-means, Eq. 11-12). Returns (loss, dict of detached terms)."""
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
@@ -207,7 +212,7 @@ def bread_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token
         kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
         loss = loss + cfg.kl_coef * kl
         terms["kl"] = kl.detach()
-    if cfg.entropy_coef > 0:  # Eq. (12): entropy bonus over the generated tokens
+    if cfg.entropy_coef > 0:  # Eq. (12): entropy bonus over all response tokens
         entropy_bonus = common.aggregate(entropy, mask, "token-mean", token_norm)
         loss = loss - cfg.entropy_coef * entropy_bonus
         terms["entropy_bonus"] = entropy_bonus.detach()
@@ -249,13 +254,13 @@ def main():
     cfg = common.parse_config(Config)
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if G < 2:
-        raise SystemExit("--group_size must be at least 2: the anchor search looks for a group with both a "
-                         "success and a failure (Eq. 40), and Eq. (9) needs two samples")
+        common.fail("--group_size must be at least 2: the anchor search looks for a group with both a "
+                    "success and a failure (Eq. 40), and Eq. (9) needs two samples")
     if cfg.num_episodes < 1 or cfg.max_search_rounds < 0:
-        raise SystemExit("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+        common.fail("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, whole_demos="anchors reach the whole demonstration (Eq. 40)")
     model = run.model
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
@@ -296,8 +301,9 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = bread_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
-                                     token_norm, entropy, mb.get("ref_logp"))
+                # Eq. (41) = GRPO's Eq. (15) on the selected groups; anchor tokens never enter a term
+                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
+                                    token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
                 terms.append(t)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))

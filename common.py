@@ -1,12 +1,27 @@
-"""Shared infrastructure for the single-file trainers (sft.py, grpo.py, ...).
+"""Shared infrastructure for the single-file trainers (sft.py, grpo.py, ...): the one file they all import.
 
-Nothing in here is a method's loss: a trainer file holds its whole algorithm, this file holds the
-mechanics every trainer needs. Read it top to bottom; each section is independent:
+Nothing in here is a method's loss: a trainer file holds its whole algorithm, this file the mechanics
+every trainer needs. Equation numbers refer to ./METHODS.md, the project's method reference.
 
-    config -> CLI | distributed | data | embedded task | model + log-probs | verifier | sampling
-    | loss aggregation | optimiser | checkpoints | logging | evaluation | run setup
+Contents, in the order a reader of grpo.py meets them (each section starts with a ==== banner):
 
-Equation numbers refer to ./METHODS.md, the project's method reference.
+  1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
+                       trainer's PAPER), fail (every refusal before training: one "error: ..." line)
+  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
+                       demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
+  3. Run setup         setup(cfg, PAPER, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
+                       run.end_step (evaluate, log, checkpoint, Ctrl-C); encode_rows, read_rows
+  4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
+  5. Data              load_rows (validate every row of a file), format_prompt, MATH_SYSTEM_PROMPT
+  6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
+  7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
+  8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler
+  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
+ 10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
+ 11. Logging           MetricsLogger: metrics.jsonl, optional wandb
+
+The built-in task (tiny tokenizer and model, arithmetic problems, the pre-trained base) is builtin_task.py,
+used only for --data / --model / --eval_data builtin; --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
@@ -19,7 +34,6 @@ import decimal
 import difflib
 import importlib.util
 import inspect
-import itertools
 import json
 import logging
 import math
@@ -30,7 +44,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -49,10 +62,11 @@ from torch import nn
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 from math_verify import parse, verify
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Tokenizer
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
+
 
 # ======================================================================================
 # Config -> CLI: one dataclass per script; the comment after each field is its --help text
@@ -73,7 +87,7 @@ class BaseConfig:
     system_prompt: str = "auto"  # for training prompts: "auto" = METHODS 0.4 instruction for files, none
     # for builtin; "" = none. Evaluation prompts never get one (METHODS 9)
     max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
-    # 0 = auto: the builtin task's (BUILTIN_SETTINGS), 1024 for file data (the papers')
+    # 0 = auto: the builtin task's (builtin_task.SETTINGS), 1024 for file data (the papers')
     max_response_len: int = 0  # L_max: response budget in tokens (demonstrations are truncated to it);
     # 0 = auto: the builtin task's, 8192 for file data (the papers')
     cache_dir: str = "~/.cache/sft_rl_fusion"  # where the builtin base model is built and cached
@@ -118,12 +132,8 @@ class BaseConfig:
 
 
 # The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
-# are not given. The builtin task has its own, BUILTIN_SETTINGS in the embedded-task section.
+# are not given. The builtin task has its own, builtin_task.SETTINGS.
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
-# Flags that name the run's model, data and output: never reported as laptop defaults.
-_RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "resume",
-              "overwrite", "wandb", "wandb_project", "cache_dir", "seed"}
-
 
 def parse_config(cls, argv=None, variants: dict | None = None):
     """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
@@ -186,48 +196,517 @@ def given_flags(cfg) -> frozenset:
     return getattr(cfg, "_given", frozenset())
 
 
-def _paper_command(cfg) -> dict[str, str] | None:
-    """{flag: value} of the 8-GPU paper command in the docstring of cfg's script, or None."""
-    doc = sys.modules[type(cfg).__module__].__doc__ or ""
-    start = doc.find("--nproc_per_node 8 ")
-    if start < 0:
-        return None
-    tokens = doc[start:].split("#", 1)[0].replace("\\\n", " ").split()
-    flags, i = {}, 2  # skip "--nproc_per_node 8"
-    while i < len(tokens):
-        if tokens[i].startswith("--"):
-            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
-            flags[tokens[i][2:]] = tokens[i + 1] if has_value else "true"
-            i += 2 if has_value else 1
-        else:
-            i += 1
-    return flags
+def _flag_text(value) -> str:
+    """A setting as the command line writes it: 1e-06 -> "1e-6"."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
-def laptop_defaults(cfg) -> list[str]:
-    """The trainer's laptop defaults still in force, that is "--flag value (paper value)" for every
-    flag of the docstring's 8-GPU paper command that the user did not give and whose default
-    differs from the paper's value. Printed as one line for file data (a real run)."""
-    paper, given, out = _paper_command(cfg), given_flags(cfg), []
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for flag, value in (paper or {}).items():
-        name = flag.removeprefix("no-") if flag.startswith("no-") and flag[3:] in fields else flag
-        if name not in fields or name in given or name in _RUN_FLAGS:
-            continue
+def laptop_defaults(cfg, paper: dict) -> list[str]:
+    """The trainer's laptop defaults still in force: "--flag value (paper: value)" for every setting of
+    `paper` (the trainer's PAPER, its 8-GPU paper command) that the user did not give and that differs.
+    Printed as one line for file data (a real run)."""
+    given, out = given_flags(cfg), []
+    for name, value in paper.items():
         current = getattr(cfg, name)
+        if name in given or current == value:
+            continue
         if isinstance(current, bool):
-            paper_value = not flag.startswith("no-")
+            out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if value else 'no-'}{name})")
         else:
-            try:
-                paper_value = type(current)(value)
-            except ValueError:
-                continue
-        if current != paper_value:
-            if isinstance(current, bool):
-                out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if paper_value else 'no-'}{name})")
-            else:
-                out.append(f"--{name} {current} (paper: {value})")
+            out.append(f"--{name} {_flag_text(current)} (paper: {_flag_text(value)})")
     return out
+
+
+def fail(message: str):
+    """Refuse before training: stop with one line "error: <message>" (printed by rank 0 only), no traceback.
+    Every trainer's check of its settings and data goes through here."""
+    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
+
+
+# ======================================================================================
+# Step mechanics: aggregation and normalisers (Eq. 6-8), mini-batches, old log-probs, optimizer, metrics
+# ======================================================================================
+
+
+# Loss aggregation, Eq. (6)-(8), over a whole optimizer step: all micro-batches, all ranks.
+
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+
+
+def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0) -> float:
+    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its
+    micro-batches on this rank (all-reduced over ranks):
+
+        token-mean  Eq. (6): total number of response tokens,
+        seq-mean    Eq. (7): total number of sequences (each one a token-mean itself, see `aggregate`),
+        constant    Eq. (8): the given constant C (e.g. D * L_max), independent of lengths.
+
+    The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
+    loss is scaled by D to make the averaged gradient that of the global sum / denominator.
+    """
+    world = world_size()
+    if mode == "token-mean":
+        total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
+    elif mode == "seq-mean":
+        total = all_reduce([sum(m.shape[0] for m in masks)])[0]
+    elif mode == "constant":
+        assert constant > 0, "the constant normaliser of Eq. (8) needs a positive constant"
+        total = constant
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    return max(total, 1.0) / world
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
+    """This micro-batch's share of Agg(c) (Eq. 6-8); summed over micro-batches and averaged over
+    ranks by FSDP it equals the aggregate over the whole optimizer step. per_token, mask: [B, R]."""
+    mask = mask.to(per_token.dtype)
+    if mode == "seq-mean":  # Eq. (7): mean over sequences of per-sequence token-means
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
+
+
+# An RL iteration: mini-batches, old log-probs, the optimizer step (AdamW, schedule, clip), core metrics.
+
+def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
+    """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
+    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24)."""
+    n = micro_batch_size
+    return [make_batch([r["prompt_ids"] for r in rows[s:s + n]], [r["demo_ids"] for r in rows[s:s + n]], pad_id,
+                       device) for s in range(0, len(rows), n)]
+
+
+def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
+                device) -> list[list[dict]]:
+    """This rank's samples, in order, as n_minibatches optimizer steps of micro-batches (METHODS 0.3
+    step 4). A micro-batch is make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its
+    slice of every per-sample tensor in `per_sample` ({name: [N]} -> {name: [b_micro]})."""
+    if len(samples) % n_minibatches:
+        raise ValueError(f"{len(samples)} samples do not split into {n_minibatches} mini-batches")
+    per = len(samples) // n_minibatches
+    out = []
+    for m in range(0, len(samples), per):
+        minibatch = []
+        for s in range(m, m + per, micro_batch_size):
+            idx = list(range(s, min(s + micro_batch_size, m + per)))
+            mb = make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx], pad_id,
+                            device, prefix_lens=[len(samples[i].prefix_ids) for i in idx])
+            mb.update({k: v[idx].to(device) for k, v in per_sample.items()})
+            minibatch.append(mb)
+        out.append(minibatch)
+    return out
+
+
+@torch.no_grad()
+def old_logprobs(run: "Run", micro: list[dict], temperature: float):
+    """Store logp_old of Eq. (3) and the entropies of pi_old (the model before this iteration's
+    updates) in every micro-batch, and logp_ref (Eq. 11) when the run has a reference model."""
+    for mb in micro:
+        mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
+        if run.ref_model is not None:
+            mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
+    if run.ref_model is not None and is_fsdp(run.ref_model):
+        # FSDP2 keeps the root's parameters gathered after a forward (for the backward that follows);
+        # the reference model has no backward, so without this its root stays whole all run
+        run.ref_model.reshard()
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
+    grads; returns the norm."""
+    norm = clip_grad_norm(model, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
+                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
+    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks.
+
+    terms: one dict of detached loss terms per micro-batch, each the micro-batch's share of its
+    optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
+    rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
+    is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
+    tokens of `micro`; generated_tokens: their number (all ranks), the step's sampling cost.
+    t0-t1 rollout, t1-t2 training, in seconds."""
+    keys = sorted(terms[0])
+    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
+               for mb in micro]
+    sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
+        float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
+        sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
+        sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
+        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
+    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
+    world = world_size()
+    metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
+    metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
+                   entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
+                   generated_tokens=n_sampled,
+                   truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
+                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
+    return metrics
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
+                             weight_decay=weight_decay)
+
+
+def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Global L2 norm of all gradients (over shards and ranks), clipped to max_norm; returns it."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ======================================================================================
+# Run setup: everything a trainer needs before its loop, resume included
+# ======================================================================================
+
+
+class PromptStream:
+    """Seeded, resumable walk over the training rows: a fresh permutation every epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            take = min(k - len(out), self.size - self.pos)
+            out += perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+@dataclass
+class Run:
+    cfg: BaseConfig
+    d: Dist
+    tokenizer: object
+    model: PolicyModel
+    ref_model: PolicyModel | None
+    sampler: object
+    verifier: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_rows: list
+    eval_sets: list
+    stream: PromptStream
+    logger: MetricsLogger | None
+    start_step: int = 0
+    state: dict = field(default_factory=dict)  # method state restored from the checkpoint
+    extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
+    data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
+    bar: object = None  # the progress bar, once the loop runs
+    warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
+
+    def next_prompts(self, global_batch: int) -> list[dict]:
+        """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
+        idx = self.stream.next(global_batch)
+        per = global_batch // self.d.world_size
+        return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
+
+    def save(self, step: int, state: dict | None = None):
+        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
+
+    def evaluate_base(self):
+        """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
+        if self.start_step:
+            return
+        metrics = dict(self.data_stats)
+        if self.eval_sets:
+            metrics.update(evaluate(self))
+            print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.timeout_share(0))
+        self.logger.log(0, metrics)
+
+    def timeout_share(self, step: int) -> dict:
+        """verifier_timeout_share: the share of the responses graded since the last log line (the
+        step's rollouts, and on an evaluation step the evaluation's samples too) whose grading
+        overran the verifier's backstop and scored 0, all ranks. Warns once when it passes
+        TIMEOUT_WARN_SHARE: such rewards are zeros from timeouts, not wrong answers."""
+        timeouts, graded = all_reduce(list(self.verifier.take_stats()))
+        share = timeouts / max(graded, 1)
+        if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
+            self.warned_timeouts = True
+            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past "
+                   f"the {self.verifier.backstop_s:g} s time bound, not because they were wrong; raise "
+                   "--verifier_timeout or look at those answers (verifier_timeout_share in metrics.jsonl; not "
+                   "repeated)", file=sys.stderr)
+        return {"verifier_timeout_share": share}
+
+    def end_step(self, step: int, metrics: dict, state: dict | None = None):
+        """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
+        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
+        cfg = self.cfg
+        last = step == cfg.max_steps
+        if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
+            metrics.update(evaluate(self))
+            if last:
+                print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.timeout_share(step))
+        self.logger.log(step, metrics)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
+        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
+        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
+            self.save(step, state)
+        if signum and not last:
+            if self.bar is not None:
+                self.bar.close()
+            print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
+                   f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
+            shutdown()
+            raise SystemExit(128 + signum)
+
+    def progress(self):
+        """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
+        _interrupts.training = True
+        self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
+                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+        return self.bar
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
+    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
+    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
+    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
+    workers in their own session and passes a signal on to them once, then kills them after
+    --shutdown_timeout seconds.)"""
+
+    def __init__(self):
+        self.signum, self.training, self.main = 0, False, True
+
+    def install(self, main_rank: bool):
+        self.signum, self.training, self.main = 0, False, main_rank
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def _say(self, text: str):
+        if self.main:  # os.write: print() is not safe inside a signal handler
+            os.write(2, ("\n" + text + "\n").encode())
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training or signum == self.signum:
+            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
+                      + ("; the newest checkpoint is kept" if self.training else ""))
+            raise SystemExit(128 + signum)
+        if not self.signum:
+            self.signum = signum
+            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
+                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
+
+
+_interrupts = _Interrupts()
+
+
+def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
+    """Fill in the "auto" settings, which depend on the data: the builtin task's (builtin_task.SETTINGS)
+    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
+    a file-data run still uses (against `paper`, the trainer's PAPER), and returns the evaluation sets (without rows)."""
+    builtin = cfg.data == "builtin"
+    chosen = []
+    for key in ("max_prompt_len", "max_response_len"):
+        if getattr(cfg, key) <= 0:
+            setattr(cfg, key, (builtin_task.SETTINGS if builtin else FILE_DATA_SETTINGS)[key])
+            chosen.append(f"--{key} {getattr(cfg, key)}")
+    if chosen and not builtin:
+        print0(f"file data: {' and '.join(chosen)} tokens (the papers' budgets; set the flags to change them)")
+    if "auto" in cfg.eval_data:
+        if cfg.eval_data != ["auto"]:
+            fail("--eval_data auto cannot be combined with other sets")
+        cfg.eval_data = ["builtin"] if builtin else ["none"]
+        if not builtin:
+            print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
+                   "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
+    sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
+    if not builtin and (laptop := laptop_defaults(cfg, paper or {})):
+        script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
+        print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
+               f"the 8-GPU command in {script}'s docstring")
+    return sets, builtin
+
+
+def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True,
+              need_demo: bool = False) -> list[dict]:
+    """Validated rows {prompt, answer, demo, level} of the builtin task or of a file; a bad file stops
+    the run here, before anything is built, loaded or written."""
+    if source == "builtin":  # training problems never include the held-out evaluation problems
+        return builtin_task.rows(split)
+    try:
+        return load_rows(source, cfg.prompt_key, cfg.answer_key if need_answer else None,
+                         cfg.demo_key if need_demo else None)
+    except ValueError as e:  # bad input: say what and where, without a traceback
+        fail(str(e))
+
+
+def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
+                max_response_len: int, name: str) -> tuple[list[dict], dict]:
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
+    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
+    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
+    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
+    out, too_long, truncated = [], 0, 0
+    for r in rows:
+        text = format_prompt(tokenizer, r["prompt"], system_prompt)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_len:
+            too_long += 1
+            continue
+        demo_ids, finished = None, None
+        if r["demo"] is not None:
+            demo = strip_think_prefix(text, r["demo"])
+            demo_ids = tokenizer(demo, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            finished = len(demo_ids) <= max_response_len
+            truncated += not finished
+            demo_ids = demo_ids[:max_response_len]
+        out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
+                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
+    if too_long:
+        print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
+               "tokens")
+    if truncated:
+        print0(f"{name}: {truncated} of {len(rows) - too_long} demonstrations are longer than --max_response_len "
+               f"{max_response_len} tokens and were truncated to it (their EOS is cut off)")
+    if not out:
+        fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
+    return out, {"rows": len(out), "prompts_dropped": too_long, "demos_truncated": truncated}
+
+
+def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: str):
+    """Refuse, before training, demonstrations that lost their EOS to the response budget (encode_rows
+    cuts them at max_response_len): a method that trains on, or continues from, the whole demonstration
+    would learn an unfinished one. `why` says what the method does with them."""
+    cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
+    if cut:
+        fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
+              f"their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); {why}: raise --max_response_len or drop "
+              f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
+
+
+def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+          need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
+          extra_optimizers: dict | None = None, whole_demos: str | None = None,
+          verifier: type | None = None) -> Run:
+    """Everything before the training loop, in an order that fails early: the sampler's requirements,
+    settings, every row of every data file, the budgets against the model's positions, then output_dir
+    is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
+    from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
+    parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
+    run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
+    method that trains on or continues from the whole demonstration, what it does with it; then
+    demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
+    model loads. paper: the trainer's PAPER (its 8-GPU paper command), against which a file-data run is
+    told the laptop defaults it still uses. verifier: the Verifier class to build (a subclass for a
+    method with its own answer format; default Verifier)."""
+    check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
+    d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
+    _interrupts.install(d.main)
+    if global_batch % d.world_size:
+        fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
+    eval_sets, builtin = resolve_settings(cfg, paper)
+    train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
+    for s in eval_sets:
+        s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
+    if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
+        check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
+
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
+    if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
+                                                 os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
+        fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
+              "there, or another --output_dir")
+    verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
+    # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
+    # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
+    threading.Thread(target=verifier.start).start()
+    if d.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    base_path = cfg.model
+    if cfg.model == "builtin":
+        cache = os.path.expanduser(cfg.cache_dir)
+        if d.main:
+            builtin_task.build_base_model(cache)  # cached after the first build
+        barrier()
+        base_path = builtin_task.build_base_model(cache)
+        check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
+    seed_everything(cfg.seed + d.rank)  # after the build, which seeds torch itself: cold cache = warm cache
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    system = (None if builtin else MATH_SYSTEM_PROMPT) if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
+    train_rows, counts = encode_rows(train_raw, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len,
+                                     "training data" if builtin else os.path.basename(cfg.data))
+    if whole_demos:
+        require_whole_demonstrations(train_rows, cfg.max_response_len, whole_demos)
+    for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
+        s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
+    print0(f"data: {len(train_rows)} training prompts; evaluation: " +
+           (", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in eval_sets) or "none"))
+
+    model_path = os.path.join(ckpt, "model") if ckpt else base_path
+    model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
+    ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
+    sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
+                           optimizers=1 + len(extra_optimizers or {}))
+    if cfg.rollout_debug:  # a debugging wrapper (scripts/rollout_debug.py)
+        from scripts.rollout_debug import RolloutDebug
+
+        probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
+        sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
+                               tokenizer.pad_token_id)
+    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
+    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
+    assert "main" not in extra, "'main' names the trainer's own optimizer"
+    stream = PromptStream(len(train_rows), cfg.seed)
+    run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
+              eval_sets, stream, logger=None, extra_optimizers=extra,
+              data_stats={f"train_{k}": v for k, v in counts.items()})
+    if ckpt:
+        run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
+        stream.load_state_dict(run.state["data"])
+        run.start_step = run.state["step"]
+        print0(f"resumed from {ckpt} (step {run.start_step})")
+    run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
+    return run
 
 
 # ======================================================================================
@@ -318,8 +797,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def rank() -> int:
+    """This process's rank (0 in a single process); a trainer's main() has it as run.d.rank."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def world_size() -> int:
-    """Ranks in the process group (1 in a single process)."""
+    """Ranks in the process group (1 in a single process); a trainer's main() has it as run.d.world_size."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -376,6 +860,7 @@ def set_rng_state(state: dict):
 # ======================================================================================
 # Data: load and validate every row before training starts
 # ======================================================================================
+
 
 # Our wording of the reasoning instruction of METHODS.md 0.4 (LUFFY's prompt says the same in more words).
 MATH_SYSTEM_PROMPT = (
@@ -609,216 +1094,6 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 
 
 # ======================================================================================
-# Embedded task: tiny tokenizer, tiny Qwen2, arithmetic problems, a pre-trained "base"
-# ======================================================================================
-# Everything is generated locally and deterministically (no hub downloads). The task is a yardstick for
-# the question every fusion method answers: on problems the base model never solves, on-policy RL has
-# no signal, and demonstrations bring it. So it has two kinds of level:
-#
-#   reachable     level 1  a+b+c            level 2  a+b+c+d                      (digits 1-9)
-#   out of reach  level 3  t*k+b, b+t*k     level 4  three terms, one of them t*k
-#
-# A demonstration writes one line per step: the product first ("7*3=21"), then the running sum of the
-# other terms in order ("21+5=26"). The base is pre-trained on levels 1-2 only, so it knows addition but
-# has never seen "*": levels 3-4 need a handful of times-table facts and the rule "multiply first", which
-# a demonstration shows in one line and which the base's own samples never contain. Every addition has a
-# left operand of at most 27 (the base's range), so that one line is all a demonstration must teach.
-# Digits are 1-9: with a 0, "skipping the 0" gives right answers for wrong reasons. The base learns
-# from a fallible teacher that sometimes writes a partial sum one too high (never too low, so a slipped
-# chain ends at a wrong answer): it solves levels 1-2 often, not always (mass for RL to sharpen).
-
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as in Qwen2.5)
-# Added but not special: decode(skip_special_tokens=True) keeps them, so graders still find them.
-ADDED = ["<think>", "</think>", "\\boxed{"]
-# Qwen-style template; the generation prompt opens the thinking block like Qwen2.5-Math-16k-think.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
-)
-# Held-out problems are make_task(n, EVAL_SEED) with n <= HELDOUT_PER_LEVEL; the base never sees them.
-EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 200
-TRAIN_PER_LEVEL = 250  # builtin training problems per level: equal, so every level weighs the same in training
-TASK_VERSION = 3  # part of the base model's cache key: bump whenever the task or the base changes
-# Settings of the builtin task, used when the data is "builtin" and the flag is left at 0 (auto): its
-# budgets (demonstration + EOS <= 30 tokens) and k = 4 evaluation samples per problem (200 problems per
-# level x 4 samples keep the evaluation's sampling sd <= 0.016 per level, README). File data gets the
-# papers' budgets instead (FILE_DATA_SETTINGS) and 1 evaluation sample per problem.
-BUILTIN_SETTINGS = {"max_prompt_len": 64, "max_response_len": 48, "eval_samples": 4}
-MAX_LEFT_OPERAND = 27  # the largest partial sum the base adds to (level 2: 9+9+9)
-# The times-table facts t*k of levels 3-4. Chosen so that no wrong-steps shortcut reaches the product:
-# it is at least 10 above t (a first line "t+X" with a digit X cannot land on it, a shortcut RL finds
-# otherwise) and far from the misreading t+k. Products stay within the base's range of left operands.
-FACTS = [(t, k) for k in (3, 4, 5) for t in range(2, 10) if t * k - t >= 10 and t * k <= MAX_LEFT_OPERAND]
-# level: (number of terms, whether one of them is a product t*k)
-LEVELS = {1: (3, "none"), 2: (4, "none"), 3: (3, "first"), 4: (3, "later")}
-
-
-def _problem(terms) -> str:
-    """terms: ints and at most one (t, k) product -> "5+7*3=?"."""
-    return "+".join(f"{t[0]}*{t[1]}" if isinstance(t, tuple) else str(t) for t in terms) + "=?"
-
-
-def _value(terms) -> int:
-    return sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
-
-
-def _slip_prob(s: int) -> float:
-    """Probability that the base's teacher writes partial sum s as s + 1."""
-    return min(0.5, (s / 25) ** 2)
-
-
-def _demo(terms, slip=None):
-    """The worked solution: the product first, then a running sum over the other terms in order. With
-    `slip` (a random.Random) each written sum s is one too high with probability _slip_prob(s) and the
-    chain goes on from the written value, so the answer is right only when every step is."""
-    products = [t for t in terms if isinstance(t, tuple)]
-    lines = [f"{t}*{k}={t * k}\n" for t, k in products]
-    addends = [t * k for t, k in products] + [t for t in terms if not isinstance(t, tuple)]
-    total = addends[0]
-    for t in addends[1:]:
-        s = total + t
-        if slip is not None and slip.random() < _slip_prob(s):
-            s += 1
-        lines.append(f"{total}+{t}={s}\n")
-        total = s
-    return "".join(lines) + "</think>\n\\boxed{" + str(total) + "}"
-
-
-def _level_problems(level: int) -> list:
-    """Every problem of a level, in a fixed order (lists of ints with at most one (t, k) product)."""
-    n_terms, product = LEVELS[level]
-    out = []
-    for digits in itertools.product(range(1, 10), repeat=n_terms - (product != "none")):
-        if product == "none":
-            if sum(digits[:-1]) <= MAX_LEFT_OPERAND:
-                out.append(list(digits))
-            continue
-        for t, k in FACTS:
-            if t * k + sum(digits[:-1]) > MAX_LEFT_OPERAND:
-                continue
-            for where in ([0] if product == "first" else range(1, n_terms)):
-                out.append(list(digits[:where]) + [(t, k)] + list(digits[where:]))
-    return out
-
-
-def steps_correct(problem: str, response: str) -> bool:
-    """Whether a response's worked steps (the text before </think>) are exactly the right running sums
-    of `problem`: what the answer-only verifier cannot see (a right answer for wrong reasons)."""
-    terms = [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
-    return response.split("</think>")[0].strip() == _demo(terms).split("</think>")[0].strip()
-
-
-def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
-    """Rows {problem, answer, demo, level}: up to n_per_level distinct problems per level, not in
-    `exclude`, drawn without replacement from a shuffle seeded by (seed, level); a smaller n gives a
-    prefix of a larger n."""
-    rows = []
-    for level in levels:
-        problems = _level_problems(level)
-        random.Random(f"{seed}:{level}").shuffle(problems)
-        taken = [p for p in problems if _problem(p) not in exclude][:n_per_level]
-        rows += [{"problem": _problem(p), "answer": str(_value(p)), "demo": _demo(p), "level": level}
-                 for p in taken]
-    return rows
-
-
-def build_tiny_tokenizer():
-    """Byte-level BPE (a few hundred tokens) trained on task text with exactly the Qwen2 normaliser and
-    pre-tokeniser: with a Qwen2 config, AutoTokenizer reloads a Qwen2Tokenizer that rebuilds this
-    pipeline from vocab + merges, so anything else would change the ids after a save/load round trip.
-    The Qwen2 regex splits numbers into single digits, which suits arithmetic."""
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    # The trainer would learn merges across "<|im_end|>" etc., so train only on the text between them.
-    split = re.compile("|".join(map(re.escape, SPECIAL + ADDED)))
-    texts = [f"<|im_start|>{role}\n{r['problem']}<|im_end|>\n<|im_start|>assistant\n<think>\n{r['demo']}<|im_end|>\n"
-             for role in ("system", "user") for r in make_task(200, seed=0)]
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # any text encodes
-    bpe.train_from_iterator([piece for t in texts for piece in split.split(t) if piece], trainer)
-    trained = json.loads(bpe.to_str())["model"]
-    # Build it the way from_pretrained will rebuild it; the specials keep ids 0-2 from the trainer.
-    tok = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
-    tok.add_tokens(ADDED)  # one token each; the Qwen2 regex alone would split "\boxed" from "{"
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def tiny_model_config(tokenizer):
-    """0.6M-parameter Qwen2. On 2 CPU cores its cost is mostly matmul FLOPs, so narrow MLPs (256)
-    buy steps; 4 layers are needed to find the next term in the prompt reliably."""
-    return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-3, share2=0.35, share_x1=0.15):
-    """Plain SFT on level-1/2 problems (a share2 fraction at level 2, none of them held out) with the
-    fallible teacher's demonstrations, plus a share_x1 fraction of three-term problems with one t*1
-    term anywhere: the base knows the notation and the rule "the product's line comes first" (so a
-    demonstration's first tokens are unlikely to it, not impossible), but no fact beyond t*1 = t. Cross-entropy on demo +
-    eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
-    rng = random.Random(seed)
-    pools = {level: [p for p in _level_problems(level) if _problem(p) not in exclude] for level in (1, 2)}
-    pools["x1"] = [list(p[:i]) + [(t, 1)] + list(p[i:]) for t in range(1, 10) for p in itertools.product(range(1, 10), repeat=2)
-                   for i in range(3)]
-
-    def example():
-        u = rng.random()
-        terms = rng.choice(pools["x1" if u < share_x1 else 2 if u < share_x1 + share2 else 1])
-        p = tokenizer(format_prompt(tokenizer, _problem(terms), None), add_special_tokens=False)["input_ids"]
-        t = tokenizer(_demo(terms, slip=rng) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        return p + t, [-100] * len(p) + t
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warm = steps // 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="pre-training the tiny base model", mininterval=2)):
-        batch = [example() for _ in range(batch_size)]
-        width = max(len(ids) for ids, _ in batch)  # right padding; pad is never a target
-        ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
-        loss = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
-
-
-def build_base_model(cache_dir, seed=0):
-    """Directory with the pre-trained tiny base (safetensors) and its tokenizer; built once (about a
-    minute on 2 CPU cores), then reused. Written to a temporary directory and renamed into place, so
-    an interrupted build never leaves a directory that looks complete."""
-    path = os.path.join(cache_dir, f"tiny-qwen2-arith-v{TASK_VERSION}-seed{seed}")
-    if os.path.isdir(path):
-        return path
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_model_config(tokenizer))
-    _pretrain(model, tokenizer, {r["problem"] for r in make_task(HELDOUT_PER_LEVEL, EVAL_SEED)}, seed)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # same file system, so the rename is atomic
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished the same build first: keep its copy
-        shutil.rmtree(tmp)
-    return path
-
-
-# ======================================================================================
 # Model, FSDP2, and per-token log-probs / entropies (Eq. 1-2)
 # ======================================================================================
 
@@ -858,7 +1133,7 @@ class PolicyModel(nn.Module):
     width R, so response token t of every row sits at column P + t and is predicted from column
     P + t - 1. Outputs are [B, R] matrices, the c_{i,t} / m_{i,t} grid of the equations.
     The LM head runs on the masked response positions only, in chunks, under activation
-    checkpointing, so the [B, T, V] logits never exist (ENGINEERING.md: log-prob memory).
+    checkpointing, so the [B, T, V] logits never exist.
     This wrapper is also the FSDP2 root, so the root's hooks cover the LM head call.
     """
 
@@ -1044,6 +1319,7 @@ def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
 # Verifier: binary math reward, METHODS.md 0.4
 # ======================================================================================
 
+
 MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
 MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, whatever they say
 MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
@@ -1075,12 +1351,6 @@ def boxed_answers(text: str) -> list[str]:
             out.append(content)
             end = stop
     return out
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete top-level \\boxed{...}, else None."""
-    boxes = boxed_answers(text)
-    return boxes[-1] if boxes else None
 
 
 # Spellings of a final answer that math-verify 0.9 misreads or cannot parse, rewritten before grading
@@ -1125,7 +1395,7 @@ _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 def _fast_grade(answer: str, gold: str) -> bool | None:
     """Exact verdict for plain integers and decimals without math-verify, None when unsure.
-    Agrees with math-verify on every pair where it answers (tests/verifier_agreement.py --fast):
+    Agrees with math-verify on every pair where it answers (scripts/verifier_agreement.py --fast):
     integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
     their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
     places); closer pairs and numbers of more than 12 significant digits go to math-verify."""
@@ -1742,7 +2012,7 @@ def check_sampler(cfg):
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
-        _fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
+        fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
     if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
         # vLLM 0.32's sleep-mode pool turns them off around its own allocations (device_allocator/cumem.py
         # use_memory_pool), so they only apply to training's: no reason to refuse, worth a line
@@ -1792,7 +2062,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
             print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now, "
                    f"{2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
             if fraction * total < weights + 2 * GiB:
-                _fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
+                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
                       f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
                       f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
@@ -1813,253 +2083,121 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
     return TorchSampler(tokenizer, model.lm, stop_ids=stop_ids)
 
 
-class RolloutDebug:
-    """--rollout_debug: wraps a sampler and writes <output_dir>/rollout_debug.jsonl, one line per
-    generate() call with one entry per rank, for the GPU smoke test (scripts/gpu_smoke.sh):
-
-      weights      sum of the trainer's weights (changes exactly when an update changed them)
-      logprob_gap  mean / max |log-prob sampler - log-prob trainer| over the sampled tokens of up to
-                   16 samples, for samplers that return log-probs (vLLM); stale or garbled engine
-                   weights show up here
-      probe        a seeded draw (n=4, 16 tokens) of a fixed prompt, the first training prompt cut in half
-                   (mid-problem, where even a trained model is unsure what comes next, so that draws tell
-                   weights and seeds apart) after the push, with its log-probs where
-                   the sampler returns them: equal while the weights stay equal, different after an update
-                   reached the sampler
-      first        at the first call only, an unseeded draw of the same prompt from each rank's own
-                   generator: equal across ranks would mean equal sampling seeds
-      memory       GPU memory (GiB) after each phase: training peak, before the weight push, engine
-                   awake, after generation
-
-    Every rank calls generate() equally often, so the gathers and the trainer forward line up. The
-    probes leave torch's generator (which both samplers draw from) untouched: a debug run draws the
-    rollouts that a run without it draws."""
-
-    PROBE_SEED = 1234
-
-    def __init__(self, sampler, d: Dist, path: str, probe_prompt: list[int], pad_id: int):
-        self.sampler, self.d, self.path, self.probe_prompt, self.pad_id = sampler, d, path, probe_prompt, pad_id
-        self.calls, self.model, self.record = 0, None, {}
-        if d.main:
-            open(path, "w").close()  # this process's calls only (a resumed run starts a new file)
-
-    def sync_weights(self, model: PolicyModel):
-        if is_fsdp(model):  # a no-grad forward (the gap's, below) leaves the root gathered: count shards only
-            model.reshard()
-        self.model, self.record = model, {"memory": {}}
-        self._memory("train_peak")
-        self._memory("before_push")
-        local = sum(float((p.to_local() if hasattr(p, "to_local") else p).detach().double().sum())
-                    for p in model.parameters())
-        self.record["weights"] = all_reduce([local])[0]
-        self.sampler.sync_weights(model)
-        self._memory("engine_awake")
-        for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
-            self.record[key] = [[s.generated_ids, s.logprobs or []] for s in self._draw(seed)]
-
-    def release(self):
-        self.sampler.release()
-
-    def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, **kw):
-        groups = self.sampler.generate(prompts, n, temperature, top_p, max_tokens, prefixes, **kw)
-        self._memory("after_generate")
-        if getattr(self.sampler, "logprobs", False) and top_p == 1.0:
-            self.record["logprob_gap"] = self._logprob_gap([s for g in groups for s in g][:16], temperature)
-        records = [None] * self.d.world_size
-        if dist.is_initialized():
-            dist.all_gather_object(records, self.record)
-        else:
-            records = [self.record]
-        if self.d.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"call": self.calls, "ranks": records}) + "\n")
-        self.calls += 1
-        return groups
-
-    def _draw(self, seed):
-        """n=4 samples of the probe prompt; they leave the torch generator where it was."""
-        with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            return self.sampler.generate([self.probe_prompt], 4, 1.0, 1.0, 16, seed=seed)[0]
-
-    @torch.no_grad()
-    def _logprob_gap(self, samples: list[Sample], temperature: float) -> dict | None:
-        """One trainer forward on every rank (a collective under FSDP), on a dummy row if none here."""
-        batch = make_batch([s.prompt_ids + s.prefix_ids for s in samples] or [[self.pad_id]],
-                           [s.generated_ids for s in samples] or [[self.pad_id]], self.pad_id, self.d.device)
-        logp, _ = self.model(**batch, temperature=temperature)  # [B, R]
-        gaps = [abs(float(logp[i, t]) - lp) for i, s in enumerate(samples) for t, lp in enumerate(s.logprobs)]
-        return {"mean": sum(gaps) / len(gaps), "max": max(gaps), "tokens": len(gaps)} if gaps else None
-
-    def _memory(self, phase: str):
-        if not torch.cuda.is_available():
-            return
-        free, total = torch.cuda.mem_get_info()
-        if phase == "train_peak":
-            self.record["memory"][phase] = torch.cuda.max_memory_allocated() / GiB
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.record["memory"][phase] = {"allocated": torch.cuda.memory_allocated() / GiB,
-                                            "reserved": torch.cuda.memory_reserved() / GiB,
-                                            "used": (total - free) / GiB}
-
-
 # ======================================================================================
-# Loss aggregation (Eq. 6-8) over a whole optimizer step: all micro-batches, all ranks
-# ======================================================================================
-
-AGGREGATIONS = ("token-mean", "seq-mean", "constant")
-
-
-def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0) -> float:
-    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its
-    micro-batches on this rank (all-reduced over ranks):
-
-        token-mean  Eq. (6): total number of response tokens,
-        seq-mean    Eq. (7): total number of sequences (each one a token-mean itself, see `aggregate`),
-        constant    Eq. (8): the given constant C (e.g. D * L_max), independent of lengths.
-
-    The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
-    loss is scaled by D to make the averaged gradient that of the global sum / denominator.
-    """
-    world = world_size()
-    if mode == "token-mean":
-        total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
-    elif mode == "seq-mean":
-        total = all_reduce([sum(m.shape[0] for m in masks)])[0]
-    elif mode == "constant":
-        assert constant > 0, "the constant normaliser of Eq. (8) needs a positive constant"
-        total = constant
-    else:
-        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
-    return max(total, 1.0) / world
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
-    """This micro-batch's share of Agg(c) (Eq. 6-8); summed over micro-batches and averaged over
-    ranks by FSDP it equals the aggregate over the whole optimizer step. per_token, mask: [B, R]."""
-    mask = mask.to(per_token.dtype)
-    if mode == "seq-mean":  # Eq. (7): mean over sequences of per-sequence token-means
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
-    return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
-
-
-# ======================================================================================
-# Optimiser: AdamW, constant or warm-up + cosine, global grad-norm clipping (FSDP2-aware)
+# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), per set and level
 # ======================================================================================
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                             weight_decay=weight_decay)
+@dataclass
+class EvalSet:
+    name: str  # its metrics: eval_accuracy_<name>, eval_accuracy_<name>_level<level>
+    source: str  # a data file, or "builtin" (the held-out problems of the builtin task)
+    k: int  # samples per problem
+    rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
 
 
-def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Global L2 norm of all gradients (over shards and ranks), clipped to max_norm; returns it."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-# ======================================================================================
-# One RL iteration's mechanics: mini-batches, old log-probs, optimizer step, core metrics
-# ======================================================================================
+def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
+    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
+    A set's name is its file's stem; FILE:k asks for k samples per problem, else --eval_samples, whose
+    0 means 1 for a file and the builtin task's own k for builtin. A bad entry stops the run."""
+    default_k, builtin_k = eval_samples or 1, eval_samples or builtin_task.SETTINGS["eval_samples"]
+    sets = []
+    for entry in entries:
+        if entry in ("none", ""):
+            continue
+        m = re.fullmatch(r"(.+):(\d+)", entry)
+        source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
+        if k == 0:
+            fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
+        name = "builtin" if source == "builtin" else \
+            re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
+        if any(s.name == name for s in sets):
+            fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
+        sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
+    return sets
 
 
-def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
-    """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
-    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24)."""
-    n = micro_batch_size
-    return [make_batch([r["prompt_ids"] for r in rows[s:s + n]], [r["demo_ids"] for r in rows[s:s + n]], pad_id,
-                       device) for s in range(0, len(rows), n)]
+def _level_key(level) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
 
 
-def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
-                device) -> list[list[dict]]:
-    """This rank's samples, in order, as n_minibatches optimizer steps of micro-batches (METHODS 0.3
-    step 4). A micro-batch is make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its
-    slice of every per-sample tensor in `per_sample` ({name: [N]} -> {name: [b_micro]})."""
-    if len(samples) % n_minibatches:
-        raise ValueError(f"{len(samples)} samples do not split into {n_minibatches} mini-batches")
-    per = len(samples) // n_minibatches
-    out = []
-    for m in range(0, len(samples), per):
-        minibatch = []
-        for s in range(m, m + per, micro_batch_size):
-            idx = list(range(s, min(s + micro_batch_size, m + per)))
-            mb = make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx], pad_id,
-                            device, prefix_lens=[len(samples[i].prefix_ids) for i in idx])
-            mb.update({k: v[idx].to(device) for k, v in per_sample.items()})
-            minibatch.append(mb)
-        out.append(minibatch)
-    return out
+def _eval_seed(seed: int, name: str, rank: int) -> int:
+    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
+    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
 
 
-@torch.no_grad()
-def old_logprobs(run: "Run", micro: list[dict], temperature: float):
-    """Store logp_old of Eq. (3) and the entropies of pi_old (the model before this iteration's
-    updates) in every micro-batch, and logp_ref (Eq. 11) when the run has a reference model."""
-    for mb in micro:
-        mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
-        if run.ref_model is not None:
-            mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
-    if run.ref_model is not None and is_fsdp(run.ref_model):
-        # FSDP2 keeps the root's parameters gathered after a forward (for the backward that follows);
-        # the reference model has no backward, so without this its root stays whole all run
-        run.ref_model.reshard()
+def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
+                  max_tokens: int, seed: int, records: list | None = None) -> dict:
+    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
+    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
+    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
+    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets. On the
+    builtin task, eval_wrong_steps_<set> is the share of rewarded samples whose worked steps are wrong
+    (`builtin_task.steps_correct`): right answers for wrong reasons.
+
+    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
+    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
+    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
+    answer (what the verifier graded), reward, finished."""
+    metrics = {}
+    for s in sets:
+        index = list(range(d.rank, len(s.rows), d.world_size))
+        rows = [s.rows[i] for i in index]
+        groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
+                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
+        samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
+        graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
+        levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
+                        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+        sums = [0.0] * (2 + 2 * len(levels))  # [score sum, problems] overall, then per level
+        for i, r in enumerate(rows):
+            score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
+            sums[0], sums[1] = sums[0] + score, sums[1] + 1
+            if r["level"] is not None:
+                j = 2 + 2 * levels.index(_level_key(r["level"]))
+                sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
+        if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
+            rewarded = [(reward == 1, rows[i // s.k]["problem"], x.text) for i, (x, (reward, _)) in
+                        enumerate(zip(samples, graded))]
+            sums += [sum(r for r, _, _ in rewarded), sum(r and not builtin_task.steps_correct(p, t) for r, p, t in rewarded)]
+        sums = all_reduce(sums)
+        metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
+        for j, level in enumerate(levels):
+            metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+        if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
+            metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
+        if records is not None:
+            mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
+                     "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
+                     "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
+                    for i, (x, (reward, answer)) in enumerate(zip(samples, graded))]
+            if dist.is_initialized():
+                everyone = [None] * d.world_size
+                dist.all_gather_object(everyone, mine)
+                mine = [r for part in everyone for r in part]
+            if d.main:
+                records += sorted(mine, key=lambda r: (r["index"], r["sample"]))
+    accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
+    return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
 
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
-    grads; returns the norm."""
-    norm = clip_grad_norm(model, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
-                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
-    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks.
-
-    terms: one dict of detached loss terms per micro-batch, each the micro-batch's share of its
-    optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
-    rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
-    is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
-    tokens of `micro`; generated_tokens: their number (all ranks), the step's sampling cost.
-    t0-t1 rollout, t1-t2 training, in seconds."""
-    keys = sorted(terms[0])
-    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
-               for mb in micro]
-    sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
-        float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
-        sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
-        sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
-        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
-    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
-    world = world_size()
-    metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
-    metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
-                   entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
-                   generated_tokens=n_sampled,
-                   truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
-                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
+def evaluate(run: "Run") -> dict:
+    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
+    run.sampler.sync_weights(run.model)
+    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
+    run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     return metrics
+
+
+def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
+    """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
+    parts = []
+    for s in sets:
+        prefix = f"eval_accuracy_{s.name}_level"
+        levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
+        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
+    return " | ".join(parts)
 
 
 # ======================================================================================
@@ -2172,455 +2310,3 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb:
             self.wandb.log(record, step=step)
-
-
-# ======================================================================================
-# Evaluation: pass@1 averaged over k samples per problem (METHODS 9), per set and level
-# ======================================================================================
-
-
-@dataclass
-class EvalSet:
-    name: str  # its metrics: eval_accuracy_<name>, eval_accuracy_<name>_level<level>
-    source: str  # a data file, or "builtin" (the held-out problems of the builtin task)
-    k: int  # samples per problem
-    rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
-
-
-def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
-    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
-    A set's name is its file's stem; FILE:k asks for k samples per problem, else --eval_samples, whose
-    0 means 1 for a file and the builtin task's own k for builtin. A bad entry stops the run."""
-    default_k, builtin_k = eval_samples or 1, eval_samples or BUILTIN_SETTINGS["eval_samples"]
-    sets = []
-    for entry in entries:
-        if entry in ("none", ""):
-            continue
-        m = re.fullmatch(r"(.+):(\d+)", entry)
-        source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
-        if k == 0:
-            _fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
-        name = "builtin" if source == "builtin" else \
-            re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
-        if any(s.name == name for s in sets):
-            _fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
-        sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
-    return sets
-
-
-def _level_key(level) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
-
-
-def _eval_seed(seed: int, name: str, rank: int) -> int:
-    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
-    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
-
-
-def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
-                  max_tokens: int, seed: int, records: list | None = None) -> dict:
-    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
-    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
-    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
-    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets. On the
-    builtin task, eval_wrong_steps_<set> is the share of rewarded samples whose worked steps are wrong
-    (`steps_correct`): right answers for wrong reasons.
-
-    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
-    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
-    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
-    answer (what the verifier graded), reward, finished."""
-    metrics = {}
-    for s in sets:
-        index = list(range(d.rank, len(s.rows), d.world_size))
-        rows = [s.rows[i] for i in index]
-        groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
-                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
-        samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
-        graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
-        levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
-                        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-        sums = [0.0] * (2 + 2 * len(levels))  # [score sum, problems] overall, then per level
-        for i, r in enumerate(rows):
-            score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
-            sums[0], sums[1] = sums[0] + score, sums[1] + 1
-            if r["level"] is not None:
-                j = 2 + 2 * levels.index(_level_key(r["level"]))
-                sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
-        if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
-            rewarded = [(reward == 1, rows[i // s.k]["problem"], x.text) for i, (x, (reward, _)) in
-                        enumerate(zip(samples, graded))]
-            sums += [sum(r for r, _, _ in rewarded), sum(r and not steps_correct(p, t) for r, p, t in rewarded)]
-        sums = all_reduce(sums)
-        metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
-        for j, level in enumerate(levels):
-            metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
-        if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
-            metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
-        if records is not None:
-            mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
-                     "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
-                     "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
-                    for i, (x, (reward, answer)) in enumerate(zip(samples, graded))]
-            if dist.is_initialized():
-                everyone = [None] * d.world_size
-                dist.all_gather_object(everyone, mine)
-                mine = [r for part in everyone for r in part]
-            if d.main:
-                records += sorted(mine, key=lambda r: (r["index"], r["sample"]))
-    accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
-    return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
-
-
-def evaluate(run: "Run") -> dict:
-    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
-    run.sampler.sync_weights(run.model)
-    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
-                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
-    run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
-    return metrics
-
-
-def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
-    """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
-    parts = []
-    for s in sets:
-        prefix = f"eval_accuracy_{s.name}_level"
-        levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
-        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
-    return " | ".join(parts)
-
-
-# ======================================================================================
-# Run setup: everything a trainer needs before its loop, resume included
-# ======================================================================================
-
-
-class PromptStream:
-    """Seeded, resumable walk over the training rows: a fresh permutation every epoch."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-            take = min(k - len(out), self.size - self.pos)
-            out += perm[self.pos:self.pos + take].tolist()
-            self.pos += take
-            if self.pos == self.size:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict):
-        self.epoch, self.pos = s["epoch"], s["pos"]
-
-
-@dataclass
-class Run:
-    cfg: BaseConfig
-    d: Dist
-    tokenizer: object
-    model: PolicyModel
-    ref_model: PolicyModel | None
-    sampler: object
-    verifier: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    train_rows: list
-    eval_sets: list
-    stream: PromptStream
-    logger: MetricsLogger | None
-    start_step: int = 0
-    state: dict = field(default_factory=dict)  # method state restored from the checkpoint
-    extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
-    data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
-    bar: object = None  # the progress bar, once the loop runs
-    warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
-
-    def next_prompts(self, global_batch: int) -> list[dict]:
-        """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
-        idx = self.stream.next(global_batch)
-        per = global_batch // self.d.world_size
-        return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
-
-    def save(self, step: int, state: dict | None = None):
-        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
-
-    def evaluate_base(self):
-        """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
-        if self.start_step:
-            return
-        metrics = dict(self.data_stats)
-        if self.eval_sets:
-            metrics.update(evaluate(self))
-            print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
-        metrics.update(self.timeout_share(0))
-        self.logger.log(0, metrics)
-
-    def timeout_share(self, step: int) -> dict:
-        """verifier_timeout_share: the share of the responses graded since the last log line (the
-        step's rollouts, and on an evaluation step the evaluation's samples too) whose grading
-        overran the verifier's backstop and scored 0, all ranks. Warns once when it passes
-        TIMEOUT_WARN_SHARE: such rewards are zeros from timeouts, not wrong answers."""
-        timeouts, graded = all_reduce(list(self.verifier.take_stats()))
-        share = timeouts / max(graded, 1)
-        if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
-            self.warned_timeouts = True
-            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past "
-                   f"the {self.verifier.backstop_s:g} s time bound, not because they were wrong; raise "
-                   "--verifier_timeout or look at those answers (verifier_timeout_share in metrics.jsonl; not "
-                   "repeated)", file=sys.stderr)
-        return {"verifier_timeout_share": share}
-
-    def end_step(self, step: int, metrics: dict, state: dict | None = None):
-        """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
-        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
-        cfg = self.cfg
-        last = step == cfg.max_steps
-        if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
-            metrics.update(evaluate(self))
-            if last:
-                print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
-        metrics.update(self.timeout_share(step))
-        self.logger.log(step, metrics)
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
-        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
-        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
-            self.save(step, state)
-        if signum and not last:
-            if self.bar is not None:
-                self.bar.close()
-            print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
-                   f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
-            shutdown()
-            raise SystemExit(128 + signum)
-
-    def progress(self):
-        """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
-        _interrupts.training = True
-        self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
-                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
-        return self.bar
-
-
-class _Interrupts:
-    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
-    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
-    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
-    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
-    workers in their own session and passes a signal on to them once, then kills them after
-    --shutdown_timeout seconds.)"""
-
-    def __init__(self):
-        self.signum, self.training, self.main = 0, False, True
-
-    def install(self, main_rank: bool):
-        self.signum, self.training, self.main = 0, False, main_rank
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, self.handle)
-
-    def _say(self, text: str):
-        if self.main:  # os.write: print() is not safe inside a signal handler
-            os.write(2, ("\n" + text + "\n").encode())
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if not self.training or signum == self.signum:
-            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
-                      + ("; the newest checkpoint is kept" if self.training else ""))
-            raise SystemExit(128 + signum)
-        if not self.signum:
-            self.signum = signum
-            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
-                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
-
-
-_interrupts = _Interrupts()
-
-
-def _fail(message: str):
-    """Stop before training with one message (printed by rank 0 only), no traceback."""
-    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
-
-
-def resolve_settings(cfg: BaseConfig) -> tuple[list[EvalSet], bool]:
-    """Fill in the "auto" settings, which depend on the data: the builtin task's (BUILTIN_SETTINGS)
-    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
-    a file-data run still uses, and returns the evaluation sets (without rows)."""
-    builtin = cfg.data == "builtin"
-    chosen = []
-    for key in ("max_prompt_len", "max_response_len"):
-        if getattr(cfg, key) <= 0:
-            setattr(cfg, key, (BUILTIN_SETTINGS if builtin else FILE_DATA_SETTINGS)[key])
-            chosen.append(f"--{key} {getattr(cfg, key)}")
-    if chosen and not builtin:
-        print0(f"file data: {' and '.join(chosen)} tokens (the papers' budgets; set the flags to change them)")
-    if "auto" in cfg.eval_data:
-        if cfg.eval_data != ["auto"]:
-            _fail("--eval_data auto cannot be combined with other sets")
-        cfg.eval_data = ["builtin"] if builtin else ["none"]
-        if not builtin:
-            print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
-                   "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
-    sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
-    if not builtin and (laptop := laptop_defaults(cfg)):
-        script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
-        print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
-               f"the 8-GPU command in {script}'s docstring")
-    return sets, builtin
-
-
-def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True,
-              need_demo: bool = False) -> list[dict]:
-    """Validated rows {prompt, answer, demo, level} of the builtin task or of a file; a bad file stops
-    the run here, before anything is built, loaded or written."""
-    if source == "builtin":  # training problems never include the held-out evaluation problems
-        held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
-        raw = held_out if split == "eval" else make_task(
-            TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
-        return [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
-    try:
-        return load_rows(source, cfg.prompt_key, cfg.answer_key if need_answer else None,
-                         cfg.demo_key if need_demo else None)
-    except ValueError as e:  # bad input: say what and where, without a traceback
-        _fail(str(e))
-
-
-def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
-                max_response_len: int, name: str) -> tuple[list[dict], dict]:
-    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
-    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
-    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
-    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
-    out, too_long, truncated = [], 0, 0
-    for r in rows:
-        text = format_prompt(tokenizer, r["prompt"], system_prompt)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) > max_prompt_len:
-            too_long += 1
-            continue
-        demo_ids, finished = None, None
-        if r["demo"] is not None:
-            demo = strip_think_prefix(text, r["demo"])
-            demo_ids = tokenizer(demo, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            finished = len(demo_ids) <= max_response_len
-            truncated += not finished
-            demo_ids = demo_ids[:max_response_len]
-        out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
-                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
-    if too_long:
-        print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
-               "tokens")
-    if truncated:
-        print0(f"{name}: {truncated} of {len(rows) - too_long} demonstrations are longer than --max_response_len "
-               f"{max_response_len} tokens and were truncated to it (their EOS is cut off)")
-    if not out:
-        _fail(f"{name}: no usable prompts (all are longer than --max_prompt_len {max_prompt_len})")
-    return out, {"rows": len(out), "prompts_dropped": too_long, "demos_truncated": truncated}
-
-
-def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: str):
-    """Refuse, before training, demonstrations that lost their EOS to the response budget (encode_rows
-    cuts them at max_response_len): a method that trains on, or continues from, the whole demonstration
-    would learn an unfinished one. `why` says what the method does with them."""
-    cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
-    if cut:
-        _fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
-              f"their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); {why}: raise --max_response_len or drop "
-              f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
-
-
-def setup(cfg: BaseConfig, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
-          need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
-          extra_optimizers: dict | None = None, whole_demos: str | None = None) -> Run:
-    """Everything before the training loop, in an order that fails early: the sampler's requirements,
-    settings, every row of every data file, the budgets against the model's positions, then output_dir
-    is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
-    from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
-    parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
-    run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
-    method that trains on or continues from the whole demonstration, what it does with it; then
-    demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
-    model loads."""
-    check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
-    d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
-    _interrupts.install(d.main)
-    if global_batch % d.world_size:
-        _fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    eval_sets, builtin = resolve_settings(cfg)
-    train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
-    for s in eval_sets:
-        s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
-    if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
-        check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
-
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
-    if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
-                                                 os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        _fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
-              "there, or another --output_dir")
-    verifier = Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
-    # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
-    # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
-    threading.Thread(target=verifier.start).start()
-    if d.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-    base_path = cfg.model
-    if cfg.model == "builtin":
-        cache = os.path.expanduser(cfg.cache_dir)
-        if d.main:
-            build_base_model(cache)  # cached after the first build
-        barrier()
-        base_path = build_base_model(cache)
-        check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
-    seed_everything(cfg.seed + d.rank)  # after the build, which seeds torch itself: cold cache = warm cache
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    system = (None if builtin else MATH_SYSTEM_PROMPT) if cfg.system_prompt == "auto" else (cfg.system_prompt or None)
-    train_rows, counts = encode_rows(train_raw, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len,
-                                     "training data" if builtin else os.path.basename(cfg.data))
-    if whole_demos:
-        require_whole_demonstrations(train_rows, cfg.max_response_len, whole_demos)
-    for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
-        s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
-    print0(f"data: {len(train_rows)} training prompts; evaluation: " +
-           (", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in eval_sets) or "none"))
-
-    model_path = os.path.join(ckpt, "model") if ckpt else base_path
-    model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
-    ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
-    sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
-                           optimizers=1 + len(extra_optimizers or {}))
-    if cfg.rollout_debug:
-        probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
-        sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
-                               tokenizer.pad_token_id)
-    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
-    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
-    assert "main" not in extra, "'main' names the trainer's own optimizer"
-    stream = PromptStream(len(train_rows), cfg.seed)
-    run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
-              eval_sets, stream, logger=None, extra_optimizers=extra,
-              data_stats={f"train_{k}": v for k, v in counts.items()})
-    if ckpt:
-        run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
-        stream.load_state_dict(run.state["data"])
-        run.start_step = run.state["step"]
-        print0(f"resumed from {ckpt} (step {run.start_step})")
-    run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
-    return run

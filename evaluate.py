@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import builtin_task
+
 import common
 
 
@@ -56,7 +58,7 @@ class Config:
 def model_directory(model: str, cache_dir: str) -> str:
     """The HF directory (or hub id) to load for --model."""
     if model == "builtin":
-        return common.build_base_model(os.path.expanduser(cache_dir))
+        return builtin_task.build_base_model(os.path.expanduser(cache_dir))
     if os.path.isdir(os.path.join(model, "model")):  # a trainer's checkpoint-N/
         return os.path.join(model, "model")
     if os.path.isdir(model) and (ckpt := common.latest_checkpoint(model)):  # a run directory
@@ -68,11 +70,11 @@ def model_directory(model: str, cache_dir: str) -> str:
 def main():
     cfg = common.parse_config(Config)
     if not cfg.model or not cfg.data:
-        raise SystemExit("error: name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
+        common.fail("name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
     common.check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = common.init_distributed(one_rank_group=True if common.sampler_kind(cfg) == "vllm" else None)
     builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)
-    settings = common.BUILTIN_SETTINGS if builtin_only else common.FILE_DATA_SETTINGS
+    settings = builtin_task.SETTINGS if builtin_only else common.FILE_DATA_SETTINGS
     for key in ("max_prompt_len", "max_response_len"):
         if getattr(cfg, key) <= 0:
             setattr(cfg, key, settings[key])

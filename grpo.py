@@ -41,7 +41,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-4  # peak learning rate (official LUFFY-family runs: 1e-6)
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt
@@ -52,6 +52,12 @@ class Config(common.BaseConfig):
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
+
+
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "adv_std": False,
+         "loss_agg": "constant", "entropy_coef": 0.001, "max_prompt_len": 1024, "max_response_len": 8192,
+         "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -109,8 +115,8 @@ def main():
     cfg = common.parse_config(Config)
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()

@@ -1,5 +1,5 @@
 """The laptop lab: every trainer on the built-in task with one budget, three seeds each, and the papers'
-claims put to the test (issue 14). One command, one results folder:
+claims put to the test. One command, one results folder:
 
     python lab.py                     # the full lab into lab_results/ (2 idle cores: see README, "The laptop lab")
     python lab.py --jobs 4            # 4 trainers at a time, each with OMP_NUM_THREADS = cores / 4
@@ -29,7 +29,7 @@ none); a run whose command changed is deleted and started afresh, and so is the 
 two-stage baseline whose first stage ran again. A failed run stays in the table as failed, with the tail
 of its log in <results>/failures/.
 
-Verdicts: `verdicts()` turns results.json into one verdict per claim of issue 14 with the decision rules
+Verdicts: `verdicts()` turns results.json into one verdict per claim with the decision rules
 written in its docstring (and in RULES); nothing is hand-written. matplotlib is needed for the figures
 only (optional: without it the lab says so and writes everything else); the trainers never import it.
 """
@@ -147,14 +147,14 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
 
 def heldout_file(results: str, per_level: int) -> str | None:
     """A .jsonl of the first `per_level` built-in held-out problems of each level (None: use all 200)."""
-    import common  # torch and transformers: only when a subset is asked for
+    import builtin_task  # torch and transformers: only when a subset is asked for
 
-    if per_level >= common.HELDOUT_PER_LEVEL:
+    if per_level >= builtin_task.HELDOUT_PER_LEVEL:
         return None
     path = os.path.join(results, f"heldout-{per_level}-per-level.jsonl")
     os.makedirs(results, exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in common.make_task(per_level, seed=common.EVAL_SEED))
+        f.writelines(json.dumps(r) + "\n" for r in builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED))
     return path
 
 
@@ -607,7 +607,7 @@ def write_results(res: dict, results: str, say=print) -> None:
 
 
 # ======================================================================================
-# Verdicts: the six claims of issue 14, decided by explicit rules from results.json
+# Verdicts: the six claims (README, "The laptop lab"), decided by explicit rules from results.json
 # ======================================================================================
 
 FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0}
@@ -674,7 +674,7 @@ def combine(parts: dict[str, str]) -> str:
 
 
 def verdicts(res: dict) -> list[dict]:
-    """One {claim, text, measured, verdict} per claim of issue 14, by the rules in RULES."""
+    """One {claim, text, measured, verdict} per claim, by the rules in RULES."""
     methods, base = res["methods"], res.get("base") or {}
 
     def summ(m):

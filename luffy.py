@@ -54,7 +54,7 @@ import common
 @dataclass
 class Config(common.BaseConfig):
     variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
-    lr: float = 2e-4  # peak learning rate (official LUFFY-family runs: 1e-6)
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: samples per prompt = G-1 rollouts + 1 demonstration (official 8 = 7 + 1)
@@ -72,6 +72,10 @@ class Config(common.BaseConfig):
 
 # What the official code (ElliottYan/LUFFY, exp_scripts/train.sh) does differently from the paper.
 OFFICIAL = {"on_policy_clip": False, "adv_std": False, "loss_agg": "constant", "entropy_coef": 0.001}
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+         "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
+         "max_steps": 500}
 
 
 # ======================================================================================
@@ -175,11 +179,11 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if G < 2:
-        raise SystemExit("--group_size must be at least 2: a LUFFY group is G-1 rollouts plus one demonstration "
-                         "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
+        common.fail("--group_size must be at least 2: a LUFFY group is G-1 rollouts plus one demonstration "
+                    "(official: 8 = 7 + 1)")
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
                        whole_demos="a demonstration is trained as a whole response")
     model = run.model
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C

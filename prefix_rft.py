@@ -53,15 +53,14 @@ from fractions import Fraction
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 import common
 
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official code's behaviour (docstring list)
-    lr: float = 2e-4  # peak learning rate (official LUFFY-family runs: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt, G - 1 plain rollouts and one hybrid
@@ -71,7 +70,7 @@ class Config(common.BaseConfig):
     adv_std: bool = False  # divide by the group std (Eq. 9); default Eq. (45) = Dr.GRPO's Eq. (10)
     advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's (docstring 3)
     entropy_coef: float = 0.001  # beta_H of the entropy bonus over sampled (non-prefix) tokens, Eq. (12), (48)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # constant (Eq. 8, 48) | token-mean (6) | seq-mean (7)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # Eq. (6) | Eq. (7) | Eq. (8) (Eq. 48)
     loss_constant: float = 0.0  # C of Eq. (8) for one unit; 0 = |U| * L_max (minibatch) or L_max (microbatch, the code)
     unit: Literal["minibatch", "microbatch"] = "minibatch"  # U of Eq. (6)-(8), (46): optimizer step, all ranks | each micro-batch
     entropy_top_k: float = 0.2  # k of Eq. (46): fraction of the unit's prefix tokens that keep their loss
@@ -83,6 +82,10 @@ class Config(common.BaseConfig):
 
 
 OFFICIAL = {"unit": "microbatch"}  # METHODS.md 8, paper vs code item 2 and Eq. (48)
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
+         "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
+         "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 
 def check_config(cfg: Config):
@@ -100,7 +103,7 @@ def check_config(cfg: Config):
     ]
     for bad, message in problems:
         if bad:
-            raise SystemExit(f"error: {message}")
+            common.fail(message)
 
 
 # ======================================================================================
@@ -174,7 +177,7 @@ def entropy_gates(entropies: list, prefix_masks: list, k: float, unit: str) -> l
     tokens of a unit (minibatch: all micro-batches on all ranks; microbatch: each one alone) exactly ceil(k N)
     with the highest entropy keep 1, ties broken by position (rank, micro-batch, row, token), the others 0."""
     units = [list(range(len(entropies)))] if unit == "minibatch" else [[i] for i in range(len(entropies))]
-    rank = dist.get_rank() if unit == "minibatch" and dist.is_initialized() else 0
+    rank = common.rank() if unit == "minibatch" else 0
     gates = [torch.ones_like(e) for e in entropies]
     for members in units:
         local = torch.cat([entropies[i][prefix_masks[i].bool()] for i in members])  # [n], row-major order
@@ -243,13 +246,13 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     check_config(cfg)
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
     model, eos = run.model, run.tokenizer.eos_token_id
     if short := sum(demo_length(r["demo_ids"], eos) < 2 for r in run.train_rows):
-        raise SystemExit(f"error: {short} training demonstrations are shorter than 2 tokens, so no prefix can leave "
-                         "the policy a token (Eq. 43); drop those rows or raise --max_response_len")
+        common.fail(f"{short} training demonstrations are shorter than 2 tokens, so no prefix can leave "
+                    "the policy a token (Eq. 43); drop those rows or raise --max_response_len")
     constant = cfg.loss_constant or (b * G if cfg.unit == "minibatch" else 1) * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():

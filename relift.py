@@ -62,8 +62,8 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official RL settings (OFFICIAL); flags given win
-    lr: float = 2e-4  # peak learning rate of the RL optimizer (official: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt
@@ -72,7 +72,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     ft_threshold: int = 16  # M of Eq. (23): FT step when the buffer holds M items, on the M newest (official 128 = B)
     ft_lr: float = 2e-4  # lr of the FT step's own AdamW, constant (official 1e-6, equal to the RL lr)
@@ -83,6 +83,10 @@ class Config(common.BaseConfig):
 # The official ReLIFT run (examples/math-7b/train.sh): no clip, no std, Dr.GRPO constant, clip 0.7, entropy 0.001
 OFFICIAL = dict(clip_eps_low=1e9, clip_eps_high=1e9, adv_std=False, loss_agg="constant", max_grad_norm=0.7,
                 entropy_coef=0.001)
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
+         "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
+         "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
 
 
 # ======================================================================================
@@ -199,13 +203,13 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G, M = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size, cfg.ft_threshold
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if M < 1 or cfg.ft_lr <= 0:
-        raise SystemExit("--ft_threshold (M) must be at least 1 and --ft_lr positive")
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+        common.fail("--ft_threshold (M) must be at least 1 and --ft_lr positive")
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, extra_optimizers={"ft": cfg.ft_lr})
     if M % run.d.world_size:
-        raise SystemExit(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
+        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
     model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.d.rank, run.d.world_size
     constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
     for i, row in enumerate(run.train_rows):

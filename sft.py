@@ -44,6 +44,11 @@ class Config(common.BaseConfig):
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
 
 
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
+         "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
+
+
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
     """Eq. (13): negative log-likelihood of the demonstration tokens; logp, mask [B, R]."""
     return common.aggregate(-logp, mask, agg, norm)
@@ -51,7 +56,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> t
 
 def main():
     cfg = common.parse_config(Config)
-    run = common.setup(cfg, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
+    run = common.setup(cfg, PAPER, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
     model, d, tok = run.model, run.d, run.tokenizer
     run.evaluate_base()
     for step in run.progress():

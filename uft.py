@@ -73,8 +73,8 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    variant: Literal["paper", "official"] = "paper"  # official: the official run's settings (top docstring)
-    lr: float = 2e-4  # peak learning rate (official UFT runs: 1e-6)
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
+    lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
     group_size: int = 8  # G: responses per prompt, all continuing the prompt's one hint
@@ -83,7 +83,7 @@ class Config(common.BaseConfig):
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.001  # beta of Eq. (37)-(38): weighs the k3 KL (Eq. 11) and the hint term (Eq. 36)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12) (official: 0.001)
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # token-mean (Eq. 6) | seq-mean (Eq. 7) | constant (Eq. 8)
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     hint_chunks: int = 5  # most chunks a demonstration is cut into, Eq. (32)
     hint_prob_high: float = 0.95  # p_high of Eq. (33): hint probability at step 1
@@ -96,6 +96,9 @@ class Config(common.BaseConfig):
 # The official run's settings (liumy2010/UFT run.py, scripts/train.sh, verl's ppo_trainer.yaml).
 OFFICIAL = {"lr": 1e-6, "prompts_per_step": 256, "prompts_per_minibatch": 64, "group_size": 4, "max_steps": 500,
             "kl_coef": 0.001, "entropy_coef": 0.001, "reward_scale": "uft"}
+# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
+PAPER = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+         "gradient_checkpointing": True}
 
 
 # ======================================================================================
@@ -152,7 +155,7 @@ def add_piece_ends(rows: list[dict], tokenizer, max_response_len: int):
         r["piece_ends"] = [j + 1 for j, token in enumerate(demo[:-1]) if token in newline]
     single = sum(not r["piece_ends"] for r in rows)
     if single == len(rows):
-        raise SystemExit("no demonstration has more than one line: UFT's hints are whole lines (--demo_key)")
+        common.fail("no demonstration has more than one line: UFT's hints are whole lines (--demo_key)")
     if single:
         common.print0(f"{single} of {len(rows)} demonstrations are a single line: their prompts never get a hint")
 
@@ -219,13 +222,13 @@ def uft_loss(logp, old_logp, advantages, mask, hint_mask, cfg: Config, norm: flo
 def check_config(cfg: Config):
     """Refuse hint settings the schedule cannot use, naming the flag."""
     if not 0 <= cfg.hint_prob_low <= cfg.hint_prob_high <= 1:
-        raise SystemExit("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
+        common.fail("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
     if cfg.hint_chunks < 1:
-        raise SystemExit("--hint_chunks must be at least 1 (Eq. 32; official 5)")
+        common.fail("--hint_chunks must be at least 1 (Eq. 32; official 5)")
     if cfg.hint_steps < 0:
-        raise SystemExit("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
+        common.fail("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
     if cfg.kl_coef < 0:
-        raise SystemExit("--kl_coef (beta of the KL and hint terms) must be >= 0")
+        common.fail("--kl_coef (beta of the KL and hint terms) must be >= 0")
 
 
 # ======================================================================================
@@ -237,12 +240,10 @@ def main():
     cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
-        raise SystemExit("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+        common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     check_config(cfg)
-    run = common.setup(cfg, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b)
-    if cfg.answer_format == "answer_tag":
-        run.verifier.__class__ = AnswerTagVerifier  # the same verifier (and fork pool), UFT's extraction
+    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+                       global_batch=b, verifier=AnswerTagVerifier if cfg.answer_format == "answer_tag" else None)
     add_piece_ends(run.train_rows, run.tokenizer, cfg.max_response_len)
     hint_steps = cfg.hint_steps or max(1, round(0.6 * cfg.max_steps))  # T_hint of Eq. (33)
     model = run.model

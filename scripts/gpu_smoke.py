@@ -14,6 +14,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import builtin_task  # noqa: E402
 import common  # noqa: E402
 
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
@@ -33,8 +34,8 @@ def lines(path: str) -> list[dict]:
 
 def make_data(out: str):
     os.makedirs(out, exist_ok=True)
-    for name, rows in (("train", common.make_task(4, seed=7, levels=(1, 2))),
-                       ("eval", common.make_task(2, seed=common.EVAL_SEED, levels=(1, 2)))):
+    for name, rows in (("train", builtin_task.make_task(4, seed=7, levels=(1, 2))),
+                       ("eval", builtin_task.make_task(2, seed=builtin_task.EVAL_SEED, levels=(1, 2)))):
         with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows)
 

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import builtin_task  # noqa: E402
 import common  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--max_tokens", type=int, default=common.BUILTIN_SETTINGS["max_response_len"])
+    p.add_argument("--max_tokens", type=int, default=builtin_task.SETTINGS["max_response_len"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the vLLM engine's dtype")
     p.add_argument("--json", default="", help="also write the numbers here")
@@ -36,9 +37,9 @@ def main():
 
     os.environ.update(common.one_rank_environment())
     dist.init_process_group("gloo")
-    path = common.build_base_model(os.path.expanduser("~/.cache/sft_rl_fusion"))
+    path = builtin_task.build_base_model(os.path.expanduser("~/.cache/sft_rl_fusion"))
     tok = common.AutoTokenizer.from_pretrained(path)
-    rows = common.make_task(args.prompts // 4 + 1, seed=1)[:args.prompts]
+    rows = builtin_task.make_task(args.prompts // 4 + 1, seed=1)[:args.prompts]
     prompts = [tok(r["problem"], add_special_tokens=False)["input_ids"] for r in rows]
     model = common.load_policy(path, common.Dist(), compile=False, train=False)
     stops = common.stop_token_ids(tok, model.lm.generation_config)

@@ -10,7 +10,7 @@ For each level it prints
                   each problem's p_i estimated from all the draws of all seeds
     pass@8        share of problems with at least one right answer in 8 samples at temperature 1.0, the
                   rollout temperature: how often GRPO sees any reward on the level
-    wrong_steps   share of rewarded samples whose worked steps are wrong (common.steps_correct): right
+    wrong_steps   share of rewarded samples whose worked steps are wrong (builtin_task.steps_correct): right
                   answers for wrong reasons, which the answer-only verifier cannot see
     right = steps + k + other
                   pass@1 split by how the rewarded samples were worked: every step right; right but for
@@ -29,12 +29,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import builtin_task  # noqa: E402
 import common  # noqa: E402
 
 
 def draw(sampler, prompts, k, temperature, seed):
     groups = sampler.generate(prompts, n=k, temperature=temperature, top_p=1.0,
-                              max_tokens=common.BUILTIN_SETTINGS["max_response_len"], seed=seed)
+                              max_tokens=builtin_task.SETTINGS["max_response_len"], seed=seed)
     return [[s.text for s in g] for g in groups]
 
 
@@ -44,23 +45,23 @@ def only_multiplier_wrong(problem: str, response: str) -> bool:
     if product is None:
         return False
     fixed = re.sub(r"^\s*(\d)\*\d=", lambda m: f"{m.group(1)}*{product.group(2)}=", response, count=1)
-    return fixed != response and common.steps_correct(problem, fixed)
+    return fixed != response and builtin_task.steps_correct(problem, fixed)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--model", default="builtin", help="HF model directory; builtin = the cached base")
-    p.add_argument("--problems", type=int, default=common.HELDOUT_PER_LEVEL, help="held-out problems per level")
+    p.add_argument("--problems", type=int, default=builtin_task.HELDOUT_PER_LEVEL, help="held-out problems per level")
     p.add_argument("--k", type=int, default=4, help="samples per problem for pass@1")
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds for pass@1")
     p.add_argument("--json", default="", help="also write the numbers to this file")
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    path = common.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir)) if args.model == "builtin" \
+    path = builtin_task.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir)) if args.model == "builtin" \
         else args.model
     tok = AutoTokenizer.from_pretrained(path)
     sampler = common.TorchSampler(tok, AutoModelForCausalLM.from_pretrained(path).eval())
-    rows = common.make_task(args.problems, common.EVAL_SEED)
+    rows = builtin_task.make_task(args.problems, builtin_task.EVAL_SEED)
     prompts = [tok(common.format_prompt(tok, r["problem"], None), add_special_tokens=False)["input_ids"] for r in rows]
     verifier = common.Verifier(num_workers=2)
     golds = [r["answer"] for r in rows]
@@ -68,7 +69,7 @@ def main():
     def grade(texts):  # [n][k] texts -> [n][k] (reward, steps right, only the multiplier wrong)
         flat = verifier([t for g in texts for t in g], [a for a, g in zip(golds, texts) for _ in g])
         k = len(texts[0])
-        return [[(flat[i * k + j], common.steps_correct(r["problem"], texts[i][j]),
+        return [[(flat[i * k + j], builtin_task.steps_correct(r["problem"], texts[i][j]),
                   only_multiplier_wrong(r["problem"], texts[i][j])) for j in range(k)] for i, r in enumerate(rows)]
 
     t0 = time.time()

@@ -14,12 +14,14 @@ def tiny_model_dir(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
+    import builtin_task
+
     import common
 
     path = tmp_path_factory.mktemp("tiny_model")
-    tok = common.build_tiny_tokenizer()
+    tok = builtin_task.build_tiny_tokenizer()
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(common.tiny_model_config(tok)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(builtin_task.tiny_model_config(tok)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -27,9 +29,10 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_eval_file(tmp_path_factory):
     """Eight held-out builtin problems as a .jsonl file (exercises the file loader)."""
+    import builtin_task
     import common
 
     path = tmp_path_factory.mktemp("data") / "eval.jsonl"
-    rows = common.make_task(2, seed=common.EVAL_SEED)
+    rows = builtin_task.make_task(2, seed=builtin_task.EVAL_SEED)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -2,16 +2,13 @@
 constant (Eq. 8) over a whole optimizer step made of several micro-batches, and gradient
 accumulation that reproduces the gradient of one big batch (METHODS 1: test accumulation against a
 single large batch)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import sft  # noqa: E402
+import common
+import sft
 
 # Two micro-batches of different widths. 1000 marks masked entries: they must never count.
 C_A = torch.tensor([[1., 2., 1000.],

@@ -9,6 +9,7 @@ import torch
 from test_cli import CORE_KEYS, metrics, run, small
 
 import bread
+import builtin_task
 import common
 
 EOS = 2
@@ -222,7 +223,7 @@ def test_loss_on_generated_tokens_by_hand_two_micro_batches():
     total, clip, grads = 0.0, 0.0, []
     for mb, r in zip(minibatch, ratios):
         logp = r.log().requires_grad_(True)
-        loss, t = bread.bread_loss(logp, torch.zeros_like(logp), mb["advantages"], bread.generated_mask(mb), cfg(),
+        loss, t = bread.grpo_loss(logp, torch.zeros_like(logp), mb["advantages"], bread.generated_mask(mb), cfg(),
                                    norm, norm)
         loss.backward()
         total, clip = total + loss.item(), clip + t["clip_frac"].item()
@@ -243,7 +244,7 @@ def test_kl_and_entropy_terms_skip_anchor_tokens():
     logp, entropy = torch.zeros(1, 4), torch.tensor([[100.0, 100.0, 1.0, 3.0]])
     ref = torch.tensor([[5.0, 5.0, 0.0, 1.0]])
     mask = bread.generated_mask(mb)
-    loss, t = bread.bread_loss(logp, logp, mb["advantages"], mask, cfg(kl_coef=0.1, entropy_coef=0.01), 2.0, 2.0,
+    loss, t = bread.grpo_loss(logp, logp, mb["advantages"], mask, cfg(kl_coef=0.1, entropy_coef=0.01), 2.0, 2.0,
                                entropy, ref)
     assert t["entropy_bonus"].item() == pytest.approx(2.0) and t["kl"].item() == pytest.approx(0.35914091)
     assert loss.item() == pytest.approx(0.1 * 0.35914091 - 0.02, abs=1e-7)
@@ -269,7 +270,7 @@ def test_anchor_is_context_only_gradient_equals_anchor_in_prompt(tiny_model_dir)
         logp, _ = model(**common.model_inputs(mb))
         logp.retain_grad()
         mask = bread.generated_mask(mb)
-        loss, _ = bread.bread_loss(logp, logp.detach() - 0.1, adv, mask, cfg(), float(mask.sum()), float(mask.sum()))
+        loss, _ = bread.grpo_loss(logp, logp.detach() - 0.1, adv, mask, cfg(), float(mask.sum()), float(mask.sum()))
         loss.backward()
         return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}, logp.grad, mb["prefix_mask"]
 
@@ -298,7 +299,7 @@ SEARCH_KEYS = {"search_frac", "anchor_mixed_frac", "anchor_fallback_frac", "anch
 def test_bread_smoke(tiny_model_dir, small_eval_file, tmp_path):
     """Level-1 training problems from a file (demonstrations of 21 tokens + EOS fit the 24-token budget)."""
     data, out = tmp_path / "train.jsonl", tmp_path / "bread"
-    data.write_text("".join(json.dumps(r) + "\n" for r in common.make_task(20, seed=5, levels=(1,))))
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_task.make_task(20, seed=5, levels=(1,))))
     run("bread.py", *small(tiny_model_dir, small_eval_file, out, "--data", str(data), "--max_steps", "2",
                            "--eval_every", "0", *BREAD))
     lines = metrics(out)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -158,7 +159,8 @@ def test_missing_nested_key_suggests_the_closest(tmp_path):
 
 
 def test_fixed_choice_flags_are_checked_when_parsed(capsys):
-    import pytest
+
+    import builtin_task
 
     import common
     import grpo
@@ -170,6 +172,7 @@ def test_fixed_choice_flags_are_checked_when_parsed(capsys):
 
 
 def test_config_flags_given_and_list_values():
+    import builtin_task
     import common
     import grpo
     cfg = common.parse_config(grpo.Config, ["--eval_data", "a.jsonl:32", "b.jsonl", "--eval_data", "c.parquet",
@@ -178,11 +181,11 @@ def test_config_flags_given_and_list_values():
     assert common.given_flags(cfg) == {"eval_data", "lr", "adv_std"}
     default = common.parse_config(grpo.Config, [])
     assert default.eval_data == ["auto"] and common.given_flags(default) == set()
-    default.data = "train.jsonl"  # file data: the laptop defaults that differ from the docstring's paper command
-    assert common.laptop_defaults(default)[:3] == ["--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)",
+    default.data = "train.jsonl"  # file data: the laptop defaults that differ from PAPER
+    assert common.laptop_defaults(default, grpo.PAPER)[:3] == ["--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)",
                                                    "--prompts_per_minibatch 8 (paper: 64)"]
-    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default)
-    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg))  # given: not listed
+    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default, grpo.PAPER)
+    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg, grpo.PAPER))  # given: not listed
 
 
 def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path):
@@ -202,14 +205,16 @@ def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path)
             "(paper: 128)") in p.stdout and "grpo.py's docstring" in p.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["max_prompt_len"] == 1024 and config["max_response_len"] == 8192 and config["eval_data"] == ["none"]
-    assert metrics(out) == [{"step": 0, "train_rows": 5.0, "train_prompts_dropped": 0.0, "train_demos_truncated": 0.0}]
+    assert metrics(out) == [{"step": 0, "train_rows": 5.0, "train_prompts_dropped": 0.0, "train_demos_truncated": 0.0,
+                             "verifier_timeout_share": 0.0}]
 
 
 def test_sft_reads_no_answer_and_counts_truncated_demonstrations(tiny_model_dir, tmp_path):
+    import builtin_task
     import common
     from transformers import AutoTokenizer
     data = tmp_path / "demos.jsonl"  # no answer field: SFT does not need one; level-4 demos exceed 24 tokens
-    rows = common.make_task(4, seed=0, levels=(1, 4))
+    rows = builtin_task.make_task(4, seed=0, levels=(1, 4))
     data.write_text("".join(json.dumps({"problem": r["problem"], "demo": r["demo"]}) + "\n" for r in rows))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     longer = sum(len(tok(r["demo"], add_special_tokens=False)["input_ids"]) + 1 > 24 for r in rows)
@@ -275,3 +280,35 @@ def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
     assert "SIGTERM: exiting now; the newest checkpoint is kept" in stderr
     assert not list(out.glob("checkpoint-*"))  # it did not wait for the end of the step to save
+
+
+# The flags that name a run's model, data and output: in the 8-GPU commands, not in PAPER (not settings).
+RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "seed"}
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "luffy", "srft", "relift", "uft", "bread", "prefix_rft"])
+def test_docstring_paper_command_lists_exactly_paper(script):
+    """Each trainer's PAPER (data, used for the laptop-defaults line) is what its docstring's 8-GPU command
+    says (prose, for the reader): the same flags with the same values."""
+    import dataclasses
+    import importlib
+    import typing
+
+    module = importlib.import_module(script)
+    doc = module.__doc__
+    tokens = doc[doc.index("--nproc_per_node 8 "):].split("#", 1)[0].replace("\\\n", " ").split()[3:]
+    fields = {f.name: f for f in dataclasses.fields(module.Config)}
+    hints = typing.get_type_hints(module.Config)
+    flags, i = {}, 0
+    while i < len(tokens):
+        assert tokens[i].startswith("--"), (script, tokens[i])
+        name = tokens[i][2:]
+        if name.startswith("no-") and name[3:] in fields:
+            flags[name[3:]], i = False, i + 1
+        elif hints[name] is bool:
+            flags[name], i = True, i + 1
+        else:
+            tp = hints[name]
+            flags[name], i = (tokens[i + 1] if typing.get_origin(tp) is typing.Literal else tp(tokens[i + 1])), i + 2
+    assert {k: v for k, v in flags.items() if k not in RUN_FLAGS} == module.PAPER
+    assert all(k in fields for k in module.PAPER)

@@ -8,6 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import builtin_task
+
 import common
 from test_cli import metrics, run
 
@@ -26,7 +28,7 @@ def answers_seven(tiny_model_dir, tmp_path_factory):
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     target = tok("</think>\n\\boxed{7}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    problems = [r["problem"] for r in common.make_task(20, seed=9)]
+    problems = [r["problem"] for r in builtin_task.make_task(20, seed=9)]
     for step in range(60):
         prompts = [tok(common.format_prompt(tok, p, None), add_special_tokens=False)["input_ids"]
                    for p in problems[step % 10 * 8:step % 10 * 8 + 8]]
@@ -49,7 +51,7 @@ def records(out):
 
 
 def test_evaluate_matches_the_trainers_evaluation(answers_seven, tmp_path):
-    problems = common.make_task(4, seed=5, levels=(1, 2))  # 8 problems: gold 7 for levels 1, 8 for level 2
+    problems = builtin_task.make_task(4, seed=5, levels=(1, 2))  # 8 problems: gold 7 for levels 1, 8 for level 2
     sets = tmp_path / "sets.jsonl"
     sets.write_text("".join(json.dumps({**r, "answer": "7" if r["level"] == 1 else "8"}) + "\n" for r in problems))
     other = tmp_path / "other.parquet"

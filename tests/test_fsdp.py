@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "fsdp_worker.py")
+WORKER = os.path.join(HERE, "workers", "fsdp_worker.py")  # subprocesses: common from PYTHONPATH
+ROOT_PATH = {"PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")]))}
 
 
 def _free_port() -> int:
@@ -25,7 +26,7 @@ def _run(tmp_path, name, nproc):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={_free_port()}", "--master_addr=127.0.0.1", WORKER, str(out), str(ckpt)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **ROOT_PATH)
     subprocess.run(cmd, check=True, env=env, timeout=300)
     return json.loads(out.read_text()), ckpt / "checkpoint-000002"
 
@@ -52,7 +53,7 @@ def test_two_rank_fsdp_equals_single_process(tmp_path):
     assert not any(n.endswith(".tmp") for n in os.listdir(ckpt2.parent))
 
 
-LOADER = os.path.join(HERE, "load_worker.py")
+LOADER = os.path.join(HERE, "workers", "load_worker.py")
 
 
 def test_sharded_loading_reads_once_and_equals_the_checkpoint(tiny_model_dir, tmp_path):
@@ -62,7 +63,7 @@ def test_sharded_loading_reads_once_and_equals_the_checkpoint(tiny_model_dir, tm
     out = tmp_path / "load.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "--master_addr=127.0.0.1", LOADER, "load", tiny_model_dir, str(out)]
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1", **ROOT_PATH), timeout=300)
     r = json.loads(out.read_text())
     assert r["sharded"]
     assert r["rank_reads"] == [2, 0]  # rank 0 read the weights (policy, reference); rank 1 never did
@@ -84,6 +85,7 @@ def test_one_rank_group_has_the_launcher_environment(tmp_path):
     out = tmp_path / "one.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ROOT_PATH)
     subprocess.run([sys.executable, LOADER, "one_rank", str(out)], check=True, env=env, timeout=120)
     r = json.loads(out.read_text())
     assert set(r["before"].values()) == {None}

@@ -1,16 +1,13 @@
 """grpo.group_advantages (METHODS.md Eq. 9-10), grpo.grpo_loss (Eq. 3, 4, 6-8, 11, 12, 15) and
 sft.sft_loss (Eq. 13) on tiny hand-made tensors; every expected number is worked out in a comment."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import grpo  # noqa: E402
-import sft  # noqa: E402
+import common
+import grpo
+import sft
 
 
 def cfg(**kw) -> grpo.Config:

@@ -2,15 +2,12 @@
 (Eq. 2) of the response tokens, against a plain float64 reference built from the HF model's full
 [B, T, V] logits. Tiny Qwen2 built from a config (nothing downloaded); CPU only."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import common
 
 VOCAB = 97
 PAD = 0

@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import relift  # noqa: E402
-from test_cli import CORE_KEYS, TIMING, metrics, run, small  # noqa: E402
+import builtin_task
+import common
+import relift
+from test_cli import CORE_KEYS, TIMING, metrics, run, small
 
 RELIFT_KEYS = {"pg_loss", "clip_frac", "hardest_prompts", "buffer_size", "ft_steps", "ft_steps_total", "ft_loss",
                "sft_loss", "entropy_demo", "ft_grad_norm"}
@@ -199,7 +198,7 @@ def _model_and_rows(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = common.load_policy(tiny_model_dir, common.Dist(), compile=False)
     rows = []
-    for r in common.make_task(1, seed=5, levels=(1, 3, 4)):  # demonstrations of 3 different lengths
+    for r in builtin_task.make_task(1, seed=5, levels=(1, 3, 4)):  # demonstrations of 3 different lengths
         text = common.format_prompt(tok, r["problem"], None)
         rows.append({"prompt_ids": tok(text, add_special_tokens=False)["input_ids"],
                      "demo_ids": tok(r["demo"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]})
@@ -346,7 +345,7 @@ def test_bad_input_is_refused(monkeypatch):
     with pytest.raises(SystemExit, match="--ft_threshold"):
         relift.main()  # refused before setup
 
-    def setup(cfg, **kw):  # every row must carry a demonstration: common refuses rows without one
+    def setup(cfg, paper, **kw):  # every row must carry a demonstration: common refuses rows without one
         assert kw["need_demo"] and kw["extra_optimizers"] == {"ft": cfg.ft_lr}
         raise SystemExit("checked")
 

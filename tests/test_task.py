@@ -7,6 +7,8 @@ import re
 import torch
 from transformers import AutoTokenizer
 
+import builtin_task
+
 import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,11 +19,11 @@ def _terms(problem):
 
 
 def test_tokenizer_survives_save_and_reload(tmp_path):
-    tok = common.build_tiny_tokenizer()
-    common.tiny_model_config(tok).save_pretrained(tmp_path)  # a Qwen2 config beside it, as in a model dir
+    tok = builtin_task.build_tiny_tokenizer()
+    builtin_task.tiny_model_config(tok).save_pretrained(tmp_path)  # a Qwen2 config beside it, as in a model dir
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    row = common.make_task(1, seed=3, levels=(4,))[0]
+    row = builtin_task.make_task(1, seed=3, levels=(4,))[0]
     prompt = common.format_prompt(tok, row["problem"], "Think, then answer.")
     assert prompt == common.format_prompt(again, row["problem"], "Think, then answer.")
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
@@ -30,32 +32,32 @@ def test_tokenizer_survives_save_and_reload(tmp_path):
     ids = again(row["demo"], add_special_tokens=False)["input_ids"]
     assert again.decode(ids + [again.eos_token_id], skip_special_tokens=True) == row["demo"]  # </think> kept
     assert again.eos_token == "<|im_end|>" and again.pad_token == "<|endoftext|>"
-    longest = max(len(again(r["demo"], add_special_tokens=False)["input_ids"]) for r in common.make_task(300, 0))
-    assert longest + 1 <= common.BUILTIN_SETTINGS["max_response_len"]  # every demonstration + EOS fits
+    longest = max(len(again(r["demo"], add_special_tokens=False)["input_ids"]) for r in builtin_task.make_task(300, 0))
+    assert longest + 1 <= builtin_task.SETTINGS["max_response_len"]  # every demonstration + EOS fits
 
 
 def test_levels_by_hand():
-    assert common.make_task(1, 0, levels=(1,))[0] == {
+    assert builtin_task.make_task(1, 0, levels=(1,))[0] == {
         "problem": "8+3+5=?", "answer": "16", "demo": "8+3=11\n11+5=16\n</think>\n\\boxed{16}", "level": 1}
-    assert common._demo([5, 1, (6, 3)]) == "6*3=18\n18+5=23\n23+1=24\n</think>\n\\boxed{24}"  # product first
-    assert common._problem([5, 1, (6, 3)]) == "5+1+6*3=?" and common._value([5, 1, (6, 3)]) == 24
-    sizes = {level: len(common._level_problems(level)) for level in common.LEVELS}
+    assert builtin_task._demo([5, 1, (6, 3)]) == "6*3=18\n18+5=23\n23+1=24\n</think>\n\\boxed{24}"  # product first
+    assert builtin_task._problem([5, 1, (6, 3)]) == "5+1+6*3=?" and builtin_task._value([5, 1, (6, 3)]) == 24
+    sizes = {level: len(builtin_task._level_problems(level)) for level in builtin_task.LEVELS}
     assert sizes == {1: 9 ** 3, 2: 9 ** 4, 3: 576, 4: 1152}
     # A slipping teacher writes a partial sum one too high and goes on from it: the answer is then wrong.
     class Always:
         def random(self):
             return 0.0
-    assert common._demo([9, 9, 9], slip=Always()) == "9+9=19\n19+9=29\n</think>\n\\boxed{29}"
+    assert builtin_task._demo([9, 9, 9], slip=Always()) == "9+9=19\n19+9=29\n</think>\n\\boxed{29}"
 
 
 def test_problems_answers_and_demonstrations_are_right():
-    rows = common.make_task(60, seed=0)
+    rows = builtin_task.make_task(60, seed=0)
     assert sorted({r["level"] for r in rows}) == [1, 2, 3, 4] and len(rows) == 240
     verifier = common.Verifier(num_workers=0)
     for r in rows:
         terms = _terms(r["problem"])
         products = [t for t in terms if isinstance(t, tuple)]
-        n_terms, where = common.LEVELS[r["level"]]
+        n_terms, where = builtin_task.LEVELS[r["level"]]
         assert len(terms) == n_terms and all(1 <= (t[0] if isinstance(t, tuple) else t) <= 9 for t in terms)
         assert len(products) == (where != "none") and (where != "first" or isinstance(terms[0], tuple))
         value = sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
@@ -67,44 +69,44 @@ def test_problems_answers_and_demonstrations_are_right():
             a, op, b, c = re.fullmatch(r"(\d+)([+*])(\d+)=(\d+)", line).groups()
             assert int(c) == (int(a) * int(b) if op == "*" else int(a) + int(b))
             lefts += [int(a)] if op == "+" else []
-        assert max(lefts) <= common.MAX_LEFT_OPERAND  # only additions the base knows
-        assert common.steps_correct(r["problem"], r["demo"])
+        assert max(lefts) <= builtin_task.MAX_LEFT_OPERAND  # only additions the base knows
+        assert builtin_task.steps_correct(r["problem"], r["demo"])
     assert verifier([r["demo"] for r in rows], [r["answer"] for r in rows]) == [1.0] * len(rows)
 
 
 def test_times_table_facts_have_no_shortcut():
     """Levels 3-4 need a fact the base lacks: no first line "t+X=p" with a digit X, and the misreading
     t+k is far from the product, so neither a slip nor a wrong-steps shortcut lands on the answer."""
-    assert common.FACTS and all(t * k - t >= 10 and t * k - (t + k) >= 7 and t * k <= 27 for t, k in common.FACTS)
+    assert builtin_task.FACTS and all(t * k - t >= 10 and t * k - (t + k) >= 7 and t * k <= 27 for t, k in builtin_task.FACTS)
 
 
 def test_steps_correct_sees_wrong_reasons():
     p = "7+6+3+9=?"
-    assert common.steps_correct(p, "7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}")
+    assert builtin_task.steps_correct(p, "7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}")
     # right answer, two cancelling errors: the verifier rewards it, the steps check does not
-    assert not common.steps_correct(p, "7+6=13\n13+3=17\n17+9=25\n</think>\n\\boxed{25}")
-    assert not common.steps_correct(p, "7+6=13\n13+9=22\n22+3=25\n</think>\n\\boxed{25}")  # another order
-    assert not common.steps_correct("6*3+2+4=?", "6+2=8\n8+4=12\n</think>\n\\boxed{24}")
-    assert common.steps_correct("2+4+6*3=?", "6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}")
+    assert not builtin_task.steps_correct(p, "7+6=13\n13+3=17\n17+9=25\n</think>\n\\boxed{25}")
+    assert not builtin_task.steps_correct(p, "7+6=13\n13+9=22\n22+3=25\n</think>\n\\boxed{25}")  # another order
+    assert not builtin_task.steps_correct("6*3+2+4=?", "6+2=8\n8+4=12\n</think>\n\\boxed{24}")
+    assert builtin_task.steps_correct("2+4+6*3=?", "6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}")
 
 
 def test_held_out_problems_never_train():
-    held_out = common.make_task(common.HELDOUT_PER_LEVEL, common.EVAL_SEED)
+    held_out = builtin_task.make_task(builtin_task.HELDOUT_PER_LEVEL, builtin_task.EVAL_SEED)
     names = {r["problem"] for r in held_out}
-    assert len(names) == len(held_out) == 4 * common.HELDOUT_PER_LEVEL
-    train = common.make_task(common.TRAIN_PER_LEVEL, seed=0, exclude=names)
+    assert len(names) == len(held_out) == 4 * builtin_task.HELDOUT_PER_LEVEL
+    train = builtin_task.make_task(builtin_task.TRAIN_PER_LEVEL, seed=0, exclude=names)
     assert not names & {r["problem"] for r in train}
-    assert len({r["problem"] for r in train}) == len(train) == 4 * common.TRAIN_PER_LEVEL  # equal per level
-    assert common.make_task(5, seed=7) == common.make_task(5, seed=7)  # deterministic
-    assert common.make_task(3, seed=7, levels=(2,)) == common.make_task(5, seed=7, levels=(2,))[:3]  # prefix
+    assert len({r["problem"] for r in train}) == len(train) == 4 * builtin_task.TRAIN_PER_LEVEL  # equal per level
+    assert builtin_task.make_task(5, seed=7) == builtin_task.make_task(5, seed=7)  # deterministic
+    assert builtin_task.make_task(3, seed=7, levels=(2,)) == builtin_task.make_task(5, seed=7, levels=(2,))[:3]  # prefix
 
 
 def test_base_cache_key_has_the_task_version(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "_pretrain", lambda *a, **k: None)
-    path = common.build_base_model(str(tmp_path))
-    assert path.endswith(f"-v{common.TASK_VERSION}-seed0")
-    monkeypatch.setattr(common, "TASK_VERSION", common.TASK_VERSION + 1)
-    assert common.build_base_model(str(tmp_path)) != path  # a new task version never reuses an old base
+    monkeypatch.setattr(builtin_task, "_pretrain", lambda *a, **k: None)
+    path = builtin_task.build_base_model(str(tmp_path))
+    assert path.endswith(f"-v{builtin_task.TASK_VERSION}-seed0")
+    monkeypatch.setattr(builtin_task, "TASK_VERSION", builtin_task.TASK_VERSION + 1)
+    assert builtin_task.build_base_model(str(tmp_path)) != path  # a new task version never reuses an old base
 
 
 def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch):
@@ -115,7 +117,7 @@ def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch):
     def pretrain(model, tokenizer, exclude, seed, **kw):  # a stand-in build that uses the torch RNG
         torch.manual_seed(seed)
         torch.rand(100)
-    monkeypatch.setattr(common, "_pretrain", pretrain)
+    monkeypatch.setattr(builtin_task, "_pretrain", pretrain)
     draws = []
     for run in ("cold", "warm"):
         cfg = common.parse_config(grpo.Config, [
@@ -154,7 +156,7 @@ def test_yardstick_tells_a_miscopied_multiplier_from_other_wrong_steps():
     yardstick = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(yardstick)
     right = "7*3=21\n21+6=27\n27+5=32\n</think>\n\\boxed{32}"
-    assert common.steps_correct("7*3+6+5=?", right)
+    assert builtin_task.steps_correct("7*3+6+5=?", right)
     assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right)  # nothing wrong
     assert yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("7*3=", "7*4="))
     assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("7*3=21", "7*4=20"))  # the fact too

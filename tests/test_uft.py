@@ -11,6 +11,8 @@ import torch
 from test_cli import CORE_KEYS, TIMING, metrics, run, small
 from transformers import AutoTokenizer
 
+import builtin_task
+
 import common
 import uft
 
@@ -340,7 +342,7 @@ def test_official_variant_sets_the_run_config_and_the_command_line_wins():
 
 def test_cli_run_and_resume(tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"  # level-1 problems: demonstrations of 3 hintable lines fit in 24 tokens
-    data.write_text("".join(json.dumps(r) + "\n" for r in common.make_task(40, seed=5, levels=(1,))))
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_task.make_task(40, seed=5, levels=(1,))))
     args = ["--data", str(data), "--variant", "official", "--prompts_per_step", "4", "--prompts_per_minibatch", "2",
             "--group_size", "3", "--micro_batch_size", "4", "--max_steps", "3", "--save_every", "1",
             "--keep_checkpoints", "3", "--eval_every", "0", "--lr", "1e-3", "--hint_prob_low", "0.5"]

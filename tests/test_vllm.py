@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import builtin_task
+
 import common
 from test_bread import BREAD
 from test_cli import CORE_KEYS, GRPO, TIMING, metrics, run, small
@@ -165,7 +167,7 @@ def debug_calls(out):
 def level1_file(tmp_path_factory):
     """Training problems whose demonstrations fit the 24-token budget (BREAD and UFT use them whole)."""
     path = tmp_path_factory.mktemp("vllm_data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in common.make_task(20, seed=5, levels=(1,))))
+    path.write_text("".join(json.dumps(r) + "\n" for r in builtin_task.make_task(20, seed=5, levels=(1,))))
     return str(path)
 
 

@@ -9,8 +9,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-import common  # noqa: E402
+import common  # on PYTHONPATH (tests/test_fsdp.py sets it)
 
 
 def main(out_file: str, ckpt_dir: str):

@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import common  # on PYTHONPATH (tests/test_fsdp.py sets it)
 
 
 def load(model_dir: str, out_file: str):

@@ -2,9 +2,9 @@
 plain math-verify (the whole response, the gold wrapped in $...$), plus two checks of the fast path:
 its agreement with math-verify on generated pairs of plain numbers, and the grading speed.
 
-    python tests/verifier_agreement.py              # the agreement table quoted in the README
-    python tests/verifier_agreement.py --verbose    # and every case where a grader disagrees
-    python tests/verifier_agreement.py --fast       # fast path vs math-verify, and items per second
+    python scripts/verifier_agreement.py              # the agreement table quoted in the README
+    python scripts/verifier_agreement.py --verbose    # and every case where a grader disagrees
+    python scripts/verifier_agreement.py --fast       # fast path vs math-verify, and items per second
 
 Both graders run with the same 2-second math-verify timeouts and the same hard bound per item.
 """
@@ -21,7 +21,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_cases.jsonl")
+CASES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "verifier_cases.jsonl")
 TIMEOUT = 2
 
 
