@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import decimal
 import difflib
+import fcntl
 import importlib.util
 import inspect
 import json
@@ -56,7 +57,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
@@ -617,6 +617,91 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
               f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
 
 
+# What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
+# checkpoint) removes these and nothing else.
+_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
+# The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
+# watched. Any other change would make it another run than the one its checkpoint continues.
+RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
+                     "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
+                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
+_run_lock = None  # rank 0's lock on its output_dir, held until the process exits
+
+
+def claim_output_dir(cfg, d: Dist) -> str | None:
+    """The run-directory rules (README, "Runs, checkpoints and resuming"), before any model loads.
+    One process writes a run at a time (rank 0 holds a lock on <output_dir>/.lock). Without --resume
+    or --overwrite, a directory that holds a run is refused. --overwrite removes the old run (its
+    checkpoints, metrics, config and logs; nothing else). --resume continues only a run of the same
+    trainer with the same settings but those in RESUME_MAY_CHANGE, never rewrites its config.json, and
+    a run already at --max_steps says so and exits. Returns the checkpoint to resume from, or None for
+    a fresh run (whose config.json, with the trainer's name, is written here)."""
+    decision = _claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
+    if dist.is_initialized():
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    error, notes, ckpt, complete = decision
+    if error:
+        fail(error.removeprefix("error: "))
+    for note in notes:
+        print0(note)
+    if complete:
+        shutdown()
+        raise SystemExit(0)
+    return ckpt
+
+
+def _claim(cfg) -> tuple:
+    global _run_lock
+    out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return (f"another process is writing a run in {out} (it holds {os.path.join(out, '.lock')}): wait for it "
+                f"to end, or use another --output_dir", [], None, False)
+    _run_lock = lock
+    ckpt, config_path = latest_checkpoint(out), os.path.join(out, "config.json")
+    saved = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+    if cfg.resume and ckpt:
+        if saved and saved.get("trainer", script) != script:
+            return (f"{out} holds a run of {saved['trainer']}: resume it with {saved['trainer']}, or give {script} "
+                    f"another --output_dir", [], None, False)
+        changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in dataclasses.asdict(cfg).items()
+                   if saved and k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+        if changed:
+            return (f"--resume continues the run in {out} with its own settings, and these differ from them: "
+                    f"{', '.join(changed)}. Drop them (a resumed run may change only --"
+                    f"{', --'.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'output_dir'}))}), or start "
+                    f"a new run with another --output_dir", [], None, False)
+        step = int(ckpt.rsplit("-", 1)[1])
+        if step >= cfg.max_steps:
+            return (None, [f"the run in {out} is complete: its newest checkpoint is at step {step} and --max_steps "
+                           f"is {cfg.max_steps}; raise --max_steps to train on"], ckpt, True)
+        return None, [], ckpt, False
+    notes = []
+    if cfg.resume:
+        notes.append(f"--resume: no checkpoint in {out}; starting from scratch")
+    elif not cfg.overwrite and (ckpt or os.path.exists(os.path.join(out, "metrics.jsonl"))):
+        return (f"{out} already holds a run: pass --resume to continue it, --overwrite to start afresh there, or "
+                "another --output_dir", [], None, False)
+    old = sorted(n for n in os.listdir(out) if _RUN_FILE.fullmatch(n))
+    for name in old:  # nothing of an old run may mix into the new one (its checkpoints would be resumed)
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if cfg.overwrite and old:
+        notes.append(f"--overwrite: removed the run in {out} ({', '.join(old)})")
+    with open(config_path, "w") as f:
+        json.dump({"trainer": script, **dataclasses.asdict(cfg)}, f, indent=1)
+    return None, notes, None, False
+
+
 def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
           extra_optimizers: dict | None = None, whole_demos: str | None = None,
@@ -644,21 +729,11 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
 
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print0(f"--resume: no checkpoint in {cfg.output_dir}; starting from scratch")
-    if not cfg.resume and not cfg.overwrite and (latest_checkpoint(cfg.output_dir) or
-                                                 os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        fail(f"{cfg.output_dir} already holds a run: pass --resume to continue it, --overwrite to start afresh "
-              "there, or another --output_dir")
+    ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
     # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
     threading.Thread(target=verifier.start).start()
-    if d.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     base_path = cfg.model
     if cfg.model == "builtin":
@@ -2288,8 +2363,19 @@ class MetricsLogger:
         if not self.main:
             return
         if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
+            kept, torn = [], 0
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a write cut off by a crash
+                        torn += 1
+                        continue
+                    if record["step"] <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            if torn:
+                print(f"{self.path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut off by a crash)",
+                      flush=True)
             with open(self.path, "w") as f:
                 f.writelines(kept)
         elif os.path.exists(self.path):

@@ -1,0 +1,86 @@
+"""The run directory's rules (README, "Runs, checkpoints and resuming"): --overwrite removes the old run,
+--resume continues only the same trainer's run with the same settings, one process at a time, a torn
+metrics line is dropped, a finished run says so."""
+import fcntl
+import json
+import os
+import shutil
+
+import pytest
+
+from test_cli import GRPO, metrics, run, small
+
+
+def grpo(model, out, *extra, check=True):
+    return run("grpo.py", *small(model, None, out, *GRPO, "--eval_data", "none", "--save_every", "1", *extra),
+               check=check)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    """A 2-step GRPO run with checkpoints at steps 1 and 2, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("run_dir") / "grpo"
+    grpo(tiny_model_dir, out, "--max_steps", "2")
+    return out
+
+
+def copy(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_overwrite_removes_the_old_run(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")  # not the trainer's: kept
+    p = grpo(tiny_model_dir, out, "--max_steps", "1", "--overwrite")
+    assert "--overwrite: removed the run in" in p.stdout
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000001"]
+    assert [m["step"] for m in metrics(out)] == [0, 1]
+    assert (out / "notes.txt").read_text() == "mine"
+    p = grpo(tiny_model_dir, out, "--max_steps", "2", "--resume")  # continues the new run, not the old one
+    assert "resumed from" in p.stdout and "checkpoint-000001" in p.stdout
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+
+
+def test_another_trainer_does_not_resume_the_run(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    before = (out / "metrics.jsonl").read_text()
+    p = run("sft.py", *small(tiny_model_dir, None, out, "--eval_data", "none", "--resume"), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "holds a run of grpo.py" in p.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_with_changed_settings_is_refused_and_the_config_kept(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    config = (out / "config.json").read_text()
+    p = grpo(tiny_model_dir, out, "--max_steps", "3", "--resume", "--lr", "1e-3", "--group_size", "4", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "--lr 0.001 (the run's: 0.0002)" in p.stderr and "--group_size 4 (the run's: 3)" in p.stderr
+    assert (out / "config.json").read_text() == config
+
+
+def test_a_second_process_cannot_write_the_same_run(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    with open(out / ".lock", "a+") as held:  # another run holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = grpo(tiny_model_dir, out, "--max_steps", "3", "--resume", check=False)
+    assert p.returncode != 0 and "another process is writing a run in" in p.stderr
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a write cut by a crash
+    p = grpo(tiny_model_dir, out, "--max_steps", "3", "--resume")
+    assert "dropped 1 torn line" in p.stdout
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3]
+
+
+def test_resuming_a_finished_run_says_so(finished, tiny_model_dir, tmp_path):
+    out = copy(finished, tmp_path)
+    p = grpo(tiny_model_dir, out, "--max_steps", "2", "--resume")
+    assert "is complete" in p.stdout and "raise --max_steps" in p.stdout
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 2
