@@ -149,7 +149,7 @@ def parse_config(cls, argv=None, variants: dict | None = None):
             name = None
             for line in inspect.getsource(klass).splitlines():
                 m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-                more = re.match(r"\s+#\s*(?!---)(.+)$", line)  # a comment line continues the help above
+                more = re.match(r"\s+#(?!\s*---)\s*(.+)$", line)  # continues the help above; a "# ---" banner does not
                 if m:
                     name = m.group(1) if m.group(1) not in helps else None
                     helps.setdefault(m.group(1), m.group(2))
@@ -157,9 +157,9 @@ def parse_config(cls, argv=None, variants: dict | None = None):
                     helps[name] += " " + more.group(1)
                 else:
                     name = None
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-    parser = argparse.ArgumentParser(description=doc[0] if doc else None, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]  # its first paragraph
+    parser = _Parser(description=" ".join(doc.split()) or None, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     defaults = {}
     for f in dataclasses.fields(cls):
@@ -177,6 +177,10 @@ def parse_config(cls, argv=None, variants: dict | None = None):
             kw["type"] = tp
         parser.add_argument(f"--{f.name}", **kw)
     args = {**defaults, **vars(parser.parse_args(argv))}
+    negative = [f"--{k} {v}" for k, v in args.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v < 0]
+    if negative:  # every count, size, rate and coefficient here is >= 0
+        parser.error(f"{', '.join(negative)}: must be at least 0")
     cfg = cls(**args)
     given = set()
     for token in sys.argv[1:] if argv is None else argv:
@@ -189,6 +193,23 @@ def parse_config(cls, argv=None, variants: dict | None = None):
     if hasattr(cfg, "output_dir") and not cfg.output_dir:
         cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
     return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one line per mistake instead of the whole usage: an unknown flag gets the
+    closest known ones ("did you mean --lr?")."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (.+)", message)
+        if unknown:
+            known = [a for action in self._actions for a in action.option_strings]
+            tokens = unknown.group(1).split()
+            hints = []
+            for token in [t for t in tokens if t.startswith("-")] or tokens:  # the flags, not their values
+                close = difflib.get_close_matches(token.split("=")[0], known, n=2)
+                hints.append(f"{token}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+            message = f"unrecognized argument{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def given_flags(cfg) -> frozenset:

@@ -69,7 +69,7 @@ def main():
             logp, entropy = model(**mb, temperature=cfg.temperature, with_entropy=True)
             loss = sft_loss(logp, mb["response_mask"], cfg.loss_agg, norm)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             entropy_sum += float((entropy.detach() * mb["response_mask"]).sum())
         grad_norm = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         t1 = time.time()

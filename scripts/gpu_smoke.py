@@ -15,7 +15,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_task  # noqa: E402
-import common  # noqa: E402
 
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 failures = []

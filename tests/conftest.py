@@ -16,8 +16,6 @@ def tiny_model_dir(tmp_path_factory):
 
     import builtin_task
 
-    import common
-
     path = tmp_path_factory.mktemp("tiny_model")
     tok = builtin_task.build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -30,7 +28,6 @@ def tiny_model_dir(tmp_path_factory):
 def small_eval_file(tmp_path_factory):
     """Eight held-out builtin problems as a .jsonl file (exercises the file loader)."""
     import builtin_task
-    import common
 
     path = tmp_path_factory.mktemp("data") / "eval.jsonl"
     rows = builtin_task.make_task(2, seed=builtin_task.EVAL_SEED)

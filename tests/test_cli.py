@@ -159,9 +159,6 @@ def test_missing_nested_key_suggests_the_closest(tmp_path):
 
 
 def test_fixed_choice_flags_are_checked_when_parsed(capsys):
-
-    import builtin_task
-
     import common
     import grpo
     import sft
@@ -171,8 +168,28 @@ def test_fixed_choice_flags_are_checked_when_parsed(capsys):
         assert err.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
 
 
+def test_mistyped_and_negative_flags_get_one_line(capsys):
+    import common
+    import grpo
+    with pytest.raises(SystemExit) as err:
+        common.parse_config(grpo.Config, ["--lrr", "1e-3", "--group_size", "4"])
+    out = capsys.readouterr().err
+    assert err.value.code == 2 and out.count("\n") == 1 and "usage:" not in out
+    assert "unrecognized argument --lrr (did you mean --lr?)" in out
+    with pytest.raises(SystemExit):
+        common.parse_config(grpo.Config, ["--max_steps", "-3"])
+    assert "--max_steps -3: must be at least 0" in capsys.readouterr().err
+
+
+def test_help_shows_each_fields_comment_and_no_section_banners():
+    p = run("grpo.py", "--help")
+    assert "---" not in p.stdout  # the Config's "# --- run ---" banners are not option help
+    assert "where the builtin base model is built and cached (default" in " ".join(p.stdout.split())
+    assert "GRPO: group-relative policy optimisation, the on-policy RL baseline (and the template of every fusion " \
+           "trainer in this repository)." in " ".join(p.stdout.split())  # the docstring's whole first paragraph
+
+
 def test_config_flags_given_and_list_values():
-    import builtin_task
     import common
     import grpo
     cfg = common.parse_config(grpo.Config, ["--eval_data", "a.jsonl:32", "b.jsonl", "--eval_data", "c.parquet",
@@ -211,7 +228,6 @@ def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path)
 
 def test_sft_reads_no_answer_and_counts_truncated_demonstrations(tiny_model_dir, tmp_path):
     import builtin_task
-    import common
     from transformers import AutoTokenizer
     data = tmp_path / "demos.jsonl"  # no answer field: SFT does not need one; level-4 demos exceed 24 tokens
     rows = builtin_task.make_task(4, seed=0, levels=(1, 4))

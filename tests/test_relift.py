@@ -4,7 +4,6 @@ the RL loss under both variants, a buffer that is global over two ranks, checkpo
 second optimizer, and the command line (smoke, FT after RL, kill-and-resume with a non-empty buffer).
 Every expected number is worked out in a comment."""
 import json
-import os
 import shutil
 import sys
 
