@@ -177,6 +177,14 @@ TRAINERS = {
 }
 
 
+def test_plain_python_trainer_run(tiny_model_dir, small_eval_file, tmp_path):
+    """`python grpo.py --sampler vllm`: the one-rank group a single process sets up for the engine."""
+    out = tmp_path / "run"
+    p = run("grpo.py", *small(tiny_model_dir, small_eval_file, out, *GRPO, "--max_steps", "1", "--sampler", "vllm"))
+    assert "vLLM 0.32.0 engine on every rank: float32" in p.stdout and "Traceback" not in p.stderr
+    assert [m["step"] for m in metrics(out)] == [0, 1] and os.path.exists(out / "vllm-rank0.log")
+
+
 @pytest.mark.parametrize("script", sorted(TRAINERS))
 def test_trainer_two_steps_on_two_ranks(script, tiny_model_dir, small_eval_file, level1_file, tmp_path):
     """Each RL trainer, 2 steps, 2 ranks, the vLLM sampler: its metrics, and from --rollout_debug: the
@@ -209,17 +217,18 @@ def test_trainer_two_steps_on_two_ranks(script, tiny_model_dir, small_eval_file,
 
 
 def test_resumed_vllm_run_equals_the_uninterrupted_one(tiny_model_dir, small_eval_file, tmp_path):
-    """A plain `python grpo.py --sampler vllm` (one-rank group): 4 steps straight, and the same run stopped
-    after its step-2 checkpoint and resumed: every metric but the timings is equal, step for step."""
+    """Two ranks: 4 steps straight, and the same run stopped after its step-2 checkpoint and resumed: every
+    metric but the timings is equal, step for step, so each rank drew the same samples again from the same
+    --seed and rank (torch's generator comes back with the checkpoint)."""
     args = [*GRPO, "--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--sampler", "vllm", "--lr", "1e-3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run("grpo.py", *small(tiny_model_dir, small_eval_file, full, *args))
+    run("grpo.py", *small(tiny_model_dir, small_eval_file, full, *args), nproc=2)
     shutil.copytree(full, cut)  # the cut run wrote what the full run wrote until it died in its step-4 save
     shutil.rmtree(cut / "checkpoint-000004")
     with open(cut / "metrics.jsonl") as f:
         kept = f.readlines()[:3]  # steps 0-2
     (cut / "metrics.jsonl").write_text("".join(kept))
-    p = run("grpo.py", *small(tiny_model_dir, small_eval_file, cut, *args, "--resume"))
+    p = run("grpo.py", *small(tiny_model_dir, small_eval_file, cut, *args, "--resume"), nproc=2)
     assert "resumed from" in p.stdout + p.stderr
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
     a, b = strip(metrics(full)), strip(metrics(cut))
