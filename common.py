@@ -633,9 +633,13 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
     would learn an unfinished one. `why` says what the method does with them."""
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
+        problem = cut[0]["problem"]  # a chat prompt: its last user turn is the problem
+        if _is_chat(problem):
+            problem = next((m["content"] for m in reversed(problem) if m["role"] == "user"), problem[-1]["content"])
+        problem = " ".join(str(problem).split())
         fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
-              f"their EOS (e.g. for {str(cut[0]['problem'])[:60]!r}); {why}: raise --max_response_len or drop "
-              f"the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
+             f"their EOS (e.g. the one for \"{problem[:80]}{'...' if len(problem) > 80 else ''}\"); {why}: raise "
+             f"--max_response_len or drop the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
 
 
 # What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
@@ -748,7 +752,9 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
+        cfg.model = model_directory(cfg.model)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
+        check_tokenizer(cfg.model)
 
     ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
@@ -1059,16 +1065,32 @@ def _missing_key(records: list[dict], key: str, flag: str) -> str:
         found = next(v for v in level if v is not None)
         there, close = f"'{prefix}' is {type(found).__name__}, not an object with fields", []
     else:
-        names = ", ".join(dict.fromkeys(str(k) for v in dicts for k in v))
-        there = f"the rows' '{prefix}' has {names}" if depth else f"the rows have {names}"
+        fields = list(dict.fromkeys(str(k) for v in dicts for k in v))
+        there = f"the rows' '{prefix}' has {', '.join(fields)}" if depth else f"the rows have {', '.join(fields)}"
+        # first a field of that name anywhere, then a sibling where the path breaks that the typed name
+        # abbreviates (gt -> ground_truth) or resembles, then anything alike, never the path's own parents
+        siblings = [f for f in fields if _abbreviates(parts[depth], f)] or \
+            difflib.get_close_matches(parts[depth], fields, n=1, cutoff=0.5)
+        parents = {".".join(parts[:i]) for i in range(1, len(parts))}
         close = [p for p in paths if p.split(".")[-1] == parts[-1]] or \
-            difflib.get_close_matches(key, paths, n=1, cutoff=0.6) or \
+            [f"{prefix}.{f}" if prefix else f for f in siblings] or \
+            [p for p in difflib.get_close_matches(key, paths, n=3, cutoff=0.6) if p not in parents][:1] or \
             difflib.get_close_matches(parts[-1], paths, n=1, cutoff=0.6)
     if not close and flag == "--demo_key":  # a chat-message field with an assistant turn is a demonstration
         close = [p for p in paths if _is_chat(v := _field(records[0], p, None)) and
                  any(m["role"] == "assistant" for m in v)]
     advice = f"did you mean {flag} {close[0]}?" if close else f"name the field with {flag}"
     return f"no row has the field '{key}' ({flag}): {there}; {advice}"
+
+
+def _abbreviates(typed: str, name: str) -> bool:
+    """Every character of `typed` appears in `name` in order, starting with its first: gt, grnd_truth,
+    groundtruth -> ground_truth."""
+    typed, name = typed.lower(), name.lower()
+    if not typed or typed[0] != name[:1]:
+        return False
+    rest = iter(name)
+    return all(c in rest for c in typed)
 
 
 def _number_text(x) -> str:
@@ -1289,6 +1311,31 @@ def model_inputs(mb: dict) -> dict:
     return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
+def check_tokenizer(model_path: str):
+    """Stop before anything is written when --model has no tokenizer to format prompts with. transformers
+    builds an empty default tokenizer for a directory without tokenizer files (and the run would fail at
+    its first prompt, its directory written), so look for the files of a local directory first."""
+    if os.path.isdir(model_path):
+        have = set(os.listdir(model_path))
+        if not ({"tokenizer.json", "tokenizer.model"} & have or {"vocab.json", "merges.txt"} <= have):
+            fail(f"--model {model_path} has no tokenizer: it needs tokenizer.json (or vocab.json and merges.txt) "
+                 f"and tokenizer_config.json, and has {', '.join(sorted(have)) or 'no files'}; copy them from the "
+                 f"model it was trained from (a trainer's checkpoints keep them in checkpoint-N/model)")
+    if AutoTokenizer.from_pretrained(model_path).chat_template is None:
+        fail(f"--model {model_path}: its tokenizer has no chat template (chat_template.jinja, or chat_template in "
+             f"tokenizer_config.json), which every prompt is formatted with; copy the tokenizer files of the model "
+             f"it was trained from")
+
+
+def model_directory(path: str) -> str:
+    """--model as transformers loads it: a trainer's checkpoint-N/ holds its model in checkpoint-N/model."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and \
+            os.path.exists(os.path.join(path, "model", "config.json")):
+        print0(f"--model {path} is a checkpoint: loading {os.path.join(path, 'model')}")
+        return os.path.join(path, "model")
+    return path
+
+
 def check_context_length(model_path: str, total: int):
     """Stop before any weights load when prompt + response budgets exceed the model's positions:
     vLLM refuses such an engine, and the training forward would silently run past the positions
@@ -1299,7 +1346,8 @@ def check_context_length(model_path: str, total: int):
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:  # no such directory, no config.json, an unknown hub id offline
         raise SystemExit(f"error: cannot read the model config of --model {model_path}: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{str(e).splitlines()[0]} (a model directory, a hub id, or a trainer's checkpoint-N/)") \
+            from None
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
@@ -1309,7 +1357,8 @@ def check_context_length(model_path: str, total: int):
             f"error: --max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} "
             f"positions (max_position_embeddings). Use a long-context variant, e.g. the 16k-position "
             f"Qwen2.5-Math with RoPE theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT "
-            f"(RoadQAQ/Qwen2.5-Math-1.5B-16k-think), or lower the two budgets to sum to at most {limit}.")
+            f"(RoadQAQ/Qwen2.5-Math-1.5B-16k-think), or lower the two budgets to sum to at most {limit}, e.g. "
+            f"--max_prompt_len {min(1024, limit // 4)} --max_response_len {limit - min(1024, limit // 4)}.")
 
 
 def is_sharded(d: Dist) -> bool:

@@ -59,12 +59,10 @@ def model_directory(model: str, cache_dir: str) -> str:
     """The HF directory (or hub id) to load for --model."""
     if model == "builtin":
         return builtin_task.build_base_model(os.path.expanduser(cache_dir))
-    if os.path.isdir(os.path.join(model, "model")):  # a trainer's checkpoint-N/
-        return os.path.join(model, "model")
     if os.path.isdir(model) and (ckpt := common.latest_checkpoint(model)):  # a run directory
         common.print0(f"--model {model} is a run directory: evaluating its newest checkpoint, {ckpt}")
         return os.path.join(ckpt, "model")
-    return model
+    return common.model_directory(model)  # a checkpoint-N/ directory: its model/
 
 
 def main():
@@ -86,6 +84,7 @@ def main():
 
     path = model_directory(cfg.model, cfg.cache_dir)
     common.check_context_length(path, cfg.max_prompt_len + cfg.max_response_len)  # before any weights load
+    common.check_tokenizer(path)
     verifier = common.Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     verifier.start()
     tokenizer = common.AutoTokenizer.from_pretrained(path)

@@ -77,6 +77,12 @@ def test_parquet_luffy_layout(openr1):
     ({"answer_key": "reward_model.groundtruth"},  # a typo in a nested key: the keys at that level
      "no row has the field 'reward_model.groundtruth' (--answer_key): the rows' 'reward_model' has "
      "ground_truth, style; did you mean --answer_key reward_model.ground_truth?"),
+    ({"answer_key": "reward_model.gt"},  # an abbreviation: the field it abbreviates, not the parent
+     "no row has the field 'reward_model.gt' (--answer_key): the rows' 'reward_model' has "
+     "ground_truth, style; did you mean --answer_key reward_model.ground_truth?"),
+    ({"answer_key": "reward_model.truth"},  # a part of the name
+     "no row has the field 'reward_model.truth' (--answer_key): the rows' 'reward_model' has "
+     "ground_truth, style; did you mean --answer_key reward_model.ground_truth?"),
     ({"answer_key": "ground_truth"},  # the nested key given without its parent
      "no row has the field 'ground_truth' (--answer_key): the rows have data_source, prompt, target, ability, "
      "reward_model, extra_info; did you mean --answer_key reward_model.ground_truth?"),

@@ -94,6 +94,10 @@ def test_truncated_demonstration_is_refused():
     with pytest.raises(SystemExit, match="1 of 2 demonstrations do not fit --max_response_len 3"):
         common.require_whole_demonstrations(ok + [{"problem": "2+2=?", "demo_ids": [5, 6, 7], "demo_finished": False}],
                                             3, "trained whole")
+    chat = [{"role": "system", "content": "Think."}, {"role": "user", "content": "What is\n 6*7?"}]
+    with pytest.raises(SystemExit) as err:  # a chat prompt: the problem's text, not the message list
+        common.require_whole_demonstrations([{"problem": chat, "demo_ids": [5], "demo_finished": False}], 1, "x")
+    assert 'for "What is 6*7?")' in str(err.value) and "role" not in str(err.value)
 
 
 def test_official_variant_sets_all_four_and_flags_win():

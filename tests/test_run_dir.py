@@ -84,3 +84,28 @@ def test_resuming_a_finished_run_says_so(finished, tiny_model_dir, tmp_path):
     assert "is complete" in p.stdout and "raise --max_steps" in p.stdout
     assert [m["step"] for m in metrics(out)] == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 2
+
+
+def test_a_checkpoint_directory_is_a_model(finished, tmp_path):
+    """--model checkpoint-N/ (what a run writes) loads its model/ (what transformers reads)."""
+    ckpt = finished / "checkpoint-000002"
+    p = grpo(str(ckpt), tmp_path / "next", "--max_steps", "1")
+    assert f"--model {ckpt} is a checkpoint: loading {ckpt / 'model'}" in p.stdout
+    assert [m["step"] for m in metrics(tmp_path / "next")] == [0, 1]
+
+
+def test_a_model_without_tokenizer_stops_before_anything_is_written(tiny_model_dir, small_eval_file, tmp_path):
+    model = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_model_dir, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink()
+    p = grpo(str(model), tmp_path / "out", "--max_steps", "1", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+    assert f"--model {model} has no tokenizer: it needs tokenizer.json" in p.stderr
+    assert "has config.json, generation_config.json, model.safetensors" in p.stderr
+    p = run("evaluate.py", "--model", str(model), "--data", small_eval_file, "--output_dir", str(tmp_path / "ev"),
+            "--max_prompt_len", "64", "--max_response_len", "24", check=False)
+    assert p.returncode != 0 and "has no tokenizer" in p.stderr and "Traceback" not in p.stderr
+    shutil.copy(os.path.join(tiny_model_dir, "tokenizer.json"), model)  # a tokenizer without its chat template
+    p = grpo(str(model), tmp_path / "out", "--max_steps", "1", check=False)
+    assert p.returncode != 0 and "its tokenizer has no chat template" in p.stderr and not (tmp_path / "out").exists()

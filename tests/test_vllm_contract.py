@@ -289,7 +289,8 @@ def test_gpus_that_torch_cannot_use_stop_the_run(monkeypatch):
 
 def test_context_length(tiny_model_dir, tmp_path):
     common.check_context_length(tiny_model_dir, 512)  # the tiny model has 512 positions
-    with pytest.raises(SystemExit, match=r"= 513 tokens.*512 positions.*Elliott/Qwen2\.5-Math-7B-16k-think"):
+    with pytest.raises(SystemExit, match=r"= 513 tokens.*512 positions.*Elliott/Qwen2\.5-Math-7B-16k-think.*"
+                                         r"e\.g\. --max_prompt_len 128 --max_response_len 384"):
         common.check_context_length(tiny_model_dir, 513)
     yarn = tmp_path / "yarn"  # YaRN extends the context: 4 x 4096 positions
     Qwen2Config(max_position_embeddings=4096, rope_parameters={
