@@ -495,6 +495,8 @@ class Run:
             metrics.update(evaluate(self))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
+            elif self.d.main:  # above the progress bar, which stays where it is
+                tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
         self.logger.log(step, metrics)
         if self.bar is not None:
@@ -509,6 +511,11 @@ class Run:
                    f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
             shutdown()
             raise SystemExit(128 + signum)
+        if last:
+            if self.bar is not None:
+                self.bar.close()
+            print0(f"the run is in {cfg.output_dir}: metrics.jsonl, config.json, "
+                   f"{os.path.basename(latest_checkpoint(cfg.output_dir))}/ (its model/ loads with from_pretrained)")
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
@@ -1568,6 +1575,21 @@ def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
     extracted = pred[-1] if pred and isinstance(pred[-1], str) else ""
     ok = bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)
     return bool(ok), extracted
+
+
+class _ShortLog(logging.Filter):
+    """math-verify logs each timeout with the whole expression it gave up on (thousands of characters
+    from a runaway answer): keep the line, cut to its first 160 characters."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        if len(text) > 160:
+            record.msg, record.args = f"{text[:160]}... ({len(text):,} characters)", ()
+        return True
+
+
+for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
+    logging.getLogger(_name).addFilter(_ShortLog())
 
 
 def _grading_worker_init(ready):

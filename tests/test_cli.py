@@ -52,9 +52,11 @@ def test_grpo_smoke_and_checkpoint(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "grpo"
     hard = tmp_path / "hard.jsonl"  # a second evaluation set, without levels
     hard.write_text("".join(json.dumps({"problem": "9+9+9=?", "answer": "27"}) + "\n" for _ in range(3)))
-    p = run("grpo.py", *small(tiny_model_dir, None, out, "--max_steps", "2", *GRPO,
+    p = run("grpo.py", *small(tiny_model_dir, None, out, "--max_steps", "2", *GRPO, "--eval_every", "1",
                               "--eval_data", f"{small_eval_file}:2", str(hard)))
     assert "evaluation: eval (8 problems x 2 samples), hard (3 problems x 1 samples)" in p.stdout
+    assert "eval at step 1: eval " in p.stdout and "eval after training:  eval " in p.stdout  # on the console
+    assert f"the run is in {out}: metrics.jsonl, config.json, checkpoint-000002/" in p.stdout  # the last line
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]
     assert lines[0]["train_rows"] > 0 and lines[0]["train_prompts_dropped"] == 0

@@ -296,3 +296,10 @@ def test_workers_ignore_ctrl_c(verifier):
     time.sleep(0.5)
     assert [p.pid for p in verifier._pool._pool] == pids and all(p.is_alive() for p in verifier._pool._pool)
     assert verifier(["</think>\\boxed{\\frac{2}{4}}"], ["0.5"]) == [1.0]
+
+
+def test_math_verify_timeout_lines_are_cut(caplog):
+    """math-verify logs a timeout with the whole expression; the console gets its first 160 characters."""
+    import logging
+    logging.getLogger("math_verify.parser").warning("Timeout during parsing: %s", "x" * 5000)
+    assert len(caplog.records[-1].getMessage()) < 200 and "(5,024 characters)" in caplog.text
