@@ -136,13 +136,9 @@ class BaseConfig:
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
 
 def parse_config(cls, argv=None, variants: dict | None = None):
-    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
-    A `list[str]` field takes several values (`--eval_data a.parquet:32 b.jsonl`, or the flag
-    repeated). The names of the flags given on the command line are kept: `given_flags(cfg)`.
-
-    variants: {name: {field: value}} for a trainer whose Config has a `variant` field (e.g. the
-    settings of the official code, METHODS.md "paper vs code"). The chosen variant sets its fields,
-    except those the user wrote on the command line: `--variant official --clip_eps_low 0.2` mixes."""
+    """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
+    takes several values. The flags given are kept (`given_flags`). variants: {name: {field: value}} for a
+    Config with a `variant` field; the chosen one sets its fields except those given on the command line."""
     helps = {}
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
@@ -217,15 +213,13 @@ def given_flags(cfg) -> frozenset:
     return getattr(cfg, "_given", frozenset())
 
 
-def _flag_text(value) -> str:
-    """A setting as the command line writes it: 1e-06 -> "1e-6"."""
+def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 -> "1e-6"
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
 def laptop_defaults(cfg, paper: dict) -> list[str]:
-    """The trainer's laptop defaults still in force: "--flag value (paper: value)" for every setting of
-    `paper` (the trainer's PAPER, its 8-GPU paper command) that the user did not give and that differs.
-    Printed as one line for file data (a real run)."""
+    """"--flag value (paper: value)" for every setting of `paper` (the trainer's PAPER, its 8-GPU paper
+    command) that the user did not give and that differs: the laptop defaults still in force."""
     given, out = given_flags(cfg), []
     for name, value in paper.items():
         current = getattr(cfg, name)
@@ -239,8 +233,7 @@ def laptop_defaults(cfg, paper: dict) -> list[str]:
 
 
 def fail(message: str):
-    """Refuse before training: stop with one line "error: <message>" (printed by rank 0 only), no traceback.
-    Every trainer's check of its settings and data goes through here."""
+    """Refuse before training: one line "error: <message>" (rank 0 prints it), no traceback."""
     raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
 
 
@@ -249,22 +242,14 @@ def fail(message: str):
 # ======================================================================================
 
 
-# Loss aggregation, Eq. (6)-(8), over a whole optimizer step: all micro-batches, all ranks.
-
-AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")  # Eq. (6)-(8), over a whole optimizer step
 
 
 def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0) -> float:
-    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its
-    micro-batches on this rank (all-reduced over ranks):
-
-        token-mean  Eq. (6): total number of response tokens,
-        seq-mean    Eq. (7): total number of sequences (each one a token-mean itself, see `aggregate`),
-        constant    Eq. (8): the given constant C (e.g. D * L_max), independent of lengths.
-
-    The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
-    loss is scaled by D to make the averaged gradient that of the global sum / denominator.
-    """
+    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its micro-batches
+    on all ranks: token-mean Eq. (6) the response tokens, seq-mean Eq. (7) the sequences (each a
+    token-mean, see `aggregate`), constant Eq. (8) the given C (e.g. D * L_max). Divided by the world
+    size: FSDP averages gradients over ranks, so the averaged gradient is that of global sum / denominator."""
     world = world_size()
     if mode == "token-mean":
         total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
@@ -286,8 +271,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
     return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
 
-
-# An RL iteration: mini-batches, old log-probs, the optimizer step (AdamW, schedule, clip), core metrics.
 
 def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
     """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
@@ -345,14 +328,10 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float)
 
 def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
                  grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
-    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks.
-
-    terms: one dict of detached loss terms per micro-batch, each the micro-batch's share of its
-    optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
-    rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
-    is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
-    tokens of `micro`; generated_tokens: their number (all ranks), the step's sampling cost.
-    t0-t1 rollout, t1-t2 training, in seconds."""
+    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks. terms: per micro-batch
+    its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
+    rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
+    pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
                for mb in micro]
@@ -472,10 +451,8 @@ class Run:
         self.logger.log(0, metrics)
 
     def timeout_share(self, step: int) -> dict:
-        """verifier_timeout_share: the share of the responses graded since the last log line (the
-        step's rollouts, and on an evaluation step the evaluation's samples too) whose grading
-        overran the verifier's backstop and scored 0, all ranks. Warns once when it passes
-        TIMEOUT_WARN_SHARE: such rewards are zeros from timeouts, not wrong answers."""
+        """verifier_timeout_share: the share of the responses graded since the last log line (rollouts and
+        evaluation) that overran the backstop and scored 0; warns once above TIMEOUT_WARN_SHARE."""
         timeouts, graded = all_reduce(list(self.verifier.take_stats()))
         share = timeouts / max(graded, 1)
         if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
@@ -519,12 +496,10 @@ class Run:
 
 
 class _Interrupts:
-    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
-    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
-    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
-    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
-    workers in their own session and passes a signal on to them once, then kills them after
-    --shutdown_timeout seconds.)"""
+    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
+    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
+    on once, then kills its workers after --shutdown_timeout.)"""
+
 
     def __init__(self):
         self.signum, self.training, self.main = 0, False, True
@@ -823,16 +798,11 @@ class Dist:
 
 
 def init_distributed(one_rank_group: bool | None = None) -> Dist:
-    """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU.
-
-    On a GPU even one process needs a process group: FSDP2's device mesh and vLLM's external
-    launcher both read it, and the launcher also reads RANK and LOCAL_RANK from the environment.
-    So `python x.py` on a GPU machine sets up the one-rank group torchrun would have made
-    (`one_rank_group` forces that choice; the vLLM sampler on CPU needs it too).
-
-    A machine with NVIDIA GPUs whose CUDA torch cannot use (a CPU-only torch, or a CUDA build that
-    needs a newer driver) stops here: it would otherwise train on the CPU, each rank holding a full
-    fp32 copy of the model in host RAM. CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
+    """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU. On a GPU even one
+    process gets the one-rank group torchrun would make (`one_rank_group` forces it; vLLM on CPU needs it):
+    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK.
+    NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
+    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
     check_cuda_usable()
     if one_rank_group is None:
         one_rank_group = torch.cuda.is_available()
@@ -878,8 +848,8 @@ def one_rank_environment() -> dict:
 
 
 def shutdown():
-    """End of a run: every rank here, vLLM engines shut down (they tear down the process groups they
-    built on ours, and ours with them), then the process group."""
+    """End of a run: a barrier, then the vLLM engines (they tear down the groups they built on ours,
+    so they go first), then the process group."""
     if dist.is_initialized():
         dist.barrier()
     for engine in list(_live_engines):
@@ -893,13 +863,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def rank() -> int:
-    """This process's rank (0 in a single process); a trainer's main() has it as run.d.rank."""
+def rank() -> int:  # 0 in a single process; main() has it as run.d.rank
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    """Ranks in the process group (1 in a single process); a trainer's main() has it as run.d.world_size."""
+def world_size() -> int:  # 1 in a single process; main() has it as run.d.world_size
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -1195,11 +1163,8 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 
 
 def _logprob_entropy(hidden, weight, labels, temperature: float, with_entropy: bool):
-    """Eq. (1) and Eq. (2) for a chunk of response positions.
-
-    hidden [n, H], weight [V, H], labels [n] -> logp [n], entropy [n] (fp32). Only this chunk's
-    [n, V] logits ever exist; compiled, the fp32 cast, softmax and reductions fuse into one pass.
-    """
+    """Eq. (1)-(2) for a chunk: hidden [n, H], weight [V, H], labels [n] -> logp, entropy [n] (fp32).
+    Only this chunk's [n, V] logits exist; compiled, cast, softmax and reductions fuse into one pass."""
     logits = (hidden @ weight.T).float() / temperature  # [n, V]
     logz = torch.logsumexp(logits, dim=-1)  # [n]
     logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz  # Eq. (1)
@@ -1213,8 +1178,7 @@ _compiled = {}
 
 
 def logprob_entropy_kernel(compile: bool):
-    """_logprob_entropy, torch.compile'd on first request (so that importing common, and a --no-compile
-    run, never pay for the compiler's import)."""
+    """_logprob_entropy, compiled on first request (importing common, --no-compile never pay for it)."""
     if not compile:
         return _logprob_entropy
     if "kernel" not in _compiled:
@@ -1223,15 +1187,10 @@ def logprob_entropy_kernel(compile: bool):
 
 
 class PolicyModel(nn.Module):
-    """A causal LM that returns per-token log-probs and entropies of the response tokens only.
-
-    Batch layout (see `make_batch`): prompts left-padded to width P, responses right-padded to
-    width R, so response token t of every row sits at column P + t and is predicted from column
-    P + t - 1. Outputs are [B, R] matrices, the c_{i,t} / m_{i,t} grid of the equations.
-    The LM head runs on the masked response positions only, in chunks, under activation
-    checkpointing, so the [B, T, V] logits never exist.
-    This wrapper is also the FSDP2 root, so the root's hooks cover the LM head call.
-    """
+    """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
+    m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
+    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in checkpointed chunks
+    (no [B, T, V] logits). This wrapper is the FSDP2 root, so its hooks cover the LM head call."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
@@ -1252,10 +1211,8 @@ class PolicyModel(nn.Module):
         logps, ents = [], []
         for i in range(0, h.shape[0], self.chunk_size):
             args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
-            if torch.is_grad_enabled():
-                lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
-            else:
-                lp, en = self.kernel(*args)
+            lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False) \
+                if torch.is_grad_enabled() else self.kernel(*args)
             logps.append(lp)
             ents.append(en)
         logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
@@ -1268,9 +1225,8 @@ class PolicyModel(nn.Module):
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
                prefix_lens: list[int] | None = None) -> dict:
-    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]}.
-    With prefix_lens also prefix_mask [B, R]: 1 on the first prefix_lens[i] response tokens, the ones
-    given to the sampler (a demonstration, hint or anchor) rather than sampled by it."""
+    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]};
+    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler."""
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
     ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
@@ -1284,8 +1240,7 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return batch
 
 
-def model_inputs(mb: dict) -> dict:
-    """The keys of a (micro-)batch that PolicyModel.forward takes."""
+def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
     return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
@@ -1318,8 +1273,8 @@ def is_sharded(d: Dist) -> bool:
 
 
 def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
-    """PolicyModel around `lm`, sharded with FSDP2 when `is_sharded(d)`: each decoder layer, then the
-    root (embeddings, final norm and LM head, so tied embeddings stay one parameter)."""
+    """PolicyModel around `lm`, with FSDP2 when `is_sharded(d)`: each decoder layer, then the root
+    (embeddings, final norm, LM head: tied embeddings stay one parameter)."""
     model = PolicyModel(lm, compile=compile)
     if is_sharded(d):
         from torch.distributed.device_mesh import init_device_mesh
@@ -1339,12 +1294,9 @@ def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
 
 def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing: bool = False,
                 train: bool = True) -> PolicyModel:
-    """The HF model at `path` as a PolicyModel with fp32 weights (FSDP2 casts to bf16 for compute on GPU).
-
-    Sharded, no rank ever holds the whole model on its GPU, and only rank 0 reads it into host RAM:
-    every rank builds the model on the meta device (no memory), shards it, allocates its own shard,
-    and rank 0 broadcasts the checkpoint tensor by tensor into the shards. A single CPU process
-    simply loads it."""
+    """The HF model at `path` as a PolicyModel, fp32 weights (FSDP2 computes in bf16 on GPU). Sharded, each
+    rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
+    broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     if not is_sharded(d):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
         if gradient_checkpointing:
@@ -1377,8 +1329,8 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
 
 
 def plain_copy(model: PolicyModel, device) -> nn.Module:
-    """An unsharded copy of the policy's HF model, for the torch sampler under FSDP. Built on the
-    meta device and allocated, with the policy's buffers; its weights arrive with `sync_weights`."""
+    """An unsharded copy of the policy's HF model with its buffers, for the torch sampler under FSDP; the
+    weights arrive with `sync_weights`."""
     lm = model.lm
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
@@ -1399,10 +1351,9 @@ def is_fsdp(model) -> bool:
 
 
 def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
-    """(name, full tensor) over the HF model's weights, with HF names, one tensor at a time: never a
-    full copy of the model. With `dtype`, each local shard is cast before it is gathered (a bf16
-    engine receives bf16 all-gathers, not the fp32 master weights). A collective under FSDP2:
-    every rank must iterate it to the end."""
+    """(HF name, full tensor), one at a time: never a full copy. With `dtype` each shard is cast before
+    the gather (bf16 all-gathers for a bf16 engine). A collective under FSDP2: every rank iterates it all."""
+
     for name, tensor in model.state_dict().items():
         if dtype is not None:
             tensor = tensor.to(dtype)
@@ -1429,9 +1380,8 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is follo
 
 
 def boxed_answers(text: str) -> list[str]:
-    """Contents of every complete top-level \\boxed{...} (or \\fbox{...}) in order, with balanced
-    braces (\\{ and \\} are not braces). A box inside a complete box belongs to it; an unclosed box
-    (a truncated generation) is skipped and does not hide the complete boxes after it. Linear time."""
+    """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
+    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time."""
     stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
     for m in _BOX_TOKENS.finditer(text):
         tok = m.group()
@@ -1449,8 +1399,7 @@ def boxed_answers(text: str) -> list[str]:
     return out
 
 
-# Spellings of a final answer that math-verify 0.9 misreads or cannot parse, rewritten before grading
-# (each one is a case of tests/data/verifier_cases.jsonl).
+# Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
 _UNICODE_MATH = {
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
     "\u00f7": "\\div ", "\u00b1": "\\pm ", "\u2213": "\\mp ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
@@ -1468,9 +1417,8 @@ _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """Rewrite Unicode and LaTeX spellings that math-verify does not read: Unicode minus, times,
-    pi, infinity, degree, root, vulgar fractions and superscripts (1\u00bd, x\u00b2), full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000 and the decimal comma 3{,}5; \\varnothing."""
+    """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing."""
     if text.isascii():
         out = text
     else:
@@ -1490,11 +1438,9 @@ _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 
 def _fast_grade(answer: str, gold: str) -> bool | None:
-    """Exact verdict for plain integers and decimals without math-verify, None when unsure.
-    Agrees with math-verify on every pair where it answers (scripts/verifier_agreement.py --fast):
-    integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
-    their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
-    places); closer pairs and numbers of more than 12 significant digits go to math-verify."""
+    """Verdict on plain integers and decimals without math-verify, None when unsure; agrees with it
+    wherever it answers (scripts/verifier_agreement.py --fast). It rounds floats to 6 places: decimals
+    closer than 2e-6 but unequal, or of over 12 significant digits, go to math-verify."""
     a, g = answer.strip(), gold.strip()
     if not (_PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(g)):
         return None
@@ -1509,9 +1455,8 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
 
 
 def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
-    """math-verify on one candidate: (equivalent to the gold, the text math-verify extracted).
-    kind "boxed": the content of one box; kind "text": an answer text without a box, from which
-    math-verify extracts the final answer itself ("the answer is 5", "$x = 5$"), as LUFFY grades."""
+    """math-verify on one candidate: (equals the gold, the text it extracted). kind "boxed": one box's
+    content; "text": answer text without a box, from which math-verify extracts the answer (as LUFFY)."""
     # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
     gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
     pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
@@ -1522,9 +1467,8 @@ def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
 
 
 def _grading_worker_init(ready):
-    """Grading workers ignore Ctrl-C: the trainer handles it (saves, exits with one line) and
-    terminates the pool; a worker must not die with a traceback of its own. `ready` tells the
-    verifier that this worker is up: its start-up must not count against an item's backstop."""
+    """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
+    so that its start-up does not count against an item's backstop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ready.release()
 
@@ -1535,48 +1479,27 @@ _RERUN_EXIT = 86  # exit status of a worker that found the main script starting 
 
 
 def _probe_worker(timeout: int):
-    """The test task of `Verifier.start`: one grade through math-verify in a fresh worker process."""
+    """`Verifier.start`'s test: one grade through math-verify in a fresh worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in the pool's workers
     if not _grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
         raise RuntimeError("math-verify graded \\frac{1}{2} = 0.5 as wrong in a grading worker")
 
 
 class Verifier:
-    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold answer, else 0.0.
+    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS
+    0.4; what is graded, step by step: README, "The verifier"). The text after the first `</think>` is
+    graded (none: 0 when require_think): every different complete \\boxed{} must equal the gold, alone or
+    together (hedging scores 0); without a box, math-verify reads the last answer statement or the last
+    MAX_TEXT_CHARS. Answers and golds go through `normalize_answer`; `_fast_grade` settles plain numbers.
 
-    What is graded (METHODS.md 0.4 and 9). A response is the text generated after a prompt that
-    ends with `<think>\\n`. As in LUFFY, only the text after the first `</think>` (and before a second
-    one) is graded; without `</think>` the reward is 0 when require_think (otherwise the whole
-    response is graded). In that answer text:
-      1. every complete top-level \\boxed{} is a final answer. All the different ones must be
-         equivalent to the gold, one by one or together (\\boxed{1} and \\boxed{2} for the gold
-         "1, 2"): several different boxed answers (hedging) score 0, the same answer repeated does
-         not. An unclosed box (a truncated generation) is ignored.
-      2. with no box, math-verify reads the final answer from the text, as LUFFY does: from the
-         sentence of the last answer statement ("the answer is 5", "Final answer: $x=5$") if there
-         is one (with "or" in it, it is a hedge and scores 0), else from the last MAX_TEXT_CHARS
-         characters (math-verify's own extraction: its last expression).
-    Answers and golds are first rewritten by `normalize_answer` (Unicode and LaTeX spellings);
-    plain integers and decimals are compared exactly in this process (`_fast_grade`), everything
-    else by math-verify with the gold wrapped in `$...$`.
-
-    Time bound. math-verify times out with SIGALRM, which works only on a process's main thread and
-    cannot stop work outside its timed sections or inside one long C call. So grading runs in a
-    process pool, one task per candidate, each awaited at most `backstop_s`; an item that overruns
-    scores 0 and the pool is replaced, so a stuck worker cannot stall later calls. The pool uses the
-    "forkserver" start method: its workers are forked from a small server process that has imported
-    only math-verify and this module, never from a trainer that holds CUDA, NCCL, vLLM or compiler
-    threads. As with any non-fork start method, each worker first runs the main script's top level
-    (as `__mp_main__`), so a script that grades with workers needs the usual
-    `if __name__ == "__main__":` guard. `start` tests one worker before it starts the pool: a pool
-    that cannot grade (workers that die at start, an unguarded script) stops the program with one
-    message instead of grading every answer 0 by timeout; so does a call of 3 or more items that all
-    overran the backstop. num_workers=0 grades on the calling thread when that is the main thread
-    (debugging; no backstop); called from any other thread, the verifier uses a pool in any case.
-
-    `take_stats()` returns (responses whose grading overran the backstop, responses graded) since
-    its last call: every trainer logs their ratio as verifier_timeout_share (`Run.end_step`).
-    """
+    Time bound: math-verify's SIGALRM timeouts work only on a main thread and not inside one long C call,
+    so each candidate is a task in a process pool awaited at most `backstop_s`; an overrun scores 0 and
+    the pool is replaced. The pool forks from a "forkserver" that imported only math-verify and this
+    module (never a trainer holding CUDA, NCCL or vLLM threads); each worker runs the main script's top
+    level, so a grading script needs `if __name__ == "__main__":`. `start` tests one worker first: a pool
+    that cannot grade stops the program with one message instead of scoring everything 0 by timeout, as
+    does a call of 3 or more items that all overran. num_workers=0 grades on the main thread (no
+    backstop). `take_stats()`: (overran, graded) since its last call, for verifier_timeout_share."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
         self.num_workers, self.require_think = num_workers, require_think
@@ -1624,9 +1547,8 @@ class Verifier:
         return [reward for reward, _ in self.grade(responses, golds)]
 
     def grade(self, responses: list[str], golds: list) -> list[tuple[float, str | None]]:
-        """(reward, the graded answer) per response; the answer is None when nothing was graded.
-        A response is right when each of its different boxed answers equals the gold, or when
-        they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
+        """(reward, the graded answer or None) per response: right when each different boxed answer
+        equals the gold, or when they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
@@ -1696,14 +1618,11 @@ class Verifier:
         return results
 
     def start(self):
-        """Start the worker pool now (a trainer does it while the model loads). The first start
-        waits for the fork server to import math-verify and this module (a few seconds), then for
-        one test grade in a fresh worker; if that fails, the program stops with one message."""
+        """Start the worker pool now (a trainer does it while the model loads); the first start waits for
+        the fork server's imports (seconds) and one test grade, and stops the program if that fails."""
         if getattr(mp.current_process(), "_inheriting", False):
-            # This process is a grading worker still starting (multiprocessing's own flag): it is
-            # running the main script's top level, which has no `if __name__ == "__main__":` guard
-            # and starts a verifier again. Leave at once, quietly, with a status the parent
-            # recognises: one message there instead of a traceback in every worker it keeps forking.
+            # A grading worker still starting, running an unguarded main script that starts a verifier
+            # again: leave quietly with a status the parent reports once (not a traceback per worker).
             os._exit(_RERUN_EXIT)
         with self._lock:
             if self._failure:
@@ -1714,8 +1633,7 @@ class Verifier:
                 ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
                 if not self._tested:
                     self._test_worker(ctx)
-                    # runs before multiprocessing's own exit hook, which ends a pool so that it fails
-                    # noisily when it is collected at interpreter shutdown (a script's global verifier)
+                    # before multiprocessing's exit hook, which would end a global verifier's pool noisily
                     atexit.register(self.close)
                 ready, n = ctx.Semaphore(0), max(1, self.num_workers)
                 self._pool = ctx.Pool(n, initializer=_grading_worker_init, initargs=(ready,))
@@ -1728,13 +1646,12 @@ class Verifier:
             return self._pool
 
     def _test_worker(self, ctx):
-        """One worker started as the pool starts its own, grading one answer. A Pool would replace a
-        worker that dies at start, forever, each printing its error, while every task timed out."""
+        """One worker started as the pool's are, grading one answer: a Pool would replace a worker that
+        dies at start forever, each printing its error, while every task timed out."""
         probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
-        # The fork server, started here unless the program already runs one, ignores the sys.path it
-        # is given (CPython 3.11-3.13): it would preload this module only in a program started from
-        # the repository, and elsewhere every worker would import torch and the rest itself, seconds
-        # each, so that the first items of every pool overran the backstop.
+        # The fork server ignores the sys.path it is given (CPython 3.11-3.13): without PYTHONPATH it
+        # preloads this module only from the repository, and elsewhere each worker imports torch itself.
+
         path, failed = os.environ.get("PYTHONPATH"), None
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
         try:
