@@ -21,7 +21,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
  11. Logging           MetricsLogger: metrics.jsonl, optional wandb
 
 The built-in task (tiny tokenizer and model, arithmetic problems, the pre-trained base) is builtin_task.py,
-used only for --data / --model / --eval_data builtin; --rollout_debug's wrapper is scripts/rollout_debug.py.
+used only for --data / --model / --eval_data builtin; reading a data file's records (behind load_rows) is
+data_files.py, re-exported here; --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
@@ -132,8 +133,7 @@ class BaseConfig:
     wandb_project: str = "sft-rl-fusion"  # wandb project name
 
 
-# The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
-# are not given. The builtin task has its own, builtin_task.SETTINGS.
+# The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
 
 def parse_config(cls, argv=None, variants: dict | None = None):
@@ -311,8 +311,7 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         if run.ref_model is not None:
             mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
     if run.ref_model is not None and is_fsdp(run.ref_model):
-        # FSDP2 keeps the root's parameters gathered after a forward (for the backward that follows);
-        # the reference model has no backward, so without this its root stays whole all run
+        # FSDP2 keeps the root gathered after a forward for the backward; the reference model has none
         run.ref_model.reshard()
 
 
@@ -1425,8 +1424,7 @@ class Verifier:
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
         self.num_workers, self.require_think = num_workers, require_think
-        # math-verify passes its timeouts to signal.alarm, which takes whole seconds: a float makes
-        # every parse raise inside math-verify, which then silently returns "no answer" (reward 0).
+        # math-verify passes timeouts to signal.alarm (whole seconds): a float silently gives reward 0
         self.timeout = max(1, math.ceil(timeout_s))
         self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
         self._pool = None  # created on first use (or by start()), so an unused verifier costs nothing
@@ -1521,9 +1519,8 @@ class Verifier:
             pool = self.start()
             pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
             for k, result in enumerate(pending, start=k0):
-                # Tasks run in submission order on workers that are up (start() waits for them), so
-                # item k is already running when we start waiting: the backstop bounds its own run
-                # time, not the queue or the workers' start before it.
+                # Tasks run in order on workers that are up (start() waits for them): item k is running
+                # when we start waiting, so the backstop bounds its own run time, not the queue's
                 try:
                     results[k] = result.get(timeout=self.backstop_s)
                 except mp.TimeoutError:  # item k stays None (0); kill the stuck worker, regrade the rest
@@ -1745,8 +1742,7 @@ class VLLMSampler:
             except ImportError as e:
                 raise SystemExit(VLLM_MISSING.format(e))
             self.SamplingParams = SamplingParams
-            # Every weight push warns that RoPE's cos/sin cache (a buffer vLLM computes, in no checkpoint) was
-            # not loaded; the reload keeps the engine's own, which is right: drop that one line
+            # every weight push warns that RoPE's cos/sin cache was not loaded; the engine's own is right
             logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
                 lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
             # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
@@ -1777,8 +1773,7 @@ class VLLMSampler:
             torch.cuda.empty_cache()  # return the trainer's cached blocks before the engine maps its memory
             self.llm.wake_up(tags=["weights"])
         weights = full_state_dict(model, dtype=self.dtype)  # every rank gathers: a collective, one tensor at a time
-        # The worker's in-place reload (model_loader/reload): the supported update path of vLLM 0.32 on every
-        # backend; it copies the new values into the engine's own (sleep-mode) storage, layer by layer.
+        # the worker's in-place reload: vLLM 0.32's update path on every backend, into the engine's own storage
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         if not self.awake:
@@ -1804,8 +1799,7 @@ class VLLMSampler:
                                       max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
                                       logprobs=0 if self.logprobs else None, detokenize=False)
                   for pre, s in zip(prefixes, seeds)]
-        # vLLM draws a whole batch's noise from torch's generator, then redraws the seeded requests' rows from
-        # their own: a seeded call puts torch's generator back, so it leaves the caller's draws alone
+        # vLLM draws a batch's noise from torch's generator before redrawing seeded rows: put it back
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext():
             outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
@@ -1821,8 +1815,8 @@ class VLLMSampler:
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
         ids = list(c.token_ids)[:max(0, max_tokens - len(prefix))]  # vLLM keeps a sampled stop token here
-        # finished = the last sampled token stops, also when it came exactly at the budget (vLLM then
-        # reports "length"); nothing is ever appended, so the loss mask covers exactly what was sampled
+        # finished: the last sampled token stops, also at exactly the budget (vLLM says "length"); nothing appended
+
         finished = bool(ids) and ids[-1] in self.stop_ids
         if c.finish_reason == "stop" and not finished and len(ids) == len(c.token_ids):
             raise RuntimeError(f"vLLM stopped on token {ids[-1] if ids else None}, which is not in the stop set "
