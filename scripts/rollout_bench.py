@@ -8,7 +8,8 @@ CPU" quotes and what `--sampler auto` on CPU is decided from.
 
 Both samplers sample the same prompts from the same weights (the built-in base), alternating, each
 call timed alone; the first call of each is a warm-up and not counted. Prints the median and the
-spread (min-max) of each, their ratio, and the gap |log-prob vLLM - log-prob trainer| per token.
+spread (min-max) of each, their ratio, the engine's weight push (which a trainer pays every step and
+the torch sampler does not, in one process), and the gap |log-prob vLLM - log-prob trainer| per token.
 """
 import argparse
 import json
@@ -50,10 +51,14 @@ def main():
                                                                                 getattr(torch, args.dtype)),
                                       logprobs=True, log_dir="/tmp", dtype=getattr(torch, args.dtype))
     vllm_sampler.sync_weights(model)
-    times = {"torch": [], "vllm": []}
+    times = {"torch": [], "vllm": [], "vllm_sync": []}
     tokens = {"torch": [], "vllm": []}
     gaps = []
     for r in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        vllm_sampler.sync_weights(model)  # what a trainer step pays before it samples
+        if r:
+            times["vllm_sync"].append(time.perf_counter() - t0)
         for name, sampler in (("torch", torch_sampler), ("vllm", vllm_sampler)):
             t0 = time.perf_counter()
             groups = sampler.generate(prompts, n=args.group_size, temperature=1.0, top_p=1.0,
@@ -73,19 +78,23 @@ def main():
     out = {"prompts": args.prompts, "group_size": args.group_size, "max_tokens": args.max_tokens,
            "repeats": args.repeats, "engine_dtype": args.dtype, "threads": torch.get_num_threads(),
            "vllm_start_seconds": vllm_sampler.start_seconds}
-    for name in times:
+    for name in ("torch", "vllm"):
         out[name] = {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
                      "max_s": max(times[name]), "tokens_per_s": statistics.median(
                          t / s for t, s in zip(tokens[name], times[name]))}
+    out["vllm_sync"] = {"median_s": statistics.median(times["vllm_sync"]), "min_s": min(times["vllm_sync"]),
+                        "max_s": max(times["vllm_sync"])}
     out["vllm_over_torch"] = out["vllm"]["median_s"] / out["torch"]["median_s"]
     out["logprob_gap"] = {"mean": sum(gaps) / len(gaps), "max": max(gaps), "tokens": len(gaps)}
     print(f"{args.prompts} prompts x {args.group_size} samples, <= {args.max_tokens} tokens, {args.repeats} "
           f"interleaved repeats, {out['threads']} threads; vLLM engine {args.dtype}, started in "
           f"{vllm_sampler.start_seconds:.1f} s")
-    for name in times:
+    for name in ("torch", "vllm"):
         o = out[name]
         print(f"  {name:5s}  median {o['median_s']:.3f} s  (min {o['min_s']:.3f}, max {o['max_s']:.3f})  "
               f"{o['tokens_per_s']:.0f} generated tokens/s")
+    o = out["vllm_sync"]
+    print(f"  vLLM weight push (sync_weights): median {o['median_s']:.3f} s  (min {o['min_s']:.3f}, max {o['max_s']:.3f})")
     print(f"  vLLM / torch: {out['vllm_over_torch']:.2f}x the time")
     print(f"  log-prob gap |vLLM - trainer|: mean {out['logprob_gap']['mean']:.2e}, max {out['logprob_gap']['max']:.2e}"
           f" over {len(gaps)} tokens")
