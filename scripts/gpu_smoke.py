@@ -4,6 +4,7 @@
     python scripts/gpu_smoke.py check RUN_DIR --world N    log-prob gap, stale weights, rank seeds, memory
     python scripts/gpu_smoke.py cut FULL_DIR CUT_DIR       a copy of a run cut after its step-2 checkpoint
     python scripts/gpu_smoke.py resume FULL_DIR CUT_DIR    the resumed run against the uninterrupted one
+    python scripts/gpu_smoke.py summary RUN_DIR ...        a line per run: steps, losses, checkpoints, accuracy
 Each check prints what it saw and exits non-zero on a failure.
 """
 import argparse
@@ -116,6 +117,24 @@ def compare_resume(full: str, resumed: str, exact: bool):
               "digits and then in their draws (nondeterministic kernels); on CPU they are equal (--exact)")
 
 
+def summary(runs: list[str]):
+    """One line per run (scripts/gpu_check.sh): steps logged, finite losses, checkpoints, held-out accuracy
+    by level before -> after (the builtin set), generated tokens per second of training wall time."""
+    for run in runs:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.exists(path):
+            check(False, f"{run}: no metrics.jsonl")
+            continue
+        m = lines(path)
+        evals = [x for x in m if any(k.startswith("eval_accuracy_") for k in x)]
+        levels = sorted(k for k in evals[0] if "_level" in k) if evals else []
+        acc = " ".join(f"L{k[-1]} {evals[0][k]:.3f}->{evals[-1][k]:.3f}" for k in levels)
+        ckpts = sorted(n for n in os.listdir(run) if n.startswith("checkpoint-") and not n.endswith(".tmp"))
+        finite = all(math.isfinite(x["loss"]) for x in m if x.get("loss") is not None)
+        check(finite and m[-1]["step"] >= 1, f"{os.path.basename(run)}: steps 0-{m[-1]['step']}, finite losses "
+              f"{finite}, checkpoints {[c.split('-')[1] for c in ckpts]}; {acc}")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,6 +150,7 @@ def main():
     r.add_argument("full")
     r.add_argument("resumed")
     r.add_argument("--exact", action="store_true")
+    sub.add_parser("summary").add_argument("runs", nargs="+")
     args = p.parse_args()
     if args.cmd == "data":
         make_data(args.out)
@@ -138,8 +158,10 @@ def main():
         check_run(args.run, args.world, args.max_gap)
     elif args.cmd == "cut":
         cut(args.full, args.out)
-    else:
+    elif args.cmd == "resume":
         compare_resume(args.full, args.resumed, args.exact)
+    else:
+        summary(args.runs)
     if failures:
         sys.exit(f"{len(failures)} check(s) failed: {failures}")
 

@@ -6,7 +6,9 @@
 #                                      2 ranks (--sampler torch: the torch sampler instead)
 #
 # Options: --model ID (default Qwen/Qwen2.5-0.5B-Instruct; --cpu: the builtin tiny model), --nproc N,
-# --out DIR (default runs/gpu_smoke), --max_gap X (largest mean log-prob gap accepted, default 0.1).
+# --out DIR (default runs/gpu_smoke), --max_gap X (largest mean log-prob gap accepted, default 0.1),
+# --sampler torch (the torch sampler instead of vLLM, e.g. on a GPU machine without vLLM), --cache_dir DIR
+# (where the builtin base model is cached).
 #
 # What runs: grpo.py for a few steps with vLLM sleep mode on (KL to a reference model, gradient
 # checkpointing, checkpoints) and off, each with --rollout_debug and a large learning rate, then
@@ -19,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CPU=0 NPROC="" MODEL="" OUT=runs/gpu_smoke MAX_GAP=0.1 SAMPLER=vllm
+CPU=0 NPROC="" MODEL="" OUT=runs/gpu_smoke MAX_GAP=0.1 SAMPLER=vllm CACHE=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) CPU=1; shift ;;
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --max_gap) MAX_GAP=$2; shift 2 ;;
         --sampler) SAMPLER=$2; shift 2 ;;
+        --cache_dir) CACHE=(--cache_dir "$2"); shift 2 ;;
         *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -36,15 +39,20 @@ if [ "$CPU" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     NPROC=${NPROC:-2}
     MODEL=${MODEL:-builtin}
-    EXTRA=(--sampler "$SAMPLER" --no-compile --system_prompt "" --max_prompt_len 64 --max_response_len 48)
+    EXTRA=(--no-compile)
 else
     GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
     if [ "$GPUS" -lt 1 ]; then echo "no GPU visible; run with --cpu for the CPU part" >&2; exit 1; fi
     NPROC=${NPROC:-$(( GPUS >= 2 ? 2 : 1 ))}
     MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
-    # an instruct model writes no </think>: grade its \boxed{} answer without it
-    EXTRA=(--sampler vllm --max_prompt_len 256 --max_response_len 256 --no-require_think)
+    EXTRA=()
 fi
+if [ "$MODEL" = builtin ]; then
+    EXTRA+=(--system_prompt "" --max_prompt_len 64 --max_response_len 48 "${CACHE[@]}")
+else  # an instruct model writes no </think>: grade its \boxed{} answer without it
+    EXTRA+=(--max_prompt_len 256 --max_response_len 256 --no-require_think)
+fi
+EXTRA+=(--sampler "$SAMPLER")
 
 launch() {  # one process: plain python, as a user with one GPU would run it; otherwise torchrun
     if [ "$NPROC" = 1 ]; then
@@ -74,4 +82,4 @@ python scripts/gpu_smoke.py cut "$OUT/sleep" "$OUT/resumed"
 launch "${COMMON[@]}" "${RUN1[@]}" --output_dir "$OUT/resumed" --resume
 python scripts/gpu_smoke.py resume "$OUT/sleep" "$OUT/resumed" $([ "$CPU" = 1 ] && echo --exact)
 
-echo "smoke test passed ($([ "$CPU" = 1 ] && echo "CPU, $SAMPLER sampler" || echo "GPU, vLLM"), $NPROC process(es), $MODEL)"
+echo "smoke test passed ($([ "$CPU" = 1 ] && echo CPU || echo GPU), $SAMPLER sampler, $NPROC process(es), $MODEL)"
