@@ -1,0 +1,144 @@
+"""One LUFFY-sized step on 8 GPUs, on paper: generation, training FLOPs, weight sync (README, "Performance").
+
+    python bench/gpu_paper.py [--gpus 8] [--mfu 0.4] [--response_mean 3000] [--json bench/gpu_paper.json]
+
+Nothing here is measured: every figure is arithmetic on the inputs printed first (model shape from its
+config.json, the GPU's datasheet, the batch of LUFFY's 8-GPU command, stated mean lengths), so a reader can
+check each line and change any input. The 7B memory per GPU is in the README's GPU memory table (from the
+same arithmetic common.py's vLLM memory check does).
+"""
+import argparse
+import json
+import math
+import random
+
+# Qwen2.5-Math-7B's config.json (the LUFFY and ReLIFT 16k-think variants differ only in RoPE theta and positions)
+QWEN25_MATH_7B = dict(vocab=152064, hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128,
+                      tied=False)
+# NVIDIA's datasheets (SXM, 80 GB): dense bf16 tensor-core rate, HBM bandwidth, NVLink per direction. decode: a
+# third-party vLLM output rate for a 7-8B bf16 model on one such GPU at high concurrency (H100: Llama 3.1 8B,
+# ~12,500 tok/s; A100: DeepSeek-R1-Distill-Qwen-7B, ~3,363 tok/s), measured on short requests: optimistic for
+# 8k-token reasoning traces, whose KV-cache reads grow with length.
+GPUS = {"h100": dict(name="H100 SXM 80 GB", bf16_flops=989e12, hbm_bytes_s=3.35e12, nvlink_bytes_s=450e9,
+                     decode_tokens_s=12_500),
+        "a100": dict(name="A100 SXM 80 GB", bf16_flops=312e12, hbm_bytes_s=2.039e12, nvlink_bytes_s=300e9,
+                     decode_tokens_s=3_363)}
+
+
+def param_count(m: dict) -> dict:
+    """Parameters of a Qwen2 decoder: q/k/v with biases, o without, SwiGLU MLP, two RMSNorms a layer."""
+    h, kv = m["hidden"], m["kv_heads"] * m["head_dim"]
+    attn = h * h + h + 2 * (h * kv + kv) + h * h
+    layer = attn + 3 * h * m["intermediate"] + 2 * h
+    embed = m["vocab"] * h
+    head = 0 if m["tied"] else embed
+    total = m["layers"] * layer + embed + head + h  # + the final norm
+    return {"total": total, "matmul": m["layers"] * layer + m["vocab"] * h}  # the embedding lookup is no matmul
+
+
+def kv_bytes_per_token(m: dict, bytes_per=2) -> int:
+    return 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * bytes_per  # K and V, every layer, bf16
+
+
+def train_flops_per_token(m: dict, context: float, passes: float) -> float:
+    """Matmul FLOPs of one token through `passes` forward-equivalents (forward 1, backward 2), attention
+    included: 2 x matmul params, plus QK^T and AV over `context` earlier tokens (2 x 2 x heads x head_dim)."""
+    return passes * (2 * param_count(m)["matmul"] + 4 * m["layers"] * m["heads"] * m["head_dim"] * context)
+
+
+def padding_factor(lengths: list[int], micro_batch: int, seed=0) -> float:
+    """Tokens a right-padded micro-batch computes over the tokens it holds, for micro-batches drawn at
+    random from `lengths` (common.make_batch pads each micro-batch to its longest response; verl packs)."""
+    rng = random.Random(seed)
+    xs = lengths[:]
+    rng.shuffle(xs)
+    batches = [xs[i:i + micro_batch] for i in range(0, len(xs) - micro_batch + 1, micro_batch)]
+    return sum(len(b) * max(b) for b in batches) / sum(sum(b) for b in batches)
+
+
+def draw_lengths(n: int, mean: float, cap: int, seed: int) -> list[int]:
+    """Response lengths: exponential with the given mean, cut at the budget (a long tail, as reasoning has)."""
+    rng = random.Random(seed)
+    return [min(cap, max(1, round(rng.expovariate(1 / mean)))) for _ in range(n)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=128)  # LUFFY: 128 prompts a step
+    p.add_argument("--group", type=int, default=8)  # 8 a prompt: 7 rollouts + 1 demonstration
+    p.add_argument("--prompt_mean", type=float, default=200)  # tokens, OpenR1 problem + template (assumed)
+    p.add_argument("--response_mean", type=float, default=3000)  # rollouts' mean length (assumed; it grows in training)
+    p.add_argument("--demo_mean", type=float, default=5000)  # R1 demonstrations kept under 8k (assumed)
+    p.add_argument("--max_response", type=int, default=8192)
+    p.add_argument("--micro_batch", type=int, default=4)  # the README's 8-GPU command
+    p.add_argument("--mfu", type=float, default=0.4)  # training model-FLOPs utilisation (assumed)
+    p.add_argument("--hbm_efficiency", type=float, default=0.7)  # achieved / peak bandwidth in decode (assumed)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    m, g = QWEN25_MATH_7B, GPUS[a.gpu]
+    n = param_count(m)
+    rows = []
+
+    def row(what, value, how):
+        rows.append({"what": what, "value": value, "how": how})
+
+    # --- generation: each GPU runs its own engine over its share of the rollouts ---------------------
+    rollouts = a.prompts * (a.group - 1)
+    per_gpu = rollouts / a.gpus
+    responses = draw_lengths(rollouts, a.response_mean, a.max_response, 0)  # [rollouts] tokens
+    demos = draw_lengths(a.prompts, a.demo_mean, a.max_response, 1)  # [prompts] tokens
+    weight_bytes = 2 * n["total"]  # bf16 engine weights
+    kv = kv_bytes_per_token(m)
+    steps = max(responses)  # the engine decodes until its longest response ends: weights read every step
+    # every decode step of a response reads the KV cache of its context (prompt + tokens so far)
+    kv_reads = sum(a.prompt_mean * x + x * x / 2 for x in responses) / a.gpus * kv
+    t_bw = (steps * weight_bytes + kv_reads) / (g["hbm_bytes_s"] * a.hbm_efficiency)
+    t_pub = sum(responses) / a.gpus / g["decode_tokens_s"]
+    t_gen = max(t_bw, t_pub)
+    row("rollouts generated a step", f"{rollouts} ({per_gpu:.0f} a GPU)", f"{a.prompts} prompts x {a.group - 1}")
+    row("decode, bandwidth bound", f"{t_bw:.0f} s", f"({steps} steps x {weight_bytes / 1e9:.1f} GB weights + "
+        f"{kv_reads / 1e12:.1f} TB KV reads) / ({g['hbm_bytes_s'] / 1e12:.2f} TB/s x {a.hbm_efficiency})")
+    row("decode, published rate", f"{t_pub:.0f} s", f"{sum(responses) / a.gpus / 1e6:.2f}M tokens a GPU / "
+        f"{g['decode_tokens_s']:,} tok/s")
+    row("generation time", f"{t_gen:.0f} s", "the larger of the two (a long response sets the floor)")
+
+    # --- training: old log-probs (1 forward) + update (forward, recompute, backward = 4) --------------
+    lengths = responses + demos
+    tokens = sum(lengths) + (rollouts + a.prompts) * a.prompt_mean
+    pad = padding_factor(lengths, a.micro_batch)
+    ctx = a.prompt_mean + sum(x * x / 2 for x in lengths) / sum(lengths)  # mean context a token attends to
+    flops = tokens * train_flops_per_token(m, ctx, passes=1 + 4)
+    t_train = flops * pad / (a.gpus * g["bf16_flops"] * a.mfu)
+    row("tokens trained a step", f"{tokens / 1e6:.2f}M", f"{rollouts + a.prompts} sequences, prompts included")
+    row("training FLOPs", f"{flops:.2e}", f"5 forward-equivalents x (2 x {n['matmul'] / 1e9:.2f}B + attention over "
+        f"~{ctx:.0f} tokens) a token")
+    row("padding factor", f"{pad:.2f}x", f"micro-batches of {a.micro_batch} padded to their longest response")
+    row("training time", f"{t_train:.0f} s", f"FLOPs x padding / ({a.gpus} x {g['bf16_flops'] / 1e12:.0f} TFLOP/s x "
+        f"MFU {a.mfu})")
+
+    # --- weight sync: every rank gathers each fp32 parameter (all-gather), casts, reloads its engine ----
+    gathered = 4 * n["total"] * (a.gpus - 1) / a.gpus  # bytes each rank receives
+    t_sync = gathered / g["nvlink_bytes_s"] + 2 * weight_bytes / g["hbm_bytes_s"]
+    row("weight sync", f"{t_sync:.2f} s", f"{gathered / 1e9:.1f} GB all-gathered a rank over NVLink + "
+        f"{weight_bytes / 1e9:.1f} GB written into the engine")
+
+    step = t_gen + t_train + t_sync
+    row("one step", f"{step:.0f} s", "generation + training + sync (grading on the CPU overlaps nothing here)")
+    row(f"{a.steps} steps", f"{step * a.steps / 3600:.1f} h on {a.gpus} GPUs", f"{step * a.steps * a.gpus / 3600:.0f} "
+        f"GPU-hours")
+    print(f"{g['name']} x {a.gpus}, Qwen2.5-Math-7B ({n['total'] / 1e9:.2f}B parameters), "
+          f"{a.prompts} prompts x {a.group}, responses mean {a.response_mean:.0f} / max {a.max_response}")
+    print("| quantity | value | how |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['value']} | {r['how']} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"inputs": vars(a), "model": m, "gpu": g, "rows": rows,
+                       "seconds": {"generation": t_gen, "training": t_train, "sync": t_sync, "step": step}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
