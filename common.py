@@ -26,7 +26,7 @@ data_files.py, re-exported here; --rollout_debug's wrapper is scripts/rollout_de
 """
 from __future__ import annotations
 
-import argparse, atexit, contextlib, dataclasses, datetime, decimal, difflib, fcntl, importlib.util, inspect, json
+import argparse, atexit, contextlib, dataclasses, datetime, decimal, difflib, importlib.util, inspect, json
 import logging, math, multiprocessing as mp, os, random, re, shutil, signal, sys, threading, time, typing
 import unicodedata, warnings, zlib
 from dataclasses import dataclass, field
@@ -44,7 +44,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
-from data_files import _is_chat, load_rows  # a data file's records, validated row by row
+import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
+from data_files import _is_chat, load_rows  # reading a data file and validating its rows
+from run_dir import latest_checkpoint
 
 
 # ======================================================================================
@@ -481,9 +483,7 @@ class _Interrupts:
     """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
     (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
     on once, then kills its workers after --shutdown_timeout.)"""
-
-    def __init__(self):
-        self.signum, self.training, self.main = 0, False, True
+    signum, training, main = 0, False, True
 
     def install(self, main_rank: bool):
         self.signum, self.training, self.main = 0, False, main_rank
@@ -598,26 +598,11 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
              f"--max_response_len or drop the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
 
 
-# What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
-# checkpoint) removes these and nothing else.
-_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
-# The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
-# watched. Any other change would make it another run than the one its checkpoint continues.
-RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
-                     "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
-                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
-_run_lock = None  # rank 0's lock on its output_dir, held until the process exits
-
-
 def claim_output_dir(cfg, d: Dist) -> str | None:
-    """The run-directory rules (README, "Runs, checkpoints and resuming"), before any model loads.
-    One process writes a run at a time (rank 0 holds a lock on <output_dir>/.lock). Without --resume
-    or --overwrite, a directory that holds a run is refused. --overwrite removes the old run (its
-    checkpoints, metrics, config and logs; nothing else). --resume continues only a run of the same
-    trainer with the same settings but those in RESUME_MAY_CHANGE, never rewrites its config.json, and
-    a run already at --max_steps says so and exits. Returns the checkpoint to resume from, or None for
-    a fresh run (whose config.json, with the trainer's name, is written here)."""
-    decision = _claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
+    """The run-directory rules (README, "Runs, checkpoints and resuming": a lock, --overwrite, --resume),
+    decided by rank 0 before any model loads. Returns the checkpoint to resume from, or None for a fresh
+    run (whose config.json, with the trainer's name, is written here)."""
+    decision = run_dir.claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
     if dist.is_initialized():
         box = [decision]
         dist.broadcast_object_list(box, src=0)
@@ -633,73 +618,18 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
     return ckpt
 
 
-def _claim(cfg) -> tuple:
-    global _run_lock
-    out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return (f"another process is writing a run in {out} (it holds {os.path.join(out, '.lock')}): wait for it "
-                f"to end, or use another --output_dir", [], None, False)
-    _run_lock = lock
-    ckpt, config_path = latest_checkpoint(out), os.path.join(out, "config.json")
-    saved = None
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
-    if cfg.resume and ckpt:
-        if saved and saved.get("trainer", script) != script:
-            return (f"{out} holds a run of {saved['trainer']}: resume it with {saved['trainer']}, or give {script} "
-                    f"another --output_dir", [], None, False)
-        changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in dataclasses.asdict(cfg).items()
-                   if saved and k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
-        if changed:
-            return (f"--resume continues the run in {out} with its own settings, and these differ from them: "
-                    f"{', '.join(changed)}. Drop them (a resumed run may change only --"
-                    f"{', --'.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'output_dir'}))}), or start "
-                    f"a new run with another --output_dir", [], None, False)
-        step = int(ckpt.rsplit("-", 1)[1])
-        if step >= cfg.max_steps:
-            return (None, [f"the run in {out} is complete: its newest checkpoint is at step {step} and --max_steps "
-                           f"is {cfg.max_steps}; raise --max_steps to train on"], ckpt, True)
-        return None, [], ckpt, False
-    notes = []
-    if cfg.resume:
-        notes.append(f"--resume: no checkpoint in {out}; starting from scratch")
-    elif not cfg.overwrite and (ckpt or os.path.exists(os.path.join(out, "metrics.jsonl"))):
-        return (f"{out} already holds a run: pass --resume to continue it, --overwrite to start afresh there, or "
-                "another --output_dir", [], None, False)
-    old = sorted(n for n in os.listdir(out) if _RUN_FILE.fullmatch(n))
-    for name in old:  # nothing of an old run may mix into the new one (its checkpoints would be resumed)
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if cfg.overwrite and old:
-        notes.append(f"--overwrite: removed the run in {out} ({', '.join(old)})")
-    with open(config_path, "w") as f:
-        json.dump({"trainer": script, **dataclasses.asdict(cfg)}, f, indent=1)
-    return None, notes, None, False
-
-
 def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
           extra_optimizers: dict | None = None, whole_demos: str | None = None,
           verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
-    settings, every row of every data file, the budgets against the model's positions, then output_dir
-    is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
-    from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
-    parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
-    run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
-    method that trains on or continues from the whole demonstration, what it does with it; then
-    demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
-    model loads. paper: the trainer's PAPER (its 8-GPU paper command), against which a file-data run is
-    told the laptop defaults it still uses. verifier: the Verifier class to build (a subclass for a
-    method with its own answer format; default Verifier)."""
+    settings, every data row, the budgets against the model's positions; then output_dir is claimed and
+    the models are built or loaded. The method's hooks: need_answer / need_demo, the fields it reads;
+    extra_optimizers {name: lr}, more AdamWs over the same parameters (constant lr; ReLIFT's), checkpointed
+    as run.extra_optimizers[name]; whole_demos, what it does with a whole demonstration (cut ones are
+    refused); verifier, a Verifier subclass for its own answer format; paper, the trainer's PAPER."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
-    d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
+    d = init_distributed(one_rank_group=sampler_kind(cfg) == "vllm")  # vLLM needs a group
     _interrupts.install(d.main)
     if global_batch % d.world_size:
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
@@ -784,17 +714,13 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(one_rank_group: bool | None = None) -> Dist:
+def init_distributed(one_rank_group: bool = False) -> Dist:
     """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU. On a GPU even one
     process gets the one-rank group torchrun would make (`one_rank_group` forces it; vLLM on CPU needs it):
-    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK.
-    NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
-    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
+    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK."""
     check_cuda_usable()
-    if one_rank_group is None:
-        one_rank_group = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        if not one_rank_group:
+        if not (one_rank_group or torch.cuda.is_available()):
             return Dist()
         for key, value in one_rank_environment().items():
             os.environ.setdefault(key, value)
@@ -812,15 +738,16 @@ def init_distributed(one_rank_group: bool | None = None) -> Dist:
 
 
 def check_cuda_usable():
+    """NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
+    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
     if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return
     gpus = sorted(n for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n)) if os.path.isdir("/dev") else []
     if gpus:
         cuda = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise SystemExit(f"error: this machine has NVIDIA GPUs (/dev/{gpus[0]}, ...) but torch {torch.__version__} "
-                         f"({cuda}) cannot use them: torch.cuda.is_available() is False (check `nvidia-smi` and "
-                         f"that the driver supports this torch's CUDA). To train on the CPU anyway, set "
-                         f"CUDA_VISIBLE_DEVICES=\"\".")
+        fail(f"this machine has NVIDIA GPUs (/dev/{gpus[0]}, ...) but torch {torch.__version__} ({cuda}) cannot "
+             f"use them: torch.cuda.is_available() is False (check `nvidia-smi` and that the driver supports this "
+             f"torch's CUDA). To train on the CPU anyway, set CUDA_VISIBLE_DEVICES=\"\".")
 
 
 def one_rank_environment() -> dict:
@@ -1062,20 +989,18 @@ def check_context_length(model_path: str, total: int):
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:  # no such directory, no config.json, an unknown hub id offline
-        raise SystemExit(f"error: cannot read the model config of --model {model_path}: "
-                         f"{str(e).splitlines()[0]} (a model directory, a hub id, or a trainer's checkpoint-N/)") \
-            from None
+        fail(f"cannot read the model config of --model {model_path}: {str(e).splitlines()[0]} (a model "
+             f"directory, a hub id, or a trainer's checkpoint-N/)")
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
         limit = int(rope.get("original_max_position_embeddings", limit) * rope["factor"])  # extended context
     if limit and total > limit:
-        raise SystemExit(
-            f"error: --max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} "
-            f"positions (max_position_embeddings). Use a long-context variant, e.g. the 16k-position "
-            f"Qwen2.5-Math with RoPE theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT "
-            f"(RoadQAQ/Qwen2.5-Math-1.5B-16k-think), or lower the two budgets to sum to at most {limit}, e.g. "
-            f"--max_prompt_len {min(1024, limit // 4)} --max_response_len {limit - min(1024, limit // 4)}.")
+        fail(f"--max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} positions "
+             f"(max_position_embeddings). Use a long-context variant, e.g. the 16k-position Qwen2.5-Math with RoPE "
+             f"theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT (RoadQAQ/Qwen2.5-Math-1.5B-16k-"
+             f"think), or lower the two budgets to sum to at most {limit}, e.g. --max_prompt_len "
+             f"{min(1024, limit // 4)} --max_response_len {limit - min(1024, limit // 4)}.")
 
 
 def is_sharded(d: Dist) -> bool:
@@ -1999,14 +1924,6 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
 # ======================================================================================
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """Newest complete checkpoint: `checkpoint-<step>` directories appear only by rename."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
-
-
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
     """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
@@ -2063,7 +1980,7 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
         s.load_state_dict(state["schedulers"][k])
     rng_file = os.path.join(path, f"rng-rank{rank}.pt")
     if not os.path.exists(rng_file):
-        raise SystemExit(f"{path} was written by a run with fewer ranks; resume with the same world size")
+        fail(f"{path} was written by a run with fewer ranks; resume with the same world size")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state
 
@@ -2102,7 +2019,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("--wandb needs the wandb package: pip install wandb")
+                fail("--wandb needs the wandb package: pip install wandb")
             self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
                                     dir=cfg.output_dir, resume="allow")
 
