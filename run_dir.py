@@ -1,11 +1,12 @@
-"""The run-directory rules (README, "Runs, checkpoints and resuming"), behind common.setup.
+"""What a run keeps in its output_dir: the rules for claiming it (README, "Runs, checkpoints and resuming")
+and its metrics.jsonl, behind common.setup.
 
 One process writes a run at a time (a lock on <output_dir>/.lock). Without --resume or --overwrite, a
 directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and
 logs; nothing else). --resume continues only a run of the same trainer with the same settings but those in
 RESUME_MAY_CHANGE, never rewrites its config.json, and a run already at --max_steps says so and exits.
-File-system bookkeeping a reader of a trainer never needs: trainers never call this file; common.py
-re-exports latest_checkpoint.
+A resumed run's metrics.jsonl is cut back to its checkpoint's step. File-system bookkeeping a reader of a
+trainer never needs: trainers never call this file; common.py re-exports latest_checkpoint.
 """
 import dataclasses
 import fcntl
@@ -84,3 +85,48 @@ def latest_checkpoint(output_dir: str) -> str | None:
         return None
     steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
     return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
+
+
+class MetricsLogger:
+    """metrics.jsonl, one object per step, written by rank 0 (`main`), and optionally wandb. A resumed run
+    (`resume_step`) cuts the file back to its checkpoint's step, dropping a line torn by a crash; a fresh
+    run starts it empty."""
+
+    def __init__(self, cfg, resume_step: int | None, main: bool):
+        self.path, self.main, self.wandb = os.path.join(cfg.output_dir, "metrics.jsonl"), main, None
+        if not main:
+            return
+        if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
+            kept, torn = [], 0
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a write cut off by a crash
+                        torn += 1
+                        continue
+                    if record["step"] <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            if torn:
+                print(f"{self.path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut off by a crash)",
+                      flush=True)
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --wandb needs the wandb package: pip install wandb")
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
+                                    dir=cfg.output_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict):
+        if not self.main:
+            return
+        record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=step)
