@@ -10,19 +10,19 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
                        demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, PAPER, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
-                       run.end_step (evaluate, log, checkpoint, Ctrl-C); encode_rows, read_rows
+                       run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
-  5. Data              load_rows (validate every row of a file), format_prompt, MATH_SYSTEM_PROMPT
+  5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
- 11. Logging           MetricsLogger: metrics.jsonl, optional wandb
 
-The built-in task (tiny tokenizer and model, arithmetic problems, the pre-trained base) is builtin_task.py,
-used only for --data / --model / --eval_data builtin; reading a data file's records (behind load_rows) is
-data_files.py, re-exported here; --rollout_debug's wrapper is scripts/rollout_debug.py.
+Three modules hold what setup() calls and no trainer does: builtin_task.py (the built-in task: tiny
+tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data builtin),
+data_files.py (load_rows: reading a data file and validating every row) and run_dir.py (a run's output_dir
+rules, its metrics.jsonl, Ctrl-C / SIGTERM). --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ class BaseConfig:
 
 # The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
+
 
 def parse_config(cls, argv=None, variants: dict | None = None):
     """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
@@ -230,7 +231,6 @@ def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0)
     on all ranks: token-mean Eq. (6) the response tokens, seq-mean Eq. (7) the sequences (each a
     token-mean, see `aggregate`), constant Eq. (8) the given C (e.g. D * L_max). Divided by the world
     size: FSDP averages gradients over ranks, so the averaged gradient is that of global sum / denominator."""
-    world = world_size()
     if mode == "token-mean":
         total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
     elif mode == "seq-mean":
@@ -240,7 +240,7 @@ def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0)
         total = constant
     else:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
-    return max(total, 1.0) / world
+    return max(total, 1.0) / world_size()
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
@@ -312,20 +312,18 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
     pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
-    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
-               for mb in micro]
+    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
         float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
         sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
         sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
         sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
     *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
-    world = world_size()
-    metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
+    metrics = {k: v / world_size() / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
-                   generated_tokens=n_sampled,
-                   truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
+                   generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
+                   grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
                    time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
     return metrics
 
@@ -436,15 +434,14 @@ class Run:
         share = timeouts / max(graded, 1)
         if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
             self.warned_timeouts = True
-            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past "
-                   f"the {self.verifier.backstop_s:g} s time bound, not because they were wrong; raise "
-                   "--verifier_timeout or look at those answers (verifier_timeout_share in metrics.jsonl; not "
-                   "repeated)", file=sys.stderr)
+            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past the "
+                   f"{self.verifier.backstop_s:g} s time bound, not because they were wrong; raise --verifier_timeout "
+                   "or look at those answers (verifier_timeout_share in metrics.jsonl; not repeated)", file=sys.stderr)
         return {"verifier_timeout_share": share}
 
     def end_step(self, step: int, metrics: dict, state: dict | None = None):
         """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
-        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
+        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (run_dir.Interrupts)."""
         cfg = self.cfg
         last = step == cfg.max_steps
         if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
@@ -457,7 +454,7 @@ class Run:
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
-        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
+        signum = int(all_reduce([run_dir.interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
         if cfg.save_every and step % cfg.save_every == 0 or last or signum:
             self.save(step, state)
         if (signum or last) and self.bar is not None:
@@ -473,41 +470,10 @@ class Run:
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
-        _interrupts.training = True
+        run_dir.interrupts.training = True
         self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
                         total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
         return self.bar
-
-
-class _Interrupts:
-    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
-    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
-    on once, then kills its workers after --shutdown_timeout.)"""
-    signum, training, main = 0, False, True
-
-    def install(self, main_rank: bool):
-        self.signum, self.training, self.main = 0, False, main_rank
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, self.handle)
-
-    def _say(self, text: str):
-        if self.main:  # os.write: print() is not safe inside a signal handler
-            os.write(2, ("\n" + text + "\n").encode())
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if not self.training or signum == self.signum:
-            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
-                      + ("; the newest checkpoint is kept" if self.training else ""))
-            raise SystemExit(128 + signum)
-        if not self.signum:
-            self.signum = signum
-            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
-                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
-
-
-_interrupts = _Interrupts()
 
 
 def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
@@ -596,9 +562,8 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
 
 
 def claim_output_dir(cfg, d: Dist) -> str | None:
-    """The run-directory rules (README, "Runs, checkpoints and resuming": a lock, --overwrite, --resume),
-    decided by rank 0 before any model loads. Returns the checkpoint to resume from, or None for a fresh
-    run (whose config.json, with the trainer's name, is written here)."""
+    """The run-directory rules (run_dir.py), decided by rank 0 before any model loads: the checkpoint to resume
+    from, or None for a fresh run (whose config.json, with the trainer's name, is written there)."""
     decision = run_dir.claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
     if dist.is_initialized():
         box = [decision]
@@ -617,8 +582,7 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
 
 def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
-          extra_optimizers: dict | None = None, whole_demos: str | None = None,
-          verifier: type | None = None) -> Run:
+          extra_optimizers: dict | None = None, whole_demos: str | None = None, verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
     settings, every data row, the budgets against the model's positions; then output_dir is claimed and
     the models are built or loaded. The method's hooks: need_answer / need_demo, the fields it reads;
@@ -627,7 +591,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     refused); verifier, a Verifier subclass for its own answer format; paper, the trainer's PAPER."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = init_distributed(one_rank_group=sampler_kind(cfg) == "vllm")  # vLLM needs a group
-    _interrupts.install(d.main)
+    run_dir.interrupts.install(d.main)
     if global_batch % d.world_size:
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
     eval_sets, builtin = resolve_settings(cfg, paper)
@@ -722,15 +686,13 @@ def init_distributed(one_rank_group: bool = False) -> Dist:
         for key, value in one_rank_environment().items():
             os.environ.setdefault(key, value)
         if torch.cuda.device_count() > 1:
-            print(f"note: {torch.cuda.device_count()} GPUs are visible but only GPU 0 is used; for all of them "
-                  f"launch with `torchrun --nproc_per_node {torch.cuda.device_count()} {sys.argv[0]} ...`",
-                  flush=True)
+            print0(f"note: {torch.cuda.device_count()} GPUs are visible but only GPU 0 is used; for all of them launch "
+                   f"with `torchrun --nproc_per_node {torch.cuda.device_count()} {sys.argv[0]} ...`")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
 
 
@@ -817,10 +779,8 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state: dict):
@@ -886,11 +846,9 @@ _compiled = {}
 
 def logprob_entropy_kernel(compile: bool):
     """_logprob_entropy, compiled on first request (importing common, --no-compile never pay for it)."""
-    if not compile:
-        return _logprob_entropy
-    if "kernel" not in _compiled:
+    if compile and "kernel" not in _compiled:
         _compiled["kernel"] = torch.compile(_logprob_entropy, dynamic=True)
-    return _compiled["kernel"]
+    return _compiled["kernel"] if compile else _logprob_entropy
 
 
 class PolicyModel(nn.Module):
@@ -904,8 +862,7 @@ class PolicyModel(nn.Module):
         self.lm, self.chunk_size = lm, chunk_size
         self.kernel = logprob_entropy_kernel(compile)
 
-    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0,
-                with_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False):
         R = response_mask.shape[1]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -915,18 +872,15 @@ class PolicyModel(nn.Module):
         mask = response_mask.bool()
         h, y = hidden[mask], labels[mask]  # [N, H], [N]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
-        logps, ents = [], []
+        chunks = []  # (logp, entropy) [n] of each chunk of masked positions
         for i in range(0, h.shape[0], self.chunk_size):
             args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
-            lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False) \
-                if torch.is_grad_enabled() else self.kernel(*args)
-            logps.append(lp)
-            ents.append(en)
-        logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
-        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
-        if logps:
-            logp = logp.masked_scatter(mask, torch.cat(logps))
-            entropy = entropy.masked_scatter(mask, torch.cat(ents))
+            chunks.append(torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
+                          if torch.is_grad_enabled() else self.kernel(*args))
+        logp, entropy = (torch.zeros(mask.shape, dtype=torch.float32, device=h.device) for _ in range(2))  # [B, R]
+        if chunks:
+            logp = logp.masked_scatter(mask, torch.cat([lp for lp, _ in chunks]))
+            entropy = entropy.masked_scatter(mask, torch.cat([en for _, en in chunks]))
         return logp, entropy
 
 
@@ -990,11 +944,12 @@ def check_context_length(model_path: str, total: int):
     if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
         limit = int(rope.get("original_max_position_embeddings", limit) * rope["factor"])  # extended context
     if limit and total > limit:
+        prompt = min(1024, limit // 4)
         fail(f"--max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} positions "
              f"(max_position_embeddings). Use a long-context variant, e.g. the 16k-position Qwen2.5-Math with RoPE "
              f"theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT (RoadQAQ/Qwen2.5-Math-1.5B-16k-"
-             f"think), or lower the two budgets to sum to at most {limit}, e.g. --max_prompt_len "
-             f"{min(1024, limit // 4)} --max_response_len {limit - min(1024, limit // 4)}.")
+             f"think), or lower the two budgets to sum to at most {limit}, e.g. --max_prompt_len {prompt} "
+             f"--max_response_len {limit - prompt}.")
 
 
 def is_sharded(d: Dist) -> bool:
@@ -1037,10 +992,10 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
 
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-    try:  # stop tokens come from here (see `stop_token_ids`), so keep the checkpoint's own
+    # stop tokens come from here (see `stop_token_ids`), so keep the checkpoint's own; without a
+    # generation_config.json the one derived from the model config stays
+    with contextlib.suppress(OSError):
         lm.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the one derived from the model config stays
-        pass
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_policy(lm, d, compile, train)
@@ -1138,8 +1093,7 @@ _UNICODE_MATH = {
 _VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4),
            "\u2155": (1, 5), "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6),
            "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
-_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a",
-                        "0123456789-+"))
+_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a", "0123456789-+"))
 _SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
@@ -1230,11 +1184,11 @@ def _probe_worker(timeout: int):
 
 
 class Verifier:
-    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS
-    0.4; what is graded, step by step: README, "The verifier"). The text after the first `</think>` is
-    graded (none: 0 when require_think): every different complete \\boxed{} must equal the gold, alone or
-    together (hedging scores 0); without a box, math-verify reads the last answer statement or the last
-    MAX_TEXT_CHARS. Answers and golds go through `normalize_answer`; `_fast_grade` settles plain numbers.
+    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS 0.4;
+    README, "The verifier"). The text after the first `</think>` is graded (none: 0 when require_think): every
+    different complete \\boxed{} must equal the gold, alone or together (hedging scores 0); without a box,
+    math-verify reads the last answer statement or the last MAX_TEXT_CHARS. Answers and golds go through
+    `normalize_answer`; `_fast_grade` settles plain numbers.
 
     Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
     candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
@@ -1464,8 +1418,7 @@ class TorchSampler:
     under FSDP from its own plain copy that receives the full weights after each update, as vLLM does."""
 
     def __init__(self, tokenizer, lm, batch_size: int = 256, stop_ids: list[int] | None = None):
-        self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
-        self.pad_id = tokenizer.pad_token_id
+        self.tokenizer, self.lm, self.batch_size, self.pad_id = tokenizer, lm, batch_size, tokenizer.pad_token_id
         self.stop_ids = stop_ids if stop_ids is not None else \
             stop_token_ids(tokenizer, getattr(lm, "generation_config", None))
 
@@ -1576,9 +1529,7 @@ class VLLMSampler:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
             set_rng_state(rng)
-        self.version = vllm.__version__
-        self.start_seconds = time.time() - t0
-        self.awake = not self.sleep
+        self.version, self.start_seconds, self.awake = vllm.__version__, time.time() - t0, not self.sleep
         if self.sleep:
             self.llm.sleep(level=2)  # asleep until the first push: the trainer has the GPU
         _live_engines.append(self)
@@ -1707,25 +1658,18 @@ def sampler_kind(cfg) -> str:
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 
-def alloc_conf_expandable() -> str | None:  # the allocator variable that turns expandable segments on
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        items = os.environ.get(var, "").replace(" ", "").split(",")
-        settings = dict(item.split(":", 1) for item in items if ":" in item)
-        if settings.get("expandable_segments", "").lower() == "true":
-            return var
-    return None
-
-
 def check_sampler(cfg):
     """The sampler's requirements that need no weights, checked before anything loads."""
     if sampler_kind(cfg) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
         fail(VLLM_MISSING.format("no module named 'vllm'"))
-    if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
+    expandable = [var for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+                  if "expandable_segments:true" in os.environ.get(var, "").replace(" ", "").lower().split(",")]
+    if torch.cuda.is_available() and cfg.vllm_sleep and expandable:
         # vLLM 0.32's sleep-mode pool turns them off for its own allocations (cumem.py use_memory_pool)
-        print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
-               f"engine's own allocations, training's keep it")
+        print0(f"note: {expandable[0]} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off "
+               f"for the engine's own allocations, training's keep it")
 
 
 def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
@@ -1746,13 +1690,10 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
     state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
-    if model is not None:  # load_policy keeps the checkpoint's own generation_config
-        generation_config = model.lm.generation_config
-    else:
-        try:
+    generation_config = model.lm.generation_config if model is not None else None  # the checkpoint's (load_policy)
+    if model is None:
+        with contextlib.suppress(OSError):  # no generation_config.json: the tokenizer's EOS alone
             generation_config = GenerationConfig.from_pretrained(model_path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS alone
-            generation_config = None
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
         max_model_len = cfg.max_prompt_len + cfg.max_response_len
@@ -1773,9 +1714,8 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
                       f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
                       f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
-                              device=d.device, stop_ids=stop_ids,
-                              max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-                              gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
+                              device=d.device, stop_ids=stop_ids, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
+                              max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, gpu_memory_utilization=fraction,
                               logprobs=getattr(cfg, "rollout_debug", False), verbose=cfg.vllm_verbose,
                               log_dir=cfg.output_dir or None)
         kv = f"{kv_bytes / GiB:.2f} GiB KV cache" if kv_bytes else f"{fraction:.3f} of the GPU"
@@ -1827,25 +1767,19 @@ def _level_key(level) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
 
 
-def _eval_seed(seed: int, name: str, rank: int) -> int:
-    """Seed of one set's draws on one rank: repeatable, independent of the other sets."""
-    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
-
-
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
                   max_tokens: int, seed: int, records: list | None = None) -> dict:
-    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature`
-    (top-p 1) graded by the training verifier; pass@1 averaged over k per problem, then over problems
-    (and per level), eval_accuracy over sets. Builtin: eval_wrong_steps_<set>, the rewarded samples
-    with wrong worked steps. Problems split over ranks, draws seeded by (seed, set, rank). With
-    `records`, rank 0 appends each sample of all ranks: set, index, prompt, gold, level, sample,
-    response, answer (what was graded), reward, finished (evaluate.py's records.jsonl)."""
+    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
+    1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
+    averaged over k, then over problems (and per level); eval_accuracy over sets. `records`: rank 0 appends
+    every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
         index = list(range(d.rank, len(s.rows), d.world_size))
         rows = [s.rows[i] for i in index]
+        set_seed = zlib.crc32(f"{seed}:{s.name}:{d.rank}".encode())  # repeatable, independent of the other sets
         groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
-                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
+                                  max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
         levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
@@ -1858,9 +1792,9 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                 j = 2 + 2 * levels.index(_level_key(r["level"]))
                 sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
         if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
-            rewarded = [(reward == 1, rows[i // s.k]["problem"], x.text) for i, (x, (reward, _)) in
-                        enumerate(zip(samples, graded))]
-            sums += [sum(r for r, _, _ in rewarded), sum(r and not builtin_task.steps_correct(p, t) for r, p, t in rewarded)]
+            right = [(rows[i // s.k]["problem"], x.text) for i, (x, (r, _)) in enumerate(zip(samples, graded))
+                     if r == 1]
+            sums += [len(right), sum(not builtin_task.steps_correct(p, t) for p, t in right)]
         sums = all_reduce(sums)
         metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
         for j, level in enumerate(levels):
@@ -1908,10 +1842,9 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
 
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
-    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
-    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
-    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction."""
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to a
+    .tmp directory and renamed (multi-node: a shared filesystem). An unstepped optimizer is left out: saving
+    it would take a zero-lr step, and its first real step would count as the second in Adam's bias correction."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)

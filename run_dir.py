@@ -1,5 +1,6 @@
-"""What a run keeps in its output_dir: the rules for claiming it (README, "Runs, checkpoints and resuming")
-and its metrics.jsonl, behind common.setup.
+"""How a run stays resumable outside its loop (README, "Runs, checkpoints and resuming"): it claims its
+output_dir, keeps metrics.jsonl in step with its checkpoints, and turns Ctrl-C / SIGTERM into a checkpoint
+at the end of the step. The checkpoints themselves are common.py's (they need the model and optimizers).
 
 One process writes a run at a time (a lock on <output_dir>/.lock). Without --resume or --overwrite, a
 directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and
@@ -14,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 
 
 # What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
@@ -26,6 +29,37 @@ RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every"
                      "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
                      "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
+    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
+    on once, then kills its workers after --shutdown_timeout.)"""
+    signum, training, main = 0, False, True
+
+    def install(self, main_rank: bool):
+        self.signum, self.training, self.main = 0, False, main_rank
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def _say(self, text: str):
+        if self.main:  # os.write: print() is not safe inside a signal handler
+            os.write(2, ("\n" + text + "\n").encode())
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training or signum == self.signum:
+            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
+                      + ("; the newest checkpoint is kept" if self.training else ""))
+            raise SystemExit(128 + signum)
+        if not self.signum:
+            self.signum = signum
+            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
+                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
+
+
+interrupts = Interrupts()  # common.setup installs it; Run.end_step reads signum
 
 
 def claim(cfg) -> tuple:
