@@ -1356,9 +1356,10 @@ _ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
 
 
-def boxed_answers(text: str) -> list[str]:
+def boxed_answers(text: str, spans: bool = False) -> list:
     """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
-    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time."""
+    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time. spans=True:
+    (start, end, content) per box."""
     stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
     for m in _BOX_TOKENS.finditer(text):
         tok = m.group()
@@ -1371,9 +1372,29 @@ def boxed_answers(text: str) -> list[str]:
     out, end = [], -1
     for start, stop, content in sorted(closed):  # closed boxes nest properly: keep the outermost
         if start >= end:
-            out.append(content)
+            out.append((start, stop, content) if spans else content)
             end = stop
     return out
+
+
+# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
+# "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
+_RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
+                         r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
+RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
+_FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
+
+
+def standing_boxes(text: str) -> list[str]:
+    """The boxed answers of `text` that stand: those after the last "Final Answer" heading that has a box
+    after it, less any box followed within RETRACTION_REACH characters, before the next box, by a
+    correction ("wait", "that is wrong", "the correct area is", ...)."""
+    boxes = boxed_answers(text, spans=True)
+    headings = [m.end() for m in _FINAL_HEADING.finditer(text) if boxes and m.end() <= boxes[-1][0]]
+    if headings:
+        boxes = [b for b in boxes if b[0] >= headings[-1]]
+    return [c for k, (_, stop, c) in enumerate(boxes)
+            if k + 1 == len(boxes) or not _RETRACTION.search(text, stop, min(stop + RETRACTION_REACH, boxes[k + 1][0]))]
 
 
 # Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
@@ -1391,11 +1412,18 @@ _SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\
 _SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
+_MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
+
+
+def _mixed(m: re.Match) -> str:
+    whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    return m.group(0) if not 0 < num < den else f"{m.group(1)}{whole * den + num}/{den}"
 
 
 def normalize_answer(text: str) -> str:
     """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing."""
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing; the mixed
+    number 1 1/2 (-> 3/2)."""
     if text.isascii():
         out = text
     else:
@@ -1408,6 +1436,7 @@ def normalize_answer(text: str) -> str:
         out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
     out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
     out = _DECIMAL_COMMA.sub(r"\1.\2", out)
+    out = _MIXED_SLASH.sub(_mixed, out) if "/" in out else out
     return out.replace("\\varnothing", "\\emptyset")
 
 
@@ -1429,6 +1458,73 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     if x == y:
         return True
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
+
+
+# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
+_CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
+_CHOICE_TEXT = re.compile(r"^.*?\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE | re.DOTALL)
+_YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
+_PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
+_RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
+_OR = re.compile(r"\\text\s*\{\s*or\s*\}|\\(?:lor|vee)(?![a-zA-Z])|\bor\b")
+_UPPER = {"<": ")", "\\lt": ")", "\\le": "]", "\\leq": "]", "\\leqslant": "]"}  # x < b: (.., b); x \le b: (.., b]
+_LOWER = {">": "(", "\\gt": "(", "\\ge": "[", "\\geq": "[", "\\geqslant": "["}
+
+
+def _unwrap(text: str) -> str:
+    return _WRAPPER.sub(lambda m: m.group(1), text).strip().strip("$").strip()
+
+
+def _choice(text: str) -> str | None:
+    """The option letter of a multiple-choice answer: C, (C), \\textbf{(C) } 12, C: 12; None otherwise (or
+    when a second option letter follows: a hedge)."""
+    m = _CHOICE.fullmatch(_unwrap(text))
+    if not m or re.search(r"\([A-E]\)|\b[A-E]\b", m.group(3) or m.group(5) or ""):
+        return None
+    return m.group(1) or m.group(2) or m.group(4)
+
+
+def _interval(part: str) -> str | None:
+    """x < b, x \\ge a, a \\le x < b (one variable) as an interval; None for anything else."""
+    sides = [t.strip() for t in _RELATION.split(part)]
+    ops = [o.strip() for o in _RELATION.findall(part)]
+    var = re.compile(r"[a-zA-Z]")
+    if len(ops) == 1 and var.fullmatch(sides[0]) and sides[1]:
+        return (f"(-\\infty, {sides[1]}{_UPPER[ops[0]]}" if ops[0] in _UPPER
+                else f"{_LOWER[ops[0]]}{sides[1]}, \\infty)")
+    if len(ops) == 2 and var.fullmatch(sides[1]) and sides[0] and sides[2]:
+        if ops[0] in _UPPER and ops[1] in _UPPER:  # a < x \le b
+            return f"{'(' if _UPPER[ops[0]] == ')' else '['}{sides[0]}, {sides[2]}{_UPPER[ops[1]]}"
+        if ops[0] in _LOWER and ops[1] in _LOWER:  # b > x \ge a
+            return f"{'(' if _LOWER[ops[1]] == '(' else '['}{sides[2]}, {sides[0]}{')' if _LOWER[ops[0]] == '(' else ']'}"
+    return None
+
+
+def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool:
+    """The (answer, gold) pairs to grade, any of which equal is right, or the verdict itself."""
+    if kind == "text":  # an unboxed final answer: only the choice letter is read here
+        letter, gold_letter = _choice(_CHOICE_TEXT.sub("", answer).strip(" *.")), _choice(gold)
+        return letter == gold_letter if letter and gold_letter else [(answer, gold)]
+    gold_letter = _choice(gold)
+    if gold_letter and _choice(answer):  # (c) a choice names its option by the letter
+        return _choice(answer) == gold_letter
+    yes_no = _YES_NO.fullmatch(_unwrap(gold))
+    said = _YES_NO.match(_unwrap(answer))
+    if yes_no and said:  # (d) "No, it is not possible." answers a yes/no question with its first word
+        return said.group(1).lower() == yes_no.group(1).lower()
+    pct_gold, pct = _PERCENT.fullmatch(gold), _PERCENT.fullmatch(answer)
+    if pct_gold:  # (e) a percentage gold: the answer's number is read in percent (25 or 25%, not 0.25)
+        return [(pct.group(1) if pct else answer, pct_gold.group(1))]
+    if pct:  # (e) 25% for the gold 25 (a percent asked) or 0.25 (a fraction asked)
+        x = pct.group(1).strip()
+        hundredth = (str(decimal.Decimal(x) / 100) if _PLAIN_NUMBER.fullmatch(x) else "\\frac{" + x + "}{100}")
+        return [(x, gold), (hundredth, gold)]
+    if _RELATION.search(answer) and not _RELATION.search(gold):  # (f) inequalities for an interval gold
+        parts = [_interval(p) for p in _OR.split(answer)]
+        if all(parts):
+            return [(" \\cup ".join(parts), gold)]
+    return [(answer, gold)]
 
 
 def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
@@ -1517,7 +1613,8 @@ class Verifier:
         if boxes:
             if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
                 return None
-            return "boxed", boxes
+            boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
+            return ("boxed", boxes) if boxes else None
         text = _EMPTY_BOX.sub("", text)
         cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
         text = (text[:cut.start()] if cut else text).strip()
@@ -1542,7 +1639,8 @@ class Verifier:
         equals the gold, or when they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
+        # per response: {alternative: [per answer: True, False, or None while math-verify has to decide]}
+        verdicts = [{} for _ in responses]
         answers, todo = [None] * len(responses), []
         for i, (response, gold) in enumerate(zip(responses, golds)):
             found = self.candidates(response)
@@ -1554,17 +1652,17 @@ class Verifier:
             alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
             for alt, answers_alt in enumerate(alternatives):
                 verdicts[i][alt] = []
-                for a in answers_alt:
-                    fast = _fast_grade(a, gold)
-                    if fast is None:
-                        todo.append((i, alt, kind, a, gold))
-                    else:
-                        verdicts[i][alt].append(fast)
-        todo = [t for t in todo if all(verdicts[t[0]][t[1]])]  # an alternative with a wrong answer is out
-        results = self._run([t[2:] for t in todo])
-        for (i, alt, kind, _, _), result in zip(todo, results):
+                for slot, a in enumerate(answers_alt):
+                    readings = _readings(kind, a, gold)  # any of them equal: right
+                    fast = [readings] if isinstance(readings, bool) else [_fast_grade(x, g) for x, g in readings]
+                    verdicts[i][alt].append(True if True in fast else None if None in fast else False)
+                    todo += [(i, alt, slot, kind, x, g) for (x, g), f in zip(readings, fast) if f is None] \
+                        if verdicts[i][alt][-1] is None else []
+        todo = [t for t in todo if False not in verdicts[t[0]][t[1]]]  # an alternative with a wrong answer is out
+        results = self._run([t[3:] for t in todo])
+        for (i, alt, slot, kind, _, _), result in zip(todo, results):
             ok, extracted = result or (False, "")  # None: overran the backstop, scores 0
-            verdicts[i][alt].append(ok)
+            verdicts[i][alt][slot] = bool(verdicts[i][alt][slot]) or ok
             if kind == "text":
                 answers[i] = extracted
         with self._lock:
