@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -1382,19 +1383,27 @@ def boxed_answers(text: str, spans: bool = False) -> list:
 _RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
                          r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
 RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
+_CLAUSE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 _FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
 
 
 def standing_boxes(text: str) -> list[str]:
     """The boxed answers of `text` that stand: those after the last "Final Answer" heading that has a box
-    after it, less any box followed within RETRACTION_REACH characters, before the next box, by a
-    correction ("wait", "that is wrong", "the correct area is", ...)."""
+    after it, less the boxes of any sentence that a correction ("wait", "that is wrong", "the correct area
+    is", ...) follows within RETRACTION_REACH characters, before the next box."""
     boxes = boxed_answers(text, spans=True)
     headings = [m.end() for m in _FINAL_HEADING.finditer(text) if boxes and m.end() <= boxes[-1][0]]
     if headings:
         boxes = [b for b in boxes if b[0] >= headings[-1]]
-    return [c for k, (_, stop, c) in enumerate(boxes)
-            if k + 1 == len(boxes) or not _RETRACTION.search(text, stop, min(stop + RETRACTION_REACH, boxes[k + 1][0]))]
+    clause_ends, withdrawn = [0] + [m.end() for m in _CLAUSE_END.finditer(text)], set()
+    for k, (start, stop, _) in enumerate(boxes[:-1]):
+        if _RETRACTION.search(text, stop, min(stop + RETRACTION_REACH, boxes[k + 1][0])):
+            sentence = clause_ends[bisect.bisect_right(clause_ends, start) - 1]  # "x = \\boxed{-3} and \\boxed{3}. Wait"
+            j = k
+            while j >= 0 and boxes[j][0] >= sentence and j not in withdrawn:
+                withdrawn.add(j)
+                j -= 1
+    return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
 
 
 # Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
@@ -1410,6 +1419,7 @@ _VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4
 _SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a",
                         "0123456789-+"))
 _SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
+_SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")  # 40 320: the SI's thousands separator
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
 _MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
@@ -1422,8 +1432,8 @@ def _mixed(m: re.Match) -> str:
 
 def normalize_answer(text: str) -> str:
     """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing; the mixed
-    number 1 1/2 (-> 3/2)."""
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma
+    3{,}5; \\varnothing; the mixed number 1 1/2 (-> 3/2)."""
     if text.isascii():
         out = text
     else:
@@ -1435,6 +1445,7 @@ def normalize_answer(text: str) -> str:
         out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
         out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
     out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
+    out = out.replace(" ", "") if _SPACED_NUMBER.fullmatch(out) else out  # a whole answer, never prose
     out = _DECIMAL_COMMA.sub(r"\1.\2", out)
     out = _MIXED_SLASH.sub(_mixed, out) if "/" in out else out
     return out.replace("\\varnothing", "\\emptyset")
@@ -1556,9 +1567,19 @@ for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
 
 def _grading_worker_init(ready):
     """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
-    so that its start-up does not count against an item's backstop."""
+    so that its start-up does not count against an item's backstop. Up includes one grade of an interval,
+    a set and a radical: math-verify's first one in a process costs it seconds on a busy machine, past the
+    timeout of a right answer (seen: the first interval of verifier_agreement.py --study and 2\\sqrt{2} =
+    \\sqrt{8} in tests/test_verifier.py scored 0, load 7-8 on 2 cores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warm_up_math_verify()
     ready.release()
+
+
+def warm_up_math_verify():
+    for answer, gold in (("[1, 5)", "[1,5)"), ("\\{1, 2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}")):
+        with contextlib.suppress(Exception):
+            _grade("boxed", answer, gold, WORKER_START_S)
 
 
 WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (4-10 s)
