@@ -43,6 +43,7 @@ def plain_math_verify(response: str, gold: str) -> float:
 
 def _ignore_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    common.warm_up_math_verify()  # as our workers do: a first interval must not time out on a busy machine
 
 
 def grade_plain(cases) -> list[float]:
@@ -67,21 +68,28 @@ def agreement(path: str, verbose: bool):
     ours = verifier([c["response"] for c in cases], [c["gold"] for c in cases])
     verifier.close()
     plain = grade_plain(cases)
-    kinds = list(dict.fromkeys(c["kind"] for c in cases))
-    total, agree_ours, agree_plain = Counter(), Counter(), Counter()
-    for c, a, b in zip(cases, ours, plain):
-        total[c["kind"]] += 1
-        agree_ours[c["kind"]] += a == c["grade"]
-        agree_plain[c["kind"]] += b == c["grade"]
-        if verbose and (a != c["grade"] or b != c["grade"]):
-            print(f"case {c['id']:3d} [{c['kind']}] {c['note']}: human {c['grade']}, ours {a:.0f}, "
-                  f"plain math-verify {b:.0f}")
-    print(f"\n{os.path.relpath(path)}\n\n| cases | n | ours | plain math-verify |\n|---|---|---|---|")
-    for k in kinds:
-        print(f"| {k} | {total[k]} | {agree_ours[k]} | {agree_plain[k]} |")
-    n = sum(total.values())
-    a, b = sum(agree_ours.values()), sum(agree_plain.values())
-    print(f"| all | {n} | {a} ({a / n:.0%}) | {b} ({b / n:.0%}) |")
+    if verbose:
+        for c, a, b in zip(cases, ours, plain):
+            if a != c["grade"] or b != c["grade"]:
+                print(f"case {c['id']:3d} [{c['kind']}] {c['note']}: human {c['grade']}, ours {a:.0f}, "
+                      f"plain math-verify {b:.0f}")
+    print(f"\n{os.path.relpath(path)}")
+    batches = sorted({c.get("batch") for c in cases} - {None})
+    for batch in batches + ([None] if len(batches) != 1 else []):  # a set written in batches: each, then all
+        picked = [(c, a, b) for c, a, b in zip(cases, ours, plain) if batch in (None, c.get("batch"))]
+        print(f"\n{'all cases' if batch is None else f'batch {batch}'}\n\n| cases | n | ours | plain math-verify |"
+              "\n|---|---|---|---|")
+        kinds = list(dict.fromkeys(c["kind"] for c, _, _ in picked))
+        total, agree_ours, agree_plain = Counter(), Counter(), Counter()
+        for c, a, b in picked:
+            total[c["kind"]] += 1
+            agree_ours[c["kind"]] += a == c["grade"]
+            agree_plain[c["kind"]] += b == c["grade"]
+        for k in kinds:
+            print(f"| {k} | {total[k]} | {agree_ours[k]} | {agree_plain[k]} |")
+        n = sum(total.values())
+        a, b = sum(agree_ours.values()), sum(agree_plain.values())
+        print(f"| all | {n} | {a} ({a / n:.0%}) | {b} ({b / n:.0%}) |")
 
 
 def random_number_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:

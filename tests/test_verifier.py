@@ -79,6 +79,8 @@ def test_study_cases(verifier_2s):
     (r"Oops, I first wrote \boxed{40}; the correct area is \boxed{20}.", "20", 1.0),
     (r"It is \boxed{6}, or maybe \boxed{4}.", "4", 0.0),
     (r"\boxed{6}." + " We check each step once more." * 5 + r" Wait: \boxed{4}.", "4", 0.0),  # too far to name it
+    (r"The roots are $\boxed{-3}$ and $\boxed{3}$. Wait, $x>0$, so only $\boxed{3}$.", "3", 1.0),  # the whole sentence
+    ("(a) \\boxed{3}\n(b) \\boxed{6}. Wait, (b) is \\boxed{5}.", "3, 5", 1.0),  # not the line before it
     # b: the boxes before a Final Answer heading are steps; an inline "the final answer is" is no heading
     ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "24", 1.0),
     ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "12", 0.0),
@@ -156,6 +158,7 @@ def test_boxed_answers_is_linear():
     ("\\varnothing", "\\emptyset"), ("1,000", "1,000"), ("0.5\\,000", "0.5\\,000"), ("(1, 000)", "(1, 000)"),
     ("1 1/2", "3/2"), ("-2 3/4 cups", "-11/4 cups"), ("1 3/2", "1 3/2"), ("1 0/2", "1 0/2"), ("1/2", "1/2"),
     ("x^2 1/2", "x^2 1/2"), ("1.5 1/2", "1.5 1/2"), ("2 1/2/3", "2 1/2/3"),
+    ("40 320", "40320"), ("-1 000 000.5", "-1000000.5"), ("12 34", "12 34"), ("we have 2 100 ways", "we have 2 100 ways"),
 ])
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
