@@ -26,8 +26,8 @@ rules, its metrics.jsonl, Ctrl-C / SIGTERM). --rollout_debug's wrapper is script
 """
 from __future__ import annotations
 
-import argparse, atexit, contextlib, dataclasses, datetime, decimal, difflib, importlib.util, inspect, json
-import logging, math, multiprocessing as mp, os, random, re, shutil, signal, sys, threading, time, typing
+import argparse, atexit, bisect, contextlib, dataclasses, datetime, decimal, difflib, importlib.util, inspect
+import json, logging, math, multiprocessing as mp, os, random, re, shutil, signal, sys, threading, time, typing
 import unicodedata, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
@@ -1063,9 +1063,10 @@ _ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
 
 
-def boxed_answers(text: str) -> list[str]:
+def boxed_answers(text: str, spans: bool = False) -> list:
     """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
-    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time."""
+    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time. spans=True:
+    (start, end, content) per box."""
     stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
     for m in _BOX_TOKENS.finditer(text):
         tok = m.group()
@@ -1078,9 +1079,37 @@ def boxed_answers(text: str) -> list[str]:
     out, end = [], -1
     for start, stop, content in sorted(closed):  # closed boxes nest properly: keep the outermost
         if start >= end:
-            out.append(content)
+            out.append((start, stop, content) if spans else content)
             end = stop
     return out
+
+
+# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
+# "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
+_RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
+                         r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
+RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
+_CLAUSE_END = re.compile(r"[.!?;](?=\s|$)|\n")
+_FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
+
+
+def standing_boxes(text: str) -> list[str]:
+    """The boxed answers of `text` that stand: those after the last "Final Answer" heading that has a box
+    after it, less the boxes of any sentence that a correction ("wait", "that is wrong", "the correct area
+    is", ...) follows within RETRACTION_REACH characters, before the next box."""
+    boxes = boxed_answers(text, spans=True)
+    headings = [m.end() for m in _FINAL_HEADING.finditer(text) if boxes and m.end() <= boxes[-1][0]]
+    if headings:
+        boxes = [b for b in boxes if b[0] >= headings[-1]]
+    clause_ends, withdrawn = [0] + [m.end() for m in _CLAUSE_END.finditer(text)], set()
+    for k, (start, stop, _) in enumerate(boxes[:-1]):
+        if _RETRACTION.search(text, stop, min(stop + RETRACTION_REACH, boxes[k + 1][0])):
+            sentence = clause_ends[bisect.bisect_right(clause_ends, start) - 1]  # "x = \\boxed{-3} and \\boxed{3}. Wait"
+            j = k
+            while j >= 0 and boxes[j][0] >= sentence and j not in withdrawn:
+                withdrawn.add(j)
+                j -= 1
+    return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
 
 
 # Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
@@ -1095,13 +1124,21 @@ _VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4
            "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
 _SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a", "0123456789-+"))
 _SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
+_SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")  # 40 320: the SI's thousands separator
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
+_MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
+
+
+def _mixed(m: re.Match) -> str:
+    whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    return m.group(0) if not 0 < num < den else f"{m.group(1)}{whole * den + num}/{den}"
 
 
 def normalize_answer(text: str) -> str:
     """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000, the decimal comma 3{,}5; \\varnothing."""
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma
+    3{,}5; \\varnothing; the mixed number 1 1/2 (-> 3/2)."""
     if text.isascii():
         out = text
     else:
@@ -1113,7 +1150,9 @@ def normalize_answer(text: str) -> str:
         out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
         out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
     out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
+    out = out.replace(" ", "") if _SPACED_NUMBER.fullmatch(out) else out  # a whole answer, never prose
     out = _DECIMAL_COMMA.sub(r"\1.\2", out)
+    out = _MIXED_SLASH.sub(_mixed, out) if "/" in out else out
     return out.replace("\\varnothing", "\\emptyset")
 
 
@@ -1135,6 +1174,73 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     if x == y:
         return True
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
+
+
+# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
+_CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
+_CHOICE_TEXT = re.compile(r"^.*?\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE | re.DOTALL)
+_YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
+_PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
+_RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
+_OR = re.compile(r"\\text\s*\{\s*or\s*\}|\\(?:lor|vee)(?![a-zA-Z])|\bor\b")
+_UPPER = {"<": ")", "\\lt": ")", "\\le": "]", "\\leq": "]", "\\leqslant": "]"}  # x < b: (.., b); x \le b: (.., b]
+_LOWER = {">": "(", "\\gt": "(", "\\ge": "[", "\\geq": "[", "\\geqslant": "["}
+
+
+def _unwrap(text: str) -> str:
+    return _WRAPPER.sub(lambda m: m.group(1), text).strip().strip("$").strip()
+
+
+def _choice(text: str) -> str | None:
+    """The option letter of a multiple-choice answer: C, (C), \\textbf{(C) } 12, C: 12; None otherwise (or
+    when a second option letter follows: a hedge)."""
+    m = _CHOICE.fullmatch(_unwrap(text))
+    if not m or re.search(r"\([A-E]\)|\b[A-E]\b", m.group(3) or m.group(5) or ""):
+        return None
+    return m.group(1) or m.group(2) or m.group(4)
+
+
+def _interval(part: str) -> str | None:
+    """x < b, x \\ge a, a \\le x < b (one variable) as an interval; None for anything else."""
+    sides = [t.strip() for t in _RELATION.split(part)]
+    ops = [o.strip() for o in _RELATION.findall(part)]
+    var = re.compile(r"[a-zA-Z]")
+    if len(ops) == 1 and var.fullmatch(sides[0]) and sides[1]:
+        return (f"(-\\infty, {sides[1]}{_UPPER[ops[0]]}" if ops[0] in _UPPER
+                else f"{_LOWER[ops[0]]}{sides[1]}, \\infty)")
+    if len(ops) == 2 and var.fullmatch(sides[1]) and sides[0] and sides[2]:
+        if ops[0] in _UPPER and ops[1] in _UPPER:  # a < x \le b
+            return f"{'(' if _UPPER[ops[0]] == ')' else '['}{sides[0]}, {sides[2]}{_UPPER[ops[1]]}"
+        if ops[0] in _LOWER and ops[1] in _LOWER:  # b > x \ge a
+            return f"{'(' if _LOWER[ops[1]] == '(' else '['}{sides[2]}, {sides[0]}{')' if _LOWER[ops[0]] == '(' else ']'}"
+    return None
+
+
+def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool:
+    """The (answer, gold) pairs to grade, any of which equal is right, or the verdict itself."""
+    if kind == "text":  # an unboxed final answer: only the choice letter is read here
+        letter, gold_letter = _choice(_CHOICE_TEXT.sub("", answer).strip(" *.")), _choice(gold)
+        return letter == gold_letter if letter and gold_letter else [(answer, gold)]
+    gold_letter = _choice(gold)
+    if gold_letter and _choice(answer):  # (c) a choice names its option by the letter
+        return _choice(answer) == gold_letter
+    yes_no = _YES_NO.fullmatch(_unwrap(gold))
+    said = _YES_NO.match(_unwrap(answer))
+    if yes_no and said:  # (d) "No, it is not possible." answers a yes/no question with its first word
+        return said.group(1).lower() == yes_no.group(1).lower()
+    pct_gold, pct = _PERCENT.fullmatch(gold), _PERCENT.fullmatch(answer)
+    if pct_gold:  # (e) a percentage gold: the answer's number is read in percent (25 or 25%, not 0.25)
+        return [(pct.group(1) if pct else answer, pct_gold.group(1))]
+    if pct:  # (e) 25% for the gold 25 (a percent asked) or 0.25 (a fraction asked)
+        x = pct.group(1).strip()
+        hundredth = (str(decimal.Decimal(x) / 100) if _PLAIN_NUMBER.fullmatch(x) else "\\frac{" + x + "}{100}")
+        return [(x, gold), (hundredth, gold)]
+    if _RELATION.search(answer) and not _RELATION.search(gold):  # (f) inequalities for an interval gold
+        parts = [_interval(p) for p in _OR.split(answer)]
+        if all(parts):
+            return [(" \\cup ".join(parts), gold)]
+    return [(answer, gold)]
 
 
 def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
@@ -1166,9 +1272,19 @@ for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
 
 def _grading_worker_init(ready):
     """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
-    so that its start-up does not count against an item's backstop."""
+    so that its start-up does not count against an item's backstop. Up includes one grade of an interval,
+    a set and a radical: math-verify's first one in a process costs it seconds on a busy machine, past the
+    timeout of a right answer (seen: the first interval of verifier_agreement.py --study and 2\\sqrt{2} =
+    \\sqrt{8} in tests/test_verifier.py scored 0, load 7-8 on 2 cores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warm_up_math_verify()
     ready.release()
+
+
+def warm_up_math_verify():
+    for answer, gold in (("[1, 5)", "[1,5)"), ("\\{1, 2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}")):
+        with contextlib.suppress(Exception):
+            _grade("boxed", answer, gold, WORKER_START_S)
 
 
 WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (4-10 s)
@@ -1219,7 +1335,8 @@ class Verifier:
         if boxes:
             if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
                 return None
-            return "boxed", boxes
+            boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
+            return ("boxed", boxes) if boxes else None
         text = _EMPTY_BOX.sub("", text)
         cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
         text = (text[:cut.start()] if cut else text).strip()
@@ -1244,7 +1361,8 @@ class Verifier:
         equals the gold, or when they do together (\\boxed{1} and \\boxed{2} for the gold "1, 2")."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        verdicts = [{} for _ in responses]  # per response: {alternative: [one bool per answer graded]}
+        # per response: {alternative: [per answer: True, False, or None while math-verify has to decide]}
+        verdicts = [{} for _ in responses]
         answers, todo = [None] * len(responses), []
         for i, (response, gold) in enumerate(zip(responses, golds)):
             found = self.candidates(response)
@@ -1256,17 +1374,17 @@ class Verifier:
             alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
             for alt, answers_alt in enumerate(alternatives):
                 verdicts[i][alt] = []
-                for a in answers_alt:
-                    fast = _fast_grade(a, gold)
-                    if fast is None:
-                        todo.append((i, alt, kind, a, gold))
-                    else:
-                        verdicts[i][alt].append(fast)
-        todo = [t for t in todo if all(verdicts[t[0]][t[1]])]  # an alternative with a wrong answer is out
-        results = self._run([t[2:] for t in todo])
-        for (i, alt, kind, _, _), result in zip(todo, results):
+                for slot, a in enumerate(answers_alt):
+                    readings = _readings(kind, a, gold)  # any of them equal: right
+                    fast = [readings] if isinstance(readings, bool) else [_fast_grade(x, g) for x, g in readings]
+                    verdicts[i][alt].append(True if True in fast else None if None in fast else False)
+                    todo += [(i, alt, slot, kind, x, g) for (x, g), f in zip(readings, fast) if f is None] \
+                        if verdicts[i][alt][-1] is None else []
+        todo = [t for t in todo if False not in verdicts[t[0]][t[1]]]  # an alternative with a wrong answer is out
+        results = self._run([t[3:] for t in todo])
+        for (i, alt, slot, kind, _, _), result in zip(todo, results):
             ok, extracted = result or (False, "")  # None: overran the backstop, scores 0
-            verdicts[i][alt].append(ok)
+            verdicts[i][alt][slot] = bool(verdicts[i][alt][slot]) or ok
             if kind == "text":
                 answers[i] = extracted
         with self._lock:

@@ -1,8 +1,9 @@
-"""How often the verifier agrees with the human grades of tests/data/verifier_cases.jsonl, next to
-plain math-verify (the whole response, the gold wrapped in $...$), plus two checks of the fast path:
-its agreement with math-verify on generated pairs of plain numbers, and the grading speed.
+"""How often the verifier agrees with the human grades of a graded case set, next to plain math-verify
+(the whole response, the gold wrapped in $...$), plus two checks of the fast path: its agreement with
+math-verify on generated pairs of plain numbers, and the grading speed.
 
-    python scripts/verifier_agreement.py              # the agreement table quoted in the README
+    python scripts/verifier_agreement.py              # tests/data/verifier_cases.jsonl, as in the README
+    python scripts/verifier_agreement.py --study      # tests/data/verifier_study.jsonl (R1-style responses)
     python scripts/verifier_agreement.py --verbose    # and every case where a grader disagrees
     python scripts/verifier_agreement.py --fast       # fast path vs math-verify, and items per second
 
@@ -13,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -21,12 +23,14 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-CASES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "verifier_cases.jsonl")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
+CASES = os.path.join(DATA, "verifier_cases.jsonl")  # written to pin down fixed weaknesses
+STUDY = os.path.join(DATA, "verifier_study.jsonl")  # R1-style responses per kind of answer (issue 23)
 TIMEOUT = 2
 
 
-def load_cases():
-    with open(CASES, encoding="utf-8") as f:
+def load_cases(path: str = CASES):
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -37,43 +41,55 @@ def plain_math_verify(response: str, gold: str) -> float:
     return float(bool(gold_parsed) and bool(pred) and common.verify(gold_parsed, pred, timeout_seconds=TIMEOUT))
 
 
+def _ignore_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    common.warm_up_math_verify()  # as our workers do: a first interval must not time out on a busy machine
+
+
 def grade_plain(cases) -> list[float]:
     """Plain math-verify in a process pool, each item bounded like ours (a stuck item scores 0)."""
     out = []
     ctx = mp.get_context("forkserver")
-    pool = ctx.Pool(1, initializer=common._grading_worker_init)
+    pool = ctx.Pool(1, initializer=_ignore_ctrl_c)  # a worker that dies at start would time every item out
     for c in cases:
         try:
             out.append(pool.apply_async(plain_math_verify, (c["response"], c["gold"])).get(3 * TIMEOUT))
         except mp.TimeoutError:
             out.append(0.0)
             pool.terminate()
-            pool = ctx.Pool(1, initializer=common._grading_worker_init)
+            pool = ctx.Pool(1, initializer=_ignore_ctrl_c)
     pool.terminate()
     return out
 
 
-def agreement(verbose: bool):
-    cases = load_cases()
+def agreement(path: str, verbose: bool):
+    cases = load_cases(path)
     verifier = common.Verifier(num_workers=2, timeout_s=TIMEOUT)
     ours = verifier([c["response"] for c in cases], [c["gold"] for c in cases])
     verifier.close()
     plain = grade_plain(cases)
-    kinds = list(dict.fromkeys(c["kind"] for c in cases))
-    total, agree_ours, agree_plain = Counter(), Counter(), Counter()
-    for c, a, b in zip(cases, ours, plain):
-        total[c["kind"]] += 1
-        agree_ours[c["kind"]] += a == c["grade"]
-        agree_plain[c["kind"]] += b == c["grade"]
-        if verbose and (a != c["grade"] or b != c["grade"]):
-            print(f"case {c['id']:3d} [{c['kind']}] {c['note']}: human {c['grade']}, ours {a:.0f}, "
-                  f"plain math-verify {b:.0f}")
-    print(f"\n| cases | n | ours | plain math-verify |\n|---|---|---|---|")
-    for k in kinds:
-        print(f"| {k} | {total[k]} | {agree_ours[k]} | {agree_plain[k]} |")
-    n = sum(total.values())
-    a, b = sum(agree_ours.values()), sum(agree_plain.values())
-    print(f"| all | {n} | {a} ({a / n:.0%}) | {b} ({b / n:.0%}) |")
+    if verbose:
+        for c, a, b in zip(cases, ours, plain):
+            if a != c["grade"] or b != c["grade"]:
+                print(f"case {c['id']:3d} [{c['kind']}] {c['note']}: human {c['grade']}, ours {a:.0f}, "
+                      f"plain math-verify {b:.0f}")
+    print(f"\n{os.path.relpath(path)}")
+    batches = sorted({c.get("batch") for c in cases} - {None})
+    for batch in batches + ([None] if len(batches) != 1 else []):  # a set written in batches: each, then all
+        picked = [(c, a, b) for c, a, b in zip(cases, ours, plain) if batch in (None, c.get("batch"))]
+        print(f"\n{'all cases' if batch is None else f'batch {batch}'}\n\n| cases | n | ours | plain math-verify |"
+              "\n|---|---|---|---|")
+        kinds = list(dict.fromkeys(c["kind"] for c, _, _ in picked))
+        total, agree_ours, agree_plain = Counter(), Counter(), Counter()
+        for c, a, b in picked:
+            total[c["kind"]] += 1
+            agree_ours[c["kind"]] += a == c["grade"]
+            agree_plain[c["kind"]] += b == c["grade"]
+        for k in kinds:
+            print(f"| {k} | {total[k]} | {agree_ours[k]} | {agree_plain[k]} |")
+        n = sum(total.values())
+        a, b = sum(agree_ours.values()), sum(agree_plain.values())
+        print(f"| all | {n} | {a} ({a / n:.0%}) | {b} ({b / n:.0%}) |")
 
 
 def random_number_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -141,6 +157,8 @@ def _without_fast_path(verifier, responses, golds):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", action="store_true", help="grade tests/data/verifier_study.jsonl")
+    parser.add_argument("--cases", default=None, help="a graded case set (.jsonl) of your own")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--pairs", type=int, default=3000)
@@ -148,4 +166,4 @@ if __name__ == "__main__":
     if args.fast:
         fast_path(args.pairs)
     else:
-        agreement(args.verbose)
+        agreement(args.cases or (STUDY if args.study else CASES), args.verbose)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -17,12 +18,22 @@ TIMEOUT = 1
 # are noisy; what it catches is an unbounded item (minutes).
 BOUND_S = 3 * TIMEOUT + 7
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_cases.jsonl")
+STUDY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "verifier_study.jsonl")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def verifier():
     v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    yield v
+    v.close()
+
+
+@pytest.fixture(scope="module")
+def verifier_2s():
+    """As scripts/verifier_agreement.py grades (the README quotes it): intervals and sets take math-verify
+    over a second on a busy 2-core machine."""
+    v = Verifier(num_workers=2, timeout_s=2)
     yield v
     v.close()
 
@@ -43,6 +54,75 @@ def test_graded_cases(verifier):
              for c, r in zip(cases, rewards) if r != c["grade"]]
     assert not wrong, "\n".join(wrong)
     assert time.time() - start < 6 * BOUND_S  # six pathological cases, each bounded
+
+
+def test_study_cases(verifier_2s):
+    """tests/data/verifier_study.jsonl, R1-style responses graded by hand (README: "Where answer-only grading
+    and a human disagree"): every case gets its human grade but those marked known_miss, which must still
+    miss, so that a change that fixes or breaks one shows here and the README's table is updated."""
+    with open(STUDY, encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    kinds = Counter(c["kind"] for c in cases)
+    assert len(kinds) >= 12 and min(kinds.values()) >= 5 and {c["grade"] for c in cases} == {0, 1}
+    assert all(c["response"].startswith("<think>") and "</think>" in c["response"] and c["note"] for c in cases)
+    rewards = verifier_2s([c["response"] for c in cases], [c["gold"] for c in cases])
+    wrong = [f"case {c['id']} [{c['kind']}] {c['note']}: got {r}, graded {c['grade']}"
+             + (" (marked known_miss: it is fixed, update the set and the README)" if "known_miss" in c else "")
+             for c, r in zip(cases, rewards) if (r == c["grade"]) == ("known_miss" in c)]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    # a: a box the response takes back right after it does not stand; without a correction both do (a hedge)
+    (r"\boxed{6}. Wait, that is wrong: $10-6=4$, so \boxed{4}.", "4", 1.0),
+    (r"\boxed{6}. Wait, that is wrong: $10-6=4$, so \boxed{4}.", "6", 0.0),
+    (r"Oops, I first wrote \boxed{40}; the correct area is \boxed{20}.", "20", 1.0),
+    (r"It is \boxed{6}, or maybe \boxed{4}.", "4", 0.0),
+    (r"\boxed{6}." + " We check each step once more." * 5 + r" Wait: \boxed{4}.", "4", 0.0),  # too far to name it
+    (r"The roots are $\boxed{-3}$ and $\boxed{3}$. Wait, $x>0$, so only $\boxed{3}$.", "3", 1.0),  # the whole sentence
+    ("(a) \\boxed{3}\n(b) \\boxed{6}. Wait, (b) is \\boxed{5}.", "3, 5", 1.0),  # not the line before it
+    # b: the boxes before a Final Answer heading are steps; an inline "the final answer is" is no heading
+    ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "24", 1.0),
+    ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "12", 0.0),
+    ("Half is \\boxed{12}. So the final answer is \\boxed{24}.", "24", 0.0),
+    ("### Final Answer\n(a) \\boxed{3} (b) \\boxed{5}", "3, 5", 1.0),
+    # c: an option letter, with or without the option's content
+    (r"\boxed{\textbf{(C) } 12}", "C", 1.0), (r"\boxed{\textbf{(B) } 12}", "C", 0.0),
+    (r"\boxed{C: 12}", "C", 1.0), (r"\boxed{(B) \text{ or } (C)}", "C", 0.0), (r"\boxed{B, C}", "C", 0.0),
+    (r"**Answer:** (C)", "C", 1.0), (r"**Answer:** (D)", "C", 0.0),
+    # d: a yes/no question answered in a sentence
+    (r"\boxed{\text{No, it is not possible.}}", r"\text{no}", 1.0), (r"\boxed{\text{Yes, always.}}", "no", 0.0),
+    # e: percentages: the answer's number is read in the gold's unit
+    (r"\boxed{12.5\%}", "12.5", 1.0), (r"\boxed{12.5\%}", "0.125", 1.0), (r"\boxed{12.5\%}", "0.125001", 0.0),
+    (r"\boxed{0.25}", r"25\%", 0.0), (r"\boxed{25}", r"25\%", 1.0), (r"\boxed{25\%}", r"\frac14", 1.0),
+    (r"\boxed{0.5\%}", "50", 0.0), (r"\boxed{20\%}", r"25\%", 0.0), (r"\boxed{40 \text{ percent}}", "40", 1.0),
+    # f: inequalities for an interval gold, open and closed ends kept
+    (r"\boxed{x \le 3}", r"(-\infty,3]", 1.0), (r"\boxed{x < 3}", r"(-\infty,3]", 0.0),
+    (r"\boxed{x<-1 \text{ or } x>1}", r"(-\infty,-1)\cup(1,\infty)", 1.0),
+    (r"\boxed{x<-1 \text{ or } x \ge 1}", r"(-\infty,-1)\cup(1,\infty)", 0.0),
+    (r"\boxed{1 \le x < 5}", "[1,5)", 1.0), (r"\boxed{5 > x \geq 1}", "[1,5)", 1.0), (r"\boxed{1 < x < 5}", "[1,5)", 0.0),
+    # g: a mixed number written with a slash
+    ("The recipe needs 1 1/2 cups.", "1.5", 1.0), (r"\boxed{2 1/3}", r"\frac{5}{2}", 0.0),
+])
+def test_answer_rules(verifier_2s, answer, gold, reward):
+    """The rules of README "The verifier" a-g, each with a case it must not accept."""
+    assert verifier_2s(["<think>\nworking\n</think>\n\n" + answer], [gold]) == [reward]
+
+
+def test_standing_boxes():
+    assert common.standing_boxes(r"\boxed{1} wait \boxed{2} no, wrong: \boxed{3}") == ["3"]
+    assert common.standing_boxes(r"\boxed{1} and \boxed{2}") == ["1", "2"]
+    assert common.standing_boxes("Final Answer: \\boxed{2}\nFinal Answer\n") == ["2"]  # a heading without a box after it
+    assert common.standing_boxes("no box") == []
+
+
+@pytest.mark.parametrize("part, interval", [
+    ("x < 3", "(-\\infty, 3)"), (r"x \le 3", "(-\\infty, 3]"), ("x > -1", "(-1, \\infty)"), (r"x \geq 0", "[0, \\infty)"),
+    (r"-2 \le x < \frac{1}{2}", "[-2, \\frac{1}{2})"), ("4 > y > 1", "(1, 4)"), (r"2 < x \ge 1", None),
+    ("f(x) < 3", None), ("x < ", None), ("x = 3", None),
+])
+def test_inequality_as_interval(part, interval):
+    assert common._interval(part) == interval
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -76,6 +156,9 @@ def test_boxed_answers_is_linear():
     ("\u221e", "\\infty "), ("45\u00b0", "45^\\circ "), ("\uff14\uff12", "42"),
     ("1\\,000", "1000"), ("12\\,345\\,678", "12345678"), ("1{,}000", "1000"), ("3{,}5", "3.5"),
     ("\\varnothing", "\\emptyset"), ("1,000", "1,000"), ("0.5\\,000", "0.5\\,000"), ("(1, 000)", "(1, 000)"),
+    ("1 1/2", "3/2"), ("-2 3/4 cups", "-11/4 cups"), ("1 3/2", "1 3/2"), ("1 0/2", "1 0/2"), ("1/2", "1/2"),
+    ("x^2 1/2", "x^2 1/2"), ("1.5 1/2", "1.5 1/2"), ("2 1/2/3", "2 1/2/3"),
+    ("40 320", "40320"), ("-1 000 000.5", "-1000000.5"), ("12 34", "12 34"), ("we have 2 100 ways", "we have 2 100 ways"),
 ])
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected

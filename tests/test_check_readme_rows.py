@@ -1,0 +1,92 @@
+"""scripts/check_readme_rows.py: the README's tables parse, and a fresh run is compared at the README's
+precision (the runs themselves are not run here)."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import check_readme_rows as rows  # noqa: E402
+
+SAMPLE = """# Title
+
+### Measured: the base, SFT and GRPO
+
+Some text.
+
+| run | seed | level 1 | level 2 | level 3 | level 4 | wall time |
+|---|---|---|---|---|---|---|
+| base | | 0.616 / 0.645 | 0.405 | 0.000 | 0.000 | built in 88 s |
+| `sft.py` | 0 | 0.998 | 0.984 | 0.969 | 0.560 | 4 min |
+| `grpo.py` | 1 | 0.945 | 0.924 | 0.000 | 0.000 | 69 s |
+
+After the table.
+
+### Measured: the six fusion trainers
+
+| trainer | seed | level 1 | level 2 | level 3 | level 4 | wrong steps | wall |
+|---|---|---|---|---|---|---|---|
+| `srft.py` | 2 | 0.991 | 0.983 | 0.621 | 0.440 | 0.033 | 93 s |
+"""
+
+
+def test_parse_tables_reads_the_trainer_rows():
+    found = rows.parse_tables(SAMPLE)
+    assert [(r.trainer, r.seed, r.levels, r.wrong_steps) for r in found] == [
+        ("sft", 0, ("0.998", "0.984", "0.969", "0.560"), None),
+        ("grpo", 1, ("0.945", "0.924", "0.000", "0.000"), None),
+        ("srft", 2, ("0.991", "0.983", "0.621", "0.440"), "0.033"),
+    ]  # the base row (no trainer, no seed) is skipped
+    assert SAMPLE.splitlines()[found[0].line - 1].startswith("| `sft.py` | 0 |")
+    assert [rows.TABLES[r.table] for r in found] == ["plain", "plain", "lab"]
+
+
+def test_parse_tables_names_what_is_missing():
+    with pytest.raises(ValueError, match="no section"):
+        rows.parse_tables(SAMPLE.replace("### Measured: the six fusion trainers", "### Other"))
+    with pytest.raises(ValueError, match="no column level 4"):
+        rows.parse_tables(SAMPLE.replace("| level 4 | wrong steps", "| L4 | wrong steps"))
+
+
+def test_the_real_readme_parses():
+    """The README keeps both tables in a form this script reads: every trainer's seeds."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        found = rows.parse_tables(f.read())
+    plain = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "plain"}
+    lab = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "lab"}
+    assert {("sft", 0), ("sft", 1), ("grpo", 0), ("grpo", 1)} <= plain
+    assert {(t, s) for t in ("grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread") for s in (0, 1, 2)} <= lab
+    assert all(len(r.levels) == 4 and all(v.count(".") == 1 for v in r.levels) for r in found)
+
+
+def test_differences_at_the_readmes_precision(tmp_path):
+    row = rows.parse_tables(SAMPLE)[2]  # srft seed 2, with wrong steps
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "eval_accuracy_builtin_level1": 0.5},
+             {"step": 40, "loss": 1.0},
+             {"step": 80, "eval_accuracy_builtin_level1": 0.99125, "eval_accuracy_builtin_level2": 0.98250,
+              "eval_accuracy_builtin_level3": 0.62125, "eval_accuracy_builtin_level4": 0.44,
+              "eval_wrong_steps_builtin": 0.0331}]
+    metrics.write_text("\n".join(json.dumps(m) for m in lines) + "\n{\"step\": 81, \"eval_acc")  # a torn last line
+    fresh = rows.final_evaluation(str(metrics))
+    assert fresh["step"] == 80
+    assert rows.differences(row, fresh) == []  # 0.99125 -> 0.991, 0.9825 -> 0.983 (as printed), 0.0331 -> 0.033
+    fresh["levels"] = (0.99125, 0.9825, 0.62125, 0.4412)
+    fresh["wrong_steps"] = 0.036
+    assert rows.differences(row, fresh) == ["level 4: README 0.440, fresh 0.441",
+                                            "wrong steps: README 0.033, fresh 0.036"]
+    fresh["levels"] = (0.99125, None, 0.62125, 0.44)
+    assert rows.differences(row, fresh)[0] == "level 2: README 0.983, fresh missing"
+
+
+def test_commands_and_selection():
+    found = rows.parse_tables(SAMPLE)
+    assert [(r.trainer, r.seed) for r in rows.select(found, "sft.py,srft", None)] == [("sft", 0), ("srft", 2)]
+    assert [(r.trainer, r.seed) for r in rows.select(found, None, "1,2")] == [("grpo", 1), ("srft", 2)]
+    plain = rows.command(found[0], "/out")
+    assert plain[1].endswith("sft.py") and plain[2:] == ["--seed", "0", "--output_dir", "/out"]
+    lab = rows.command(found[2], "/out")  # the lab's flags, which repeat the trainer's defaults
+    assert lab[1].endswith("srft.py") and lab[2:6] == ["--seed", "2", "--output_dir", "/out"]
+    assert "--keep_checkpoints" in lab and lab[lab.index("--max_steps") + 1] == "80"
