@@ -1,0 +1,239 @@
+"""Reading a final answer out of a response, in the forms a human grader accepts (README, "The verifier").
+
+common.Verifier grades what `candidates` returns with math-verify in its pool of grading processes; this
+module is the string work before that, no math-verify and no torch: which boxes stand (a box the response
+takes back or puts before its "Final Answer" heading does not), how an answer is rewritten before math-verify
+reads it (`normalize_answer`), the plain numbers settled without it (`_fast_grade`), and the answer forms
+read the way a human grader reads them (`_readings`: option letters, yes/no, percentages, inequalities).
+Every rule has graded cases in tests/data/verifier_cases.jsonl and verifier_study.jsonl.
+"""
+from __future__ import annotations
+
+import bisect
+import decimal
+import re
+import unicodedata
+
+MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
+MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, whatever they say
+MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
+
+_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
+_HEDGE = re.compile(r"\s(?:or|and/or)\s", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
+
+
+def boxed_answers(text: str, spans: bool = False) -> list:
+    """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
+    not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time. spans=True:
+    (start, end, content) per box."""
+    stack, closed = [], []  # stack: (content start, is a box, command start); closed: (start, end, content)
+    for m in _BOX_TOKENS.finditer(text):
+        tok = m.group()
+        if tok[-1] == "{" and tok != "\\{":  # a brace, or a box command with its brace
+            stack.append((m.end(), tok != "{", m.start()))
+        elif tok == "}" and stack:
+            start, is_box, cmd = stack.pop()
+            if is_box:
+                closed.append((cmd, m.end(), text[start:m.start()]))
+    out, end = [], -1
+    for start, stop, content in sorted(closed):  # closed boxes nest properly: keep the outermost
+        if start >= end:
+            out.append((start, stop, content) if spans else content)
+            end = stop
+    return out
+
+
+# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
+# "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
+_RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
+                         r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
+RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
+_CLAUSE_END = re.compile(r"[.!?;](?=\s|$)|\n")
+_FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
+
+
+def standing_boxes(text: str) -> list[str]:
+    """The boxed answers of `text` that stand: those after the last "Final Answer" heading that has a box
+    after it, less the boxes of any sentence that a correction ("wait", "that is wrong", "the correct area
+    is", ...) follows within RETRACTION_REACH characters, before the next box."""
+    boxes = boxed_answers(text, spans=True)
+    headings = [m.end() for m in _FINAL_HEADING.finditer(text) if boxes and m.end() <= boxes[-1][0]]
+    if headings:
+        boxes = [b for b in boxes if b[0] >= headings[-1]]
+    clause_ends, withdrawn = [0] + [m.end() for m in _CLAUSE_END.finditer(text)], set()
+    for k, (start, stop, _) in enumerate(boxes[:-1]):
+        if _RETRACTION.search(text, stop, min(stop + RETRACTION_REACH, boxes[k + 1][0])):
+            sentence = clause_ends[bisect.bisect_right(clause_ends, start) - 1]  # "x = \\boxed{-3} and \\boxed{3}. Wait"
+            j = k
+            while j >= 0 and boxes[j][0] >= sentence and j not in withdrawn:
+                withdrawn.add(j)
+                j -= 1
+    return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
+
+
+# Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
+_UNICODE_MATH = {
+    "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
+    "\u00f7": "\\div ", "\u00b1": "\\pm ", "\u2213": "\\mp ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
+    "\u00b0": "^\\circ ", "\u2264": "\\le ", "\u2265": "\\ge ", "\u2260": "\\ne ", "\u2205": "\\emptyset ",
+    "\u222a": "\\cup ", "\u2229": "\\cap ", "\u03b8": "\\theta ", "\u03b1": "\\alpha ", "\u03b2": "\\beta ",
+}
+_VULGAR = {"\u00bd": (1, 2), "\u2153": (1, 3), "\u2154": (2, 3), "\u00bc": (1, 4), "\u00be": (3, 4),
+           "\u2155": (1, 5), "\u2156": (2, 5), "\u2157": (3, 5), "\u2158": (4, 5), "\u2159": (1, 6),
+           "\u215a": (5, 6), "\u215b": (1, 8), "\u215c": (3, 8), "\u215d": (5, 8), "\u215e": (7, 8)}
+_SUPERSCRIPT = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207a", "0123456789-+"))
+_SQRT_ARG = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{)")
+_SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")  # 40 320: the SI's thousands separator
+_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
+_DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
+_MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
+
+
+def _mixed(m: re.Match) -> str:
+    whole, num, den = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    return m.group(0) if not 0 < num < den else f"{m.group(1)}{whole * den + num}/{den}"
+
+
+def normalize_answer(text: str) -> str:
+    """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
+    digits (NFKC); thousands separators 1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma
+    3{,}5; \\varnothing; the mixed number 1 1/2 (-> 3/2)."""
+    if text.isascii():
+        out = text
+    else:
+        out = _SQRT_ARG.sub(lambda m: "\\sqrt{" + m.group(1).strip("()") + "}" if m.group(1) != "{"
+                            else "\\sqrt{", text)
+        out = re.sub("[" + "".join(_VULGAR) + "]", lambda m: "\\frac{%d}{%d}" % _VULGAR[m.group()], out)
+        out = re.sub("[" + "".join(_SUPERSCRIPT) + "]+",
+                     lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group()) + "}", out)
+        out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
+        out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
+    out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
+    out = out.replace(" ", "") if _SPACED_NUMBER.fullmatch(out) else out  # a whole answer, never prose
+    out = _DECIMAL_COMMA.sub(r"\1.\2", out)
+    out = _MIXED_SLASH.sub(_mixed, out) if "/" in out else out
+    return out.replace("\\varnothing", "\\emptyset")
+
+
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def _fast_grade(answer: str, gold: str) -> bool | None:
+    """Verdict on plain integers and decimals without math-verify, None when unsure; agrees with it
+    wherever it answers (scripts/verifier_agreement.py --fast). It rounds floats to 6 places: decimals
+    closer than 2e-6 but unequal, or of over 12 significant digits, go to math-verify."""
+    a, g = answer.strip(), gold.strip()
+    if not (_PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(g)):
+        return None
+    if "." not in a and "." not in g:
+        return int(a) == int(g)
+    x, y = decimal.Decimal(a), decimal.Decimal(g)
+    if max(len(x.normalize().as_tuple().digits), len(y.normalize().as_tuple().digits)) > 12:
+        return None
+    if x == y:
+        return True
+    return False if abs(x - y) > decimal.Decimal("2e-6") else None
+
+
+# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
+_CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
+_CHOICE_TEXT = re.compile(r"^.*?\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE | re.DOTALL)
+_YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
+_PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
+_RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
+_OR = re.compile(r"\\text\s*\{\s*or\s*\}|\\(?:lor|vee)(?![a-zA-Z])|\bor\b")
+_UPPER = {"<": ")", "\\lt": ")", "\\le": "]", "\\leq": "]", "\\leqslant": "]"}  # x < b: (.., b); x \le b: (.., b]
+_LOWER = {">": "(", "\\gt": "(", "\\ge": "[", "\\geq": "[", "\\geqslant": "["}
+
+
+def _unwrap(text: str) -> str:
+    return _WRAPPER.sub(lambda m: m.group(1), text).strip().strip("$").strip()
+
+
+def _choice(text: str) -> str | None:
+    """The option letter of a multiple-choice answer: C, (C), \\textbf{(C) } 12, C: 12; None otherwise (or
+    when a second option letter follows: a hedge)."""
+    m = _CHOICE.fullmatch(_unwrap(text))
+    if not m or re.search(r"\([A-E]\)|\b[A-E]\b", m.group(3) or m.group(5) or ""):
+        return None
+    return m.group(1) or m.group(2) or m.group(4)
+
+
+def _interval(part: str) -> str | None:
+    """x < b, x \\ge a, a \\le x < b (one variable) as an interval; None for anything else."""
+    sides = [t.strip() for t in _RELATION.split(part)]
+    ops = [o.strip() for o in _RELATION.findall(part)]
+    var = re.compile(r"[a-zA-Z]")
+    if len(ops) == 1 and var.fullmatch(sides[0]) and sides[1]:
+        return (f"(-\\infty, {sides[1]}{_UPPER[ops[0]]}" if ops[0] in _UPPER
+                else f"{_LOWER[ops[0]]}{sides[1]}, \\infty)")
+    if len(ops) == 2 and var.fullmatch(sides[1]) and sides[0] and sides[2]:
+        if ops[0] in _UPPER and ops[1] in _UPPER:  # a < x \le b
+            return f"{'(' if _UPPER[ops[0]] == ')' else '['}{sides[0]}, {sides[2]}{_UPPER[ops[1]]}"
+        if ops[0] in _LOWER and ops[1] in _LOWER:  # b > x \ge a
+            return f"{'(' if _LOWER[ops[1]] == '(' else '['}{sides[2]}, {sides[0]}{')' if _LOWER[ops[0]] == '(' else ']'}"
+    return None
+
+
+def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool:
+    """The (answer, gold) pairs to grade, any of which equal is right, or the verdict itself."""
+    if kind == "text":  # an unboxed final answer: only the choice letter is read here
+        letter, gold_letter = _choice(_CHOICE_TEXT.sub("", answer).strip(" *.")), _choice(gold)
+        return letter == gold_letter if letter and gold_letter else [(answer, gold)]
+    gold_letter = _choice(gold)
+    if gold_letter and _choice(answer):  # (c) a choice names its option by the letter
+        return _choice(answer) == gold_letter
+    yes_no = _YES_NO.fullmatch(_unwrap(gold))
+    said = _YES_NO.match(_unwrap(answer))
+    if yes_no and said:  # (d) "No, it is not possible." answers a yes/no question with its first word
+        return said.group(1).lower() == yes_no.group(1).lower()
+    pct_gold, pct = _PERCENT.fullmatch(gold), _PERCENT.fullmatch(answer)
+    if pct_gold:  # (e) a percentage gold: the answer's number is read in percent (25 or 25%, not 0.25)
+        return [(pct.group(1) if pct else answer, pct_gold.group(1))]
+    if pct:  # (e) 25% for the gold 25 (a percent asked) or 0.25 (a fraction asked)
+        x = pct.group(1).strip()
+        hundredth = (str(decimal.Decimal(x) / 100) if _PLAIN_NUMBER.fullmatch(x) else "\\frac{" + x + "}{100}")
+        return [(x, gold), (hundredth, gold)]
+    if _RELATION.search(answer) and not _RELATION.search(gold):  # (f) inequalities for an interval gold
+        parts = [_interval(p) for p in _OR.split(answer)]
+        if all(parts):
+            return [(" \\cup ".join(parts), gold)]
+    return [(answer, gold)]
+
+
+def candidates(response: str, require_think: bool = True) -> tuple[str, list[str]] | None:
+    """What a response offers as its final answer: ("boxed", the different boxed answers that stand) or
+    ("text", [the answer text without a box]), normalised; None when it scores 0 without grading: no
+    `</think>` (when required), more than MAX_DISTINCT_ANSWERS boxes, a box over MAX_ANSWER_CHARS, a hedge."""
+    if "</think>" in response:
+        text = response.split("</think>", 2)[1]
+    elif require_think:
+        return None
+    else:
+        text = response
+    boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in boxed_answers(text) if b.strip()))
+    if boxes:
+        if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
+            return None
+        boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
+        return ("boxed", boxes) if boxes else None
+    text = _EMPTY_BOX.sub("", text)
+    cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
+    text = (text[:cut.start()] if cut else text).strip()
+    if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
+        tail = text[-MAX_TEXT_CHARS:]
+        text = tail[tail.index("\n") + 1:] if "\n" in tail else tail
+    statement = None
+    for statement in _ANSWER_STATEMENT.finditer(text):  # the last "the answer is ..." / "Answer: ..."
+        pass
+    if statement is not None:  # grade that sentence: a check after it must not be read as the answer
+        end = _SENTENCE_END.search(text, statement.end())
+        text = text[statement.start():end.start() + 1 if end else len(text)]
+        if _HEDGE.search(text):  # "the answer is 5 or 6": math-verify would take the 5
+            return None
+    return ("text", [normalize_answer(text)]) if text else None
