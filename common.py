@@ -15,7 +15,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   5. Data              load_rows (validate every row of a file), format_prompt, MATH_SYSTEM_PROMPT
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
-  8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler
+  8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
+                       demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
  11. Logging           MetricsLogger: metrics.jsonl, optional wandb
@@ -1701,6 +1702,13 @@ class Sample:
     @property
     def response_ids(self) -> list[int]:
         return self.prefix_ids + self.generated_ids
+
+
+def demonstration_sample(row: dict, tokenizer) -> Sample:
+    """A row's y* + EOS as a whole response, as LUFFY-style groups and the forks train it: all of it is the
+    prefix (prefix_mask = 1), nothing is generated; `text` is what the verifier grades."""
+    return Sample(row["prompt_ids"], row["demo_ids"], [], tokenizer.decode(row["demo_ids"], skip_special_tokens=True),
+                  finished=True)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
