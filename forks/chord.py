@@ -98,12 +98,6 @@ def mu_schedule(t: int, cfg: Config) -> float:
     return cfg.mu_valley + (cfg.mu_peak - cfg.mu_valley) * cosine
 
 
-def demonstration_sample(row: dict, tokenizer) -> common.Sample:
-    """y* + EOS as a whole response: all of it is the sampler's prefix (prefix_mask = 1), as in luffy.py."""
-    text = tokenizer.decode(row["demo_ids"], skip_special_tokens=True)
-    return common.Sample(row["prompt_ids"], row["demo_ids"], [], text, finished=True)
-
-
 def grpo_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Config, norm: float, token_norm: float,
               demo_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (53): Eq. (15) on the rollouts, Eq. (54) on the demonstrations (demo_mask).
@@ -167,7 +161,7 @@ def main():
         rewards = torch.tensor(run.verifier([s.text for s in samples],
                                             [p["answer"] for p in prompts for _ in range(G)]))  # [P*G]
         advantages = group_advantages(rewards.view(-1, G), cfg.adv_std)  # [P, G], Eq. (9)/(10): rollouts only
-        samples = [s for p, g in zip(prompts, groups) for s in [*g, demonstration_sample(p, run.tokenizer)]]
+        samples = [s for p, g in zip(prompts, groups) for s in [*g, common.demonstration_sample(p, run.tokenizer)]]
         advantages = torch.cat([advantages, torch.zeros(len(prompts), 1)], 1).view(-1)  # [P*(G+1)], y* last
         t1 = time.time()
 

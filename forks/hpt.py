@@ -93,12 +93,6 @@ def sft_prompts(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return rewards.mean(dim=1) <= gamma + 1e-9
 
 
-def demonstration_sample(row: dict, tokenizer) -> common.Sample:
-    """y* + EOS as a whole response: all of it is the sampler's prefix (prefix_mask = 1), as in luffy.py."""
-    text = tokenizer.decode(row["demo_ids"], skip_special_tokens=True)
-    return common.Sample(row["prompt_ids"], row["demo_ids"], [], text, finished=True)
-
-
 def grpo_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: float, token_norm: float,
               demo_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (57): Eq. (15) on the RL prompts' rollout tokens (mask), the NLL on the SFT
@@ -159,7 +153,7 @@ def main():
         advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (9)/(10)
         sft = sft_prompts(rewards.view(-1, G), cfg.sft_gate)  # [P], Eq. (56)
         samples = [s for p, g, f in zip(prompts, groups, sft.tolist())
-                   for s in ([demonstration_sample(p, run.tokenizer), *g[1:]] if f else g)]  # y* replaces rollout 1
+                   for s in ([common.demonstration_sample(p, run.tokenizer), *g[1:]] if f else g)]  # y* for rollout 1
         rl = (~sft).float().repeat_interleave(G)  # [P*G]: 1 on the samples of RL prompts
         t1 = time.time()
 

@@ -216,6 +216,20 @@ def test_chord_mu_zero_is_grpo_and_mu_one_is_sft():
 # =============================================================================================
 
 
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == 2))
+
+
+def test_demonstration_sample_is_all_prefix():
+    """common.demonstration_sample (CHORD's and HPT's demonstrations): y* + EOS as the sampler's prefix, nothing
+    generated, so make_batch marks every response token prefix_mask = 1; the verifier grades it without EOS."""
+    s = common.demonstration_sample({"prompt_ids": [7, 8], "demo_ids": [30, 31, 2]}, _Tok())
+    assert (s.prompt_ids, s.prefix_ids, s.generated_ids, s.text, s.finished) == ([7, 8], [30, 31, 2], [], "30 31", True)
+    mb = common.make_batch([s.prompt_ids], [s.response_ids], 0, "cpu", prefix_lens=[len(s.prefix_ids)])
+    assert mb["prefix_mask"].tolist() == mb["response_mask"].tolist() == [[1, 1, 1]]
+
+
 def test_hpt_gate_per_question_by_hand():
     """Eq. (56): SFT where the accuracy P <= gamma. gamma = 0 (official, Qwen): only all-failed questions;
     gamma = 2/8 (official, LLaMA): at most 2 of 8 solved."""
