@@ -106,6 +106,8 @@ class BaseConfig:
     eval_samples: int = 0  # k for evaluation sets given without ":k"; 0 = auto: the builtin task's, 1 for
     # files (METHODS 9: pass@1 averaged over k samples; the papers use 32 for AIME and AMC, 1 elsewhere)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
+    eval_pass_k: bool = False  # also log unbiased pass@k (Eq. 58) for k = 1, 2, 4, ... up to a set's samples
+    # per problem (at most 64) as eval_pass@<k>_<set>: give the sets that many samples (builtin:64), they cost time
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
     lr: float = 1e-6  # peak learning rate
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant or cosine to 0
@@ -631,7 +633,7 @@ _RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|roll
 # The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
 # watched. Any other change would make it another run than the one its checkpoint continues.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
-                     "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
+                     "eval_pass_k", "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
                      "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
 
@@ -2099,12 +2101,24 @@ def _eval_seed(seed: int, name: str, rank: int) -> int:
     return zlib.crc32(f"{seed}:{name}:{rank}".encode())
 
 
+PASS_K = (1, 2, 4, 8, 16, 32, 64)  # the k of --eval_pass_k, each up to the set's samples per problem
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """METHODS.md Eq. (58): the unbiased pass@k of a problem with c correct among n samples (arXiv 2107.03374),
+    1 - C(n-c, k) / C(n, k), as 1 - prod_{i=n-c+1..n} (1 - k / i): no binomial is ever formed."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
-                  max_tokens: int, seed: int, records: list | None = None) -> dict:
+                  max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False) -> dict:
     """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature`
     (top-p 1) graded by the training verifier; pass@1 averaged over k per problem, then over problems
     (and per level), eval_accuracy over sets. Builtin: eval_wrong_steps_<set>, the rewarded samples
-    with wrong worked steps. Problems split over ranks, draws seeded by (seed, set, rank). With
+    with wrong worked steps. pass_k: also eval_pass@<k>_<set>[_level<L>], Eq. (58), for k in PASS_K up to
+    the set's k. Problems split over ranks, draws seeded by (seed, set, rank). With
     `records`, rank 0 appends each sample of all ranks: set, index, prompt, gold, level, sample,
     response, answer (what was graded), reward, finished (evaluate.py's records.jsonl)."""
     metrics = {}
@@ -2134,6 +2148,18 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
             metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
         if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
             metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
+        ks = [k for k in PASS_K if pass_k and k <= s.k]  # [] unless asked
+        at_k = [0.0] * (len(ks) * (1 + len(levels)))  # per k: overall, then per level
+        for i, r in enumerate(rows):
+            c = sum(reward == 1 for reward, _ in graded[i * s.k:(i + 1) * s.k])
+            for u in [0] + ([1 + levels.index(_level_key(r["level"]))] if r["level"] is not None else []):
+                for j, k in enumerate(ks):
+                    at_k[u * len(ks) + j] += pass_at_k(s.k, c, k)
+        at_k = all_reduce(at_k) if ks else []
+        for j, k in enumerate(ks):
+            metrics[f"eval_pass@{k}_{s.name}"] = at_k[j] / max(sums[1], 1)
+            for u, level in enumerate(levels, 1):
+                metrics[f"eval_pass@{k}_{s.name}_level{level}"] = at_k[u * len(ks) + j] / max(sums[1 + 2 * u], 1)
         if records is not None:
             mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
                      "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
@@ -2153,7 +2179,7 @@ def evaluate(run: "Run") -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
     metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
-                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
+                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     return metrics
 
