@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import common
 import test_cli
@@ -126,6 +128,30 @@ def test_forking_gates_against_a_plain_sort(seed, frac):
     got = {(k, r, c) for k, gt in enumerate(gates) for r, c in (gt > 0).nonzero().tolist()}
     assert got == keep and len(got) == n_keep
     assert all(torch.all(gt[m == 0] == 0) for gt, m in zip(gates, masks))  # never a padding token
+
+
+def _gate_worker(rank, store, ents, masks, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.save(forking_tokens.forking_gates(ents[rank], masks[rank], 0.2), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_forking_gates_pool_the_step_across_ranks(tmp_path):
+    """Two gloo ranks with two micro-batches each give exactly the gates of one process holding all four (rank 0's
+    first): ceil(0.2 N) over the whole step. Rank 0 holds only low entropies, so a per-rank top 20% would keep
+    some of its tokens; pooled, the kept tokens are all rank 1's, and a tie at the boundary goes to the earlier."""
+    ents = [[torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([[0.15, 0.25, 0.05]])],
+            [torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[1.0, 3.0, 0.5]])]]
+    masks = [[torch.ones(1, 3), torch.ones(1, 3)], [torch.tensor([[1, 1, 0]]), torch.ones(1, 3)]]
+    mp.start_processes(_gate_worker, args=(str(tmp_path / "store"), ents, masks, str(tmp_path / "gates")), nprocs=2,
+                       start_method="fork")
+    got = [torch.load(tmp_path / f"gates.{r}") for r in range(2)]
+    single = forking_tokens.forking_gates(ents[0] + ents[1], masks[0] + masks[1], 0.2)
+    for r in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(got[r], single[2 * r:2 * r + 2]))
+    # N = 11 response tokens -> ceil(2.2) = 3 kept: 3.0, 2.0 and the first of the two 1.0s (rank 1, micro-batch 0)
+    assert [g.tolist() for g in got[0]] == [[[0, 0, 0]], [[0, 0, 0]]]
+    assert [g.tolist() for g in got[1]] == [[[1, 1, 0]], [[0, 1, 0]]]
 
 
 def test_forking_loss_only_gated_tokens_get_gradient():
