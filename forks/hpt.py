@@ -25,7 +25,8 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
     python forks/hpt.py --model RoadQAQ/Qwen2.5-Math-1.5B-16k-think --data openr1.parquet --demo_key target \\
         --prompt_key prompt --answer_key reward_model.ground_truth --max_prompt_len 1024 \\
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler)
-    torchrun --nproc_per_node 8 forks/hpt.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet --demo_key target \\
+    torchrun --nproc_per_node 8 forks/hpt.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
+        --demo_key target \\
         --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet --max_grad_norm 80 \\
         --lr 5e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std --clip_eps_low 1e9 \\
         --clip_eps_high 1e9 --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
