@@ -116,7 +116,7 @@ def grpo_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Confi
     prob = torch.exp(logp.detach())  # [B, R]: p_t, the weight carries no gradient
     phi = prob * (1 - prob) if cfg.phi else torch.ones_like(prob)  # Eq. (54): sg(phi(p_t))
     sft_loss = common.aggregate(-phi * logp, demo_mask, "token-mean", demo_norm)  # Eq. (54), arXiv 2508.11408
-    loss = (1 - mu) * pg_loss + mu * sft_loss  # Eq. (53)
+    loss = (1 - mu) * pg_loss + mu * sft_loss  # Eq. (53), arXiv 2508.11408
     terms = {"pg_loss": pg_loss.detach(), "sft_loss": sft_loss.detach(),
              "phi_weight": common.aggregate(phi, demo_mask, "token-mean", demo_norm),
              "clip_frac": common.aggregate((clipped > unclipped).float(), mask, "token-mean", token_norm)}

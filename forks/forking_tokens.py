@@ -112,7 +112,7 @@ def grpo_loss(logp, old_logp, advantages, mask, gate, cfg: Config, norm: float, 
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
     clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = gate * torch.maximum(unclipped, clipped)  # Eq. (52) = g * Eq. (4): gated tokens, no gradient
+    per_token = gate * torch.maximum(unclipped, clipped)  # Eq. (52), arXiv 2506.01939: g * Eq. (4)
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),

@@ -108,8 +108,8 @@ def grpo_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: fl
     clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
     per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
-    sft_loss = common.aggregate(-logp, demo_mask, "token-mean", demo_norm)  # Eq. (57): Eq. (13) on y*
-    loss = pg_loss + cfg.sft_coef * sft_loss  # Eq. (57), arXiv 2509.04419: alpha, beta live in the two masks
+    sft_loss = common.aggregate(-logp, demo_mask, "token-mean", demo_norm)  # Eq. (57), arXiv 2509.04419: NLL of y*
+    loss = pg_loss + cfg.sft_coef * sft_loss  # Eq. (57): alpha_x, beta_x of Eq. (56) live in the two masks
     terms = {"pg_loss": pg_loss.detach(), "sft_loss": sft_loss.detach(),
              "clip_frac": common.aggregate((clipped > unclipped).float(), mask, "token-mean", token_norm)}
     if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped

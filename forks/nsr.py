@@ -75,7 +75,7 @@ def decomposed_advantages(rewards: torch.Tensor, objective: str, positive_weight
     """rewards [N] in {0, 1} -> advantages [N], Eq. (49)-(50), arXiv 2506.01347: lambda_+ on correct
     responses, -lambda_- on wrong ones; no group statistics."""
     plus, minus = {"nsr": (0.0, 1.0), "psr": (1.0, 0.0), "w_reinforce": (positive_weight, 1.0)}[objective]
-    return plus * rewards - minus * (1 - rewards)  # Eq. (49)
+    return plus * rewards - minus * (1 - rewards)  # Eq. (49), arXiv 2506.01347
 
 
 def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_norm: float,
