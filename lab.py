@@ -11,8 +11,9 @@ on a branch without it, is listed as missing in the results), with seeds 0, 1, 2
 baselines SFT then GRPO and GRPO then SFT, whose second stage starts from the first stage's final
 checkpoint, plus the forks of FORKS (forks/, with the RL budget), and after each run of PASSK (and once
 per seed for the base) a pass@k evaluation of its final model (evaluate.py --pass_k, METHODS.md Eq. 58).
-`--methods trainers` or `--methods forks` runs one group alone. Each run is a subprocess of the trainer's own command line,
-`python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console in lab.log there.
+`--methods trainers` or `--methods forks` runs one group alone. Each run is a subprocess of the trainer's
+own command line, `python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console
+in lab.log there.
 
 Budget matching (BUDGET_TEXT, also written into results.md):
   - the same base (the built-in one) and the same prompts: 80 steps x 16 prompts = 1280, drawn in the same
@@ -62,7 +63,8 @@ TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft")}
 # The forks of forks/ (README, "Forks"): script and the flags that pick the idea; nsr.py runs three objectives
 FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py", ("--objective", "psr")),
          "w_reinforce": ("forks/nsr.py", ("--objective", "w_reinforce")),
-         "forking_tokens": ("forks/forking_tokens.py", ()), "chord": ("forks/chord.py", ()), "hpt": ("forks/hpt.py", ())}
+         "forking_tokens": ("forks/forking_tokens.py", ()), "chord": ("forks/chord.py", ()),
+         "hpt": ("forks/hpt.py", ())}
 METHODS = TRAINERS + list(TWO_STAGE) + list(FORKS)
 GROUPS_OF_METHODS = {"trainers": TRAINERS + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # --methods forks: a group
 PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
@@ -727,7 +729,8 @@ def passk_series(res: dict) -> dict:
             if group in GROUPS and ks:
                 out.setdefault(label, {})[group] = {"steps": [int(k) for k in ks],
                                                     "mean": [by_k[k]["mean"] for k in ks],
-                                                    "lo": [by_k[k]["min"] for k in ks], "hi": [by_k[k]["max"] for k in ks]}
+                                                    "lo": [by_k[k]["min"] for k in ks],
+                                                    "hi": [by_k[k]["max"] for k in ks]}
     return out
 
 
