@@ -15,7 +15,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
-  8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler
+  8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
+                       demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
 
@@ -85,6 +86,8 @@ class BaseConfig:
     eval_samples: int = 0  # k for evaluation sets given without ":k"; 0 = auto: the builtin task's, 1 for
     # files (METHODS 9: pass@1 averaged over k samples; the papers use 32 for AIME and AMC, 1 elsewhere)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
+    eval_pass_k: bool = False  # also log unbiased pass@k (Eq. 58) for k = 1, 2, 4, ... up to a set's samples
+    # per problem (at most 64) as eval_pass@<k>_<set>: give the sets that many samples (builtin:64), they cost time
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
     lr: float = 1e-6  # peak learning rate
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant or cosine to 0
@@ -1304,6 +1307,13 @@ class Sample:
         return self.prefix_ids + self.generated_ids
 
 
+def demonstration_sample(row: dict, tokenizer) -> Sample:
+    """A row's y* + EOS as a whole response, as LUFFY-style groups and the forks train it: all of it is the
+    prefix (prefix_mask = 1), nothing is generated; `text` is what the verifier grades."""
+    return Sample(row["prompt_ids"], row["demo_ids"], [], tokenizer.decode(row["demo_ids"], skip_special_tokens=True),
+                  finished=True)
+
+
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """The tokens that end a response, for both samplers: the tokenizer's EOS plus generation_config's
     eos_token_id(s), which vLLM stops on too (Qwen2.5 instruct: <|im_end|> and <|endoftext|>)."""
@@ -1667,11 +1677,23 @@ def _level_key(level) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
 
 
+PASS_K = (1, 2, 4, 8, 16, 32, 64)  # the k of --eval_pass_k, each up to the set's samples per problem
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """METHODS.md Eq. (58): the unbiased pass@k of a problem with c correct among n samples (arXiv 2107.03374),
+    1 - C(n-c, k) / C(n, k), as 1 - prod_{i=n-c+1..n} (1 - k / i): no binomial is ever formed."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
-                  max_tokens: int, seed: int, records: list | None = None) -> dict:
+                  max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False) -> dict:
     """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
     1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
-    averaged over k, then over problems (and per level); eval_accuracy over sets. `records`: rank 0 appends
+    averaged over k, then over problems (and per level); eval_accuracy over sets. pass_k: also
+    eval_pass@<k>_<set>[_level<L>], Eq. (58), for k in PASS_K up to the set's k. `records`: rank 0 appends
     every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
@@ -1701,6 +1723,18 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
             metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
         if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
             metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
+        ks = [k for k in PASS_K if pass_k and k <= s.k]  # [] unless asked
+        at_k = [0.0] * (len(ks) * (1 + len(levels)))  # per k: overall, then per level
+        for i, r in enumerate(rows):
+            c = sum(reward == 1 for reward, _ in graded[i * s.k:(i + 1) * s.k])
+            for u in [0] + ([1 + levels.index(_level_key(r["level"]))] if r["level"] is not None else []):
+                for j, k in enumerate(ks):
+                    at_k[u * len(ks) + j] += pass_at_k(s.k, c, k)
+        at_k = all_reduce(at_k) if ks else []
+        for j, k in enumerate(ks):
+            metrics[f"eval_pass@{k}_{s.name}"] = at_k[j] / max(sums[1], 1)
+            for u, level in enumerate(levels, 1):
+                metrics[f"eval_pass@{k}_{s.name}_level{level}"] = at_k[u * len(ks) + j] / max(sums[1 + 2 * u], 1)
         if records is not None:
             mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
                      "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
@@ -1720,7 +1754,7 @@ def evaluate(run: "Run") -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
     metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
-                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed)
+                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     return metrics
 

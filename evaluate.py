@@ -14,7 +14,8 @@ records.jsonl in --output_dir.
 --model is an HF model directory or hub id, a trainer's checkpoint directory (checkpoint-N/, whose
 model/ is loaded), a run directory (its newest checkpoint), or "builtin" (the tiny base model).
 Each --data entry is FILE[:k] or builtin[:k]: k samples per problem (the papers use 32 for AIME and
-AMC, 1 elsewhere); without ":k", --eval_samples.
+AMC, 1 elsewhere); without ":k", --eval_samples. --pass_k adds the unbiased pass@k for k = 1, 2, 4, ...
+up to each set's k (at most 64), e.g. `--data builtin:64 --pass_k`.
 """
 import dataclasses
 import json
@@ -37,6 +38,7 @@ class Config:
     answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
     eval_samples: int = 0  # k for sets given without ":k"; 0 = auto: 1 for files, the builtin task's for builtin
     temperature: float = 0.6  # METHODS 9: sampling temperature (top-p 1.0)
+    pass_k: bool = False  # also unbiased pass@k (METHODS.md Eq. 58) for k = 1, 2, 4, ... up to each set's k (<= 64)
     max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
     # 0 = auto: 1024 with files (the papers'), the builtin task's when only builtin is evaluated
     max_response_len: int = 0  # response budget in tokens; 0 = auto: 8192 with files (the papers'), the
@@ -102,7 +104,8 @@ def main():
     sampler = common.make_sampler(cfg, d, tokenizer, path, policy)
     records = []
     metrics = common.evaluate_sets(sets, sampler, verifier, d, temperature=cfg.temperature,
-                                   max_tokens=cfg.max_response_len, seed=cfg.seed, records=records)
+                                   max_tokens=cfg.max_response_len, seed=cfg.seed, records=records,
+                                   pass_k=cfg.pass_k)
     verifier.close()
     if d.main:
         os.makedirs(cfg.output_dir, exist_ok=True)

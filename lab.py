@@ -9,8 +9,11 @@ claims put to the test. One command, one results folder:
 What runs. Every trainer of TRAINERS whose file exists next to this one (one that does not, e.g. srft.py
 on a branch without it, is listed as missing in the results), with seeds 0, 1, 2, plus the two-stage
 baselines SFT then GRPO and GRPO then SFT, whose second stage starts from the first stage's final
-checkpoint. Each run is a subprocess of the trainer's own command line,
-`python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console in lab.log there.
+checkpoint, plus the forks of FORKS (forks/, with the RL budget), and after each run of PASSK (and once
+per seed for the base) a pass@k evaluation of its final model (evaluate.py --pass_k, METHODS.md Eq. 58).
+`--methods trainers` or `--methods forks` runs one group alone. Each run is a subprocess of the trainer's
+own command line, `python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console
+in lab.log there.
 
 Budget matching (BUDGET_TEXT, also written into results.md):
   - the same base (the built-in one) and the same prompts: 80 steps x 16 prompts = 1280, drawn in the same
@@ -57,10 +60,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAINERS = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # table order
 FUSION = ["luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # single-stage fusion (claim 3)
 TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft")}
-METHODS = TRAINERS + list(TWO_STAGE)
+# The forks of forks/ (README, "Forks"): script and the flags that pick the idea; nsr.py runs three objectives
+FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py", ("--objective", "psr")),
+         "w_reinforce": ("forks/nsr.py", ("--objective", "w_reinforce")),
+         "forking_tokens": ("forks/forking_tokens.py", ()), "chord": ("forks/chord.py", ()),
+         "hpt": ("forks/hpt.py", ())}
+METHODS = TRAINERS + list(TWO_STAGE) + list(FORKS)
+GROUPS_OF_METHODS = {"trainers": TRAINERS + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # --methods forks: a group
+PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
 LABELS = {"sft": "SFT", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT", "uft": "UFT",
           "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
-          "grpo_then_sft": "GRPO then SFT"}
+          "grpo_then_sft": "GRPO then SFT", "nsr": "NSR (fork)", "psr": "PSR (fork)",
+          "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)", "chord": "CHORD (fork)",
+          "hpt": "HPT (fork)"}
 GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task v3: levels by reachability
 GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)"}
 
@@ -84,12 +96,14 @@ class Budget:
     seeds: tuple = (0, 1, 2)
     model: str = "builtin"  # the base of every method (tests pass a tiny random model)
     trainer_flags: tuple = ()  # extra flags of common.BaseConfig, given to every trainer
+    passk_samples: int = 64  # samples per problem of the final pass@k evaluation (PASSK and the base); 0 = none
+    passk_per_level: int = 10  # held-out problems per level in it (the first of each level)
 
 
 @dataclass
 class Job:
     name: str  # "grpo-s0", "sft_then_grpo-s0/stage2"
-    script: str  # "grpo.py"
+    script: str  # "grpo.py", "forks/nsr.py", or "evaluate.py" for a pass@k evaluation
     args: list  # the trainer's flags, --output_dir included
     out: str  # its output directory
     last_step: int
@@ -105,6 +119,11 @@ def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
             have.append(name)
         else:
             missing[name] = "needs " + " and ".join(f"{s}.py" for s in stages)
+    for m, (script, _) in FORKS.items():
+        if os.path.exists(os.path.join(root, script)):
+            have.append(m)
+        else:
+            missing[m] = f"{script} is not in this checkout"
     return have, missing
 
 
@@ -123,16 +142,36 @@ def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, 
     return args + list(budget.trainer_flags)
 
 
-def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None = None) -> list[Job]:
-    """Every run of the lab, seed by seed (so a lab cut short has whole seeds), second stages last."""
+def passk_job(name: str, model: str, out: str, seed: int, budget: Budget, passk_file: str, after: str | None) -> Job:
+    """evaluate.py --pass_k on the first passk_per_level held-out problems of each level, passk_samples each."""
+    import builtin_task  # the built-in budgets (torch and transformers: only when pass@k is planned)
+
+    return Job(name, "evaluate.py", ["--model", model, "--data", f"{passk_file}:{budget.passk_samples}",
+                                     "--output_dir", out, "--seed", str(seed), "--max_prompt_len",
+                                     str(builtin_task.SETTINGS["max_prompt_len"]), "--max_response_len",
+                                     str(builtin_task.SETTINGS["max_response_len"]), "--pass_k"], out, 0, after=after)
+
+
+def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None = None,
+         passk_file: str | None = None) -> list[Job]:
+    """Every run of the lab, seed by seed (so a lab cut short has whole seeds), second stages last; with
+    passk_file, a pass@k evaluation of the base and of each PASSK method's final model after its run."""
     jobs = []
     for seed in budget.seeds:
+        if passk_file and any(m in PASSK for m in methods):
+            out = os.path.join(results, "runs", f"base-s{seed}", "passk")
+            jobs.append(passk_job(f"base-s{seed}/passk", budget.model, out, seed, budget, passk_file, None))
         for m in methods:
             out = os.path.join(results, "runs", f"{m}-s{seed}")
-            if m in TRAINERS:
-                jobs.append(Job(f"{m}-s{seed}", f"{m}.py",
-                                trainer_args(m, budget, seed, budget.steps, out, budget.model, eval_file),
+            if m in TRAINERS or m in FORKS:
+                script, extra = FORKS.get(m, (f"{m}.py", ()))
+                jobs.append(Job(f"{m}-s{seed}", script,
+                                trainer_args(m, budget, seed, budget.steps, out, budget.model, eval_file) + list(extra),
                                 out, budget.steps))
+                if passk_file and m in PASSK:
+                    final = os.path.join(out, f"checkpoint-{budget.steps:06d}")
+                    jobs.append(passk_job(f"{m}-s{seed}/passk", final, os.path.join(out, "passk"), seed, budget,
+                                          passk_file, after=f"{m}-s{seed}"))
                 continue
             (first, second), half = TWO_STAGE[m], budget.steps // 2
             s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
@@ -201,7 +240,9 @@ def same_run(job: Job, state: dict | None, results: str, first: Job | None) -> b
 
 
 def complete(job: Job) -> bool:
-    """metrics.jsonl reaches the last step and the final checkpoint exists."""
+    """metrics.jsonl reaches the last step and the final checkpoint exists (an evaluation: metrics.json exists)."""
+    if job.script == "evaluate.py":
+        return os.path.exists(os.path.join(job.out, "metrics.json"))
     return (any(r["step"] == job.last_step for r in read_metrics(job.out))
             and os.path.isdir(os.path.join(job.out, f"checkpoint-{job.last_step:06d}")))
 
@@ -219,7 +260,8 @@ def start(job: Job, results: str, threads: int, fresh: bool, first: Job | None =
         shutil.rmtree(job.out, ignore_errors=True)
         state = {"signature": signature(job, results), "after": origin(first), "attempts": []}
     os.makedirs(job.out, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args] + (["--resume"] if state["attempts"] else [])
+    resume = state["attempts"] and job.script != "evaluate.py"  # an evaluation simply runs again
+    cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args] + (["--resume"] if resume else [])
     state["attempts"].append({"started": now(), "command": shlex.join(cmd), "wall_s": None, "returncode": None})
     with open(os.path.join(job.out, "lab_job.json"), "w") as f:
         json.dump(state, f, indent=1)
@@ -399,6 +441,37 @@ def summarize_method(runs: list[dict]) -> dict:
     return out
 
 
+PASSK_KEY = re.compile(r"eval_pass@(\d+)_.+_level(\w+)")  # eval_pass@<k>_<set>_level<L> (evaluate.py --pass_k)
+
+
+def read_passk(out: str) -> dict | None:
+    """A pass@k evaluation's metrics.json -> {"all" | "reachable" | "out_of_reach": {k: pass@k}}; a group is the
+    mean of its levels, "all" the mean of every level (equal problems per level)."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)["metrics"]
+    by_k = {}
+    for key, v in metrics.items():
+        if m := PASSK_KEY.fullmatch(key):
+            by_k.setdefault(m.group(1), {})[m.group(2)] = v
+    out = {}
+    for k, levels in by_k.items():
+        out.setdefault("all", {})[k] = sum(levels.values()) / len(levels)
+        for group, members in GROUPS.items():
+            if all(lv in levels for lv in members):
+                out.setdefault(group, {})[k] = sum(levels[lv] for lv in members) / len(members)
+    return out
+
+
+def passk_stats(values: list) -> dict:
+    """Per group and k, stats over the seeds' read_passk results (None: not measured)."""
+    values = [v for v in values if v]
+    return {g: {k: stats([v[g].get(k) for v in values if g in v])
+                for k in sorted({k for v in values for k in v.get(g, {})}, key=int)} for g in ("all", *GROUPS)}
+
+
 def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, budget: Budget, results: str) -> dict:
     """Everything results.md, the figures and the verdicts need, as one JSON-able dict."""
     by_name = {j.name: j for j in jobs}
@@ -422,8 +495,13 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
                 run.update(status="failed", failed=bad, why=", ".join(f"{n}: {status.get(n, 'not run')}" for n in bad),
                            logs=[os.path.relpath(failure_log(results, n), results) for n in bad
                                  if status.get(n) == "failed"])
+            passk = f"{m}-s{seed}/passk"
+            if run["status"] == "ok" and status.get(passk) in ("done", "reused"):
+                run["passk"] = read_passk(by_name[passk].out)
             runs.append(run)
         out["methods"][m] = {"label": LABELS[m], "trainers": trainers, "runs": runs, "summary": summarize_method(runs)}
+        if any(r.get("passk") for r in runs):
+            out["methods"][m]["summary"]["passk"] = passk_stats([r.get("passk") for r in runs])
     # The base: the step-0 evaluations of the single-stage runs of one seed are the same model and draws
     base_runs = [r for m in methods if m in TRAINERS for r in out["methods"][m]["runs"] if r["status"] == "ok"]
     seen, per_seed = set(), []
@@ -432,6 +510,10 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
             seen.add(r["seed"])
             per_seed.append(r["base"])
     out["base"] = {k: stats([b.get(k) for b in per_seed]) for k in sorted({k for b in per_seed for k in b})}
+    base_passk = [read_passk(by_name[n].out) for n in (f"base-s{seed}/passk" for seed in budget.seeds)
+                  if status.get(n) in ("done", "reused")]
+    if base_passk:
+        out["base_passk"] = passk_stats(base_passk)
     return out
 
 
@@ -487,6 +569,33 @@ def table(res: dict) -> list[str]:
     return lines
 
 
+def forks_counter(res: dict) -> str:
+    """One line: how many fork runs finished, apart from the trainers' count (the forks are not reference trainers)."""
+    forks = [m for m in FORKS if m in res["methods"]]
+    runs = [r for m in forks for r in res["methods"][m]["runs"]]
+    if not forks:
+        return "Forks (forks/): none in this lab."
+    return (f"Forks (forks/, rows marked \"(fork)\"): {sum(r['status'] == 'ok' for r in runs)} of {len(runs)} runs "
+            f"finished ({', '.join(LABELS[m] for m in forks)}); the trainers and baselines: "
+            f"{sum(r['status'] == 'ok' for m, x in res['methods'].items() if m not in FORKS for r in x['runs'])} of "
+            f"{sum(len(x['runs']) for m, x in res['methods'].items() if m not in FORKS)}.")
+
+
+def passk_table(res: dict) -> list[str]:
+    """The final pass@k of the base and the PASSK methods, reachable / out-of-reach levels (mean over seeds)."""
+    curves = passk_series(res)
+    if not curves:
+        return []
+    ks = sorted({k for c in curves.values() for g in c.values() for k in g["steps"]})
+    lines = ["Final pass@k (unbiased, METHODS.md Eq. 58; mean over seeds), reachable / out-of-reach levels:", "",
+             "| method | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]
+    for label, c in curves.items():
+        cell = {g: dict(zip(c[g]["steps"], c[g]["mean"])) for g in c}
+        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{cell[g][k]:.3f}" if k in cell.get(g, {}) else "n/a"
+                                                             for g in GROUPS) for k in ks) + " |")
+    return lines + ["", "![pass@k against k](passk.png)", ""]
+
+
 def results_markdown(res: dict) -> str:
     lab, b = res["lab"], res["lab"]["budget"]
     steps, w = b["steps"], window(b["steps"])
@@ -506,6 +615,7 @@ def results_markdown(res: dict) -> str:
         BUDGET_TEXT.format(prompts_total=steps * b["prompts"], steps=steps, prompts=b["prompts"], half=steps // 2,
                            rest=steps - steps // 2), "",
         *table(res), "",
+        forks_counter(res), "",
         f"Accuracy: held-out pass@1 at step {steps} (mean over the samples of each problem at the evaluation "
         f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
         "is the mean of its levels. Each cell: mean over seeds, (min-max) over seeds (no range: all seeds "
@@ -522,6 +632,7 @@ def results_markdown(res: dict) -> str:
         "when it ran more than one at a time.", "",
         "![held-out accuracy against step](accuracy.png)", "",
         "![entropy against step](entropy.png)", "",
+        *passk_table(res),
         "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]
     for v in res.get("verdicts", []):
         text += [f"{v['claim']}. **{v['text']}** Verdict: **{v['verdict']}**. {v['measured']}", ""]
@@ -557,11 +668,13 @@ def figures(res: dict, results: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {LABELS[m]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(METHODS)}
+    colors = {LABELS[m]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(METHODS)}  # forks: dash-dot
+    colors["base model"] = "black"
 
     def draw(ax, data, title, ylabel):
         for label, s in data.items():
-            style = "--" if label in {LABELS[m] for m in TWO_STAGE} else "-"
+            style = "--" if label in {LABELS[m] for m in TWO_STAGE} else "-." if label in {LABELS[m] for m in FORKS} \
+                else "-"
             ax.plot(s["steps"], s["mean"], style, color=colors.get(label), label=label, lw=1.5)
             ax.fill_between(s["steps"], s["lo"], s["hi"], color=colors.get(label), alpha=0.15, lw=0)
         ax.set_title(title)
@@ -588,7 +701,37 @@ def figures(res: dict, results: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
+    curves = passk_series(res)
+    if curves:  # passk.png: pass@k against k, one curve per method, reachable and out-of-reach levels apart
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, group in zip(axes, GROUPS):
+            draw(ax, {label: c[group] for label, c in curves.items() if group in c},
+                 f"final pass@k, {GROUP_TEXT[group]}", "pass@k (unbiased, Eq. 58)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("k (samples per problem)")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+        fig.tight_layout()
+        paths.append(os.path.join(results, "passk.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
+
+
+def passk_series(res: dict) -> dict:
+    """{label: {group: {steps (= the k), mean, lo, hi}}} of the final pass@k curves: the base and PASSK methods."""
+    sources = {"base model": res.get("base_passk")}
+    sources.update({m["label"]: m["summary"].get("passk") for m in res["methods"].values()})
+    out = {}
+    for label, groups in sources.items():
+        for group, by_k in (groups or {}).items():
+            ks = [k for k, s in by_k.items() if s]
+            if group in GROUPS and ks:
+                out.setdefault(label, {})[group] = {"steps": [int(k) for k in ks],
+                                                    "mean": [by_k[k]["mean"] for k in ks],
+                                                    "lo": [by_k[k]["min"] for k in ks],
+                                                    "hi": [by_k[k]["max"] for k in ks]}
+    return out
 
 
 def write_results(res: dict, results: str, say=print) -> None:
@@ -631,6 +774,10 @@ RULES = [
     "its seed-mean accuracy on all levels reaches BREAD's final one, and the demonstration tokens it used "
     "until then; BREAD's total must be fewer. If it never reaches BREAD's accuracy, BREAD agrees when its "
     "total is below that method's whole-run total, and it cannot tell otherwise.",
+    "Claims 7-9 (the forks; pass@k from the final models' pass@k evaluation, Eq. 58, largest k measured): claim 7 "
+    "agrees unless GRPO's pass@k on the reachable levels is above the base's (\"no higher\"); claim 8 agrees unless "
+    "NSR's pass@k on all levels is below GRPO's (\"at least\"); claim 9: PSR's entropy fall (as in claim 5) must be "
+    "above GRPO's, NSR's and W-REINFORCE's, each comparison by rule 2, combined by rule 3.",
 ]
 CLAIMS = {
     1: "GRPO from a weak base improves the levels it can sometimes solve, not the levels it never solves.",
@@ -640,6 +787,10 @@ CLAIMS = {
     5: "GRPO's entropy falls faster than SRFT's and LUFFY's.",
     6: "BREAD reaches its accuracy with fewer demonstration tokens than the methods that always use the whole "
        "demonstration.",
+    7: "RL raises pass@1 but not pass@k at large k: GRPO's pass@64 on the reachable levels is no higher than the "
+       "base's.",
+    8: "NSR keeps pass@k: NSR's pass@k at large k is at least GRPO's.",
+    9: "PSR's entropy falls fastest (faster than GRPO's, NSR's and W-REINFORCE's).",
 }
 
 
@@ -765,6 +916,33 @@ def verdicts(res: dict) -> list[dict]:
     out.append((6, combine(parts), f"BREAD: all levels {fmt(target)} with {tokens} demo tokens (anchors of its "
                                    "trained groups)" + "".join("; " + n for n in notes) + "." +
                 absent(["bread", "sft", "luffy", "srft"])))
+    # 7-9: the forks' claims on pass@k and entropy
+    def at_k(stats_by_group, group):
+        by_k = (stats_by_group or {}).get(group) or {}
+        k = max((int(k) for k, s in by_k.items() if s), default=None)
+        return (k, by_k[str(k)]) if k else (None, None)
+
+    base_pk = res.get("base_passk")
+    grpo_pk = summ("grpo").get("passk") if summ("grpo") else None
+    k_g, g_reach = at_k(grpo_pk, "reachable")
+    k_b, b_reach = at_k(base_pk, "reachable")
+    c = compare(g_reach, b_reach, FLOOR["accuracy"]) if k_g and k_g == k_b else compare(None, None, 0)
+    v7 = "cannot tell" if c["side"] == "too few seeds" else "disagrees" if c["side"] == "above" else "agrees"
+    out.append((7, v7, f"Reachable levels, pass@{k_g or '?'}: base {fmt(b_reach)}, GRPO {fmt(g_reach)} ({c['side']})."
+                + ("" if base_pk else " No pass@k evaluation of the base.") + absent(["grpo"])))
+    nsr_pk = summ("nsr").get("passk") if summ("nsr") else None
+    k_n, n_all = at_k(nsr_pk, "all")
+    k_g, g_all = at_k(grpo_pk, "all")
+    c = compare(n_all, g_all, FLOOR["accuracy"]) if k_n and k_n == k_g else compare(None, None, 0)
+    v8 = "cannot tell" if c["side"] == "too few seeds" else "disagrees" if c["side"] == "below" else "agrees"
+    out.append((8, v8, f"All levels, pass@{k_n or '?'}: GRPO {fmt(g_all)}, NSR {fmt(n_all)} ({c['side']})." +
+                absent(["grpo", "nsr"])))
+    fall = {m: summ(m)["entropy_fall"] if summ(m) else None for m in ("psr", "grpo", "nsr", "w_reinforce")}
+    parts = {LABELS[m]: directional(compare(fall["psr"], fall[m], FLOOR["entropy"]), "above")
+             for m in ("grpo", "nsr", "w_reinforce") if fall[m] and fall["psr"]}
+    out.append((9, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
+                ", ".join(f"{LABELS[m]} {fmt(fall[m], 3)}" for m in fall) + "." +
+                absent(["psr", "grpo", "nsr", "w_reinforce"])))
     return [{"claim": n, "text": CLAIMS[n], "verdict": v, "measured": text} for n, v, text in out]
 
 
@@ -821,7 +999,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="trainers run at a time (each with OMP_NUM_THREADS = cores / N)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each trainer (default cores / jobs; 1 on "
                    "a machine busy with other work, where spinning OpenMP threads slow everything down)")
-    p.add_argument("--methods", default="all", help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--methods", default="all", help="comma-separated subset of " + ", ".join(METHODS) + ", or a "
+                   "group: trainers (the eight and the two-stage baselines), forks (GRPO and the forks)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default 80; --quick 4)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (even)")
@@ -831,6 +1010,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="builtin", help="base model of every method (default: the built-in one)")
     p.add_argument("--trainer_flags", default="", help="extra common flags for every trainer, e.g. "
                    "\"--eval_samples 8\" (--quick adds --eval_samples 2)")
+    p.add_argument("--passk_samples", type=int, default=None, help="samples per problem of the final pass@k "
+                   "evaluation of the base, GRPO, NSR, PSR and W-REINFORCE (default 64; --quick 4; 0 = none)")
+    p.add_argument("--passk_per_level", type=int, default=None, help="held-out problems per level in it "
+                   "(default 10; --quick 2)")
     p.add_argument("--verdicts", metavar="RESULTS_JSON", help="print the claim-by-claim verdicts of results.json, "
                    "run nothing")
     a = p.parse_args(argv)
@@ -850,12 +1033,15 @@ def main(argv=None):
     steps = a.steps or (4 if q else 80)
     budget = Budget(steps=steps, prompts=a.prompts, eval_every=a.eval_every or (2 if q else 20),
                     eval_per_level=a.eval_per_level or (10 if q else 200), seeds=seeds, model=a.model,
-                    trainer_flags=tuple((["--eval_samples", "2"] if q else []) + shlex.split(a.trainer_flags)))
+                    trainer_flags=tuple((["--eval_samples", "2"] if q else []) + shlex.split(a.trainer_flags)),
+                    passk_samples=(4 if q else 64) if a.passk_samples is None else a.passk_samples,
+                    passk_per_level=a.passk_per_level or (2 if q else 10))
     if budget.steps < 2:
         sys.exit("--steps must be at least 2 (a two-stage baseline needs a step per stage)")
     results = os.path.abspath(a.out or ("lab_results_quick" if q else "lab_results"))
     have, missing = available_methods()
-    wanted = METHODS if a.methods == "all" else [m.strip() for m in a.methods.split(",")]
+    wanted = METHODS if a.methods == "all" else \
+        [m for x in a.methods.split(",") for m in GROUPS_OF_METHODS.get(x.strip(), [x.strip()])]
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -868,7 +1054,8 @@ def main(argv=None):
             "commit": git_commit(), "machine": machine(), "jobs": n_jobs, "threads": threads,
             "budget": asdict(budget)}
     eval_file = heldout_file(results, budget.eval_per_level)
-    jobs = plan(budget, methods, results, eval_file)
+    passk_file = (heldout_file(results, budget.passk_per_level) or "builtin") if budget.passk_samples else None
+    jobs = plan(budget, methods, results, eval_file, passk_file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_jobs stops its trainers
     t0 = time.time()
     status = run_jobs(jobs, results, n_jobs, threads)

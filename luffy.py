@@ -97,19 +97,12 @@ def group_advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
 
 # The group layout: per prompt [demonstration, rollout_1, ..., rollout_{G-1}] (the demonstration first, as
 # in the official rollout), prompt-major, so sample j of prompt i sits at i*G + j and column 0 of a
-# [P, G] view is the demonstration.
-
-
-def demonstration_sample(row: dict, tokenizer) -> common.Sample:
-    """y* + EOS as a whole response: the sampler's prefix is the entire demonstration and nothing is
-    generated, so every token of it gets prefix_mask = 1. `text` is what the verifier grades."""
-    text = tokenizer.decode(row["demo_ids"], skip_special_tokens=True)
-    return common.Sample(row["prompt_ids"], row["demo_ids"], [], text, finished=True)
+# [P, G] view is the demonstration (common.demonstration_sample: y* + EOS, all of it prefix, nothing generated).
 
 
 def mixed_groups(prompts: list[dict], rollouts: list[list[common.Sample]], tokenizer) -> list[common.Sample]:
     """P prompts and their G-1 rollouts each -> the P*G samples of LUFFY's mixed groups (layout above)."""
-    return [s for row, group in zip(prompts, rollouts) for s in [demonstration_sample(row, tokenizer), *group]]
+    return [s for row, group in zip(prompts, rollouts) for s in [common.demonstration_sample(row, tokenizer), *group]]
 
 
 def mixed_advantages(rewards: torch.Tensor, std: bool, demo_in_group: bool) -> torch.Tensor:

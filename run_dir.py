@@ -27,7 +27,7 @@ _RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|roll
 # watched. Any other change would make it another run than the one its checkpoint continues.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
                      "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
-                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
+                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir", "eval_pass_k"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
 
 

@@ -2,6 +2,7 @@
 series and verdicts on a fabricated set of runs with hand-computed numbers, and one small end-to-end run
 through the real trainers. The full `python lab.py --quick` (about 5 minutes on 2 cores) runs only with
 LAB_E2E=1: `LAB_E2E=1 python -m pytest -q tests/test_lab.py -k quick`."""
+import importlib.util
 import json
 import os
 import struct
@@ -107,7 +108,32 @@ def test_missing_trainers_are_named(tmp_path):
     have, missing = lab.available_methods(str(tmp_path))
     assert have == ["sft", "grpo", "luffy", "sft_then_grpo", "grpo_then_sft"]
     assert missing["srft"] == "srft.py is not in this checkout" and set(missing) == {"srft", "relift", "uft",
-                                                                                      "prefix_rft", "bread"}
+                                                                                      "prefix_rft", "bread", *lab.FORKS}
+    assert missing["psr"] == "forks/nsr.py is not in this checkout"
+    os.makedirs(tmp_path / "forks")
+    (tmp_path / "forks" / "nsr.py").write_text("")
+    have, missing = lab.available_methods(str(tmp_path))
+    assert have[-3:] == ["nsr", "psr", "w_reinforce"] and "chord" in missing and "nsr" not in missing
+
+
+def test_plan_runs_forks_and_passk_evaluations(tmp_path):
+    res = str(tmp_path)
+    jobs = lab.plan(lab.Budget(seeds=(0,)), ["grpo", "psr", "chord"], res, passk_file="held.jsonl")
+    assert [j.name for j in jobs] == ["base-s0/passk", "grpo-s0", "grpo-s0/passk", "psr-s0", "psr-s0/passk", "chord-s0"]
+    psr = jobs[3]
+    assert psr.script == "forks/nsr.py" and psr.args[-2:] == ["--objective", "psr"]
+    assert dict(zip(psr.args[::2], psr.args[1::2]))["--prompts_per_step"] == "16"  # the RL budget, as GRPO's
+    ev = jobs[4]
+    assert ev.script == "evaluate.py" and ev.after == "psr-s0" and ev.out == os.path.join(res, "runs", "psr-s0", "passk")
+    flags = dict(zip(ev.args[::2], ev.args[1::2]))
+    assert flags["--model"] == os.path.join(res, "runs", "psr-s0", "checkpoint-000080")
+    assert flags["--data"] == "held.jsonl:64" and "--pass_k" in ev.args and flags["--max_response_len"] == "48"
+    assert dict(zip(jobs[0].args[::2], jobs[0].args[1::2]))["--model"] == "builtin" and jobs[0].after is None
+    assert [j.name for j in lab.plan(lab.Budget(seeds=(0,)), ["chord"], res, passk_file="h")] == ["chord-s0"]
+    assert not lab.complete(ev)
+    os.makedirs(ev.out)
+    (tmp_path / "runs" / "psr-s0" / "passk" / "metrics.json").write_text("{}")
+    assert lab.complete(ev)  # an evaluation is complete when its metrics.json exists
 
 
 # =============================================================================================
@@ -242,7 +268,7 @@ def test_table_lists_every_method_with_numbers(fabricated):
     assert "2/3" in failed and "seed 2 FAILED: failures/grpo_then_sft-s2-stage2.log" in failed
     assert "Command: `python lab.py --test`" in md and "Test CPU, 2 cores" in md and "abc123" in md
     assert "same 64 training prompts (4 steps x 16 prompts" in md  # the budget statement
-    assert md.count("Verdict: **") == 6
+    assert md.count("Verdict: **") == 9
 
 
 def test_series_for_the_figures(fabricated):
@@ -314,7 +340,60 @@ def test_verdicts_cli_reads_results_json(fabricated, tmp_path, capsys):
     path.write_text(json.dumps(data))
     lab.main(["--verdicts", str(path)])
     out = capsys.readouterr().out
-    assert out.count("verdict:") == 6 and "Decision rules" in out
+    assert out.count("verdict:") == 9 and "Decision rules" in out
+
+
+def passk_metrics(out, reach, oor):
+    """evaluate.py --pass_k's metrics.json: pass@1, @2, @4 of levels 1-2 (`reach`) and 3-4 (`oor`), per k."""
+    m = {f"eval_pass@{k}_held_level{lv}": v[j] for j, k in enumerate((1, 2, 4)) for lv, v in
+         ((1, reach), (2, reach), (3, oor), (4, oor))}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({"metrics": m}, f)
+
+
+def test_fork_claims_from_passk_and_entropy(tmp_path):
+    """Claims 7-9 on fabricated runs. Pass@4, reachable: base 0.90/0.91/0.92, GRPO 0.89/0.90/0.91 (d = -0.01,
+    within the 0.02 floor: "no higher", agrees). All levels: GRPO (0.89 + e) / 2 = 0.45 on average, NSR
+    (0.97 + 0.1) / 2 = 0.535 (above: agrees). Entropy falls: PSR 0.9, GRPO 0.6, W-REINFORCE 0.3, NSR 0.1."""
+    res = str(tmp_path / "res")
+    budget = lab.Budget(steps=4, eval_every=2, passk_samples=4)
+    methods = ["grpo", "nsr", "psr", "w_reinforce"]
+    jobs = lab.plan(budget, methods, res, passk_file="held.jsonl")
+    status = {j.name: "done" for j in jobs}
+    for s in range(3):
+        e = 0.01 * s
+        for m, ent in (("grpo", [1.0, 0.8, 0.6, 0.4]), ("nsr", [1.0, 1.0, 0.95, 0.9]), ("psr", [1.0, 0.6, 0.3, 0.1]),
+                       ("w_reinforce", [1.0, 0.9, 0.8, 0.7])):
+            write(f"{res}/runs/{m}-s{s}", fake_metrics([0.9, 0.8, 0, 0], ent, 0, 100), 10)
+        passk_metrics(f"{res}/runs/base-s{s}/passk", [0.5 + e, 0.7 + e, 0.9 + e], [0, 0.05, 0.1])
+        passk_metrics(f"{res}/runs/grpo-s{s}/passk", [0.85 + e, 0.88 + e, 0.89 + e], [0, 0, 0])
+        passk_metrics(f"{res}/runs/nsr-s{s}/passk", [0.8, 0.9, 0.97], [0, 0.05, 0.1])
+        passk_metrics(f"{res}/runs/psr-s{s}/passk", [0.9, 0.9, 0.9], [0, 0, 0])
+        passk_metrics(f"{res}/runs/w_reinforce-s{s}/passk", [0.85, 0.9, 0.95], [0, 0, 0.05])
+    data = lab.collect(jobs, status, methods, {}, budget, res)
+    approx_stats(data["base_passk"]["reachable"]["4"], 0.91, 0.90, 0.92)
+    approx_stats(data["methods"]["nsr"]["summary"]["passk"]["all"]["4"], 0.535, 0.535, 0.535)
+    v = {x["claim"]: x for x in lab.verdicts(data)}
+    assert v[7]["verdict"] == "agrees" and "pass@4" in v[7]["measured"] and "(within)" in v[7]["measured"]
+    assert v[8]["verdict"] == "agrees" and "(above)" in v[8]["measured"]
+    assert v[9]["verdict"] == "agrees"
+    curves = lab.passk_series(data)
+    assert set(curves) == {"base model", "GRPO", "NSR (fork)", "PSR (fork)", "W-REINFORCE (fork)"}
+    assert curves["GRPO"]["reachable"]["steps"] == [1, 2, 4]
+    assert curves["GRPO"]["reachable"]["mean"] == pytest.approx([0.86, 0.89, 0.90])
+    for r in data["methods"]["grpo"]["runs"]:  # GRPO's pass@4 now clearly above the base's: claim 7 disagrees
+        r["passk"]["reachable"]["4"] = 0.99
+    data["methods"]["grpo"]["summary"]["passk"] = lab.passk_stats([r["passk"] for r in data["methods"]["grpo"]["runs"]])
+    assert {x["claim"]: x for x in lab.verdicts(data)}[7]["verdict"] == "disagrees"
+    data["lab"] = {"command": "python lab.py --test", "date": "today", "commit": "abc", "jobs": 1, "threads": 2,
+                   "wall_min": 1.0, "budget": lab.asdict(budget),
+                   "machine": {"cpu": "Test CPU", "cores": 2, "load_start": "0.1", "load_end": "0.2"}}
+    md = lab.results_markdown(data)
+    assert "Forks (forks/, rows marked \"(fork)\"): 9 of 9 runs finished" in md and "trainers and baselines: 3 of 3" in md
+    assert "| NSR (fork) | 0.800 / 0.000 | 0.900 / 0.050 | 0.970 / 0.100 |" in md and "passk.png" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert os.path.exists(lab.figures(data, res)[-1]) and lab.figures(data, res)[-1].endswith("passk.png")
 
 
 # =============================================================================================
@@ -342,6 +421,29 @@ def test_two_stage_end_to_end(tiny_model_dir, tmp_path):
     assert "| GRPO then SFT | 1/1 |" in md
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert p.returncode == 0 and "2 reused, 0 to run" in p.stdout
+
+
+def test_fork_and_passk_end_to_end(tiny_model_dir, tmp_path):
+    """PSR (forks/nsr.py --objective psr), 2 steps, and the pass@k evaluations of its final model and of the base
+    (evaluate.py --pass_k, 2 samples of 1 problem per level) through lab.py's command line; a rerun reuses all."""
+    out = tmp_path / "lab"
+    cmd = [sys.executable, os.path.join(ROOT, "lab.py"), "--out", str(out), "--methods", "psr", "--steps", "2",
+           "--seeds", "0", "--prompts", "2", "--eval_every", "2", "--eval_per_level", "1", "--model", tiny_model_dir,
+           "--threads", "1", "--passk_samples", "2", "--passk_per_level", "1",
+           "--trainer_flags", "--no-compile --eval_samples 1 --verifier_workers 1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    run = data["methods"]["psr"]["runs"][0]
+    assert run["status"] == "ok" and set(run["passk"]) == {"all", "reachable", "out_of_reach"}
+    assert sorted(run["passk"]["all"], key=int) == ["1", "2"] and set(data["base_passk"]["all"]) == {"1", "2"}
+    config = json.loads((out / "runs" / "psr-s0" / "config.json").read_text())
+    assert config["objective"] == "psr"
+    md = (out / "results.md").read_text()
+    assert "| PSR (fork) | 1/1 |" in md and "Forks (forks/, rows marked" in md and "| PSR (fork) | " in md
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0 and "3 reused, 0 to run" in p.stdout
 
 
 @pytest.mark.skipif(os.environ.get("LAB_E2E") != "1", reason="about 5 minutes on 2 cores: LAB_E2E=1 to run")
