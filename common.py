@@ -111,6 +111,8 @@ class BaseConfig:
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clip
+    max_bad_steps: int = 3  # stop (after saving) when this many steps in a row had an update skipped for a
+    # non-finite loss or gradient (README, "Faults"); 0 = never stop
     # --- sampling ---------------------------------------------------------------------------
     sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
     temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
@@ -315,10 +317,20 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         run.ref_model.reshard()
 
 
+skipped_updates = 0  # updates optimizer_step skipped since Run.end_step last counted them
+
+
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
-    grads; returns the norm."""
+    grads; returns the norm. A non-finite norm (a NaN or inf loss or gradient on any rank: the ranks
+    agree through an all-reduce) skips the update: no optimizer or schedule step, the weights and the
+    optimizer state stay as they were; Run.end_step reports it and stops the run after --max_bad_steps."""
+    global skipped_updates
     norm = clip_grad_norm(model, max_grad_norm)
+    if not all_reduce([math.isfinite(norm)], op=dist.ReduceOp.MIN)[0]:
+        optimizer.zero_grad(set_to_none=True)
+        skipped_updates += 1
+        return norm
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -406,6 +418,9 @@ class PromptStream:
         self.epoch, self.pos = s["epoch"], s["pos"]
 
 
+MAX_ROWS_NAMED = 20  # a step with a skipped update names this many of its rows on the console
+
+
 @dataclass
 class Run:
     cfg: BaseConfig
@@ -427,17 +442,21 @@ class Run:
     data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
     bar: object = None  # the progress bar, once the loop runs
     warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
+    step_rows: list = field(default_factory=list)  # the training rows drawn for this step (all ranks)
+    bad_steps: int = 0  # steps in a row with a skipped update (non-finite loss or gradient)
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
         idx = self.stream.next(global_batch)
+        self.step_rows = [self.train_rows[i]["row"] for i in idx]
         per = global_batch // self.d.world_size
         return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
         save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
                         {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
+                        {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
+                        keep=self.cfg.keep_checkpoints)
 
     def evaluate_base(self):
         """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
@@ -475,12 +494,24 @@ class Run:
             elif self.d.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
+        metrics.update(self.check_updates(step))
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
         signum = int(all_reduce([_interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
-        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
+        too_bad = bool(cfg.max_bad_steps) and self.bad_steps >= cfg.max_bad_steps
+        if cfg.save_every and step % cfg.save_every == 0 or last or signum or too_bad:
             self.save(step, state)
+        if too_bad and not last:
+            if self.bar is not None:
+                self.bar.close()
+            message = (f"error: stopped after step {step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                       f"gradient and their updates were skipped (--max_bad_steps {cfg.max_bad_steps}); saved "
+                       f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')} (the skipped updates changed no "
+                       "weight). Look at the rows named above, lower --lr or --max_grad_norm, "
+                       "then continue with --resume")
+            shutdown()
+            raise SystemExit(message if self.d.main else 1)
         if signum and not last:
             if self.bar is not None:
                 self.bar.close()
@@ -493,6 +524,22 @@ class Run:
                 self.bar.close()
             print0(f"the run is in {cfg.output_dir}: metrics.jsonl, config.json, "
                    f"{os.path.basename(latest_checkpoint(cfg.output_dir))}/ (its model/ loads with from_pretrained)")
+
+    def check_updates(self, step: int) -> dict:
+        """skipped_updates: the updates of this step that optimizer_step skipped (non-finite loss or
+        gradient), with one line naming the step and its rows; counts the bad steps in a row."""
+        global skipped_updates
+        skipped, skipped_updates = skipped_updates, 0
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        if skipped:
+            rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
+                f", ... ({len(self.step_rows)} in all)" if len(self.step_rows) > MAX_ROWS_NAMED else "")
+            if self.d.main:  # above the progress bar
+                tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {skipped} update"
+                           f"{'s' if skipped > 1 else ''} (weights and optimizer unchanged; {self.bad_steps} step"
+                           f"{'s' if self.bad_steps > 1 else ''} in a row); rows of {os.path.basename(self.cfg.data)}"
+                           f" in this step: {rows}", file=sys.stderr)
+        return {"skipped_updates": skipped}
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
@@ -579,11 +626,11 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
                 max_response_len: int, name: str) -> tuple[list[dict], dict]:
     """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished,
-    level}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
+    level, row}. demo_ids = demonstration tokens + EOS, truncated to max_response_len (METHODS 0.4);
     demo_finished says whether the EOS survived. Prompts over max_prompt_len are dropped. Both counts
     are printed and returned: {rows, prompts_dropped, demos_truncated}."""
     out, too_long, truncated = [], 0, 0
-    for r in rows:
+    for n, r in enumerate(rows, start=1):
         text = format_prompt(tokenizer, r["prompt"], system_prompt)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt_len:
@@ -597,7 +644,8 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
             truncated += not finished
             demo_ids = demo_ids[:max_response_len]
         out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
-                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
+                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"],
+                    "row": n})  # its row number in the file (load_rows keeps them all, in order)
     if too_long:
         print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
                "tokens")
@@ -631,7 +679,7 @@ _RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|roll
 # watched. Any other change would make it another run than the one its checkpoint continues.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
                      "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
-                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
+                     "max_bad_steps", "vllm_verbose", "rollout_debug", "cache_dir", "output_dir"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
 
 
@@ -788,6 +836,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
+        run.bad_steps = run.state.get("bad_steps", 0)
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = MetricsLogger(cfg, run.start_step if ckpt else None)
     return run
