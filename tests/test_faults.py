@@ -1,0 +1,120 @@
+"""Faults a long run meets (issue 22, README "Faults"): a non-finite loss, a bad output directory, a
+checkpoint write that fails, paths that do not exist. Each is detected, said in one line, and loses
+nothing that was already saved."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from test_cli import GRPO, ROOT, metrics, small
+
+WORKERS = os.path.join(ROOT, "tests", "workers")
+
+
+def optimizer_state(ckpt) -> dict:
+    """A checkpoint's optimizer state (DCP shards) as one flat dict of tensors and numbers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    target = ckpt.parent / f"{ckpt.name}-optim.pt"
+    dcp_to_torch_save(str(ckpt / "optim"), str(target))
+    state = torch.load(target, weights_only=True)
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = x
+    walk("", state)
+    assert dcp  # imported for its side effect of registering the format
+    return flat
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def weights(ckpt) -> dict:
+    return load_file(str(ckpt / "model" / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------- numerical faults
+
+def test_a_non_finite_gradient_skips_the_update():
+    """optimizer_step on NaN gradients: no change to the weights, the optimizer's moments and step
+    count, or the learning-rate schedule; the skip is counted for Run.end_step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    model(torch.randn(3, 4)).sum().backward()
+    common.optimizer_step(model, opt, sched, 1.0)  # a good step: Adam has state now
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, str(opt.state_dict()), sched.state_dict())
+    common.skipped_updates = 0
+    (model(torch.randn(3, 4)).sum() * float("nan")).backward()
+    norm = common.optimizer_step(model, opt, sched, 1.0)
+    assert norm != norm and common.skipped_updates == 1  # NaN norm, counted
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    assert str(opt.state_dict()) == before[1] and sched.state_dict() == before[2]
+    assert all(p.grad is None for p in model.parameters())  # the poisoned gradient is gone
+    model(torch.randn(3, 4)).sum().backward()
+    common.optimizer_step(model, opt, sched, 1.0)  # a good step after it trains as usual
+    assert not torch.equal(model.weight, before[0]["weight"]) and sched.last_epoch == 2
+    assert common.skipped_updates == 1
+    common.skipped_updates = 0
+
+
+def fault_run(kind, steps, script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(WORKERS, "fault_run.py"), kind, steps,
+                           os.path.join(ROOT, script), *args], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=ROOT)
+
+
+def test_nan_steps_are_skipped_logged_and_k_in_a_row_stop_the_run(tiny_model_dir, tmp_path):
+    """A real GRPO run whose loss is NaN at steps 2, 4 and 5, --max_bad_steps 2: step 2's updates are
+    skipped (weights and optimizer as after step 1), step 3 trains, steps 4-5 are skipped and the run
+    saves and stops after step 5 with one message; --resume then goes on."""
+    out = tmp_path / "nan"
+    args = small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--save_every", "1",
+                 "--keep_checkpoints", "0", "--max_steps", "6", "--max_bad_steps", "2", "--lr", "1e-3",
+                 "--entropy_coef", "0.01")  # a gradient even when all rewards of a group are equal
+    p = fault_run("nan", "2,4,5", "grpo.py", *args)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [0, 1, 2, 3, 4, 5]
+    assert [m["skipped_updates"] for m in lines[1:]] == [0, 2, 0, 2, 2]  # two mini-batches per step
+    assert lines[2]["grad_norm"] != lines[2]["grad_norm"] and lines[3]["grad_norm"] > 0  # NaN, then finite
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: step")]
+    assert len(warnings) == 3 and warnings[0].startswith(
+        "warning: step 2: non-finite loss or gradient: skipped 2 updates (weights and optimizer unchanged; "
+        "1 step in a row); rows of builtin in this step: ")
+    assert "2 steps in a row" in warnings[2]
+    rows = [int(r) for r in warnings[0].rsplit(": ", 1)[1].split(", ")]
+    assert len(rows) == 4 and len(set(rows)) == 4  # the step's four prompts, by row number
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: stopped after step 5: 2 steps in a row had a non-finite loss or gradient and their updates were "
+        f"skipped (--max_bad_steps 2); saved {out / 'checkpoint-000005'} (the skipped updates changed no weight). "
+        "Look at the rows named above, lower --lr or --max_grad_norm, then continue with --resume")
+    ckpt = [out / f"checkpoint-{s:06d}" for s in range(6)]
+    assert not (out / "checkpoint-000006").exists()
+    w = {s: weights(ckpt[s]) for s in (1, 2, 3, 4, 5)}
+    assert same_state(w[1], w[2]) and same_state(w[3], w[4]) and same_state(w[3], w[5])
+    assert not same_state(w[2], w[3])  # the good step between trained
+    opt = {s: optimizer_state(ckpt[s]) for s in (1, 2, 3, 5)}
+    assert same_state(opt[1], opt[2]) and same_state(opt[3], opt[5]) and not same_state(opt[2], opt[3])
+    state = {s: torch.load(ckpt[s] / "trainer_state.pt", weights_only=True) for s in (1, 2, 5)}
+    assert state[1]["schedulers"] == state[2]["schedulers"] and state[5]["bad_steps"] == 2
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *args, "--resume"], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3, 4, 5, 6] and metrics(out)[-1]["skipped_updates"] == 0
