@@ -453,10 +453,15 @@ class Run:
         return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
-        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                        {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
-                        keep=self.cfg.keep_checkpoints)
+        try:
+            save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                            {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                            {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
+                            keep=self.cfg.keep_checkpoints)
+        except SystemExit:  # the write failed: its one line goes below the progress bar
+            if self.bar is not None:
+                self.bar.close()
+            raise
 
     def evaluate_base(self):
         """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
@@ -707,10 +712,38 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
     return ckpt
 
 
+WRITE_TEST_BYTES = 1 << 20  # written, synced and removed before training: a full disk fails here, not at a checkpoint
+
+
+def _check_writable(out: str) -> str | None:
+    """Why output_dir cannot hold a run (not creatable, not writable, no space), or None. Leaves nothing
+    behind: the test file is removed, and so is the directory if this made it."""
+    made, probe = os.path.abspath(out), os.path.join(out, f".write-test-{os.getpid()}")
+    while not os.path.exists(os.path.dirname(made)):  # the first directory makedirs will create
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(WRITE_TEST_BYTES))
+            f.flush()
+            os.fsync(f.fileno())  # where a full disk with delayed allocation says so
+        os.remove(probe)
+        return None
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        return (f"--output_dir {out} cannot hold a run: {e.strerror or e} ({e.filename or out}); free space "
+                "there, fix its permissions, or choose another --output_dir")
+
+
 def _claim(cfg) -> tuple:
     global _run_lock
     out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
-    os.makedirs(out, exist_ok=True)
+    if error := _check_writable(out):
+        return error, [], None, False
     lock = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2227,14 +2260,40 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
     a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
     filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    and its first real step would count as the second in Adam's bias correction. A write that fails (a
+    full disk, a lost mount) stops the run with one line; the earlier checkpoints are untouched."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
+    try:
+        _write_checkpoint(tmp, rank, step, model, tokenizer, optimizers, schedulers, state)
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise SystemExit(f"error: writing {os.path.basename(final)} failed: {why}; "
+                         + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
+                            if previous else "no earlier checkpoint exists: fix the cause and start again")
+                         if rank == 0 else 1) from None
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
+        for n in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
+    barrier()
+
+
+def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
+                      schedulers: dict, state: dict):
+    """save_checkpoint's writes, all into tmp (renamed to the checkpoint only once complete)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -2250,13 +2309,6 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
              checkpoint_id=os.path.join(tmp, "optim"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
-        for n in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
     barrier()
 
 
