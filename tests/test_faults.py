@@ -118,3 +118,76 @@ def test_nan_steps_are_skipped_logged_and_k_in_a_row_stop_the_run(tiny_model_dir
                        text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3, 4, 5, 6] and metrics(out)[-1]["skipped_updates"] == 0
+
+
+# ---------------------------------------------------------------------------------- environment faults
+
+def one_error_line(p) -> str:
+    """A refusal: a non-zero exit, no traceback, and exactly one line on stderr, the error."""
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+def plain_run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900, cwd=ROOT)
+
+
+def test_an_output_dir_that_cannot_hold_a_run_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    out = tmp_path / "a_file" / "run"  # a file where a directory must be
+    line = one_error_line(plain_run("grpo.py", *small(tiny_model_dir, None, out, "--max_steps", "1")))
+    assert line.startswith(f"error: --output_dir {out} cannot hold a run: Not a directory")
+    assert (tmp_path / "a_file").read_text() == "mine"
+    for out in (tmp_path / "new" / "run", tmp_path / "old"):  # a full disk, a new and an existing directory
+        (tmp_path / "old").mkdir(exist_ok=True)
+        (tmp_path / "old" / "notes.txt").write_text("mine")
+        line = one_error_line(fault_run("full", "-", "grpo.py", *small(tiny_model_dir, None, out, "--max_steps", "1")))
+        assert line.startswith(f"error: --output_dir {out} cannot hold a run: No space left on device")
+        assert "free space there" in line
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "old") == ["notes.txt"]
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--save_every", "1",
+                 "--keep_checkpoints", "1")
+    assert plain_run("grpo.py", *args, "--max_steps", "1").returncode == 0
+    ckpt = out / "checkpoint-000001"
+    before = {f: (ckpt / f).read_bytes() for f in map(str, ckpt.rglob("*")) if os.path.isfile(ckpt / f)}
+    p = fault_run("savefail", "2", "grpo.py", *args, "--max_steps", "3", "--resume")
+    line = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert line == (f"error: writing checkpoint-000002 failed: No space left on device "
+                    f"({out / 'checkpoint-000002.tmp' / 'trainer_state.pt'}); the previous checkpoint {ckpt} is "
+                    "intact: fix the cause and continue with --resume")
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "config.json", "metrics.jsonl"]
+    assert {f: (ckpt / f).read_bytes() for f in before} == before  # byte for byte, nothing rotated away
+    p = plain_run("grpo.py", *args, "--max_steps", "3", "--resume")
+    assert p.returncode == 0 and f"resumed from {ckpt} (step 1)" in p.stdout, p.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000003"]
+
+
+@pytest.mark.parametrize("case", ["no model", "no data", "unknown type", "bad json"])
+def test_missing_or_unreadable_inputs_get_one_line_and_nothing_is_written(case, tiny_model_dir, tmp_path):
+    model, data = tiny_model_dir, "builtin"
+    if case == "no model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "no data":
+        data = str(tmp_path / "no-such-file.jsonl")
+    elif case == "unknown type":
+        data = str(tmp_path / "train.csv")
+        (tmp_path / "train.csv").write_text("problem,answer\n1+1,2\n")
+    else:
+        data = str(tmp_path / "train.jsonl")
+        (tmp_path / "train.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{"problem": \n')
+    out = tmp_path / "out"
+    line = one_error_line(plain_run("grpo.py", *small(model, None, out, "--data", data, "--max_steps", "1")))
+    assert {"no model": f"error: cannot read the model config of --model {model}",
+            "no data": f"error: data file not found: {data}",
+            "unknown type": f"error: unsupported file type {data}; use a .jsonl, .json or .parquet file",
+            "bad json": f"error: cannot read {data} as jsonl: line 2 is not valid JSON"}[case] in line
+    assert not out.exists()
