@@ -36,11 +36,13 @@ import difflib
 import fcntl
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
+import pickle
 import random
 import re
 import shutil
@@ -818,6 +820,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         cfg.model = model_directory(cfg.model)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
         check_tokenizer(cfg.model)
+        check_model_files(cfg.model)
 
     ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
@@ -1002,7 +1005,9 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # numpy's key as a list: plain data for torch.load
+    state = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -1292,6 +1297,19 @@ def check_tokenizer(model_path: str):
              f"it was trained from")
 
 
+def check_model_files(model_path: str):
+    """Stop before anything is written when a local --model has no safetensors weights: a pickled .bin or
+    .pt can run code as it loads (from_pretrained is called with use_safetensors=True, which also holds
+    for hub ids). Code shipped with a model (auto_map) never runs: trust_remote_code is never turned on."""
+    if not os.path.isdir(model_path):
+        return
+    have = sorted(os.listdir(model_path))
+    if not any(n.endswith(".safetensors") for n in have):
+        fail(f"--model {model_path} has no .safetensors weights (it has {', '.join(have) or 'no files'}): weights "
+             "are loaded only from safetensors, since a pickled checkpoint (.bin, .pt) can run code as it loads; "
+             "convert it where you trust it: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)")
+
+
 def model_directory(path: str) -> str:
     """--model as transformers loads it: a trainer's checkpoint-N/ holds its model in checkpoint-N/model."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and \
@@ -1357,7 +1375,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
     rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
     broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     if not is_sharded(d):
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(d.device)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return wrap_policy(lm, d, compile, train)
@@ -1374,7 +1392,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_policy(lm, d, compile, train)
     model.to_empty(device=d.device)  # this rank's shards, uninitialised
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if d.main else None
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True) if d.main else None
     set_model_state_dict(model, {"lm." + k: v for k, v in full.state_dict().items()} if full else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Non-persistent buffers (RoPE inv_freq) are in no checkpoint: rank 0's freshly built ones are broadcast.
@@ -2312,18 +2330,65 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokeni
     barrier()
 
 
+# What the metadata of a DCP checkpoint (optim/.metadata, a pickle) may name: its own record classes
+_DCP_METADATA = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                                          "TensorStorageMetadata", "BytesStorageMetadata",
+                                                          "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+
+
+class _DataOnly(pickle.Unpickler):
+    """A pickle that names nothing but _DCP_METADATA and torch dtypes: nothing in it can run code."""
+
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's optimizer metadata")
+
+
+def _safe_dcp_load(state: dict, path: str):
+    """dcp.load, reading nothing as code. DCP unpickles its metadata and its non-tensor entries (the
+    optimizer's param_groups) with plain pickle: first read the metadata with _DataOnly and each such
+    entry as torch.load(weights_only=True) reads (tensors and plain data only), which raise on anything else."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = _DataOnly(f).load()
+    for index, where in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with open(os.path.join(path, where.relative_path), "rb") as f:
+                f.seek(where.offset)
+                torch.load(io.BytesIO(f.read(where.length)), weights_only=True)
+    dcp.load(state, checkpoint_id=path)
+
+
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
-    returns the trainer state (step, data position, method state)."""
+    returns the trainer state (step, data position, method state). Nothing is read as code: every file
+    is loaded as tensors and plain data only (weights_only=True, _safe_dcp_load)."""
+    try:
+        return _load_checkpoint(path, model, optimizers, schedulers)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"error: {path} holds more than tensors and plain data, which could run code as it loads "
+                         f"({_unpickling_detail(e)}); not loading it. Resume only checkpoints this "
+                         "code wrote") from None
 
-    import torch.distributed.checkpoint as dcp
+
+def _unpickling_detail(e: Exception) -> str:  # torch's weights_only message is a page; keep what it found
+    m = re.search(r"[^\n]*(?:unsupported|not an allowed|blocked|no place)[^\n]*", str(e).split("\n", 1)[-1], re.I)
+    return (m.group() if m else (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+
+
+def _load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
     optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
-    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
+    _safe_dcp_load(optim, os.path.join(path, "optim"))
     for k, o in saved.items():
         set_optimizer_state_dict(model, o, optim[k])
     for k, s in schedulers.items():
@@ -2331,7 +2396,10 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
     rng_file = os.path.join(path, f"rng-rank{rank}.pt")
     if not os.path.exists(rng_file):
         raise SystemExit(f"{path} was written by a run with fewer ranks; resume with the same world size")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
+    numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    with torch.serialization.safe_globals(numpy_array):
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
 
