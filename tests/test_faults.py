@@ -2,6 +2,8 @@
 checkpoint write that fails, paths that do not exist. Each is detected, said in one line, and loses
 nothing that was already saved."""
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -150,11 +152,23 @@ def test_an_output_dir_that_cannot_hold_a_run_is_refused_before_anything_is_writ
     assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "old") == ["notes.txt"]
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tiny_model_dir, tmp_path):
+def grpo_args(model, out):
+    return small(model, None, out, *GRPO, "--eval_data", "none", "--save_every", "1", "--keep_checkpoints", "1")
+
+
+@pytest.fixture(scope="module")
+def one_step(tiny_model_dir, tmp_path_factory):
+    """A 1-step GRPO run with its checkpoint, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    p = plain_run("grpo.py", *grpo_args(tiny_model_dir, out), "--max_steps", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(one_step, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    args = small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--save_every", "1",
-                 "--keep_checkpoints", "1")
-    assert plain_run("grpo.py", *args, "--max_steps", "1").returncode == 0
+    shutil.copytree(one_step, out)
+    args = grpo_args(tiny_model_dir, out)
     ckpt = out / "checkpoint-000001"
     before = {f: (ckpt / f).read_bytes() for f in map(str, ckpt.rglob("*")) if os.path.isfile(ckpt / f)}
     p = fault_run("savefail", "2", "grpo.py", *args, "--max_steps", "3", "--resume")
@@ -191,3 +205,68 @@ def test_missing_or_unreadable_inputs_get_one_line_and_nothing_is_written(case, 
             "unknown type": f"error: unsupported file type {data}; use a .jsonl, .json or .parquet file",
             "bad json": f"error: cannot read {data} as jsonl: line 2 is not valid JSON"}[case] in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- safety
+
+class Planted:
+    """A pickle that runs a command as it loads (what a tampered checkpoint could hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_not_loaded(one_step, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    ckpt, marker = out / "checkpoint-000001", tmp_path / "ran"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "data": Planted(marker)}, ckpt / "trainer_state.pt")
+    p = plain_run("grpo.py", *grpo_args(tiny_model_dir, out), "--max_steps", "2", "--resume")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: {ckpt} holds more than tensors and plain data, which could run code as it loads (Trying to load "
+        "unsupported GLOBAL posix.system whose module posix is blocked.); not loading it. Resume only checkpoints "
+        "this code wrote")
+    assert not marker.exists() and [m["step"] for m in metrics(out)] == [0, 1]
+    # DCP unpickles its metadata with plain pickle: ours reads it as data first
+    with open(ckpt / "optim" / ".metadata", "wb") as f:
+        pickle.dump(Planted(marker), f)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system has no place in a checkpoint"):
+        common._safe_dcp_load({}, str(ckpt / "optim"))
+    assert not marker.exists()
+
+
+def test_pickled_weights_are_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    model = tmp_path / "bin_model"
+    shutil.copytree(tiny_model_dir, model)
+    torch.save(load_file(str(model / "model.safetensors")), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    line = one_error_line(plain_run("grpo.py", *small(str(model), None, out, "--max_steps", "1")))
+    assert line.startswith(f"error: --model {model} has no .safetensors weights (it has ")
+    assert "pytorch_model.bin" in line and "can run code as it loads" in line and not out.exists()
+
+
+def test_code_shipped_with_a_model_never_runs(tiny_model_dir, tmp_path):
+    """trust_remote_code is never turned on: a model directory whose config.json points at its own
+    Python code (auto_map) is loaded with transformers' built-in architecture, and that code never runs."""
+    import json
+    from transformers import AutoTokenizer
+    model, marker = tmp_path / "own_code", tmp_path / "ran"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "own.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                  "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+                                  "class OwnConfig(Qwen2Config): pass\n"
+                                  "class OwnModel(Qwen2ForCausalLM): config_class = OwnConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "own.OwnConfig", "AutoModelForCausalLM": "own.OwnModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    common.check_context_length(str(model), 64)
+    common.check_model_files(str(model))
+    policy = common.load_policy(str(model), common.Dist(), compile=False)
+    AutoTokenizer.from_pretrained(str(model))
+    assert type(policy.lm).__name__ == "Qwen2ForCausalLM" and not marker.exists()
