@@ -2333,9 +2333,9 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokeni
 # What the metadata of a DCP checkpoint (optim/.metadata, a pickle) may name: its own record classes
 _DCP_METADATA = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
-    ("torch.distributed.checkpoint.metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                                          "TensorStorageMetadata", "BytesStorageMetadata",
-                                                          "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
 
 
 class _DataOnly(pickle.Unpickler):
