@@ -1559,9 +1559,13 @@ for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
 
 
 def _grading_worker_init(ready):
-    """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
-    so that its start-up does not count against an item's backstop."""
+    """Workers ignore Ctrl-C and SIGTERM, which a terminal or a scheduler may send to every process of the
+    run: the trainer handles them, grading to the end of its step, and ends the pool (Verifier.close kills
+    the workers). A worker killed while it waits for a task would keep the pool's queue lock, and no pool
+    could be ended or replaced again. `ready` says this worker is up, so that its start-up does not count
+    against an item's backstop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ready.release()
 
 
@@ -1779,6 +1783,8 @@ class Verifier:
     def close(self):
         with self._lock:
             if self._pool is not None:
+                for worker in self._pool._pool:  # they ignore SIGTERM, which Pool.terminate sends
+                    worker.terminate = worker.kill
                 self._pool.terminate()
                 self._pool.join()
                 self._pool = None
