@@ -10,8 +10,9 @@ through four moments, each drawn at random: `step` (SIGKILL to the whole process
 point within a step's rollout-and-training time after a metrics line; on an evaluation step it can
 land in the evaluation), `logged` (SIGKILL right after a metrics line is written,
 before that step's checkpoint), `checkpoint` (SIGKILL while a checkpoint-N.tmp is being written) and
-`sigterm` (SIGTERM to the trainer at a random point of a step, as a scheduler sends it: it must save
-and exit 143 with no traceback). Then the final checkpoints are compared: the weights
+`sigterm` (SIGTERM to the trainer at a random point of a step, as torchrun or Kubernetes send it: it
+must save and exit 143 with no traceback). `--modes sigterm-group` sends that SIGTERM to every process
+of the run instead (grading workers included), as Slurm's scancel does. Then the final checkpoints are compared: the weights
 (model.safetensors), the optimizer state (every DCP entry), the trainer state (step, data position,
 schedulers, method state), the RNG states and metrics.jsonl (timing keys aside), all with exact
 equality. Prints one line per trainer and exits 1 when anything differs. Runs go under --work.
@@ -34,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # builtin_task, common
 TRAINERS = ["sft", "grpo", "luffy", "srft", "relift", "uft", "bread", "prefix_rft"]
-MODES = ["step", "logged", "checkpoint", "sigterm"]
+MODES = ["step", "logged", "checkpoint", "sigterm"]  # the default cycle; also "sigterm-group" (see above)
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 
 
@@ -100,14 +101,20 @@ def kill_once(trainer, args, out, log, mode, rng, step_s, max_steps) -> dict:
         return False
 
     hit = wait_for(proc, writing_checkpoint if mode == "checkpoint" else lambda: logged_steps(out) > max(lines, 1))
-    if hit and mode in ("step", "sigterm"):
+    if hit and mode in ("step", "sigterm", "sigterm-group"):
         time.sleep(rng.uniform(0, step_s))
     alive = proc.poll() is None
     if alive and mode == "sigterm":
         proc.send_signal(signal.SIGTERM)
+    elif alive and mode == "sigterm-group":
+        os.killpg(proc.pid, signal.SIGTERM)
     elif alive:
         os.killpg(proc.pid, signal.SIGKILL)  # the node is gone: the trainer and its grading workers
-    code = proc.wait()
+    try:
+        code = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:  # a run that hangs after an interruption is the failure we look for
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(f"{trainer}: still running 10 minutes after the {mode} interruption; see {log}")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything of the group a SIGTERM exit left behind
     import common
@@ -187,7 +194,7 @@ def sweep(trainer: str, work: str, kills: int, max_steps: int, seed: int, model:
                       max_steps)
         resumes += 1
         events.append(e)
-        if mode == "sigterm" and e["killed"] and e["code"] != 128 + signal.SIGTERM:
+        if mode.startswith("sigterm") and e["killed"] and e["code"] != 128 + signal.SIGTERM:
             raise SystemExit(f"{trainer}: SIGTERM exited with {e['code']}, not 143; see {cut}.log")
         if not e["killed"]:  # the run had finished: no more kills possible
             break
@@ -205,6 +212,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trainers", nargs="+", default=TRAINERS, choices=TRAINERS)
     p.add_argument("--kills", type=int, default=5, help="interruptions per trainer (cycling through the moments)")
+    p.add_argument("--modes", nargs="+", choices=MODES + ["sigterm-group"],
+                   help="the kinds of interruption, in order (default: --kills of the cycle " + " ".join(MODES) + ")")
     p.add_argument("--max_steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="builtin")
@@ -212,7 +221,7 @@ def main():
     a = p.parse_args()
     failed = False
     for trainer in a.trainers:
-        r = sweep(trainer, os.path.abspath(a.work), a.kills, a.max_steps, a.seed, a.model)
+        r = sweep(trainer, os.path.abspath(a.work), a.kills, a.max_steps, a.seed, a.model, a.modes)
         moments = ", ".join(f"{e['mode']}@{e['at_step']}" + ("" if e["killed"] else " (missed)") for e in r["events"])
         ok = not r["differences"] and not r["tracebacks"]
         failed |= not ok
