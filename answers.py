@@ -1,18 +1,23 @@
-"""Reading a final answer out of a response, in the forms a human grader accepts (README, "The verifier").
+"""One answer against its gold, in the forms a human grader accepts (README, "The verifier").
 
-common.Verifier grades what `candidates` returns with math-verify in its pool of grading processes; this
-module is the string work before that, no math-verify and no torch: which boxes stand (a box the response
-takes back or puts before its "Final Answer" heading does not), how an answer is rewritten before math-verify
-reads it (`normalize_answer`), the plain numbers settled without it (`_fast_grade`), and the answer forms
-read the way a human grader reads them (`_readings`: option letters, yes/no, percentages, inequalities).
-Every rule has graded cases in tests/data/verifier_cases.jsonl and verifier_study.jsonl.
+common.Verifier batches responses, runs `_grade` in its pool of grading processes under a time bound and
+turns the verdicts into rewards; this module is the work on one answer, no torch: which boxes stand (a box
+the response takes back or puts before its "Final Answer" heading does not: `candidates`), how an answer is
+rewritten before math-verify reads it (`normalize_answer`), the plain numbers settled without it
+(`_fast_grade`), the answer forms read the way a human grader reads them (`_readings`: option letters,
+yes/no, percentages, inequalities), and math-verify's verdict (`_grade`). Every rule has graded cases in
+tests/data/verifier_cases.jsonl and verifier_study.jsonl.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import decimal
+import logging
 import re
 import unicodedata
+
+from math_verify import parse, verify
 
 MAX_ANSWER_CHARS = 1000  # a longer \boxed{} is never a real final answer, and it is where parsing blows up
 MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, whatever they say
@@ -237,3 +242,37 @@ def candidates(response: str, require_think: bool = True) -> tuple[str, list[str
         if _HEDGE.search(text):  # "the answer is 5 or 6": math-verify would take the 5
             return None
     return ("text", [normalize_answer(text)]) if text else None
+
+
+def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
+    """math-verify on one candidate: (equals the gold, the text it extracted). kind "boxed": one box's
+    content; "text": answer text without a box, from which math-verify extracts the answer (as LUFFY)."""
+    # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
+    gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
+    pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
+    # Never str()/repr() a parsed expression: on deeply nested input that takes minutes, outside any timeout.
+    extracted = pred[-1] if pred and isinstance(pred[-1], str) else ""
+    ok = bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)
+    return bool(ok), extracted
+
+
+class _ShortLog(logging.Filter):
+    """math-verify logs each timeout with the whole expression it gave up on (thousands of characters
+    from a runaway answer): keep the line, cut to its first 160 characters."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        if len(text) > 160:
+            record.msg, record.args = f"{text[:160]}... ({len(text):,} characters)", ()
+        return True
+
+
+for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
+    logging.getLogger(_name).addFilter(_ShortLog())
+
+
+def warm_up_math_verify(timeout: int):
+    """One grade of an interval, a set and a radical: math-verify's first in a process can take seconds."""
+    for answer, gold in (("[1, 5)", "[1,5)"), ("\\{1, 2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}")):
+        with contextlib.suppress(Exception):
+            _grade("boxed", answer, gold, timeout)

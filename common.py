@@ -28,7 +28,7 @@ rules, its metrics.jsonl, Ctrl-C / SIGTERM). --rollout_debug's wrapper is script
 from __future__ import annotations
 
 import argparse, atexit, contextlib, dataclasses, datetime, difflib, importlib.util, inspect, logging, math
-import multiprocessing as mp, os, random, re, shutil, signal, sys, threading, time, typing, warnings, zlib
+import multiprocessing as mp, os, pickle, random, re, shutil, signal, sys, threading, time, typing, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,15 +39,14 @@ from torch import nn
 
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-from math_verify import parse, verify
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
-from answers import (MAX_ANSWER_CHARS, _fast_grade, _interval, _readings, boxed_answers, candidates,  # noqa: F401
-                     normalize_answer, standing_boxes)  # reading the final answer out of a response
-from data_files import _is_chat, load_rows  # reading a data file and validating its rows
+from answers import (MAX_ANSWER_CHARS, _fast_grade, _grade, _interval, _readings, boxed_answers,  # noqa: F401
+                     candidates, normalize_answer, standing_boxes, warm_up_math_verify)  # one answer against its gold
+from data_files import PromptStream, _is_chat, load_rows  # reading a data file, validating its rows, their order
 from run_dir import latest_checkpoint
 
 
@@ -94,6 +93,8 @@ class BaseConfig:
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clip
+    max_bad_steps: int = 3  # stop (after saving) when this many steps in a row had an update skipped for a
+    # non-finite loss or gradient (README, "Faults"); 0 = never stop
     # --- sampling ---------------------------------------------------------------------------
     sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
     temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
@@ -298,13 +299,22 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         run.ref_model.reshard()
 
 
+skipped_updates = 0  # updates optimizer_step skipped since Run.end_step last counted them
+
+
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
-    grads; returns the norm."""
+    grads; returns the norm. A non-finite norm (a NaN or inf loss or gradient on any rank: the ranks
+    agree through an all-reduce) skips the update: no optimizer or schedule step, the weights and the
+    optimizer state stay as they were; Run.end_step reports it and stops the run after --max_bad_steps."""
+    global skipped_updates
     norm = clip_grad_norm(model, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if all_reduce([math.isfinite(norm)], op=dist.ReduceOp.MIN)[0]:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    else:
+        skipped_updates += 1
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -363,28 +373,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 # ======================================================================================
 
 
-class PromptStream:
-    """Seeded, resumable walk over the training rows: a fresh permutation every epoch."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-            take = min(k - len(out), self.size - self.pos)
-            out += perm[self.pos:self.pos + take].tolist()
-            self.pos += take
-            if self.pos == self.size:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict):
-        self.epoch, self.pos = s["epoch"], s["pos"]
+MAX_ROWS_NAMED = 20  # a step with a skipped update names this many of its rows on the console
 
 
 @dataclass
@@ -408,17 +397,26 @@ class Run:
     data_stats: dict = field(default_factory=dict)  # counts from loading the data, logged at step 0
     bar: object = None  # the progress bar, once the loop runs
     warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
+    step_rows: list = field(default_factory=list)  # the training rows drawn for this step (all ranks)
+    bad_steps: int = 0  # steps in a row with a skipped update (non-finite loss or gradient)
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
         idx = self.stream.next(global_batch)
+        self.step_rows = [self.train_rows[i]["row"] for i in idx]
         per = global_batch // self.d.world_size
         return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
-        save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                        {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                        {"data": self.stream.state_dict(), **(state or {})}, keep=self.cfg.keep_checkpoints)
+        try:
+            save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                            {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                            {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
+                            keep=self.cfg.keep_checkpoints)
+        except SystemExit:  # the write failed: its one line goes below the progress bar
+            if self.bar is not None:
+                self.bar.close()
+            raise
 
     def evaluate_base(self):
         """Step 0 (unless this run resumes): the data counts, and held-out accuracy before training."""
@@ -455,22 +453,46 @@ class Run:
             elif self.d.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
+        metrics.update(self.check_updates(step))
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
         signum = int(all_reduce([run_dir.interrupts.signum], op=dist.ReduceOp.MAX)[0])  # all ranks agree
-        if cfg.save_every and step % cfg.save_every == 0 or last or signum:
+        too_bad = bool(cfg.max_bad_steps) and self.bad_steps >= cfg.max_bad_steps
+        if cfg.save_every and step % cfg.save_every == 0 or last or signum or too_bad:
             self.save(step, state)
-        if (signum or last) and self.bar is not None:
+        if (signum or last or too_bad) and self.bar is not None:
             self.bar.close()
         if last:
             print0(f"the run is in {cfg.output_dir}: metrics.jsonl, config.json, "
                    f"{os.path.basename(latest_checkpoint(cfg.output_dir))}/ (its model/ loads with from_pretrained)")
+        elif too_bad:
+            message = (f"error: stopped after step {step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                       f"gradient and their updates were skipped (--max_bad_steps {cfg.max_bad_steps}); saved "
+                       f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')} (the skipped updates changed no "
+                       "weight). Look at the rows named above, lower --lr or --max_grad_norm, then continue with --resume")
+            shutdown()
+            raise SystemExit(message if self.d.main else 1)
         elif signum:
             print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
                    f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
             shutdown()
             raise SystemExit(128 + signum)
+
+    def check_updates(self, step: int) -> dict:
+        """skipped_updates: the updates of this step that optimizer_step skipped (non-finite loss or
+        gradient), with one line naming the step and its rows; counts the bad steps in a row."""
+        global skipped_updates
+        skipped, skipped_updates = skipped_updates, 0
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        if skipped and self.d.main:  # above the progress bar
+            rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
+                f", ... ({len(self.step_rows)} in all)" if len(self.step_rows) > MAX_ROWS_NAMED else "")
+            plural = lambda n, what: f"{n} {what}{'s' if n > 1 else ''}"  # noqa: E731
+            tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {plural(skipped, 'update')} (weights "
+                       f"and optimizer unchanged; {plural(self.bad_steps, 'step')} in a row); rows of "
+                       f"{os.path.basename(self.cfg.data)} in this step: {rows}", file=sys.stderr)
+        return {"skipped_updates": skipped}
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
@@ -521,11 +543,11 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
 
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
                 max_response_len: int, name: str) -> tuple[list[dict], dict]:
-    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level}.
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level, row}.
     demo_ids = demonstration tokens + EOS, cut at max_response_len (METHODS 0.4; demo_finished: the EOS
     survived); prompts over max_prompt_len are dropped. Counts: {rows, prompts_dropped, demos_truncated}."""
     out, too_long, truncated = [], 0, 0
-    for r in rows:
+    for n, r in enumerate(rows, start=1):
         text = format_prompt(tokenizer, r["prompt"], system_prompt)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt_len:
@@ -539,7 +561,8 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
             truncated += not finished
             demo_ids = demo_ids[:max_response_len]
         out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
-                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"]})
+                    "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"],
+                    "row": n})  # its row number in the file (load_rows keeps them all, in order)
     if too_long:
         print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
                "tokens")
@@ -606,6 +629,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         cfg.model = model_directory(cfg.model)
         check_context_length(cfg.model, cfg.max_prompt_len + cfg.max_response_len)
         check_tokenizer(cfg.model)
+        check_model_files(cfg.model)
 
     ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
@@ -657,6 +681,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
+        run.bad_steps = run.state.get("bad_steps", 0)
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main)
     return run
@@ -783,8 +808,10 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # numpy's key as a list: plain data for torch.load
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
+    return {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state: dict):
@@ -924,6 +951,19 @@ def check_tokenizer(model_path: str):
              f"it was trained from")
 
 
+def check_model_files(model_path: str):
+    """Stop before anything is written when a local --model has no safetensors weights: a pickled .bin or
+    .pt can run code as it loads (from_pretrained is called with use_safetensors=True, which also holds
+    for hub ids). Code shipped with a model (auto_map) never runs: trust_remote_code is never turned on."""
+    if not os.path.isdir(model_path):
+        return
+    have = sorted(os.listdir(model_path))
+    if not any(n.endswith(".safetensors") for n in have):
+        fail(f"--model {model_path} has no .safetensors weights (it has {', '.join(have) or 'no files'}): weights "
+             "are loaded only from safetensors, since a pickled checkpoint (.bin, .pt) can run code as it loads; "
+             "convert it where you trust it: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)")
+
+
 def model_directory(path: str) -> str:
     """--model as transformers loads it: a trainer's checkpoint-N/ holds its model in checkpoint-N/model."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and \
@@ -987,7 +1027,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
     rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
     broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     if not is_sharded(d):
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(d.device)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(d.device)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return wrap_policy(lm, d, compile, train)
@@ -1004,7 +1044,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_policy(lm, d, compile, train)
     model.to_empty(device=d.device)  # this rank's shards, uninitialised
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if d.main else None
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True) if d.main else None
     set_model_state_dict(model, {"lm." + k: v for k, v in full.state_dict().items()} if full else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Non-persistent buffers (RoPE inv_freq) are in no checkpoint: rank 0's freshly built ones are broadcast.
@@ -1055,48 +1095,16 @@ def full_state_dict(model: PolicyModel, dtype: torch.dtype | None = None):
 # ======================================================================================
 
 
-def _grade(kind: str, answer: str, gold: str, timeout: int) -> tuple[bool, str]:
-    """math-verify on one candidate: (equals the gold, the text it extracted). kind "boxed": one box's
-    content; "text": answer text without a box, from which math-verify extracts the answer (as LUFFY)."""
-    # The gold must be wrapped in math delimiters: bare LaTeX golds are misread (2\sqrt{2} parses as 2).
-    gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
-    pred = parse("\\boxed{" + answer + "}" if kind == "boxed" else answer, parsing_timeout=timeout)
-    # Never str()/repr() a parsed expression: on deeply nested input that takes minutes, outside any timeout.
-    extracted = pred[-1] if pred and isinstance(pred[-1], str) else ""
-    ok = bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)
-    return bool(ok), extracted
-
-
-class _ShortLog(logging.Filter):
-    """math-verify logs each timeout with the whole expression it gave up on (thousands of characters
-    from a runaway answer): keep the line, cut to its first 160 characters."""
-
-    def filter(self, record):
-        text = record.getMessage()
-        if len(text) > 160:
-            record.msg, record.args = f"{text[:160]}... ({len(text):,} characters)", ()
-        return True
-
-
-for _name in ("math_verify.parser", "math_verify.grader", "math_verify.metric"):
-    logging.getLogger(_name).addFilter(_ShortLog())
-
-
 def _grading_worker_init(ready):
-    """Workers ignore Ctrl-C (the trainer handles it and ends the pool); `ready` says this worker is up,
-    so that its start-up does not count against an item's backstop. Up includes one grade of an interval,
-    a set and a radical: math-verify's first one in a process costs it seconds on a busy machine, past the
-    timeout of a right answer (seen: the first interval of verifier_agreement.py --study and 2\\sqrt{2} =
-    \\sqrt{8} in tests/test_verifier.py scored 0, load 7-8 on 2 cores)."""
+    """Workers ignore Ctrl-C and SIGTERM, which a terminal or a scheduler may send to every process of the
+    run: the trainer handles them and ends the pool (Verifier.close kills the workers); a worker killed while
+    it waits for a task would keep the pool's queue lock. `ready` says this worker is up, so that its
+    start-up does not count against an item's backstop. Up includes one grade of an interval, a set and a
+    radical: math-verify's first one in a process can take seconds on a busy machine, past the timeout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    warm_up_math_verify()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    warm_up_math_verify(WORKER_START_S)
     ready.release()
-
-
-def warm_up_math_verify():
-    for answer, gold in (("[1, 5)", "[1,5)"), ("\\{1, 2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}")):
-        with contextlib.suppress(Exception):
-            _grade("boxed", answer, gold, WORKER_START_S)
 
 
 WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (4-10 s)
@@ -1283,6 +1291,8 @@ class Verifier:
     def close(self):
         with self._lock:
             if self._pool is not None:
+                for worker in self._pool._pool:  # they ignore SIGTERM, which Pool.terminate sends
+                    worker.terminate = worker.kill
                 self._pool.terminate()
                 self._pool.join()
                 self._pool = None
@@ -1776,32 +1786,27 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
 
 def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
                     schedulers: dict, state: dict, keep: int = 2):
-    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to a
-    .tmp directory and renamed (multi-node: a shared filesystem). An unstepped optimizer is left out: saving
-    it would take a zero-lr step, and its first real step would count as the second in Adam's bias correction."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
+    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
+    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
+    and its first real step would count as the second in Adam's bias correction. A write that fails (a
+    full disk, a lost mount) stops the run with one line; the earlier checkpoints are untouched."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     r = rank()
     final = os.path.join(output_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
-    if r == 0:
+    try:
+        _write_checkpoint(tmp, r, step, model, tokenizer, optimizers, schedulers, state)
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if r == 0:
-        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
-        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
-    dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
-             checkpoint_id=os.path.join(tmp, "optim"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{r}.pt"))
-    barrier()
+        previous = latest_checkpoint(output_dir)
+        why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise SystemExit(f"error: writing {os.path.basename(final)} failed: {why}; "
+                         + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
+                            if previous else "no earlier checkpoint exists: fix the cause and start again")
+                         if r == 0 else 1) from None
     if r == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -1811,16 +1816,50 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     barrier()
 
 
+def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
+                      schedulers: dict, state: dict):
+    """save_checkpoint's writes, all into tmp (renamed to the checkpoint only once complete)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
+        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
+    dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
+             checkpoint_id=os.path.join(tmp, "optim"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    barrier()
+
+
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
-    returns the trainer state (step, data position, method state)."""
-    import torch.distributed.checkpoint as dcp
+    returns the trainer state (step, data position, method state). Nothing is read as code: every file
+    is loaded as tensors and plain data only (weights_only=True, run_dir.safe_dcp_load)."""
+    try:
+        return _load_checkpoint(path, model, optimizers, schedulers)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"error: {path} holds more than tensors and plain data, which could run code as it loads "
+                         f"({run_dir.unpickling_detail(e)}); not loading it. Resume only checkpoints this "
+                         "code wrote") from None
+
+
+def _load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
     optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
-    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
+    run_dir.safe_dcp_load(optim, os.path.join(path, "optim"))
     for k, o in saved.items():
         set_optimizer_state_dict(model, o, optim[k])
     for k, s in schedulers.items():
@@ -1828,5 +1867,9 @@ def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers:
     rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
     if not os.path.exists(rng_file):
         fail(f"{path} was written by a run with fewer ranks; resume with the same world size")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
+    numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    with torch.serialization.safe_globals(numpy_array):
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+

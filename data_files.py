@@ -1,13 +1,16 @@
-"""Reading and validating a data file: load_rows, behind common.read_rows (setup, evaluate.py).
+"""Reading and validating a data file: load_rows, behind common.read_rows (setup, evaluate.py); and
+PromptStream, the seeded, resumable order in which a run draws its training rows.
 
 Every row is checked before anything else happens, and each problem is named with its row, field and
-fix. Trainers never call this file; common.py re-exports load_rows.
+fix. Trainers never call this file; common.py re-exports load_rows and PromptStream.
 """
 import decimal
 import difflib
 import json
 import math
 import os
+
+import numpy as np
 
 
 def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
@@ -229,3 +232,27 @@ def _key_paths(records: list[dict], depth: int = 3) -> list[str]:
     for r in records[:100]:
         walk(r, "", depth)
     return list(paths)
+
+
+class PromptStream:
+    """Seeded, resumable walk over the training rows: a fresh permutation every epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            take = min(k - len(out), self.size - self.pos)
+            out += perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict):
+        self.epoch, self.pos = s["epoch"], s["pos"]

@@ -87,6 +87,7 @@ def main():
     path = model_directory(cfg.model, cfg.cache_dir)
     common.check_context_length(path, cfg.max_prompt_len + cfg.max_response_len)  # before any weights load
     common.check_tokenizer(path)
+    common.check_model_files(path)
     verifier = common.Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     verifier.start()
     tokenizer = common.AutoTokenizer.from_pretrained(path)

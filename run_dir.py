@@ -6,18 +6,24 @@ One process writes a run at a time (a lock on <output_dir>/.lock). Without --res
 directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and
 logs; nothing else). --resume continues only a run of the same trainer with the same settings but those in
 RESUME_MAY_CHANGE, never rewrites its config.json, and a run already at --max_steps says so and exits.
-A resumed run's metrics.jsonl is cut back to its checkpoint's step. File-system bookkeeping a reader of a
-trainer never needs: trainers never call this file; common.py re-exports latest_checkpoint.
+A resumed run's metrics.jsonl is cut back to its checkpoint's step. A checkpoint's pickles are read as data
+only (safe_dcp_load): a tampered checkpoint runs nothing. File-system bookkeeping a reader of a trainer never
+needs: trainers never call this file; common.py re-exports latest_checkpoint.
 """
+import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
 import threading
+
+import torch
 
 
 # What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
@@ -27,7 +33,7 @@ _RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|roll
 # watched. Any other change would make it another run than the one its checkpoint continues.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
                      "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
-                     "vllm_verbose", "rollout_debug", "cache_dir", "output_dir", "eval_pass_k"}
+                     "max_bad_steps", "vllm_verbose", "rollout_debug", "cache_dir", "output_dir", "eval_pass_k"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
 
 
@@ -62,11 +68,39 @@ class Interrupts:
 interrupts = Interrupts()  # common.setup installs it; Run.end_step reads signum
 
 
+WRITE_TEST_BYTES = 1 << 20  # written, synced and removed before training: a full disk fails here, not at a checkpoint
+
+
+def check_writable(out: str) -> str | None:
+    """Why output_dir cannot hold a run (not creatable, not writable, no space), or None. Leaves nothing
+    behind: the test file is removed, and so is the directory if this made it."""
+    made, probe = os.path.abspath(out), os.path.join(out, f".write-test-{os.getpid()}")
+    while not os.path.exists(os.path.dirname(made)):  # the first directory makedirs will create
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(WRITE_TEST_BYTES))
+            f.flush()
+            os.fsync(f.fileno())  # where a full disk with delayed allocation says so
+        os.remove(probe)
+        return None
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        return (f"--output_dir {out} cannot hold a run: {e.strerror or e} ({e.filename or out}); free space "
+                "there, fix its permissions, or choose another --output_dir")
+
+
 def claim(cfg) -> tuple:
     """Rank 0's decision on cfg.output_dir: (error, notes, checkpoint to resume or None, run complete)."""
     global _run_lock
     out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
-    os.makedirs(out, exist_ok=True)
+    if error := check_writable(out):
+        return error, [], None, False
     lock = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,3 +198,42 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb:
             self.wandb.log(record, step=step)
+
+
+# What the metadata of a DCP checkpoint (optim/.metadata, a pickle) may name: its own record classes
+_DCP_METADATA = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+
+
+class _DataOnly(pickle.Unpickler):
+    """A pickle that names nothing but _DCP_METADATA and torch dtypes: nothing in it can run code."""
+
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's optimizer metadata")
+
+
+def safe_dcp_load(state: dict, path: str):
+    """dcp.load, reading nothing as code. DCP unpickles its metadata and its non-tensor entries (the
+    optimizer's param_groups) with plain pickle: first read the metadata with _DataOnly and each such
+    entry as torch.load(weights_only=True) reads (tensors and plain data only), which raise on anything else."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = _DataOnly(f).load()
+    for index, where in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with open(os.path.join(path, where.relative_path), "rb") as f:
+                f.seek(where.offset)
+                torch.load(io.BytesIO(f.read(where.length)), weights_only=True)
+    dcp.load(state, checkpoint_id=path)
+
+
+def unpickling_detail(e: Exception) -> str:  # torch's weights_only message is a page; keep what it found
+    m = re.search(r"[^\n]*(?:unsupported|not an allowed|blocked|no place)[^\n]*", str(e).split("\n", 1)[-1], re.I)
+    return (m.group() if m else (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]

@@ -22,6 +22,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from math_verify import parse, verify  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 CASES = os.path.join(DATA, "verifier_cases.jsonl")  # written to pin down fixed weaknesses
@@ -36,14 +37,14 @@ def load_cases(path: str = CASES):
 
 def plain_math_verify(response: str, gold: str) -> float:
     """math-verify used directly: its own extraction on the whole response."""
-    gold_parsed = common.parse("$" + gold + "$", parsing_timeout=TIMEOUT)
-    pred = common.parse(response, parsing_timeout=TIMEOUT)
-    return float(bool(gold_parsed) and bool(pred) and common.verify(gold_parsed, pred, timeout_seconds=TIMEOUT))
+    gold_parsed = parse("$" + gold + "$", parsing_timeout=TIMEOUT)
+    pred = parse(response, parsing_timeout=TIMEOUT)
+    return float(bool(gold_parsed) and bool(pred) and verify(gold_parsed, pred, timeout_seconds=TIMEOUT))
 
 
 def _ignore_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    common.warm_up_math_verify()  # as our workers do: a first interval must not time out on a busy machine
+    common.warm_up_math_verify(common.WORKER_START_S)  # as our workers do (a first interval is slow)
 
 
 def grade_plain(cases) -> list[float]:
