@@ -14,16 +14,18 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
-  7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool, normalize_answer
+  7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool (answers.py: one answer)
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
-  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets, EvalSet
+  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
 
-Three modules hold what setup() calls and no trainer does: builtin_task.py (the built-in task: tiny
-tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data builtin),
-data_files.py (load_rows: reading a data file and validating every row) and run_dir.py (a run's output_dir
-rules, its metrics.jsonl, Ctrl-C / SIGTERM). --rollout_debug's wrapper is scripts/rollout_debug.py.
+Four modules hold what setup() and the Verifier call and no trainer does: builtin_task.py (the built-in
+task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data
+builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream, the rows'
+order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, reading checkpoints as
+data only) and answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a
+human grader reads, math-verify's verdict). --rollout_debug's wrapper is scripts/rollout_debug.py.
 """
 from __future__ import annotations
 
