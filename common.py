@@ -472,7 +472,8 @@ class Run:
             message = (f"error: stopped after step {step}: {self.bad_steps} steps in a row had a non-finite loss or "
                        f"gradient and their updates were skipped (--max_bad_steps {cfg.max_bad_steps}); saved "
                        f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')} (the skipped updates changed no "
-                       "weight). Look at the rows named above, lower --lr or --max_grad_norm, then continue with --resume")
+                       "weight). Look at the rows named above, lower --lr or --max_grad_norm, then continue with "
+                       "--resume")
             shutdown()
             raise SystemExit(message if self.d.main else 1)
         elif signum:
@@ -490,9 +491,9 @@ class Run:
         if skipped and self.d.main:  # above the progress bar
             rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
                 f", ... ({len(self.step_rows)} in all)" if len(self.step_rows) > MAX_ROWS_NAMED else "")
-            plural = lambda n, what: f"{n} {what}{'s' if n > 1 else ''}"  # noqa: E731
-            tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {plural(skipped, 'update')} (weights "
-                       f"and optimizer unchanged; {plural(self.bad_steps, 'step')} in a row); rows of "
+            updates, steps = f"update{'s' if skipped > 1 else ''}", f"step{'s' if self.bad_steps > 1 else ''}"
+            tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {skipped} {updates} (weights and "
+                       f"optimizer unchanged; {self.bad_steps} {steps} in a row); rows of "
                        f"{os.path.basename(self.cfg.data)} in this step: {rows}", file=sys.stderr)
         return {"skipped_updates": skipped}
 
