@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import MAX_DISTINCT_ANSWERS, Verifier
+from answers import MAX_DISTINCT_ANSWERS
+from common import Verifier
 
 TIMEOUT = 1  # --verifier_timeout: the backstop per grading item is 3x this
 # One response is at most MAX_DISTINCT_ANSWERS boxed answers plus their joined alternative, each a
