@@ -12,9 +12,9 @@ land in the evaluation), `logged` (SIGKILL right after a metrics line is written
 before that step's checkpoint), `checkpoint` (SIGKILL while a checkpoint-N.tmp is being written) and
 `sigterm` (SIGTERM to the trainer at a random point of a step, as torchrun or Kubernetes send it: it
 must save and exit 143 with no traceback). `--modes sigterm-group` sends that SIGTERM to every process
-of the run instead (grading workers included), as Slurm's scancel does. Then the final checkpoints are compared: the weights
-(model.safetensors), the optimizer state (every DCP entry), the trainer state (step, data position,
-schedulers, method state), the RNG states and metrics.jsonl (timing keys aside), all with exact
+of the run instead (grading workers included), as Slurm's scancel does. `--sampler vllm` runs the trainers
+on vLLM's engine (its CPU build). Then the final checkpoints are compared: the weights (model.safetensors),
+the optimizer state (every DCP entry), the trainer state (step, data position, schedulers, method state), the RNG states and metrics.jsonl (timing keys aside), all with exact
 equality. Prints one line per trainer and exits 1 when anything differs. Runs go under --work.
 """
 import argparse
@@ -48,9 +48,11 @@ def eval_file(work: str) -> str:
     return path
 
 
-def trainer_args(trainer: str, out: str, max_steps: int, seed: int, model: str) -> list[str]:
-    """Tiny settings of the built-in task: about a second a step on one CPU core."""
-    args = ["--model", model, "--output_dir", out, "--max_steps", str(max_steps), "--seed", str(seed),
+def trainer_args(trainer: str, out: str, max_steps: int, seed: int, model: str,
+                 sampler: str = "torch") -> list[str]:
+    """Tiny settings of the built-in task: about a second a step on one CPU core (vLLM: plus the engine's start)."""
+    args = ["--model", model, "--sampler", sampler, "--output_dir", out, "--max_steps", str(max_steps),
+            "--seed", str(seed),
             "--save_every", "1", "--keep_checkpoints", "1", "--eval_every", "2", "--eval_samples", "2",
             "--eval_data", eval_file(os.path.dirname(os.path.dirname(out))), "--no-compile",
             "--verifier_workers", "1"]
@@ -170,7 +172,7 @@ def compare(ref: str, cut: str) -> list[str]:
 
 
 def sweep(trainer: str, work: str, kills: int, max_steps: int, seed: int, model: str = "builtin",
-          modes: list[str] | None = None) -> dict:
+          modes: list[str] | None = None, sampler: str = "torch") -> dict:
     """One trainer: the uninterrupted run, the killed-and-resumed one, the comparison."""
     rng = random.Random(f"{trainer}-{seed}")
     ref, cut = os.path.join(work, trainer, "uninterrupted"), os.path.join(work, trainer, "killed")
@@ -178,7 +180,7 @@ def sweep(trainer: str, work: str, kills: int, max_steps: int, seed: int, model:
         shutil.rmtree(d, ignore_errors=True)
     os.makedirs(os.path.dirname(ref), exist_ok=True)
     t0 = time.time()
-    proc = start(trainer, trainer_args(trainer, ref, max_steps, seed, model), ref + ".log")
+    proc = start(trainer, trainer_args(trainer, ref, max_steps, seed, model, sampler), ref + ".log")
     first = wait_for(proc, lambda: logged_steps(ref) > 1)  # step 1 logged: training has started
     t1 = time.time()
     if proc.wait() != 0 or not first:
@@ -188,7 +190,7 @@ def sweep(trainer: str, work: str, kills: int, max_steps: int, seed: int, model:
     step_s = sum(times) / len(times)
     events, resumes = [], 0
     modes = modes or [MODES[i % len(MODES)] for i in range(kills)]
-    args = trainer_args(trainer, cut, max_steps, seed, model)
+    args = trainer_args(trainer, cut, max_steps, seed, model, sampler)
     for mode in modes:
         e = kill_once(trainer, args + (["--resume"] if resumes else []), cut, cut + ".log", mode, rng, step_s,
                       max_steps)
@@ -217,11 +219,12 @@ def main():
     p.add_argument("--max_steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="builtin")
+    p.add_argument("--sampler", choices=["torch", "vllm"], default="torch", help="vllm: vLLM's engine (its CPU build)")
     p.add_argument("--work", default=os.path.join("runs", "kill_sweep"))
     a = p.parse_args()
     failed = False
     for trainer in a.trainers:
-        r = sweep(trainer, os.path.abspath(a.work), a.kills, a.max_steps, a.seed, a.model, a.modes)
+        r = sweep(trainer, os.path.abspath(a.work), a.kills, a.max_steps, a.seed, a.model, a.modes, a.sampler)
         moments = ", ".join(f"{e['mode']}@{e['at_step']}" + ("" if e["killed"] else " (missed)") for e in r["events"])
         ok = not r["differences"] and not r["tracebacks"]
         failed |= not ok
