@@ -15,7 +15,8 @@ must save and exit 143 with no traceback). `--modes sigterm-group` sends that SI
 of the run instead (grading workers included), as Slurm's scancel does. `--sampler vllm` runs the trainers
 on vLLM's engine (its CPU build). Then the final checkpoints are compared: the weights (model.safetensors),
 the optimizer state (every DCP entry), the trainer state (step, data position, schedulers, method state),
-the RNG states and metrics.jsonl (timing keys aside), all with exact equality. Prints one line per trainer and exits 1 when anything differs. Runs go under --work.
+the RNG states and metrics.jsonl (timing keys aside), all with exact equality. Prints one line per
+trainer and exits 1 when anything differs. Runs go under --work.
 """
 import argparse
 import contextlib
