@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+import answers
 import common
 from common import Verifier, boxed_answers, normalize_answer
 
@@ -214,7 +215,7 @@ def test_require_think_off_grades_text_without_think():
 def test_fast_and_empty_answers_never_call_math_verify(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("math-verify was called")
-    monkeypatch.setattr(common, "parse", boom)
+    monkeypatch.setattr(answers, "parse", boom)  # the one place math-verify is called (answers._grade)
     v = Verifier(num_workers=0)
     assert v(["", "\\boxed{1}", "</think>\\boxed{ }", "</think>\\boxed{" + "1" * 5000 + "}", "</think>",
               "</think> 1", "</think>\\boxed{2.50}", "</think>\\boxed{-3}"],
