@@ -147,7 +147,7 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
 # Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
-_CHOICE_TEXT = re.compile(r"^.*?\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE | re.DOTALL)
+_CHOICE_TEXT = re.compile(r"^.*?" + _ANSWER_STATEMENT.pattern, re.IGNORECASE | re.DOTALL)  # all up to the statement
 _YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
 _PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
 _RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
