@@ -20,7 +20,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
  10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
 
-Four modules hold what setup() and the Verifier call and no trainer does: builtin_task.py (the built-in
+Five modules hold what setup(), PolicyModel and the Verifier call and no trainer does: lm_head.py (Eq. 1-2 in
+chunks, with their gradient written out), builtin_task.py (the built-in
 task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data
 builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream, the rows'
 order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, reading checkpoints as
@@ -49,6 +50,7 @@ import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup
 from answers import (MAX_ANSWER_CHARS, _fast_grade, _grade, _interval, _readings, boxed_answers,  # noqa: F401
                      candidates, normalize_answer, standing_boxes, warm_up_math_verify)  # one answer against its gold
 from data_files import PromptStream, _is_chat, load_rows  # reading a data file, validating its rows, their order
+from lm_head import LMHead  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, with their gradient
 from run_dir import latest_checkpoint
 
 
@@ -863,38 +865,15 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 # ======================================================================================
 
 
-def _logprob_entropy(hidden, weight, labels, temperature: float, with_entropy: bool):
-    """Eq. (1)-(2) for a chunk: hidden [n, H], weight [V, H], labels [n] -> logp, entropy [n] (fp32).
-    Only this chunk's [n, V] logits exist; compiled, cast, softmax and reductions fuse into one pass."""
-    logits = (hidden @ weight.T).float() / temperature  # [n, V]
-    logz = torch.logsumexp(logits, dim=-1)  # [n]
-    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz  # Eq. (1)
-    if not with_entropy:
-        return logp, torch.zeros_like(logp)
-    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # Eq. (2): -sum q log q
-    return logp, entropy
-
-
-_compiled = {}
-
-
-def logprob_entropy_kernel(compile: bool):
-    """_logprob_entropy, compiled on first request (importing common, --no-compile never pay for it)."""
-    if compile and "kernel" not in _compiled:
-        _compiled["kernel"] = torch.compile(_logprob_entropy, dynamic=True)
-    return _compiled["kernel"] if compile else _logprob_entropy
-
-
 class PolicyModel(nn.Module):
     """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
     m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
-    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in checkpointed chunks
-    (no [B, T, V] logits). This wrapper is the FSDP2 root, so its hooks cover the LM head call."""
+    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in chunks (lm_head.LMHead:
+    no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2 root, so its hooks cover the head."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
-        self.kernel = logprob_entropy_kernel(compile)
+        self.lm, self.chunk_size, self.compile_head = lm, chunk_size, compile
 
     def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False):
         R = response_mask.shape[1]
@@ -906,15 +885,9 @@ class PolicyModel(nn.Module):
         mask = response_mask.bool()
         h, y = hidden[mask], labels[mask]  # [N, H], [N]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
-        chunks = []  # (logp, entropy) [n] of each chunk of masked positions
-        for i in range(0, h.shape[0], self.chunk_size):
-            args = (h[i:i + self.chunk_size], weight, y[i:i + self.chunk_size], temperature, with_entropy)
-            chunks.append(torch.utils.checkpoint.checkpoint(self.kernel, *args, use_reentrant=False)
-                          if torch.is_grad_enabled() else self.kernel(*args))
-        logp, entropy = (torch.zeros(mask.shape, dtype=torch.float32, device=h.device) for _ in range(2))  # [B, R]
-        if chunks:
-            logp = logp.masked_scatter(mask, torch.cat([lp for lp, _ in chunks]))
-            entropy = entropy.masked_scatter(mask, torch.cat([en for _, en in chunks]))
+        lp, en = LMHead.apply(h, weight, y, temperature, with_entropy, self.chunk_size, self.compile_head)  # [N]
+        logp = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)  # [B, R]
+        entropy = torch.zeros(mask.shape, dtype=en.dtype, device=h.device).masked_scatter(mask, en)
         return logp, entropy
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import common
+import lm_head
 
 VOCAB = 97
 PAD = 0
@@ -202,7 +203,7 @@ def test_compiled_kernel_matches_reference():
     lm = tiny_lm(seed=8)
     prompts, responses = random_pairs(8, [2, 3], [3, 2])
     model = common.PolicyModel(lm, compile=True, chunk_size=3)
-    assert model.kernel is common.logprob_entropy_kernel(True) is not common._logprob_entropy
+    assert model.compile_head and lm_head.kernels(True)[0] is not lm_head._reduce  # the compiled kernels run
     batch = common.make_batch(prompts, responses, PAD, "cpu")
     with torch.no_grad():
         logp, entropy = model(**batch, temperature=0.7, with_entropy=True)
@@ -212,3 +213,59 @@ def test_compiled_kernel_matches_reference():
     torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-5)
     _check_grads(lm, model, prompts, responses, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head.LMHead's written-out gradient, alone
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_case(dtype, seed=0, n=7, hidden=5, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, dtype=torch.float64, generator=g)
+    w = torch.randn(vocab, hidden, dtype=torch.float64, generator=g)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    g_logp, g_entropy = torch.randn(n, dtype=torch.float64, generator=g), torch.randn(n, dtype=torch.float64, generator=g)
+    return h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), y, g_logp, g_entropy
+
+
+def _naive_float64(h, w, y, temperature, with_entropy, g_logp, g_entropy):
+    """Eq. (1)-(2) from the full logits, by autograd in float64: values and d/dh, d/dW of sum(g_logp logp + g_H H)."""
+    h, w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logq = torch.log_softmax(h @ w.T / temperature, dim=-1)
+    logp = logq.gather(-1, y[:, None]).squeeze(-1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    loss = (g_logp * logp).sum() + ((g_entropy * entropy).sum() if with_entropy else 0)
+    return logp, entropy, torch.autograd.grad(loss, (h, w))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_lm_head_gradient_equals_autograd_in_float64(compile, with_entropy):
+    """For arbitrary upstream gradients of logp and H (not just their sums), chunks of 3 over 7 rows (the last one
+    partial, one reused buffer), T = 0.7: values and both gradients equal autograd's to float64 rounding."""
+    h, w, y, g_logp, g_entropy = _head_case(torch.float64)
+    logp, entropy = lm_head.LMHead.apply(h, w, y, 0.7, with_entropy, 3, compile)
+    grads = torch.autograd.grad((g_logp * logp).sum() + (g_entropy * entropy).sum(), (h, w))
+    ref_logp, ref_entropy, ref_grads = _naive_float64(h, w, y, 0.7, with_entropy, g_logp, g_entropy)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-13)
+    torch.testing.assert_close(entropy, ref_entropy if with_entropy else torch.zeros_like(ref_entropy), rtol=0,
+                               atol=1e-13)
+    for got, ref in zip(grads, ref_grads):
+        assert ref.abs().max() > 0.1
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_lm_head_bfloat16_weights_within_bfloat16_rounding():
+    """bf16 weights (FSDP2's compute dtype on GPUs): logits are rounded to bf16 as naive autograd's would be, sums
+    run in float32 and d/dW accumulates over chunks in float32; errors stay at bf16's ~1e-2 relative."""
+    h, w, y, g_logp, g_entropy = _head_case(torch.bfloat16, seed=1, n=9)
+    logp, entropy = lm_head.LMHead.apply(h, w, y, 1.0, True, 4, False)
+    assert logp.dtype == entropy.dtype == torch.float32
+    grads = torch.autograd.grad((g_logp.float() * logp).sum() + (g_entropy.float() * entropy).sum(), (h, w))
+    ref_logp, ref_entropy, ref_grads = _naive_float64(h, w, y, 1.0, True, g_logp, g_entropy)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=0.05 * ref_logp.abs().max().item())
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=0.05 * ref_entropy.abs().max().item())
+    for got, ref in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
