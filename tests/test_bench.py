@@ -43,3 +43,69 @@ def test_draw_lengths_respects_the_cap_and_mean():
     xs = gpu_paper.draw_lengths(20000, mean=100, cap=10**9, seed=0)
     assert abs(sum(xs) / len(xs) - 100) < 3
     assert max(gpu_paper.draw_lengths(1000, mean=100, cap=150, seed=0)) == 150
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_logprob_bench_sides_agree_on_a_tiny_head():
+    """bench/logprob.py's three sides on a 13-token, vocabulary-23 head with chunks of 5: the gradients it checks
+    against naive's agree to float32 rounding, and every side gets a time and a memory figure."""
+    logprob = _load("logprob")
+    import torch
+
+    for with_entropy in (True, False):
+        r = logprob.case(13, 6, torch.float32, with_entropy, repeats=1, sides=list(logprob.SIDES), vocab=23, chunk=5)
+        assert set(r["sides"]) == {"naive", "checkpointed", "fused"}
+        assert all(err < 1e-5 for err in r["grad_rel_err_vs_naive"].values()), r["grad_rel_err_vs_naive"]
+        assert set(r["ratio_to_naive"]) == {"checkpointed", "fused"}
+
+
+def test_trl_step_phase_clock_and_summary():
+    trl_step = _load("trl_step")
+
+    class Owner:
+        calls = 0
+
+        @staticmethod
+        def work(x):
+            Owner.calls += 1
+            return 2 * x
+
+    clock = trl_step.PhaseClock()
+    counting = {"on": True}
+    clock.wrap(Owner, "work", "rollout", when=lambda: counting["on"])
+    clock.lap()  # starts the clock: no lap yet
+    assert Owner.work(3) == 6 and clock.current["rollout"] >= 0
+    counting["on"] = False
+    before = clock.current["rollout"]
+    assert Owner.work(4) == 8 and clock.current["rollout"] == before  # `when` false: called, not counted
+    clock.lap(generated_tokens=10)
+    assert len(clock.laps) == 1 and set(clock.laps[0]) == {"step_s", "rollout", "generated_tokens"}
+    assert clock.current == {} and Owner.calls == 2
+
+    # medians over the steps after the first; update = step - rollout - reward - old log-probs, per step
+    laps = [{"step_s": 100.0, "rollout": 50.0, "generated_tokens": 1.0},  # warm-up, dropped
+            {"step_s": 4.0, "rollout": 1.0, "reward": 0.5, "old_logprobs": 0.5, "generated_tokens": 300.0},
+            {"step_s": 6.0, "rollout": 2.0, "reward": 0.5, "old_logprobs": 0.5, "generated_tokens": 500.0},
+            {"step_s": 5.0, "rollout": 3.0, "generated_tokens": 400.0}]  # no reward / old log-prob calls: 0
+    s = trl_step.step_summary(laps)
+    assert s == {"step_s": 5.0, "rollout": 2.0, "reward": 0.5, "old_logprobs": 0.5, "generated_tokens": 400.0,
+                 "update": 2.0, "steps": 3}  # updates 2, 3, 2
+
+
+def test_mfu_shape_and_flops_of_a_built_model(tmp_path):
+    """bench/mfu.py's model description feeds gpu_paper's FLOP count: check it on a model built from a config."""
+    mfu = _load("mfu")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=10, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    m = mfu.shape(lm)
+    assert m == dict(vocab=10, hidden=128, intermediate=512, layers=2, heads=2, kv_heads=2, head_dim=64, tied=False)
+    counted = mfu.gpu_paper.param_count(m)["total"]
+    assert counted == sum(p.numel() for p in lm.parameters())  # the FLOP count's parameters are the model's
