@@ -90,3 +90,23 @@ def test_commands_and_selection():
     lab = rows.command(found[2], "/out")  # the lab's flags, which repeat the trainer's defaults
     assert lab[1].endswith("srft.py") and lab[2:6] == ["--seed", "2", "--output_dir", "/out"]
     assert "--keep_checkpoints" in lab and lab[lab.index("--max_steps") + 1] == "80"
+
+
+def test_fusion_table_counters_by_hand():
+    """scripts/fusion_table.py's per-method counters on fabricated metrics lines (evaluation lines have no loss)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fusion_table", os.path.join(ROOT, "scripts", "fusion_table.py"))
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    steps = [{"step": s, "loss": 0.0, "demo_prob": 0.5 + s / 50, "entropy_rollout": [0.1, 0.3, 0.2][s % 3],
+              "ft_steps_total": s // 2, "hint_length": 2.0 if s <= 11 else 0.0, "gate_kept_frac": 0.2 if s % 2 else 0.3,
+              "extra_tokens": 1000.0} for s in range(1, 21)]
+    rows = [{"step": 0, "eval_accuracy": 0.1}] + steps
+    assert ft.counter("luffy", rows) == "demonstration p 0.59 -> 0.83"  # mean of 0.52..0.66 -> of 0.76..0.90
+    assert ft.counter("srft", rows) == "rollout entropy peaks at 0.300"
+    assert ft.counter("relift", rows) == "10 fine-tuning steps"
+    assert ft.counter("uft", rows) == "last hint at step 11"
+    assert ft.counter("prefix_rft", rows) == "gate keeps 25% of prefix tokens"
+    assert ft.counter("bread", rows) == "20k tokens from branches and search"
+    assert ft.tokens(263_000) == "263k" and ft.tokens(35_168) == "35.2k" and ft.tokens(0) == "0"
