@@ -1,6 +1,7 @@
 """bench/gpu_paper.py's arithmetic helpers against numbers worked out by hand (the tables themselves are
 arithmetic on stated inputs; nothing here is timed)."""
 import importlib.util
+import math
 import os
 
 import pytest
@@ -109,3 +110,11 @@ def test_mfu_shape_and_flops_of_a_built_model(tmp_path):
     assert m == dict(vocab=10, hidden=128, intermediate=512, layers=2, heads=2, kv_heads=2, head_dim=64, tied=False)
     counted = mfu.gpu_paper.param_count(m)["total"]
     assert counted == sum(p.numel() for p in lm.parameters())  # the FLOP count's parameters are the model's
+
+
+def test_scaling_fit_exponent_by_hand():
+    scaling = _load("scaling")
+    assert scaling.fit_exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)  # y = 3 x^2
+    assert scaling.fit_exponent([64, 256, 1024], [5, 5, 5]) == pytest.approx(0.0)
+    # not a power law: the least-squares slope of log y on log x, (log 10 - log 1) / (log 4 - log 1) here
+    assert scaling.fit_exponent([1, 4], [1, 10]) == pytest.approx(math.log(10) / math.log(4))
