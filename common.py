@@ -50,7 +50,7 @@ import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup
 from answers import (MAX_ANSWER_CHARS, _fast_grade, _grade, _interval, _readings, boxed_answers,  # noqa: F401
                      candidates, normalize_answer, standing_boxes, warm_up_math_verify)  # one answer against its gold
 from data_files import PromptStream, _is_chat, load_rows  # reading a data file, validating its rows, their order
-from lm_head import LMHead  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, with their gradient
+from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
 from run_dir import latest_checkpoint
 
 
@@ -885,7 +885,8 @@ class PolicyModel(nn.Module):
         mask = response_mask.bool()
         h, y = hidden[mask], labels[mask]  # [N, H], [N]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
-        lp, en = LMHead.apply(h, weight, y, temperature, with_entropy, self.chunk_size, self.compile_head)  # [N]
+        rows = rows_per_chunk(weight.shape[0], weight.dtype, self.chunk_size)  # at most 256 MiB of logits a chunk
+        lp, en = LMHead.apply(h, weight, y, temperature, with_entropy, rows, self.compile_head)  # [N]
         logp = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)  # [B, R]
         entropy = torch.zeros(mask.shape, dtype=en.dtype, device=h.device).masked_scatter(mask, en)
         return logp, entropy

@@ -37,6 +37,12 @@ def _grad_logits_(z, labels, logz, entropy, g_logp, g_entropy, temperature: floa
     z.copy_((onehot * g_logp[:, None] - logq.exp() * coef) / temperature)
 
 
+def rows_per_chunk(vocab: int, dtype: torch.dtype, max_rows: int = 1024, max_bytes: int = 256 * 2 ** 20) -> int:
+    """Rows of the [chunk, V] buffer: at most max_rows, and at most max_bytes of logits in the weights' dtype
+    (Qwen2.5's V = 151,936: 441 float32 rows, 883 bfloat16; a small vocabulary: max_rows)."""
+    return max(1, min(max_rows, max_bytes // (vocab * torch.finfo(dtype).bits // 8)))
+
+
 _compiled = {}
 
 

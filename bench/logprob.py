@@ -5,7 +5,8 @@
 
   naive         full [N, V] logits, log_softmax, gather, full-softmax entropy (what a first version writes)
   checkpointed  the same compiled chunk kernel under torch.utils.checkpoint (this code's head until 2026-12-04)
-  fused         lm_head.LMHead (this code's head now): chunks through one reused [chunk, V] buffer, logsumexp kept,
+  fused         lm_head.LMHead (this code's head now): chunks through one reused [chunk, V] buffer of at most
+                256 MiB (441 float32 rows at this V, 883 bfloat16), logsumexp kept,
                 the backward recomputes each chunk's logits once and turns them into dL/dz in place
 
 Each case draws hidden states h [N, H], a head W [V, H] (V = 151,936, Qwen2.5's vocabulary) and upstream gradients
@@ -59,7 +60,8 @@ def checkpointed(h, w, y, temperature, with_entropy, chunk=1024):
 
 
 def fused(h, w, y, temperature, with_entropy, chunk=1024):
-    return lm_head.LMHead.apply(h, w, y, temperature, with_entropy, chunk, True)
+    rows = lm_head.rows_per_chunk(w.shape[0], w.dtype, chunk)  # as common.PolicyModel chooses them
+    return lm_head.LMHead.apply(h, w, y, temperature, with_entropy, rows, True)
 
 
 SIDES = {"naive": naive, "checkpointed": checkpointed, "fused": fused}

@@ -269,3 +269,12 @@ def test_lm_head_bfloat16_weights_within_bfloat16_rounding():
     for got, ref in zip(grads, ref_grads):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
+
+
+def test_rows_per_chunk_by_hand():
+    """At most 1024 rows and 256 MiB of logits per chunk: 2**28 / (151,936 x 4 B) = 441.7, x 2 B = 883.5."""
+    assert lm_head.rows_per_chunk(151_936, torch.float32) == 441
+    assert lm_head.rows_per_chunk(151_936, torch.bfloat16) == 883
+    assert lm_head.rows_per_chunk(97, torch.float32) == 1024  # a small vocabulary: the row cap
+    assert lm_head.rows_per_chunk(97, torch.float32, max_rows=3) == 3
+    assert lm_head.rows_per_chunk(10 ** 9, torch.float32) == 1  # never 0 rows
