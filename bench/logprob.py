@@ -136,6 +136,7 @@ def case(n, hidden, dtype, with_entropy, repeats, sides, seed=0, vocab=VOCAB, ch
                                      "memory": statistics.median(peaks[s]) / base_m if base_m > 0 else float("nan")}
                                 for s in sides if s != "naive"}  # a tiny case's peaks can round to 0 pages
         res["time_floor_4_of_3_matmuls"] = (4 * mm) / base_t  # a head keeping no [N, V] logits cannot beat this
+        res["memory_floor_grad_w"] = w.numel() * 4 / base_m if base_m > 0 else float("nan")  # d/dW (fp32) itself
     return res
 
 
@@ -150,7 +151,8 @@ def print_case(r):
         print(f"  {s:13s} {t['median']:7.2f} s ({t['min']:.2f}-{t['max']:.2f})  {m['median']:6.2f} GiB "
               f"({m['min']:.2f}-{m['max']:.2f}){rt}" + (f"  grad err {err:.1e}" if err is not None else ""))
     if "time_floor_4_of_3_matmuls" in r:
-        print(f"  floor for a head without [N, V] logits (4 matmuls / naive): {r['time_floor_4_of_3_matmuls']:.2f}x")
+        print(f"  floors: time of a head without [N, V] logits (4 matmuls / naive) {r['time_floor_4_of_3_matmuls']:.2f}x; "
+              f"memory of d/dW in float32 alone / naive's peak {r['memory_floor_grad_w']:.2f}x")
 
 
 def main(argv=None):
