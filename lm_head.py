@@ -76,16 +76,14 @@ class LMHead(torch.autograd.Function):
         temperature, with_entropy, n, compile = ctx.args
         _, grad_logits_ = kernels(compile)
         buf = weight.new_empty(min(n, h.shape[0]), weight.shape[0])
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=logz.dtype)  # d/dW summed in fp32
-        tmp = None if grad_w.dtype == weight.dtype else torch.empty_like(weight)  # a low-precision chunk's d/dW
+        # d/dW in the weights' dtype, as autograd would give it: each chunk's product accumulates in float32 inside
+        # the GEMM and is added once (bf16: one rounding a chunk, no float32 copy of W's size)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
         for i in range(0, h.shape[0], n):
             hc, z = h[i:i + n], buf[:len(h[i:i + n])]
             torch.mm(hc, weight.T, out=z)
             grad_logits_(z, y[i:i + n], logz[i:i + n], entropy[i:i + n], g_logp[i:i + n], g_entropy[i:i + n],
                          temperature, with_entropy)  # z is dL/d(h W^T) now
             torch.mm(z, weight, out=grad_h[i:i + n])
-            if tmp is None:
-                grad_w.addmm_(z.T, hc)
-            else:
-                grad_w += torch.mm(z.T, hc, out=tmp)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+            grad_w.addmm_(z.T, hc)
+        return grad_h, grad_w, None, None, None, None, None
