@@ -1,7 +1,8 @@
 """How a grpo.py step's cost grows with response length, group size and model size, torch sampler and vLLM's CPU
 build side by side (README, "Performance on CPU"):
 
-    python bench/scaling.py [--samplers torch,vllm] [--axes length,group,model] [--json bench/scaling.json]
+    python bench/scaling.py [--samplers torch,vllm] [--axes length,group,model] [--lengths 64,256,1024,2048]
+                            [--groups 2,8,32] [--models S,M,L] [--json bench/scaling.json] [--figure bench/scaling.png]
 
 Each point is one `python grpo.py` process (3 steps of 4 prompts, one optimizer step each, the built-in prompts)
 on a randomly initialised Qwen2 built from a config with the built-in tokenizer (nothing downloaded); its
@@ -13,7 +14,7 @@ engine), from wait4. The axes vary one quantity around the centre point (length 
 
   length  max_response_len 64, 256, 1024, 2048
   group   group_size 2, 8, 32
-  model   S (hidden 128, 2 layers, 0.4M), M (hidden 256, 4 layers, 3.2M), L (hidden 512, 8 layers, 25M parameters)
+  model   S (hidden 128, 2 layers, 0.6M), M (hidden 256, 4 layers, 4.3M), L (hidden 512, 6 layers, 25.5M parameters)
 
 Per axis and sampler the table gives step time and peak memory, and the exponent b of step time ~ x^b fitted by
 least squares on log-log axes (x: the length, the group size, or the parameter count); `scaling.png` (with
@@ -31,7 +32,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {"S": (128, 2), "M": (256, 4), "L": (512, 8)}
+MODELS = {"S": (128, 2), "M": (256, 4), "L": (512, 6)}
 CENTRE = {"length": 256, "group": 8, "model": "M"}
 AXES = {"length": [64, 256, 1024, 2048], "group": [2, 8, 32], "model": ["S", "M", "L"]}
 
@@ -95,6 +96,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", default="torch,vllm")
     p.add_argument("--axes", default="length,group,model")
+    p.add_argument("--lengths", default=",".join(map(str, AXES["length"])), help="max_response_len values of the length axis")
+    p.add_argument("--groups", default=",".join(map(str, AXES["group"])), help="group sizes of the group axis")
+    p.add_argument("--models", default=",".join(AXES["model"]), help="model sizes of the model axis (S, M, L)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None, help="write the log-log figure here (needs matplotlib)")
@@ -103,13 +107,15 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor(),
             "cores": os.cpu_count(), "threads": a.threads, "load_start": os.getloadavg()}
     print(f"{info['command']}\n{info['date']}, {info['cores']} cores, OMP_NUM_THREADS={a.threads}")
+    values = {"length": [int(x) for x in a.lengths.split(",")], "group": [int(x) for x in a.groups.split(",")],
+              "model": a.models.split(",")}
     work = tempfile.mkdtemp()
     params, results = {}, {}
     try:
         for axis in a.axes.split(","):
             for sampler in a.samplers.split(","):
                 points = []
-                for value in AXES[axis]:
+                for value in values[axis]:
                     point = {**CENTRE, axis: value}
                     model_dir = os.path.join(work, point["model"])
                     if point["model"] not in params:
