@@ -1270,6 +1270,8 @@ class Verifier:
             if self._pool is not None:
                 for worker in self._pool._pool:  # they ignore SIGTERM, which Pool.terminate sends
                     worker.terminate = worker.kill
+                if not self._pool._worker_handler.is_alive():  # it died replacing a worker (the fork server
+                    self._pool._taskqueue.put(None)  # was killed, e.g. SIGTERM to the group): its sentinel
                 self._pool.terminate()
                 self._pool.join()
                 self._pool = None
