@@ -638,9 +638,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
 
     ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
-    # The grading pool's fork server starts while we load. Not a daemon thread: an early exit waits for
-    # the pool to be up, so that its workers are shut down cleanly instead of failing mid-start.
-    threading.Thread(target=verifier.start).start()
+    verifier.start_in_background()  # the grading pool starts while we load
 
     base_path = cfg.model
     if cfg.model == "builtin":
@@ -1084,7 +1082,8 @@ def _grading_worker_init(ready):
     ready.release()
 
 
-WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (4-10 s)
+POOL_CLOSE_S = 10  # Verifier.close waits this long for the grading pool to shut down (it takes well under 1 s)
+WORKER_START_S = 120  # the first pool of a process waits for its fork server to import the code (about 2 s)
 TIMEOUT_WARN_SHARE = 0.05  # Run.end_step warns when more of a step's responses than this ran past the backstop
 _RERUN_EXIT = 86  # exit status of a worker that found the main script starting a verifier again
 
@@ -1209,8 +1208,6 @@ class Verifier:
                 raise SystemExit(self._failure)
             if self._pool is None:
                 ctx = mp.get_context("forkserver")
-                # the server imports these once; the workers it forks then start in milliseconds
-                ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
                 if not self._tested:
                     self._test_worker(ctx)
                     # before multiprocessing's exit hook, which would end a global verifier's pool noisily
@@ -1225,23 +1222,54 @@ class Verifier:
                                      "(--verifier_workers 0)")
             return self._pool
 
-    def _test_worker(self, ctx):
-        """One worker started as the pool's are, grading one answer: a Pool would replace a worker that
-        dies at start forever, each printing its error, while every task timed out."""
-        probe = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True)
+    def start_in_background(self) -> threading.Thread | None:
+        """start() on a thread, so that the pool comes up while the caller loads a model; the fork server is
+        spawned here first (call this on the main thread, see _spawn_fork_server). Not a daemon thread: an
+        early exit waits for the pool to be up, so that its workers are shut down cleanly, not mid-start.
+        num_workers=0 grades on the main thread: nothing to start (None)."""
+        if self.num_workers == 0:
+            return None
+        self._spawn_fork_server()
+        thread = threading.Thread(target=self.start)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def _spawn_fork_server():
+        """Spawn the grading pool's fork server unless it runs (milliseconds: its imports run in it). On the
+        main thread it is spawned ignoring SIGTERM, as its workers do, and keeps that (an ignored signal
+        stays ignored across exec), so that a SIGTERM to the run's whole process group (Slurm) leaves it
+        alive and the pool shuts down cleanly; it still exits with us. Off the main thread signals cannot
+        be changed: that server dies of such a SIGTERM, and close() bounds the shutdown instead."""
+        from multiprocessing import forkserver
+
+        # the server imports these once; the workers it forks then start in milliseconds
+        forkserver.set_forkserver_preload(["__main__", "math_verify", __name__])
         # The fork server ignores the sys.path it is given (CPython 3.11-3.13): without PYTHONPATH it
         # preloads this module only from the repository, and elsewhere each worker imports torch itself.
-        path, failed = os.environ.get("PYTHONPATH"), None
+        path = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), path]))
+        main = threading.current_thread() is threading.main_thread()
+        term = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
         try:
-            probe.start()
-        except (OSError, EOFError) as e:  # the fork server died as it started
-            failed = repr(e)
+            forkserver.ensure_running()
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, term)
             if path is None:
                 del os.environ["PYTHONPATH"]
             else:
                 os.environ["PYTHONPATH"] = path
+
+    def _test_worker(self, ctx):
+        """One worker started as the pool's are, grading one answer: a Pool would replace a worker that
+        dies at start forever, each printing its error, while every task timed out."""
+        probe, failed = ctx.Process(target=_probe_worker, args=(self.timeout,), daemon=True), None
+        try:
+            self._spawn_fork_server()
+            probe.start()
+        except (OSError, EOFError) as e:  # the fork server died as it started
+            failed = repr(e)
         if not failed:
             probe.join(WORKER_START_S)
         if probe.exitcode == 0:
@@ -1267,14 +1295,27 @@ class Verifier:
 
     def close(self):
         with self._lock:
-            if self._pool is not None:
-                for worker in self._pool._pool:  # they ignore SIGTERM, which Pool.terminate sends
-                    worker.terminate = worker.kill
-                if not self._pool._worker_handler.is_alive():  # it died replacing a worker (the fork server
-                    self._pool._taskqueue.put(None)  # was killed, e.g. SIGTERM to the group): its sentinel
-                self._pool.terminate()
-                self._pool.join()
-                self._pool = None
+            if self._pool is None:
+                return
+            pool, self._pool = self._pool, None
+            for worker in pool._pool:  # they ignore SIGTERM, which Pool.terminate sends
+                worker.terminate = worker.kill
+            if not pool._worker_handler.is_alive():  # it died replacing a worker (the fork server was
+                pool._taskqueue.put(None)  # killed, e.g. SIGTERM to the group): send its sentinel
+            # A pool whose fork server was killed can make Pool.terminate wait forever (a worker that died
+            # holding the task queue's lock): bound it, then kill what is left. terminate's finalizer has
+            # run by then, so the interpreter's exit does not wait on it again.
+            closing = threading.Thread(target=pool.terminate, daemon=True)
+            closing.start()
+            closing.join(POOL_CLOSE_S)
+            if closing.is_alive():
+                for worker in list(pool._pool):
+                    if worker.exitcode is None:
+                        worker.kill()
+                print(f"warning: the grading pool did not shut down within {POOL_CLOSE_S} s (its fork server was "
+                      "killed?); its workers were killed", file=sys.stderr, flush=True)
+            else:
+                pool.join()
 
 
 # ======================================================================================

@@ -205,10 +205,16 @@ def sweep(trainer: str, work: str, kills: int, max_steps: int, seed: int, model:
     if proc.wait() != 0:
         raise SystemExit(f"{trainer}: the last resume failed; see {cut}.log")
     with open(cut + ".log") as f:
-        log = f.read()
+        found = tracebacks(f.read())
     return {"trainer": trainer, "kills": sum(e["killed"] for e in events), "events": events,
-            "tracebacks": log.count("Traceback"), "differences": compare(ref, cut), "seconds": time.time() - t0,
-            "step_s": step_s, "start_s": t1 - t0}
+            "tracebacks": len(found), "traceback_text": found,
+            "differences": compare(ref, cut), "seconds": time.time() - t0, "step_s": step_s, "start_s": t1 - t0}
+
+
+def tracebacks(log: str, after: int = 30) -> list[str]:
+    """Each traceback in the log with the lines around it, so that a failure says what failed."""
+    lines = log.splitlines()
+    return ["\n".join(lines[max(0, i - 3):i + after]) for i, line in enumerate(lines) if "Traceback" in line]
 
 
 def main():

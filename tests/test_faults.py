@@ -270,3 +270,75 @@ def test_code_shipped_with_a_model_never_runs(tiny_model_dir, tmp_path):
     AutoTokenizer.from_pretrained(str(model))
     assert type(policy.lm).__name__ == "Qwen2ForCausalLM" and not marker.exists()
 
+
+def test_closing_a_grader_whose_fork_server_died_does_not_hang(monkeypatch, capfd):
+    """SIGTERM to a run's whole process group can kill the grading pool's fork server (its workers ignore SIGTERM,
+    the server does not). The pool's worker-handler thread then dies replacing a worker, and a worker can die
+    holding the task queue's lock, which Pool.terminate takes before it kills anyone: a trainer that had saved
+    never exited (CI's kill test, twice). Both are made certain here: the pool's context cannot start a process
+    (as with the server gone), and the queue's lock stays taken. close must return, kill the workers, and say so."""
+    import threading
+    import time
+
+    monkeypatch.setattr(common, "POOL_CLOSE_S", 2)
+    v = common.Verifier(num_workers=1)
+    pool = v.start()
+
+    def no_server(*args, **kwargs):
+        raise ConnectionRefusedError("the fork server is gone")
+    monkeypatch.setattr(pool._ctx, "Process", no_server)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the handler's dying traceback
+    pool._pool[0].kill()  # a worker to replace; an idle worker holds the queue's lock while it waits
+    deadline = time.time() + 30
+    while pool._worker_handler.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not pool._worker_handler.is_alive(), "the worker handler should have died replacing the worker"
+    lock = pool._inqueue._rlock
+    ours = lock.acquire(timeout=1)  # False: the killed worker died holding it
+    try:
+        closing = threading.Thread(target=v.close, daemon=True)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "Verifier.close hung on a pool whose fork server died"
+        assert "the grading pool did not shut down within 2 s" in capfd.readouterr().err
+        assert v._pool is None
+    finally:
+        if ours:
+            lock.release()  # lets the abandoned terminate finish
+
+
+@pytest.mark.parametrize("how", ["start", "start_in_background"])  # evaluate.py's way; the trainers' way
+def test_sigterm_to_the_group_leaves_the_grading_fork_server_alive(how):
+    """The fork server is spawned ignoring SIGTERM, as its workers do: a SIGTERM to the run's whole process group
+    (Slurm) no longer kills it, so the pool can still replace a worker and shut down cleanly. The trainers start
+    the pool on a thread, where signals cannot be changed: the server must be spawned before it."""
+    import multiprocessing.forkserver
+    import signal
+    import time
+
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_pid is not None:  # start a fresh one, as a trainer's first verifier does
+        os.kill(server._forkserver_pid, signal.SIGKILL)
+        time.sleep(0.2)
+    v = common.Verifier(num_workers=1)
+    if how == "start":
+        pool = v.start()
+    else:
+        v.start_in_background().join()
+        pool = v.start()
+    pid = server._forkserver_pid
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    with open(f"/proc/{pid}/status") as f:
+        state = next(line for line in f if line.startswith("State:"))
+    assert "Z" not in state, "the fork server died of SIGTERM"
+    # Kill the worker while it runs a task (an idle one would die holding the queue's lock, and nothing could
+    # run after it): the pool replaces it from the same server, and the replacement grades.
+    pool.apply_async(time.sleep, (60,))
+    time.sleep(0.5)
+    pool._pool[0].kill()
+    assert pool.apply_async(os.getppid).get(timeout=30) == pid
+    assert v(["<think>x</think> \\boxed{\\frac{1}{2}}"], ["0.5"]) == [1.0]  # math-verify's, in that worker
+    t0 = time.time()
+    v.close()
+    assert time.time() - t0 < common.POOL_CLOSE_S  # it shut down, not the bound
