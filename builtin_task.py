@@ -17,8 +17,9 @@ import tempfile
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+# transformers is imported in the functions that build the tokenizer and model: common imports this module, and
+# the grading pool's fork server imports common (common.py says why that must stay light).
 
 # Everything is generated locally and deterministically (no hub downloads). The task is a yardstick for
 # the question every fusion method answers: on problems the base model never solves, on-policy RL has
@@ -136,6 +137,9 @@ def build_tiny_tokenizer():
     pre-tokeniser: with a Qwen2 config, AutoTokenizer reloads a Qwen2Tokenizer that rebuilds this
     pipeline from vocab + merges, so anything else would change the ids after a save/load round trip.
     The Qwen2 regex splits numbers into single digits, which suits arithmetic."""
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -161,6 +165,7 @@ def build_tiny_tokenizer():
 def tiny_model_config(tokenizer):
     """0.6M-parameter Qwen2. On 2 CPU cores its cost is mostly matmul FLOPs, so narrow MLPs (256)
     buy steps; 4 layers are needed to find the next term in the prompt reliably."""
+    from transformers import Qwen2Config
     return Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
@@ -214,6 +219,7 @@ def build_base_model(cache_dir, seed=0):
     path = os.path.join(cache_dir, f"tiny-qwen2-arith-v{TASK_VERSION}-seed{seed}")
     if os.path.isdir(path):
         return path
+    from transformers import AutoModelForCausalLM
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_model_config(tokenizer))

@@ -43,7 +43,9 @@ from torch import nn
 # torch.distributed.checkpoint warns on every save/load in a plain single process, which is fine here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+# transformers is imported where it is used: the grading pool's fork server imports this module (and the trainer
+# script) to fork its workers from, and at the top transformers took 1.8 of its 3.3 s, which every run's first grade
+# waited for on a 2-core machine.
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
@@ -649,6 +651,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
         base_path = builtin_task.build_base_model(cache)
         check_context_length(base_path, cfg.max_prompt_len + cfg.max_response_len)
     seed_everything(cfg.seed + d.rank)  # after the build, which seeds torch itself: cold cache = warm cache
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -920,6 +923,7 @@ def check_tokenizer(model_path: str):
             fail(f"--model {model_path} has no tokenizer: it needs tokenizer.json (or vocab.json and merges.txt) "
                  f"and tokenizer_config.json, and has {', '.join(sorted(have)) or 'no files'}; copy them from the "
                  f"model it was trained from (a trainer's checkpoints keep them in checkpoint-N/model)")
+    from transformers import AutoTokenizer
     if AutoTokenizer.from_pretrained(model_path).chat_template is None:
         fail(f"--model {model_path}: its tokenizer has no chat template (chat_template.jinja, or chat_template in "
              f"tokenizer_config.json), which every prompt is formatted with; copy the tokenizer files of the model "
@@ -1001,13 +1005,13 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
     """The HF model at `path` as a PolicyModel, fp32 weights (FSDP2 computes in bf16 on GPU). Sharded, each
     rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
     broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     if not is_sharded(d):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(d.device)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return wrap_policy(lm, d, compile, train)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig, GenerationConfig
 
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
@@ -1035,6 +1039,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
 def plain_copy(model: PolicyModel, device) -> nn.Module:
     """An unsharded copy of the policy's HF model with its buffers, for the torch sampler under FSDP; the
     weights arrive with `sync_weights`."""
+    from transformers import AutoModelForCausalLM
     lm = model.lm
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)

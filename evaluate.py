@@ -90,7 +90,8 @@ def main():
     common.check_model_files(path)
     verifier = common.Verifier(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     verifier.start()
-    tokenizer = common.AutoTokenizer.from_pretrained(path)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     for s in sets:  # METHODS 9: no system message (a data set's own messages are kept)

@@ -39,7 +39,8 @@ def main():
     os.environ.update(common.one_rank_environment())
     dist.init_process_group("gloo")
     path = builtin_task.build_base_model(os.path.expanduser("~/.cache/sft_rl_fusion"))
-    tok = common.AutoTokenizer.from_pretrained(path)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
     rows = builtin_task.make_task(args.prompts // 4 + 1, seed=1)[:args.prompts]
     prompts = [tok(r["problem"], add_special_tokens=False)["input_ids"] for r in rows]
     model = common.load_policy(path, common.Dist(), compile=False, train=False)
