@@ -13,8 +13,9 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
-  6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, model_inputs, FSDP2
-  7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool (answers.py: one answer)
+  6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, left_pad, model_inputs, FSDP2
+  7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool (answers.py: one answer),
+                       started by setup with start_in_background while the model loads
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
@@ -910,6 +911,16 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return batch
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, W] of token lists left-padded to the longest, as generate() takes them."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, x in enumerate(rows):
+        ids[j, width - len(x):], attn[j, width - len(x):] = torch.tensor(x, dtype=torch.long), 1
+    return ids, attn
+
+
 def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
     return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
@@ -1396,11 +1407,8 @@ class TorchSampler:
         out = [[] for _ in prompts]
         for s in range(0, len(rows), self.batch_size):
             chunk = rows[s:s + self.batch_size]
-            width = max(len(x) for _, x in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for j, (_, x) in enumerate(chunk):  # left padding
-                ids[j, width - len(x):], attn[j, width - len(x):] = torch.tensor(x), 1
+            ids, attn = left_pad([x for _, x in chunk], self.pad_id)
+            width = ids.shape[1]
             gen = self.lm.generate(input_ids=ids.to(self.lm.device), attention_mask=attn.to(self.lm.device),
                                    do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                    max_new_tokens=max(budget, 1), eos_token_id=self.stop_ids,
