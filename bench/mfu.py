@@ -18,7 +18,6 @@ with bandwidth measured in the same run (a large float32 copy, bytes read + writ
 Measurements interleave within every repeat; medians (min-max) over repeats, the first pass of each a warm-up.
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -31,10 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("gpu_paper", os.path.join(ROOT, "bench", "gpu_paper.py"))
-gpu_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_paper)
+import gpu_paper  # noqa: E402  (bench/, this script's directory)
 
 
 def build(hidden: int, layers: int, tokenizer_dir: str, seed=0):
@@ -56,13 +52,15 @@ def shape(lm) -> dict:
                 tied=c.tie_word_embeddings)
 
 
-def matmul_flops(hidden: int, rows=4096, reps=5) -> float:
-    a, b = torch.randn(rows, hidden), torch.randn(hidden, 4 * hidden)
+def matmul_flops(hidden: int, rows=4096, reps=5, intermediate: int | None = None) -> float:
+    """float32 FLOP/s of a [rows, hidden] x [hidden, intermediate] product (intermediate: 4 x hidden by default)."""
+    intermediate = intermediate or 4 * hidden
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, intermediate)
     a @ b
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * rows * hidden * 4 * hidden * reps / (time.perf_counter() - t0)
+    return 2 * rows * hidden * intermediate * reps / (time.perf_counter() - t0)
 
 
 def bandwidth(n_bytes=512 * 2 ** 20, reps=5) -> float:

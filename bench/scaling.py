@@ -3,6 +3,7 @@ build side by side (README, "Performance on CPU"):
 
     python bench/scaling.py [--samplers torch,vllm] [--axes length,group,model] [--lengths 64,256,1024,2048]
                             [--groups 2,8,32] [--models S,M,L] [--json bench/scaling.json] [--figure bench/scaling.png]
+    python bench/scaling.py --replot bench/scaling.json --figure bench/scaling.png   # redraw the figure only
 
 Each point is one `python grpo.py` process (3 steps of 4 prompts, one optimizer step each, the built-in prompts)
 on a randomly initialised Qwen2 built from a config with the built-in tokenizer (nothing downloaded); its
@@ -92,6 +93,32 @@ def run_point(model_dir: str, length: int, group: int, sampler: str, threads: in
             sum(s["response_length"] for s in steps) / len(steps), "peak_gib": usage.ru_maxrss / 2 ** 20}
 
 
+def figure(results: dict, path: str):
+    """Step time against each measured axis on log-log axes, one panel per axis, one line per sampler."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    axes_names = list(dict.fromkeys(key.split("/")[0] for key in results))
+    fig, axs = plt.subplots(1, len(axes_names), figsize=(4 * len(axes_names), 3.4), squeeze=False)
+    for ax, axis in zip(axs[0], axes_names):
+        for key, r in results.items():
+            if key.split("/")[0] != axis:
+                continue
+            xs = [pt["params"] if axis == "model" else pt[axis] for pt in r["points"]]
+            ax.loglog(xs, [pt["step_s"] for pt in r["points"]], "o-", label=f"{key.split('/')[1]} (b = {r['exponent']:.2f})")
+        if axis != "model":  # the measured values as plain ticks
+            ax.set_xticks(xs)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel({"length": "max response tokens", "group": "group size", "model": "parameters"}[axis])
+        ax.set_ylabel("seconds per step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", default="torch,vllm")
@@ -102,7 +129,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None, help="write the log-log figure here (needs matplotlib)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw --figure from a run's JSON")
     a = p.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            return figure(json.load(f)["results"], a.figure)
     info = {"command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor(),
             "cores": os.cpu_count(), "threads": a.threads, "load_start": os.getloadavg()}
@@ -136,22 +167,7 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump({"info": info, "params": params, "results": results}, f, indent=1)
     if a.figure:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        axes_names = a.axes.split(",")
-        fig, axs = plt.subplots(1, len(axes_names), figsize=(4 * len(axes_names), 3.4))
-        for ax, axis in zip(axs if len(axes_names) > 1 else [axs], axes_names):
-            for sampler in a.samplers.split(","):
-                r = results[f"{axis}/{sampler}"]
-                xs = [pt["params"] if axis == "model" else pt[axis] for pt in r["points"]]
-                ax.loglog(xs, [pt["step_s"] for pt in r["points"]], "o-", label=f"{sampler} (b = {r['exponent']:.2f})")
-            ax.set_xlabel({"length": "max response tokens", "group": "group size", "model": "parameters"}[axis])
-            ax.set_ylabel("seconds per step")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(a.figure, dpi=120)
+        figure(results, a.figure)
     return results
 
 

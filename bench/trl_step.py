@@ -17,7 +17,11 @@ in its own process with the same prompts' distribution (the built-in training ro
 Each repeat starts one process per side, the sides alternating; inside a process the first step (compilation,
 first generate) is dropped and the median of the rest is its step time. The table gives each side's median
 (min-max) over repeats of seconds per step, steps/s, generated tokens/s, and seconds per phase: rollout
-(generation), reward, old log-probs, update (the rest of the step: training forward, backward, optimizer).
+(generation), reward, old log-probs, update (the rest of the step: training forward, backward, optimizer);
+then the ratio of steps/s from the two medians, and within each repeat (TRL's step time over ours: the two
+processes ran back to back, so slow drifts of the machine cancel). It ends with grpo.py's update in FLOP/s
+(bench/mfu.py's count on the padded batches it trains on) against the float32 matmul rate of bench/mfu.py's
+[4096, H] x [H, 4H] product, measured in the same process: how far the update is from its floor.
 """
 import argparse
 import json
@@ -62,12 +66,29 @@ class PhaseClock:
 def step_summary(laps: list[dict]) -> dict:
     """Median over a process's steps (the first one dropped) of step time, phases and generated tokens."""
     laps = laps[1:]
-    keys = ["step_s", "rollout", "reward", "old_logprobs", "generated_tokens"]
+    keys = ["step_s", "rollout", "reward", "old_logprobs", "generated_tokens", "update_flops"]
     out = {k: statistics.median([lap.get(k, 0.0) for lap in laps]) for k in keys}
     out["update"] = statistics.median([lap["step_s"] - lap.get("rollout", 0) - lap.get("reward", 0)
                                        - lap.get("old_logprobs", 0) for lap in laps])
     out["steps"] = len(laps)
     return out
+
+
+def count_update_flops(policy_class, clock: PhaseClock):
+    """Add each training forward's FLOPs (bench/mfu.py's count: 3 forward-equivalents of 2 x matmul parameters a
+    token plus attention over half the sequence, on the padded [B, T] batch) to the step's "update_flops"."""
+    import mfu  # bench/, this script's directory
+    import torch
+
+    forward = policy_class.forward
+
+    def counted(self, input_ids, *args, **kwargs):
+        if torch.is_grad_enabled():
+            B, T = input_ids.shape
+            flops = B * T * mfu.gpu_paper.train_flops_per_token(mfu.shape(self.lm), context=T / 2, passes=3)
+            clock.current["update_flops"] = clock.current.get("update_flops", 0.0) + flops
+        return forward(self, input_ids, *args, **kwargs)
+    policy_class.forward = counted
 
 
 def worker_ours(steps: int, out_dir: str) -> list[dict]:
@@ -76,6 +97,7 @@ def worker_ours(steps: int, out_dir: str) -> list[dict]:
     import grpo
 
     clock = PhaseClock()
+    count_update_flops(common.PolicyModel, clock)
     clock.wrap(common.TorchSampler, "generate", "rollout")
     clock.wrap(common.Verifier, "__call__", "reward")
     clock.wrap(common, "old_logprobs", "old_logprobs")
@@ -170,6 +192,12 @@ def run_side(side: str, python: str, steps: int, threads: int) -> dict:
             return step_summary(json.load(f))
 
 
+def paired_ratios(runs: dict) -> list[float]:
+    """TRL's step time over ours within each repeat: the two processes of a repeat ran back to back, so slow
+    drifts of the machine cancel in their ratio (the medians of each side do not pair them)."""
+    return [trl["step_s"] / ours["step_s"] for ours, trl in zip(runs["ours"], runs["trl"])]
+
+
 def spread(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -209,6 +237,17 @@ def main(argv=None):
         table[side]["steps_per_s"] = spread([1 / x["step_s"] for x in rs])
         table[side]["generated_tokens_per_s"] = spread([x["generated_tokens"] / x["step_s"] for x in rs])
     ratio = table["ours"]["steps_per_s"]["median"] / table["trl"]["steps_per_s"]["median"]
+    sys.path.insert(0, ROOT)
+    import builtin_task
+    import mfu
+    from transformers import AutoConfig
+
+    base = builtin_task.build_base_model(os.path.expanduser("~/.cache/sft_rl_fusion"))
+    hidden = AutoConfig.from_pretrained(base).hidden_size
+    rate = statistics.median(mfu.matmul_flops(hidden) for _ in range(3))  # [4096, H] x [H, 4H]
+    update = {"flops": statistics.median(x["update_flops"] for x in runs["ours"]), "matmul_flops": rate,
+              "flops_per_s": statistics.median(x["update_flops"] / x["update"] for x in runs["ours"])}
+    update["at_matmul_rate_s"] = update["flops"] / rate
     info["load_end"] = os.getloadavg()
     print(f"\n{info['command']}\n{info['date']}, {info['cores']} cores, OMP_NUM_THREADS={a.threads}, trl {info['trl']}; "
           f"median (min-max) over {a.repeats} processes per side of each process's median step")
@@ -219,10 +258,17 @@ def main(argv=None):
         print(f"{side:6s} {s['median']:6.2f} ({s['min']:.2f}-{s['max']:.2f}) {sp['median']:6.3f} ({sp['min']:.3f}-"
               f"{sp['max']:.3f}) {tk['median']:7.0f} ({tk['min']:.0f}-{tk['max']:.0f}) {t['rollout']['median']:10.2f} "
               f"{t['reward']['median']:9.2f} {t['old_logprobs']['median']:10.2f} {t['update']['median']:9.2f}")
-    print(f"grpo.py / TRL steps per second: {ratio:.2f}x")
+    paired = spread(paired_ratios(runs))
+    print(f"grpo.py / TRL steps per second: {ratio:.2f}x; within a repeat {paired['median']:.2f}x "
+          f"({paired['min']:.2f}-{paired['max']:.2f})")
+    print(f"grpo.py's update: {update['flops'] / 1e9:.1f} GFLOP at {update['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"{update['flops_per_s'] / rate:.2f} of the float32 matmul rate measured here for a [4096, {hidden}] x "
+          f"[{hidden}, {4 * hidden}] product ({rate / 1e9:.0f} GFLOP/s), at which it would take "
+          f"{update['at_matmul_rate_s']:.2f} s")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"info": info, "table": table, "ratio_steps_per_s": ratio, "runs": runs}, f, indent=1)
+            json.dump({"info": info, "table": table, "ratio_steps_per_s": ratio, "paired_ratio": paired,
+                       "update_ours": update, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
 """bench/gpu_paper.py's arithmetic helpers against numbers worked out by hand (the tables themselves are
 arithmetic on stated inputs; nothing here is timed)."""
-import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("gpu_paper", os.path.join(ROOT, "bench", "gpu_paper.py"))
-gpu_paper = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_paper)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the bench scripts import each other by name, as when run
+import gpu_paper  # noqa: E402
 
 TINY = dict(vocab=10, hidden=4, intermediate=6, layers=2, heads=2, kv_heads=1, head_dim=2, tied=False)
 
@@ -46,17 +45,10 @@ def test_draw_lengths_respects_the_cap_and_mean():
     assert max(gpu_paper.draw_lengths(1000, mean=100, cap=150, seed=0)) == 150
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_logprob_bench_sides_agree_on_a_tiny_head():
     """bench/logprob.py's three sides on a 13-token, vocabulary-23 head with chunks of 5: the gradients it checks
     against naive's agree to float32 rounding, and every side gets a time and a memory figure."""
-    logprob = _load("logprob")
+    import logprob
     import torch
 
     for with_entropy in (True, False):
@@ -67,7 +59,7 @@ def test_logprob_bench_sides_agree_on_a_tiny_head():
 
 
 def test_trl_step_phase_clock_and_summary():
-    trl_step = _load("trl_step")
+    import trl_step
 
     class Owner:
         calls = 0
@@ -96,12 +88,19 @@ def test_trl_step_phase_clock_and_summary():
             {"step_s": 5.0, "rollout": 3.0, "generated_tokens": 400.0}]  # no reward / old log-prob calls: 0
     s = trl_step.step_summary(laps)
     assert s == {"step_s": 5.0, "rollout": 2.0, "reward": 0.5, "old_logprobs": 0.5, "generated_tokens": 400.0,
-                 "update": 2.0, "steps": 3}  # updates 2, 3, 2
+                 "update_flops": 0.0, "update": 2.0, "steps": 3}  # updates 2, 3, 2
+
+
+def test_trl_step_pairs_the_sides_within_each_repeat():
+    import trl_step
+    runs = {"ours": [{"step_s": 1.0}, {"step_s": 2.0}, {"step_s": 0.5}], "trl": [{"step_s": 1.5}, {"step_s": 2.0}, {"step_s": 1.0}]}
+    assert trl_step.paired_ratios(runs) == [1.5, 1.0, 2.0]
+    assert trl_step.spread(trl_step.paired_ratios(runs)) == {"median": 1.5, "min": 1.0, "max": 2.0}
 
 
 def test_mfu_shape_and_flops_of_a_built_model(tmp_path):
     """bench/mfu.py's model description feeds gpu_paper's FLOP count: check it on a model built from a config."""
-    mfu = _load("mfu")
+    import mfu
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=10, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
@@ -113,8 +112,65 @@ def test_mfu_shape_and_flops_of_a_built_model(tmp_path):
 
 
 def test_scaling_fit_exponent_by_hand():
-    scaling = _load("scaling")
+    import scaling
     assert scaling.fit_exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)  # y = 3 x^2
     assert scaling.fit_exponent([64, 256, 1024], [5, 5, 5]) == pytest.approx(0.0)
     # not a power law: the least-squares slope of log y on log x, (log 10 - log 1) / (log 4 - log 1) here
     assert scaling.fit_exponent([1, 4], [1, 10]) == pytest.approx(math.log(10) / math.log(4))
+
+
+def test_trl_step_counts_training_forwards_only():
+    """bench/trl_step.py's update FLOPs: every forward with grad adds B x T tokens at bench/mfu.py's count per
+    token (3 forward-equivalents, attention over half the sequence); a no-grad forward (old log-probs) adds none."""
+    import trl_step
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=10, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+
+    class Policy:
+        def __init__(self):
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids.sum()
+
+    clock = trl_step.PhaseClock()
+    trl_step.count_update_flops(Policy, clock)
+    policy, ids = Policy(), torch.ones(3, 8, dtype=torch.long)
+    with torch.no_grad():
+        assert policy.forward(ids) == 24 and "update_flops" not in clock.current
+    policy.forward(ids)
+    policy.forward(ids[:2])
+    # "matmul" parameters as gpu_paper counts them: 2 layers x (q, k, v, o 4 x 128 x 128 + their biases 3 x 128
+    # + MLP 3 x 128 x 512 + 2 norms x 128) + head 10 x 128
+    matmul = 2 * (4 * 128 * 128 + 3 * 128 + 3 * 128 * 512 + 2 * 128) + 10 * 128
+    per_token = 3 * (2 * matmul + 4 * 2 * 2 * 64 * 4)  # context T / 2 = 4
+    assert clock.current["update_flops"] == 5 * 8 * per_token
+
+
+def test_sampler_hand_loop_draws_what_generate_draws():
+    """bench/sampler.py compares the same work only if its written-out decode loop draws generate's tokens:
+    left-padded prompts of different lengths, a stop token some rows draw, three seeds."""
+    import sampler
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+    ids, attn = sampler.left_pad([[3, 4, 5, 6], [7, 8], [9], [4, 4, 4]], pad_id=0)
+    assert ids.tolist()[1] == [0, 0, 7, 8] and attn.tolist()[2] == [0, 0, 0, 1]
+    stop = [2]
+    lengths = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                               max_new_tokens=15, eos_token_id=stop, pad_token_id=0)[:, ids.shape[1]:]
+        torch.manual_seed(seed)
+        drawn = sampler.hand_loop(lm, ids, attn, stop, pad_id=0, max_new=15)
+        assert sampler.cut(drawn, stop) == sampler.cut(expected, stop)
+        lengths |= {len(x) for x in sampler.cut(drawn, stop)}
+    assert len(lengths) > 1  # some rows stopped early, so the stop handling was exercised
+    assert sampler.cut(torch.tensor([[5, 2, 0], [1, 1, 1]]), [2]) == [[5, 2], [1, 1, 1]]
