@@ -599,7 +599,7 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
 def claim_output_dir(cfg, d: Dist) -> str | None:
     """The run-directory rules (run_dir.py), decided by rank 0 before any model loads: the checkpoint to resume
     from, or None for a fresh run (whose config.json, with the trainer's name, is written there)."""
-    decision = run_dir.claim(cfg) if d.main else None  # (error, notes, checkpoint, complete)
+    decision = run_dir.claim(cfg, d.world_size) if d.main else None  # (error, notes, checkpoint, complete)
     if dist.is_initialized():
         box = [decision]
         dist.broadcast_object_list(box, src=0)
@@ -1898,8 +1898,8 @@ def _load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
     rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
-    if not os.path.exists(rng_file):
-        fail(f"{path} was written by a run with fewer ranks; resume with the same world size")
+    if not os.path.exists(rng_file):  # run_dir.claim refused another number of ranks: a file was removed
+        raise SystemExit(f"error: rank {rank()}: {rng_file} is missing; the checkpoint is incomplete")  # any rank
     # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
     numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
     with torch.serialization.safe_globals(numpy_array):

@@ -95,7 +95,7 @@ def check_writable(out: str) -> str | None:
                 "there, fix its permissions, or choose another --output_dir")
 
 
-def claim(cfg) -> tuple:
+def claim(cfg, world_size: int = 1) -> tuple:
     """Rank 0's decision on cfg.output_dir: (error, notes, checkpoint to resume or None, run complete)."""
     global _run_lock
     out, script = cfg.output_dir, os.path.basename(sys.modules[type(cfg).__module__].__file__ or "trainer")
@@ -129,6 +129,10 @@ def claim(cfg) -> tuple:
         if step >= cfg.max_steps:
             return (None, [f"the run in {out} is complete: its newest checkpoint is at step {step} and --max_steps "
                            f"is {cfg.max_steps}; raise --max_steps to train on"], ckpt, True)
+        if (ranks := checkpoint_ranks(ckpt)) != world_size:  # each rank's random state is in it (rng-rank<r>.pt)
+            return (f"{ckpt} was written by a run on {ranks} rank{'s' * (ranks != 1)} and this one has {world_size}: "
+                    f"resume it on {ranks} (each rank's random state is in the checkpoint), or start a new run with "
+                    f"another --output_dir", [], None, False)
         return None, [], ckpt, False
     notes = []
     if cfg.resume:
@@ -153,6 +157,11 @@ def latest_checkpoint(output_dir: str) -> str | None:
         return None
     steps = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
     return os.path.join(output_dir, f"checkpoint-{max(steps):06d}") if steps else None
+
+
+def checkpoint_ranks(ckpt: str) -> int:
+    """How many ranks wrote a checkpoint: one rng-rank<r>.pt each."""
+    return sum(bool(re.fullmatch(r"rng-rank\d+\.pt", n)) for n in os.listdir(ckpt))
 
 
 class MetricsLogger:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import common
 import run_dir
-from test_cli import GRPO, ROOT, metrics, small
+from test_cli import GRPO, ROOT, metrics, run, small
 
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
@@ -182,6 +182,25 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(one_ste
     assert p.returncode == 0 and f"resumed from {ckpt} (step 1)" in p.stdout, p.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3]
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000003"]
+
+
+def test_a_checkpoint_write_that_fails_on_rank_0_alone_stops_every_rank(tiny_model_dir, tmp_path):
+    """Two ranks, the step-2 checkpoint's write failing on rank 0 only (its model written, its trainer state not)
+    while rank 1 writes its shards and waits for rank 0: rank 0 says so in one line and exits, torchrun stops
+    rank 1 (no rank waits forever), and the step-1 checkpoint is left whole, the one --resume continues from."""
+    out = tmp_path / "run"
+    p = run("tests/workers/fault_run.py", "savefail", "2@0", os.path.join(ROOT, "grpo.py"),
+            *grpo_args(tiny_model_dir, out), "--max_steps", "3", check=False, nproc=2)
+    ckpt = out / "checkpoint-000001"
+    ours = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and ours == [
+        f"error: writing checkpoint-000002 failed: No space left on device "
+        f"({out / 'checkpoint-000002.tmp' / 'trainer_state.pt'}); the previous checkpoint {ckpt} is intact: fix "
+        "the cause and continue with --resume"], p.stderr[-3000:]
+    assert "[rank" not in p.stderr  # no rank's traceback, only torchrun's report of the exit codes
+    assert run_dir.latest_checkpoint(str(out)) == str(ckpt) and run_dir.checkpoint_ranks(str(ckpt)) == 2
+    assert sorted(os.listdir(ckpt)) == ["model", "optim", "rng-rank0.pt", "rng-rank1.pt", "trainer_state.pt"]
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]  # --resume cuts step 2 back to the checkpoint's
 
 
 @pytest.mark.parametrize("case", ["no model", "no data", "unknown type", "bad json"])

@@ -51,6 +51,22 @@ def test_another_trainer_does_not_resume_the_run(finished, tiny_model_dir, tmp_p
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_resume_on_another_number_of_ranks_is_refused_in_one_line(finished, tiny_model_dir, tmp_path):
+    """Each rank's random state is in the checkpoint: a 1-rank run resumed on 2 ranks is refused by rank 0 before
+    any model loads (rank 1 alone used to find no state of its own and exit silently, rank 0 then failing in a
+    collective with a traceback)."""
+    out = copy(finished, tmp_path)
+    before = (out / "metrics.jsonl").read_text()
+    p = run("grpo.py", *small(tiny_model_dir, None, out, *GRPO, "--eval_data", "none", "--save_every", "1",
+                              "--max_steps", "3", "--resume"), check=False, nproc=2)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and ours == [
+        f"error: {out / 'checkpoint-000002'} was written by a run on 1 rank and this one has 2: resume it on 1 (each "
+        "rank's random state is in the checkpoint), or start a new run with another --output_dir"], p.stderr[-3000:]
+    assert "[rank" not in p.stderr  # no rank's traceback, only torchrun's report of the exit codes
+    assert (out / "metrics.jsonl").read_text() == before
+
+
 def test_resume_with_changed_settings_is_refused_and_the_config_kept(finished, tiny_model_dir, tmp_path):
     out = copy(finished, tmp_path)
     config = (out / "config.json").read_text()

@@ -7,7 +7,7 @@ The trainer itself runs unchanged, as `python TRAINER.py ARGS...`, with one faul
                   back-propagate is multiplied by NaN before its backward: NaN gradients
     full -        the disk is full: every os.fsync fails with ENOSPC (as with delayed allocation)
     savefail N    writing checkpoint N fails with ENOSPC half-way (its model is written, its
-                  trainer state is not)
+                  trainer state is not); N@R: on rank R alone (under torchrun)
 """
 import errno
 import os
@@ -44,10 +44,12 @@ def main():
             raise enospc(None)
         os.fsync = fsync
     elif fault == "savefail":
-        save, target = torch.save, f"checkpoint-{int(arg):06d}.tmp"
+        step, _, only = arg.partition("@")
+        save, target = torch.save, f"checkpoint-{int(step):06d}.tmp"
+        here = not only or os.environ.get("RANK", "0") == only
 
         def failing(obj, f, *a, **k):
-            if isinstance(f, str) and target in f:
+            if here and isinstance(f, str) and target in f:
                 raise enospc(f)
             return save(obj, f, *a, **k)
         torch.save = failing
