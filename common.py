@@ -1658,10 +1658,14 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
             free, total = torch.cuda.mem_get_info(d.device)
             shard = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes
                         for p in model.parameters() if p.requires_grad)
+            # the fullest GPU decides for every rank: one fraction, and a refusal that rank 0 prints (a GPU
+            # that another process holds memory on is seldom rank 0's)
+            free, shard = all_reduce([free], dist.ReduceOp.MIN)[0], all_reduce([shard], dist.ReduceOp.MAX)[0]
             fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep, optimizers)
             weights = 2 * sum(p.numel() for p in model.parameters())  # the engine's bf16 copy
-            print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now, "
-                   f"{2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode {cfg.vllm_sleep})")
+            print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now on the "
+                   f"fullest GPU, {2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode "
+                   f"{cfg.vllm_sleep})")
             if fraction * total < weights + 2 * GiB:
                 fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
                       f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "

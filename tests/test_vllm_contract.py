@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 import common
@@ -114,14 +115,14 @@ def standin(monkeypatch):
     return box
 
 
-def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True):
+def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, utilization=0.5):
     """A sampler as make_sampler builds it for a GPU rank (cuda=True) or a CPU one."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if gen_eos:
         lm.generation_config.eos_token_id = [tok.eos_token_id, GEN_EOS]
     model = common.PolicyModel(lm, compile=False)
-    cfg = common.BaseConfig(sampler="vllm", seed=5, vllm_sleep=sleep, vllm_gpu_memory_utilization=0.5,
+    cfg = common.BaseConfig(sampler="vllm", seed=5, vllm_sleep=sleep, vllm_gpu_memory_utilization=utilization,
                             max_prompt_len=64, max_response_len=48, vllm_max_num_batched_tokens=4096,
                             rollout_debug=debug)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -245,6 +246,33 @@ def test_memory_arithmetic():
     assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
     # ReLIFT's second AdamW: 7 GiB more resident state, 7 GiB less for the engine
     assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True, optimizers=2) == 0.725  # 58 / 80
+
+
+def test_the_fullest_gpu_sets_every_ranks_memory_fraction(standin, tiny_model_dir, monkeypatch, capsys):
+    """--vllm_gpu_memory_utilization 0 (auto): each rank measures its own GPU, and the least free memory over the
+    ranks sets one fraction for all; where it cannot hold the engine, every rank stops and rank 0 says why.
+    (Each rank used its own: a GPU that another process holds memory on got a fraction that does not fit it,
+    or, off rank 0, stopped its rank without a word.) The collective is a stand-in: this rank's values and
+    another rank's, whose GPU has `other` bytes free."""
+    G, other = common.GiB, [75 * common.GiB]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (75 * G, 80 * G))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def two_ranks(values, op):
+        assert op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX)
+        return [min(values[0], other[0]) if op == dist.ReduceOp.MIN else values[0]]
+    monkeypatch.setattr(common, "all_reduce", two_ranks)
+    _, model, _ = make(tiny_model_dir, utilization=0)
+    shard = sum(p.nbytes for p in model.parameters())
+    other[0] = 40 * G
+    make(tiny_model_dir, rank=1, utilization=0)
+    fractions = [e["gpu_memory_utilization"] for e in standin.engines]
+    assert fractions == [common.vllm_memory_fraction(f, 80 * G, shard, sleep=True) for f in (75 * G, 40 * G)]
+    other[0] = 3 * G  # the other GPU is nearly full: this rank, with 75 GiB free, stops too, and says why
+    with pytest.raises(SystemExit, match="GPU memory would be left for vLLM beside the training state"):
+        make(tiny_model_dir, rank=0, utilization=0)
+    assert len(standin.engines) == 2
+    assert "GiB free now on the fullest GPU" in capsys.readouterr().out
 
 
 def test_missing_vllm_stops_with_one_line(monkeypatch, tiny_model_dir):
