@@ -1827,7 +1827,8 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
     filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
     and its first real step would count as the second in Adam's bias correction. A write that fails (a
-    full disk, a lost mount) stops the run with one line; the earlier checkpoints are untouched."""
+    full disk, a lost mount) stops the run with one line from the rank it failed on; the earlier checkpoints
+    are untouched."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     r = rank()
@@ -1838,12 +1839,20 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
+        own = not isinstance(e, PeerStopped)  # its own write failed, not a collective left by another rank
+        if isinstance(e, CheckpointException):  # DCP names the ranks whose writes failed
+            own = r in e.failures
+            e = e.failures[r][0] if own else e
         why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
             (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise SystemExit(f"error: writing {os.path.basename(final)} failed: {why}; "
+        # The rank whose own write failed says why, whichever it is; rank 0 says when a collective failed.
+        message = f"writing {os.path.basename(final)} failed: {why}" if own else \
+            (f"writing {os.path.basename(final)} stopped in a collective: {why}, so another rank probably stopped "
+             "first (its error line, or torchrun's report, says why)")
+        raise SystemExit(f"error: {f'rank {r}: ' if r else ''}{message}; "
                          + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
                             if previous else "no earlier checkpoint exists: fix the cause and start again")
-                         if r == 0 else 1) from None
+                         if own or r == 0 else 1) from None
     if r == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -1851,6 +1860,22 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
         for n in old[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
     barrier()
+
+
+class PeerStopped(RuntimeError):
+    """A collective of a checkpoint write failed: another rank stopped (its own error says why)."""
+
+
+@contextlib.contextmanager
+def together():
+    """The collectives of a checkpoint write, on several ranks: their failure (PeerStopped) most likely means
+    that another rank stopped (under NCCL a rank waits instead, until torchrun stops it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if world_size() == 1:
+            raise
+        raise PeerStopped(str(e)) from e
 
 
 def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
@@ -1863,19 +1888,22 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokeni
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    barrier()
     optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with together():
+        barrier()
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         weights = {k.removeprefix("lm."): v for k, v in weights.items()}
         model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                     "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
-    dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
-             checkpoint_id=os.path.join(tmp, "optim"))
+    with together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
+        dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
+                 checkpoint_id=os.path.join(tmp, "optim"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    barrier()
+    with together():
+        barrier()
 
 
 def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:

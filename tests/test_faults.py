@@ -184,19 +184,26 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(one_ste
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000003"]
 
 
-def test_a_checkpoint_write_that_fails_on_rank_0_alone_stops_every_rank(tiny_model_dir, tmp_path):
-    """Two ranks, the step-2 checkpoint's write failing on rank 0 only (its model written, its trainer state not)
-    while rank 1 writes its shards and waits for rank 0: rank 0 says so in one line and exits, torchrun stops
-    rank 1 (no rank waits forever), and the step-1 checkpoint is left whole, the one --resume continues from."""
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_and_says_why(failing, tiny_model_dir, tmp_path):
+    """Two ranks, the step-2 checkpoint's write failing on one rank only, its disk full: on rank 0 its model is
+    written and its trainer state is not, while rank 1 writes its shards and waits for it; on rank 1 its random
+    state. The failing rank says why in one line (rank 1 used to exit without a word, and the one line came from
+    rank 0: "Connection closed by peer"), torchrun stops the other (no rank waits forever), and the step-1
+    checkpoint is left whole, the one --resume continues from."""
     out = tmp_path / "run"
-    p = run("tests/workers/fault_run.py", "savefail", "2@0", os.path.join(ROOT, "grpo.py"),
+    p = run("tests/workers/fault_run.py", "savefail", f"2@{failing}", os.path.join(ROOT, "grpo.py"),
             *grpo_args(tiny_model_dir, out), "--max_steps", "3", check=False, nproc=2)
-    ckpt = out / "checkpoint-000001"
-    ours = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert p.returncode != 0 and ours == [
-        f"error: writing checkpoint-000002 failed: No space left on device "
-        f"({out / 'checkpoint-000002.tmp' / 'trainer_state.pt'}); the previous checkpoint {ckpt} is intact: fix "
-        "the cause and continue with --resume"], p.stderr[-3000:]
+    ckpt, tmp = out / "checkpoint-000001", out / "checkpoint-000002.tmp"
+    file = "trainer_state.pt" if failing == 0 else "rng-rank1.pt"
+    line = (f"error: {'rank 1: ' if failing else ''}writing checkpoint-000002 failed: No space left on device "
+            f"({tmp / file}); the previous checkpoint {ckpt} is intact: fix the cause and continue with --resume")
+    ours = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode != 0 and line in ours, p.stderr[-3000:]
+    # the other rank, waiting in a collective, stops without a word, or (rank 0) says that another rank stopped
+    # when the collective fails before torchrun has stopped it
+    assert all(x == line or x.startswith("error: writing checkpoint-000002 stopped in a collective: ") and
+               failing == 1 for x in ours), ours
     assert "[rank" not in p.stderr  # no rank's traceback, only torchrun's report of the exit codes
     assert run_dir.latest_checkpoint(str(out)) == str(ckpt) and run_dir.checkpoint_ranks(str(ckpt)) == 2
     assert sorted(os.listdir(ckpt)) == ["model", "optim", "rng-rank0.pt", "rng-rank1.pt", "trainer_state.pt"]
