@@ -1839,7 +1839,7 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
-        own = not isinstance(e, PeerStopped)  # its own write failed, not a collective left by another rank
+        own = not isinstance(e, _PeerStopped)  # its own write failed, not a collective left by another rank
         if isinstance(e, CheckpointException):  # DCP names the ranks whose writes failed
             own = r in e.failures
             e = e.failures[r][0] if own else e
@@ -1862,20 +1862,20 @@ def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, o
     barrier()
 
 
-class PeerStopped(RuntimeError):
+class _PeerStopped(RuntimeError):
     """A collective of a checkpoint write failed: another rank stopped (its own error says why)."""
 
 
 @contextlib.contextmanager
-def together():
-    """The collectives of a checkpoint write, on several ranks: their failure (PeerStopped) most likely means
+def _together():
+    """The collectives of a checkpoint write, on several ranks: their failure (_PeerStopped) most likely means
     that another rank stopped (under NCCL a rank waits instead, until torchrun stops it)."""
     try:
         yield
     except RuntimeError as e:
         if world_size() == 1:
             raise
-        raise PeerStopped(str(e)) from e
+        raise _PeerStopped(str(e)) from e
 
 
 def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
@@ -1889,7 +1889,7 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokeni
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
-    with together():
+    with _together():
         barrier()
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
@@ -1898,11 +1898,11 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokeni
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
         torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                     "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
-    with together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
+    with _together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
         dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
                  checkpoint_id=os.path.join(tmp, "optim"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    with together():
+    with _together():
         barrier()
 
 

@@ -76,10 +76,6 @@ def cut(rows: torch.Tensor, stop_ids) -> list[list[int]]:
     return out
 
 
-def matmul_params(lm) -> int:
-    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
@@ -133,7 +129,8 @@ def main(argv=None):
         decode_rows.append(ids.numel() + len(drawn["generate"]) * max(len(x) for x in drawn["generate"]))
     rate = statistics.median(mfu.matmul_flops(lm.config.hidden_size, rows=PROMPTS * G, reps=200,  # the decode's MLP
                                               intermediate=lm.config.intermediate_size) for _ in range(3))
-    floor = 2 * matmul_params(lm) * statistics.median(decode_rows) / rate
+    matmul_params = mfu.gpu_paper.param_count(mfu.shape(lm))["matmul"]  # the count of every bench's FLOPs
+    floor = 2 * matmul_params * statistics.median(decode_rows) / rate
     base = statistics.median(times["generate"])
     table = {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts),
                     "ratio_to_generate": statistics.median(ts) / base, "same_draws_as_generate": same[name]}
@@ -151,7 +148,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"info": info, "table": table, "compile_s": compile_s, "matmul_floor_s": floor,
-                       "matmul_flops": rate, "matmul_params": matmul_params(lm)}, f, indent=1)
+                       "matmul_flops": rate, "matmul_params": matmul_params}, f, indent=1)
     return table
 
 
