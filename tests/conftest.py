@@ -1,6 +1,8 @@
 import json
 import os
+import signal
 import sys
+import threading
 
 import pytest
 
@@ -33,3 +35,72 @@ def small_eval_file(tmp_path_factory):
     rows = builtin_task.make_task(2, seed=builtin_task.EVAL_SEED)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every test leaves the pytest process as it found it: signal handlers, threads, torch's threads
+# ---------------------------------------------------------------------------------------------
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+
+
+def _process_state():
+    import torch
+
+    return {"handlers": {s.name: signal.getsignal(s) for s in SIGNALS},
+            "torch threads": torch.get_num_threads(), "torch.set_num_threads": torch.set_num_threads,
+            "alarm": signal.alarm(0)}
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_it_found_it(request):
+    """After every test: the signal handlers, torch's thread count and set_num_threads are as before, no
+    alarm is pending, and no thread the test started is still running (a grading pool's, a stray worker's).
+    A test that changed one fails, naming what it left, and the state is put back so later tests do not
+    inherit it: a SIGTERM handler left in pytest's process turns a SIGTERM into SystemExit inside whatever
+    test runs next, and the suite no longer stops. A test that calls common.setup in this process asks for
+    `trainer_in_process`, which restores what setup installs."""
+    import torch
+
+    before, threads = _process_state(), set(threading.enumerate())
+    if before["alarm"]:
+        signal.alarm(before["alarm"])
+    yield
+    after = _process_state()
+    left = [k for k in before if k != "alarm" and after[k] != before[k]]
+    left += ["a pending SIGALRM"] if after["alarm"] else []
+    for s in SIGNALS:
+        signal.signal(s, before["handlers"][s.name])
+    torch.set_num_threads = before["torch.set_num_threads"]
+    torch.set_num_threads(before["torch threads"])
+    running = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not _lives_on(t)]
+    for t in running:  # a pool's threads end a moment after its close() returns
+        t.join(timeout=5)
+    running = [t.name for t in running if t.is_alive()]
+    left += [f"running threads {running}"] if running else []
+    if left:
+        pytest.fail(f"{request.node.nodeid} left the process changed: {', '.join(left)} "
+                    f"(was {[before[k] for k in left if k in before]}, is {[after[k] for k in left if k in after]})",
+                    pytrace=False)
+
+
+def _lives_on(thread) -> bool:
+    """tqdm's monitor thread: one per process, started by the first progress bar, meant to outlive it."""
+    from tqdm._monitor import TMonitor
+
+    return isinstance(thread, TMonitor)
+
+
+@pytest.fixture
+def trainer_in_process():
+    """For a test that calls common.setup in pytest's own process: what setup installs (Ctrl-C / SIGTERM
+    handlers, a process group, vLLM engines) is undone afterwards, as a trainer's exit would."""
+    import common
+    import run_dir
+
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    yield
+    common.shutdown()
+    run_dir.interrupts.signum, run_dir.interrupts.training, run_dir.interrupts.main = 0, False, True
+    for s, h in handlers.items():
+        signal.signal(s, h)

@@ -109,7 +109,7 @@ def test_base_cache_key_has_the_task_version(tmp_path, monkeypatch):
     assert builtin_task.build_base_model(str(tmp_path)) != path  # a new task version never reuses an old base
 
 
-def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch):
+def test_seed_decides_the_run_not_the_base_cache(tmp_path, monkeypatch, trainer_in_process):
     """The first run on a machine builds the base inside setup(), which seeds torch itself; it must
     still draw exactly what the same command draws with the base already cached."""
     import grpo

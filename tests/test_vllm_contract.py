@@ -329,7 +329,7 @@ def test_context_length(tiny_model_dir, tmp_path):
         common.check_context_length(str(yarn), 16385)
 
 
-def test_stops_before_loading(tiny_model_dir, tmp_path):
+def test_stops_before_loading(tiny_model_dir, tmp_path, trainer_in_process):
     """Budgets past the model's positions stop setup() before anything starts or is written."""
     cfg = common.BaseConfig(model=tiny_model_dir, output_dir=str(tmp_path / "x"), max_prompt_len=400,
                             max_response_len=200)
