@@ -47,21 +47,22 @@ def test_step_normaliser_values():
 ])
 def test_two_micro_batches_sum_to_union_aggregate(mode, norm_args, share_a, share_b, total):
     norm = common.step_normaliser([M_A, M_B], mode, *norm_args)
-    a = common.aggregate(C_A, M_A, mode, norm)
-    b = common.aggregate(C_B, M_B, mode, norm)
-    assert a.item() == pytest.approx(share_a, abs=1e-6)
-    assert b.item() == pytest.approx(share_b, abs=1e-6)
-    assert (a + b).item() == pytest.approx(total, abs=1e-6)
+    # float64: exact algebra to 1e-12 (in float32, 1e-6 would be one ulp of 12.875)
+    a = common.aggregate(C_A.double(), M_A, mode, norm)
+    b = common.aggregate(C_B.double(), M_B, mode, norm)
+    assert a.item() == pytest.approx(share_a, abs=1e-12)
+    assert b.item() == pytest.approx(share_b, abs=1e-12)
+    assert (a + b).item() == pytest.approx(total, abs=1e-12)
     assert a.dim() == 0
 
 
 def test_single_micro_batch_by_hand():
     # token-mean of A alone: 18 / 5 = 3.6; seq-mean: (1.5 + 5) / 2 = 3.25; bool mask same as long
-    for m in (M_A, M_A.bool(), M_A.float()):
-        assert common.aggregate(C_A, m, "token-mean", common.step_normaliser([m], "token-mean")).item() \
-            == pytest.approx(3.6, abs=1e-6)
-        assert common.aggregate(C_A, m, "seq-mean", common.step_normaliser([m], "seq-mean")).item() \
-            == pytest.approx(3.25, abs=1e-6)
+    for m in (M_A, M_A.bool(), M_A.float()):  # float64 values, as above
+        assert common.aggregate(C_A.double(), m, "token-mean", common.step_normaliser([m], "token-mean")).item() \
+            == pytest.approx(3.6, abs=1e-12)
+        assert common.aggregate(C_A.double(), m, "seq-mean", common.step_normaliser([m], "seq-mean")).item() \
+            == pytest.approx(3.25, abs=1e-12)
 
 
 def test_float64_per_token_keeps_dtype():
@@ -148,7 +149,7 @@ def _big_batch(model, mode):
         plain = sum(x.sum() for x in nll) / sum(len(r) for r in RESPONSES)  # Eq. (13) / (6)
     else:
         plain = sum(x.mean() for x in nll) / len(RESPONSES)  # Eq. (7)
-    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-5)  # float32 sums of 16 terms vs float64
     return loss.item(), _grads(model)
 
 
@@ -158,9 +159,11 @@ def test_gradient_accumulation_equals_big_batch(mode):
     big_loss, big = _big_batch(model, mode)
     acc_loss, acc = _accumulated(model, mode)
     assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    # float32 forward + backward in other batch shapes: up to 1e-5 of a tensor's largest entry where its sums cancel
+    # (layer 1's q_proj under MKL_CBWR=AVX); the Eq. (14) normalisation below is off by 4e-2 or more
     for (name, _), g, r in zip(model.named_parameters(), acc, big):
         err = (g - r).abs().max().item()
-        assert err <= 1e-5 * r.abs().max().item() + 1e-8, f"{name}: {err:.3g}"
+        assert err <= 2e-4 * r.abs().max().item() + 1e-8, f"{name}: {err:.3g}"
 
 
 def test_mean_of_micro_batch_means_differs():

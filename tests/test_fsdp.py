@@ -34,15 +34,17 @@ def _run(tmp_path, name, nproc):
 def test_two_rank_fsdp_equals_single_process(tmp_path):
     single, ckpt1 = _run(tmp_path, "single", 1)
     fsdp, ckpt2 = _run(tmp_path, "fsdp", 2)
-    for a, b in zip(single["losses"], fsdp["losses"]):
-        assert abs(a - b) < 1e-5, (single["losses"], fsdp["losses"])
+    for a, b in zip(single["losses"], fsdp["losses"]):  # float32 sums of ~4: relative, as the norms below
+        assert abs(a - b) < 1e-5 * max(1.0, abs(a)), (single["losses"], fsdp["losses"])
     for a, b in zip(single["grad_norms"], fsdp["grad_norms"]):
         assert abs(a - b) < 1e-5 * max(1.0, a), (single["grad_norms"], fsdp["grad_norms"])
     assert single["losses"][0] != single["losses"][1]  # the first step changed the weights
     assert set(single["weights"]) == set(fsdp["weights"])
+    # AdamW steps every weight by ~lr = 1e-2 whatever its gradient's size, so where a gradient is tiny (the k_proj
+    # biases) its float32 rounding moves the step: 5e-6 seen (MKL_CBWR=AVX); a rank that trained wrong is off by ~lr
     for k in single["weights"]:
         diff = (torch.tensor(single["weights"][k]) - torch.tensor(fsdp["weights"][k])).abs().max()
-        assert diff < 1e-5, k
+        assert diff < 1e-4, k
 
     # The FSDP checkpoint is a plain HF model equal to the trained weights, plus a sharded optimiser.
     loaded = AutoModelForCausalLM.from_pretrained(ckpt2 / "model")

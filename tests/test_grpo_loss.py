@@ -153,18 +153,19 @@ def test_kl_k3_by_hand():
        token 2: log_r = -5 - (-25) = 20    -> e^20 - 21, clamped to 10
        token 3: masked (would be huge)
     KL = (0.10653066 + 0.71828183 + 10) / 3 = 3.60827083; A = 0 so loss = 0.1 * KL.
-    grad wrt logp: beta (1 - e^log_r) / N, 0 where clamped."""
-    logp = torch.tensor([[-1.0, -2.0, -25.0, -30.0]], requires_grad=True)
-    ref = torch.tensor([[-1.5, -1.0, -5.0, -1.0]])
+    grad wrt logp: beta (1 - e^log_r) / N, 0 where clamped. Float64: exact algebra (float32's exp may be 1-2 ulp
+    off on other CPUs, which is 5e-7 of the KL)."""
+    logp = torch.tensor([[-1.0, -2.0, -25.0, -30.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -5.0, -1.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0]])
-    loss, terms = grpo.grpo_loss(logp, logp.detach(), torch.zeros(1), mask, cfg(kl_coef=0.1),
+    loss, terms = grpo.grpo_loss(logp, logp.detach(), torch.zeros(1, dtype=torch.float64), mask, cfg(kl_coef=0.1),
                                  norm=3.0, token_norm=3.0, ref_logp=ref)
     kl = (math.exp(-0.5) + 0.5 - 1 + math.e - 2 + 10) / 3
     assert kl == pytest.approx(3.60827083, abs=1e-7)
     assert terms["kl"].item() == pytest.approx(kl, rel=1e-6)
     assert loss.item() == pytest.approx(0.1 * kl, rel=1e-6)
     loss.backward()
-    want = torch.tensor([[0.1 * (1 - math.exp(-0.5)) / 3, 0.1 * (1 - math.e) / 3, 0.0, 0.0]])
+    want = torch.tensor([[0.1 * (1 - math.exp(-0.5)) / 3, 0.1 * (1 - math.e) / 3, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-6)
 
 
@@ -177,18 +178,20 @@ def test_kl_zero_when_policy_equals_reference():
 
 def test_entropy_bonus_sign_and_value():
     """Eq. (12)/(15): loss gets - beta_H * token-mean(H). H masked mean = (1 + 2) / 2 = 1.5, so
-    beta_H = 0.01 lowers the loss by 0.015; grad wrt H = -beta_H / N on response tokens."""
-    logp = torch.tensor([[-1.0, -2.0, -3.0]])
-    adv = torch.tensor([0.5])
+    beta_H = 0.01 lowers the loss by 0.015; grad wrt H = -beta_H / N on response tokens. Float64: the difference
+    of two losses near -0.5 to 1e-7 would be 2 float32 ulp."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    adv = torch.tensor([0.5], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0]])
-    entropy = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    entropy = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64, requires_grad=True)
     base, _ = grpo.grpo_loss(logp, logp, adv, mask, cfg(entropy_coef=0.0), 2.0, 2.0, entropy=entropy)
     loss, terms = grpo.grpo_loss(logp, logp, adv, mask, cfg(entropy_coef=0.01), 2.0, 2.0, entropy=entropy)
     assert base.item() == pytest.approx(-0.5, abs=1e-6)  # pg term: token-mean of -A
     assert terms["entropy_bonus"].item() == pytest.approx(1.5, abs=1e-6)
     assert (loss - base).item() == pytest.approx(-0.015, abs=1e-7)
     loss.backward()
-    torch.testing.assert_close(entropy.grad, torch.tensor([[-0.005, -0.005, 0.0]]), rtol=0, atol=1e-8)
+    torch.testing.assert_close(entropy.grad, torch.tensor([[-0.005, -0.005, 0.0]], dtype=torch.float64), rtol=0,
+                               atol=1e-8)
 
 
 def test_loss_shares_over_micro_batches_sum_to_step_loss():

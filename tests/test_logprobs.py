@@ -111,8 +111,10 @@ def test_logprobs_and_entropy_match_reference(temperature, case):
     assert logp.dtype == entropy.dtype == torch.float32
     mask = batch["response_mask"].bool()
     assert torch.all(logp[~mask] == 0) and torch.all(entropy[~mask] == 0)  # exactly 0, not just small
-    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=1e-5)
-    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-5)
+    # float32 forward vs float64 head: errors are a few ulp of logits of magnitude ~10 (1e-6 each), so relative
+    # above 1 with an absolute floor of ~10 ulp (logp reaches -13 here)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
     # the test is not vacuous: values spread, and tau changes them
     assert ref_entropy[mask].std() > 0.1 and ref_logp[mask].std() > 0.3
     assert torch.all(ref_logp[mask] < 0) and torch.all(ref_entropy[mask] > 0)
@@ -146,8 +148,8 @@ def test_padding_does_not_change_logprobs():
             logq = torch.log_softmax(logits[len(p) - 1:len(p) + len(r) - 1], dim=-1)  # [len(r), V]
             want_lp = logq.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
             want_en = -(logq.exp() * logq).sum(-1)
-            torch.testing.assert_close(logp[i, :len(r)].double(), want_lp, rtol=0, atol=1e-5)
-            torch.testing.assert_close(entropy[i, :len(r)].double(), want_en, rtol=0, atol=1e-5)
+            torch.testing.assert_close(logp[i, :len(r)].double(), want_lp, rtol=1e-5, atol=1e-5)  # as above
+            torch.testing.assert_close(entropy[i, :len(r)].double(), want_en, rtol=1e-5, atol=1e-5)
 
 
 def test_chunk_size_and_entropy_flag_do_not_change_results():
@@ -158,9 +160,11 @@ def test_chunk_size_and_entropy_flag_do_not_change_results():
         lp_big, en_big = common.PolicyModel(lm, compile=False, chunk_size=1024)(**batch, with_entropy=True)
         lp_1, en_1 = common.PolicyModel(lm, compile=False, chunk_size=1)(**batch, with_entropy=True)
         lp_no, en_no = common.PolicyModel(lm, compile=False, chunk_size=3)(**batch, with_entropy=False)
-    torch.testing.assert_close(lp_1, lp_big, rtol=0, atol=1e-6)
-    torch.testing.assert_close(en_1, en_big, rtol=0, atol=1e-6)
-    torch.testing.assert_close(lp_no, lp_big, rtol=0, atol=1e-6)
+    # float32 both sides, but the head's matmul and sums run in other blockings (rows 1 vs 12): they differ by a few
+    # ulp of the logits (magnitude ~10, 1e-6 each; 1.4e-6 seen on an AVX2 CPU), so relative above 1, floor 1e-5
+    torch.testing.assert_close(lp_1, lp_big, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en_1, en_big, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp_no, lp_big, rtol=1e-5, atol=1e-5)
     assert torch.all(en_no == 0)  # with_entropy=False: zeros, not garbage
 
 
@@ -210,8 +214,8 @@ def test_compiled_kernel_matches_reference():
         ref_logp, ref_entropy = reference(lm, batch, prompts, responses, 0.7)
     mask = batch["response_mask"].bool()
     assert torch.all(logp[~mask] == 0) and torch.all(entropy[~mask] == 0)
-    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=1e-5)
-    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)  # as in the eager test
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
     _check_grads(lm, model, prompts, responses, 0.7)
 
 

@@ -36,10 +36,12 @@ def test_worked_example_official_no_std():
 def test_worked_example_paper_std_normalised():
     """Same group, std-normalised: squared deviations (7/8)^2 + 7 (1/8)^2 = 56/64 = 7/8; unbiased variance
     (7/8) / 7 = 1/8, std = 1/sqrt(8) = 0.35355339. A_demo = (7/8) sqrt(8) = 7/sqrt(8) = 2.4748737,
-    A_on = -(1/8) sqrt(8) = -1/sqrt(8) = -0.3535534 (each over std + 1e-6)."""
-    got = luffy.mixed_advantages(torch.tensor([[1.0] + [0.0] * 7]), std=True, demo_in_group=True)
+    A_on = -(1/8) sqrt(8) = -1/sqrt(8) = -0.3535534 (each over std + 1e-6). Float64: exact algebra (1e-6 would be
+    4 float32 ulp of 2.47)."""
+    got = luffy.mixed_advantages(torch.tensor([[1.0] + [0.0] * 7], dtype=torch.float64), std=True, demo_in_group=True)
     s = 1 / math.sqrt(8) + 1e-6
-    torch.testing.assert_close(got, torch.tensor([[0.875 / s] + [-0.125 / s] * 7]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, torch.tensor([[0.875 / s] + [-0.125 / s] * 7], dtype=torch.float64), rtol=0,
+                               atol=1e-12)
     assert got[0, 0].item() == pytest.approx(2.4748737, abs=1e-5)
     assert got[0, 1].item() == pytest.approx(-0.3535534, abs=1e-5)
 
@@ -47,15 +49,17 @@ def test_worked_example_paper_std_normalised():
 def test_baseline_advantage_ignores_the_demonstration():
     """RL + SFT-loss baseline: statistics over the rollouts only, the demonstration gets 0.
     Row 0: demo 1, rollouts [1, 0, 0, 0, 0, 0, 0]: rollout mean 1/7 -> 6/7, -1/7 (LUFFY's mixed group
-    would give mean 2/8 -> 0.75, -0.25). Row 1: 7 failed rollouts + correct demo -> all 0 (LUFFY: 7/8)."""
+    would give mean 2/8 -> 0.75, -0.25). Row 1: 7 failed rollouts + correct demo -> all 0 (LUFFY: 7/8).
+    Float64: exact algebra (in float32, 1 - 1/7 and 6/7 may be 1 ulp = 6e-8 apart)."""
     rewards = torch.tensor([[1.0, 1.0] + [0.0] * 6,
-                            [1.0] + [0.0] * 7])
+                            [1.0] + [0.0] * 7], dtype=torch.float64)
     got = luffy.mixed_advantages(rewards, std=False, demo_in_group=False)
     want = torch.tensor([[0.0, 6 / 7] + [-1 / 7] * 6,
-                         [0.0] * 8])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+                         [0.0] * 8], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     mixed = luffy.mixed_advantages(rewards, std=False, demo_in_group=True)
-    torch.testing.assert_close(mixed[0], torch.tensor([0.75, 0.75] + [-0.25] * 6), rtol=0, atol=1e-7)
+    torch.testing.assert_close(mixed[0], torch.tensor([0.75, 0.75] + [-0.25] * 6, dtype=torch.float64), rtol=0,
+                               atol=1e-12)
 
 
 # =============================================================================================

@@ -89,7 +89,7 @@ def test_advantages_by_hand():
     torch.testing.assert_close(a[:, 7], torch.tensor([0.0, 0.0]))  # a group of one minus its own mean
     torch.testing.assert_close(p[:, 7], torch.tensor([-2 / 7, -1 / 7]))  # never a positive push
     # std: Eq. (9) over all 8; row 0: unbiased std sqrt((3 * 0.625^2 + 5 * 0.375^2) / 7) = 0.51754917
-    a, _ = prefix_rft.hybrid_advantages(rewards, "dr_grpo", std=True)
+    a, _ = prefix_rft.hybrid_advantages(rewards.double(), "dr_grpo", std=True)  # float64: 1e-6 is 8 float32 ulp
     assert a[0, 7].item() == pytest.approx(0.625 / (0.51754917 + 1e-6), abs=1e-6)
 
 
@@ -266,7 +266,8 @@ def test_gated_tokens_carry_no_gradient():
 def test_prefix_tokens_clipped_like_sampled_tokens():
     """Prefix and sampled tokens with the same rho and A get the same loss and gradient (Eq. 47): row 0's
     prefix half mirrors its sampled half, for A > 0 and A < 0 (dual clip at rho 5 included)."""
-    ratios = torch.tensor([[1.5, 0.5, 1.0, 1.5, 0.5, 1.0], [5.0, 0.5, 1.1, 5.0, 0.5, 1.1]])
+    ratios = torch.tensor([[1.5, 0.5, 1.0, 1.5, 0.5, 1.0], [5.0, 0.5, 1.1, 5.0, 0.5, 1.1]],
+                          dtype=torch.float64)  # exact algebra: 1e-6 is 2 float32 ulp of 7.1
     adv = torch.tensor([[1.0] * 6, [-2.0] * 6])
     prefix = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
     ones = torch.ones(2, 6)
@@ -337,10 +338,11 @@ def test_prefix_ratio_is_one_then_clipped_after_a_step(tiny_model_dir):
             logp, entropy = model(**common.model_inputs(mb), with_entropy=True)
             m, pre = mb["response_mask"].bool(), mb["prefix_mask"].bool()
             # the gate's entropies are the training forward's, on both steps (pi_old's on the first)
-            torch.testing.assert_close(h[m], entropy.detach()[m], rtol=0, atol=1e-6)
+            # (float32 forwards: they may differ by a few ulp of entropies and log-probs ~5, 5e-7 each)
+            torch.testing.assert_close(h[m], entropy.detach()[m], rtol=1e-5, atol=1e-5)
             ratio = torch.exp(logp - mb["old_logp"]).detach()
             if step == 0:  # old log-probs were recomputed on the prefix: rho = 1 there too
-                torch.testing.assert_close(ratio[m], torch.ones_like(ratio[m]), rtol=0, atol=1e-6)
+                torch.testing.assert_close(ratio[m], torch.ones_like(ratio[m]), rtol=0, atol=1e-5)
             A = mb["advantages"][:, None].expand_as(logp)
             loss, _ = prefix_rft.prefix_rft_loss(logp, mb["old_logp"], A, mb["response_mask"], torch.ones_like(logp),
                                                  mb["response_mask"], c, 1.0, 1.0, 1.0)

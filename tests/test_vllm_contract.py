@@ -366,8 +366,9 @@ def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [x["call"] for x in lines] == [0, 1]
     first, second = (x["ranks"][0] for x in lines)
-    assert first["logprob_gap"]["mean"] == pytest.approx(0.25, abs=1e-5)
-    assert first["logprob_gap"]["max"] == pytest.approx(0.25, abs=1e-5) and first["logprob_gap"]["tokens"] == 12
+    # the trainer's float32 forward over 4 padded rows vs the stand-in's over 1: a few ulp of log-probs ~5 apart
+    assert first["logprob_gap"]["mean"] == pytest.approx(0.25, abs=1e-4)
+    assert first["logprob_gap"]["max"] == pytest.approx(0.25, abs=1e-4) and first["logprob_gap"]["tokens"] == 12
     assert first["first"] and "first" not in second and first["probe"] == second["probe"]
     assert first["probe"][0][1]  # the probe carries its log-probs: a changed engine shows there first
     assert first["weights"] == pytest.approx(sum(float(p.detach().double().sum()) for p in model.parameters()))
