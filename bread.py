@@ -54,6 +54,7 @@ Launch:
         --max_response_len 8192 --episode_split paragraph   # 8 GPUs on LUFFY's data (1024 + 8192 tokens)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 bread.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import time

@@ -111,7 +111,7 @@ class BaseConfig:
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
     vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
     # output_dir/vllm-rank<r>.log)
-    rollout_debug: bool = False  # debug: write rollout_debug.jsonl (log-prob gap, probes, GPU memory; gpu_smoke.sh)
+    rollout_debug: bool = False  # debug: rollout_debug.jsonl, log-prob gap, probes, memory (scripts/gpu/smoke.sh)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
@@ -671,12 +671,12 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
     sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
                            optimizers=1 + len(extra_optimizers or {}))
-    if cfg.rollout_debug:  # a debugging wrapper (scripts/rollout_debug.py)
-        from scripts.rollout_debug import RolloutDebug
+    if cfg.rollout_debug:  # a debugging wrapper (rollout_debug.py)
+        from rollout_debug import RolloutDebug
 
         probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
         sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
-                               tokenizer.pad_token_id)
+                               tokenizer.pad_token_id, make_batch)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
     extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
     assert "main" not in extra, "'main' names the trainer's own optimizer"

@@ -41,6 +41,7 @@ Launch:
         --max_steps 500   # 8 GPUs: the official train.sh (add --demo_loss sft for its RL + SFT-loss baseline)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 luffy.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import time
 from dataclasses import dataclass

@@ -45,6 +45,7 @@ Launch:
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing --max_steps 500  # 8 GPUs, paper
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 prefix_rft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import time

@@ -50,6 +50,7 @@ Launch:
         --micro_batch_size 4 --gradient_checkpointing --max_steps 1070   # 8 GPUs: official run (3 epochs)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 relift.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import time
 from dataclasses import dataclass

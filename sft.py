@@ -24,6 +24,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --max_steps 2200   # 8 GPUs: LUFFY's SFT baseline (3 epochs of 46k at batch 64, warm-up 10%)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 sft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import time
 from dataclasses import dataclass

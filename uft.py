@@ -59,6 +59,7 @@ Launch:
         --gradient_checkpointing                         # 8 GPUs: UFT's hyper-parameters (B 256, G 4, 500 steps)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 uft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import re
