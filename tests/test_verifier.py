@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def verifier():
     v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    v.start()  # its pool's threads belong to the module, not to the first test that grades
     yield v
     v.close()
 
@@ -35,6 +36,7 @@ def verifier_2s():
     """As scripts/verifier_agreement.py grades (the README quotes it): intervals and sets take math-verify
     over a second on a busy 2-core machine."""
     v = Verifier(num_workers=2, timeout_s=2)
+    v.start()
     yield v
     v.close()
 
