@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
-from answers import (MAX_ANSWER_CHARS, _fast_grade, _grade, _interval, _readings, boxed_answers,  # noqa: F401
-                     candidates, normalize_answer, standing_boxes, warm_up_math_verify)  # one answer against its gold
-from data_files import PromptStream, _is_chat, load_rows  # reading a data file, validating its rows, their order
+import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
+from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify
+from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
 from run_dir import latest_checkpoint
 
@@ -588,7 +588,7 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
         problem = cut[0]["problem"]  # a chat prompt: its last user turn is the problem
-        if _is_chat(problem):
+        if is_chat(problem):
             problem = next((m["content"] for m in reversed(problem) if m["role"] == "user"), problem[-1]["content"])
         problem = " ".join(str(problem).split())
         fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
@@ -1107,7 +1107,7 @@ _RERUN_EXIT = 86  # exit status of a worker that found the main script starting 
 def _probe_worker(timeout: int):
     """`Verifier.start`'s test: one grade through math-verify in a fresh worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in the pool's workers
-    if not _grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
+    if not answers._grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
         raise RuntimeError("math-verify graded \\frac{1}{2} = 0.5 as wrong in a grading worker")
 
 
@@ -1116,7 +1116,7 @@ class Verifier:
     README, "The verifier"). The text after the first `</think>` is graded (none: 0 when require_think): every
     different complete \\boxed{} must equal the gold, alone or together (hedging scores 0); without a box,
     math-verify reads the last answer statement or the last MAX_TEXT_CHARS. Answers and golds go through
-    `normalize_answer`; `_fast_grade` settles plain numbers.
+    `normalize_answer`; `fast_grade` settles plain numbers.
 
     Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
     candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
@@ -1138,6 +1138,10 @@ class Verifier:
         """What the response offers as its final answer (answers.candidates); a subclass reads another format."""
         return candidates(response, self.require_think)
 
+    def fast_grade(self, answer: str, gold: str) -> bool | None:
+        """A verdict on plain numbers without math-verify (answers._fast_grade), None to ask it."""
+        return answers._fast_grade(answer, gold)
+
     def __call__(self, responses: list[str], golds: list[str]) -> list[float]:
         return [reward for reward, _ in self.grade(responses, golds)]
 
@@ -1148,20 +1152,20 @@ class Verifier:
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         # per response: {alternative: [per answer: True, False, or None while math-verify has to decide]}
         verdicts = [{} for _ in responses]
-        answers, todo = [None] * len(responses), []
+        graded, todo = [None] * len(responses), []
         for i, (response, gold) in enumerate(zip(responses, golds)):
             found = self.candidates(response)
             if found is None:
                 continue
             kind, cands = found
             gold = normalize_answer(str(gold).strip())
-            answers[i] = " | ".join(cands) if kind == "boxed" else None
+            graded[i] = " | ".join(cands) if kind == "boxed" else None
             alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
             for alt, answers_alt in enumerate(alternatives):
                 verdicts[i][alt] = []
                 for slot, a in enumerate(answers_alt):
-                    readings = _readings(kind, a, gold)  # any of them equal: right
-                    fast = [readings] if isinstance(readings, bool) else [_fast_grade(x, g) for x, g in readings]
+                    readings = answers._readings(kind, a, gold)  # any of them equal: right
+                    fast = [readings] if isinstance(readings, bool) else [self.fast_grade(x, g) for x, g in readings]
                     verdicts[i][alt].append(True if True in fast else None if None in fast else False)
                     todo += [(i, alt, slot, kind, x, g) for (x, g), f in zip(readings, fast) if f is None] \
                         if verdicts[i][alt][-1] is None else []
@@ -1171,11 +1175,11 @@ class Verifier:
             ok, extracted = result or (False, "")  # None: overran the backstop, scores 0
             verdicts[i][alt][slot] = bool(verdicts[i][alt][slot]) or ok
             if kind == "text":
-                answers[i] = extracted
+                graded[i] = extracted
         with self._lock:
             self.graded += len(responses)
             self.timeouts += len({t[0] for t, result in zip(todo, results) if result is None})
-        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, answers)]
+        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, graded)]
 
     def take_stats(self) -> tuple[int, int]:
         """(responses with an item that overran the backstop, responses graded) since the last call."""
@@ -1189,11 +1193,11 @@ class Verifier:
         if not todo:
             return results
         if self.num_workers == 0 and threading.current_thread() is threading.main_thread():
-            return [_grade(kind, a, g, self.timeout) for kind, a, g in todo]
+            return [answers._grade(kind, a, g, self.timeout) for kind, a, g in todo]
         k0, overran = 0, 0
         while k0 < len(todo):
             pool = self.start()
-            pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
+            pending = [pool.apply_async(answers._grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
             for k, result in enumerate(pending, start=k0):
                 # Tasks run in order on workers that are up (start() waits for them): item k is running
                 # when we start waiting, so the backstop bounds its own run time, not the queue's
