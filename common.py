@@ -32,7 +32,7 @@ human grader reads, math-verify's verdict). --rollout_debug's wrapper is scripts
 from __future__ import annotations
 
 import argparse, atexit, contextlib, dataclasses, datetime, difflib, importlib.util, inspect, logging, math
-import multiprocessing as mp, os, pickle, random, re, shutil, signal, sys, threading, time, typing, warnings, zlib
+import multiprocessing as mp, os, random, re, signal, sys, threading, time, typing, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,10 +51,10 @@ from tqdm.auto import tqdm
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
 import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
-from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify
+from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify  # noqa: F401 (uft.py)
 from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
-from run_dir import latest_checkpoint
+from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
 
 # ======================================================================================
@@ -416,10 +416,10 @@ class Run:
 
     def save(self, step: int, state: dict | None = None):
         try:
-            save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                            {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                            {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
-                            keep=self.cfg.keep_checkpoints)
+            run_dir.save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                                    {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                                    {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
+                                    keep=self.cfg.keep_checkpoints)
         except SystemExit:  # the write failed: its one line goes below the progress bar
             if self.bar is not None:
                 self.bar.close()
@@ -685,7 +685,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
               eval_sets, stream, logger=None, extra_optimizers=extra,
               data_stats={f"train_{k}": v for k, v in counts.items()})
     if ckpt:
-        run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
+        run.state = run_dir.load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
         run.bad_steps = run.state.get("bad_steps", 0)
@@ -812,21 +812,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    kind, key, pos, has_gauss, gauss = np.random.get_state()  # numpy's key as a list: plain data for torch.load
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), **cuda}
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ======================================================================================
@@ -1818,127 +1803,3 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
         levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
         parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
     return " | ".join(parts)
-
-
-# ======================================================================================
-# Checkpoints: HF model + sharded optimiser (DCP) + RNG + trainer state, written atomically
-# ======================================================================================
-
-
-def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
-                    schedulers: dict, state: dict, keep: int = 2):
-    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
-    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
-    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction. A write that fails (a
-    full disk, a lost mount) stops the run with one line from the rank it failed on; the earlier checkpoints
-    are untouched."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    r = rank()
-    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
-    tmp = final + ".tmp"
-    try:
-        _write_checkpoint(tmp, r, step, model, tokenizer, optimizers, schedulers, state)
-    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(output_dir)
-        own = not isinstance(e, _PeerStopped)  # its own write failed, not a collective left by another rank
-        if isinstance(e, CheckpointException):  # DCP names the ranks whose writes failed
-            own = r in e.failures
-            e = e.failures[r][0] if own else e
-        why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        # The rank whose own write failed says why, whichever it is; rank 0 says when a collective failed.
-        message = f"writing {os.path.basename(final)} failed: {why}" if own else \
-            (f"writing {os.path.basename(final)} stopped in a collective: {why}, so another rank probably stopped "
-             "first (its error line, or torchrun's report, says why)")
-        raise SystemExit(f"error: {f'rank {r}: ' if r else ''}{message}; "
-                         + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
-                            if previous else "no earlier checkpoint exists: fix the cause and start again")
-                         if own or r == 0 else 1) from None
-    if r == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
-        for n in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
-    barrier()
-
-
-class _PeerStopped(RuntimeError):
-    """A collective of a checkpoint write failed: another rank stopped (its own error says why)."""
-
-
-@contextlib.contextmanager
-def _together():
-    """The collectives of a checkpoint write, on several ranks: their failure (_PeerStopped) most likely means
-    that another rank stopped (under NCCL a rank waits instead, until torchrun stops it)."""
-    try:
-        yield
-    except RuntimeError as e:
-        if world_size() == 1:
-            raise
-        raise _PeerStopped(str(e)) from e
-
-
-def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
-                      schedulers: dict, state: dict):
-    """save_checkpoint's writes, all into tmp (renamed to the checkpoint only once complete)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
-    with _together():
-        barrier()
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
-        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
-    with _together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
-        dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
-                 checkpoint_id=os.path.join(tmp, "optim"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    with _together():
-        barrier()
-
-
-def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
-    returns the trainer state (step, data position, method state). Nothing is read as code: every file
-    is loaded as tensors and plain data only (weights_only=True, run_dir.safe_dcp_load)."""
-    try:
-        return _load_checkpoint(path, model, optimizers, schedulers)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f"error: {path} holds more than tensors and plain data, which could run code as it loads "
-                         f"({run_dir.unpickling_detail(e)}); not loading it. Resume only checkpoints this "
-                         "code wrote") from None
-
-
-def _load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
-    optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
-    run_dir.safe_dcp_load(optim, os.path.join(path, "optim"))
-    for k, o in saved.items():
-        set_optimizer_state_dict(model, o, optim[k])
-    for k, s in schedulers.items():
-        s.load_state_dict(state["schedulers"][k])
-    rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
-    if not os.path.exists(rng_file):  # run_dir.claim refused another number of ranks: a file was removed
-        raise SystemExit(f"error: rank {rank()}: {rng_file} is missing; the checkpoint is incomplete")  # any rank
-    # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
-    numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    with torch.serialization.safe_globals(numpy_array):
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
-

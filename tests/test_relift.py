@@ -13,6 +13,7 @@ import torch
 import builtin_task
 import common
 import relift
+import run_dir
 from test_cli import CORE_KEYS, TIMING, metrics, run, small
 
 RELIFT_KEYS = {"pg_loss", "clip_frac", "hardest_prompts", "buffer_size", "ft_steps", "ft_steps_total", "ft_loss",
@@ -264,19 +265,19 @@ def test_unstepped_optimizer_stays_out_of_the_checkpoint(tiny_model_dir, tmp_pat
         common.optimizer_step(model, opt, None, 1.0)
 
     step(main_opt)
-    common.save_checkpoint(str(tmp_path), 1, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {"buffer": [3, 1]})
+    run_dir.save_checkpoint(str(tmp_path), 1, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {"buffer": [3, 1]})
     assert not ft_opt.state  # saving left the unstepped optimizer alone
     state = torch.load(tmp_path / "checkpoint-000001" / "trainer_state.pt", weights_only=False)
     assert state["optimizers"] == ["main"] and state["buffer"] == [3, 1]
     fresh_main, fresh_ft = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
-    common.load_checkpoint(str(tmp_path / "checkpoint-000001"), model, {"main": fresh_main, "ft": fresh_ft}, {})
+    run_dir.load_checkpoint(str(tmp_path / "checkpoint-000001"), model, {"main": fresh_main, "ft": fresh_ft}, {})
     assert fresh_main.state and not fresh_ft.state  # loading does not initialise it either
 
     step(ft_opt)
     step(main_opt)
-    common.save_checkpoint(str(tmp_path), 3, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {})
+    run_dir.save_checkpoint(str(tmp_path), 3, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {})
     fresh_main, fresh_ft = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
-    common.load_checkpoint(str(tmp_path / "checkpoint-000003"), model, {"main": fresh_main, "ft": fresh_ft}, {})
+    run_dir.load_checkpoint(str(tmp_path / "checkpoint-000003"), model, {"main": fresh_main, "ft": fresh_ft}, {})
     for new, old in ((fresh_main, main_opt), (fresh_ft, ft_opt)):
         for p in model.parameters():
             assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
