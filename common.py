@@ -306,32 +306,29 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         run.ref_model.reshard()
 
 
-skipped_updates = 0  # updates optimizer_step skipped since Run.end_step last counted them
-
-
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
     grads; returns the norm. A non-finite norm (a NaN or inf loss or gradient on any rank: the ranks
     agree through an all-reduce) skips the update: no optimizer or schedule step, the weights and the
-    optimizer state stay as they were; Run.end_step reports it and stops the run after --max_bad_steps."""
-    global skipped_updates
+    optimizer state stay as they were. The returned norm says so: step_metrics counts the non-finite ones
+    (skipped_updates), which Run.end_step reports, stopping the run after --max_bad_steps."""
     norm = clip_grad_norm(model, max_grad_norm)
     if all_reduce([math.isfinite(norm)], op=dist.ReduceOp.MIN)[0]:
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    else:
-        skipped_updates += 1
     optimizer.zero_grad(set_to_none=True)
     return norm
 
 
 def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
-                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
+                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float, demo_tokens: float = 0) -> dict:
     """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks. terms: per micro-batch
     its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
-    pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
+    pi_old over the sampled (non-prefix) tokens; grad_norms: optimizer_step's, a non-finite one a skipped
+    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none).
+    t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
@@ -345,7 +342,8 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
                    generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
                    grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
-                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
+                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0),
+                   demo_tokens=demo_tokens, skipped_updates=sum(not math.isfinite(n) for n in grad_norms))
     return metrics
 
 
@@ -460,7 +458,7 @@ class Run:
             elif self.d.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
-        metrics.update(self.check_updates(step))
+        self.check_updates(step, int(metrics.get("skipped_updates", 0)))
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
@@ -487,11 +485,10 @@ class Run:
             shutdown()
             raise SystemExit(128 + signum)
 
-    def check_updates(self, step: int) -> dict:
-        """skipped_updates: the updates of this step that optimizer_step skipped (non-finite loss or
-        gradient), with one line naming the step and its rows; counts the bad steps in a row."""
-        global skipped_updates
-        skipped, skipped_updates = skipped_updates, 0
+    def check_updates(self, step: int, skipped: int):
+        """`skipped`: the updates of this step that optimizer_step skipped (non-finite loss or gradient;
+        the metrics' skipped_updates), said in one line naming the step and its rows; counts the bad steps
+        in a row."""
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         if skipped and self.d.main:  # above the progress bar
             rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
@@ -500,7 +497,6 @@ class Run:
             tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {skipped} {updates} (weights and "
                        f"optimizer unchanged; {self.bad_steps} {steps} in a row); rows of "
                        f"{os.path.basename(self.cfg.data)} in this step: {rows}", file=sys.stderr)
-        return {"skipped_updates": skipped}
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""

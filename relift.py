@@ -52,6 +52,7 @@ Launch:
         --nproc_per_node 8 relift.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
 Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -271,6 +272,7 @@ def main():
                                       t0, t1, t2)
         metrics.update(hardest_prompts=len(hardest), buffer_size=len(buffer), ft_steps=int(bool(ft_batch)),
                        ft_steps_total=ft_steps_total, **ft,
+                       skipped_updates=metrics["skipped_updates"] + (not math.isfinite(ft["ft_grad_norm"])),  # + FT
                        demo_tokens=sum(len(run.train_rows[i]["demo_ids"]) for i in ft_batch))  # FT targets, all ranks
         run.end_step(step + 1, metrics, {"buffer": buffer, "ft_steps_total": ft_steps_total})
     common.shutdown()

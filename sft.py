@@ -26,6 +26,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --nproc_per_node 8 sft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
 Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -85,7 +86,8 @@ def main():
                        truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
                        demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
-                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
+                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0),
+                       skipped_updates=int(not math.isfinite(grad_norm)))  # optimizer_step skipped the update
         run.end_step(step + 1, metrics)
     common.shutdown()
 
