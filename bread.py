@@ -85,8 +85,8 @@ class Config(common.BaseConfig):
     fallback: Literal["success", "skip"] = "success"  # no mixed group: smallest all-success group [D] | skip
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
          "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
          "gradient_checkpointing": True, "max_steps": 500}
 
@@ -261,11 +261,11 @@ def main():
                     "success and a failure (Eq. 40), and Eq. (9) needs two samples")
     if cfg.num_episodes < 1 or cfg.max_search_rounds < 0:
         common.fail("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, whole_demos="anchors reach the whole demonstration (Eq. 40)")
     model = run.model
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old; anchor search for all-fail groups ---
@@ -289,7 +289,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages, "weights": weights}, B // b,
-                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.d.device)
+                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -303,10 +303,10 @@ def main():
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
                 # Eq. (41) = GRPO's Eq. (15) on the selected groups; anchor tokens never enter a term
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
-                                    token_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
+                                           token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 

@@ -6,10 +6,10 @@ every trainer needs. Equation numbers refer to ./METHODS.md, the project's metho
 Contents, in the order a reader of grpo.py meets them (each section starts with a ==== banner):
 
   1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
-                       trainer's PAPER), fail (every refusal before training: one "error: ..." line)
+                       trainer's GPU_RUN), fail (every refusal before training: one "error: ..." line)
   2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
                        demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
-  3. Run setup         setup(cfg, PAPER, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
+  3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
@@ -210,11 +210,12 @@ def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
-def laptop_defaults(cfg, paper: dict) -> list[str]:
-    """"--flag value (paper: value)" for every setting of `paper` (the trainer's PAPER, its 8-GPU paper
-    command) that the user did not give and that differs: the laptop defaults still in force."""
+def laptop_defaults(cfg, gpu_run: dict) -> list[str]:
+    """"--flag value (paper: value)" for every setting of `gpu_run` (the trainer's GPU_RUN, its docstring's
+    8-GPU command with the paper's settings) that the user did not give and that differs: the laptop defaults
+    still in force."""
     given, out = given_flags(cfg), []
-    for name, value in paper.items():
+    for name, value in gpu_run.items():
         current = getattr(cfg, name)
         if name in given or current == value:
             continue
@@ -301,7 +302,7 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
         if run.ref_model is not None:
             mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
-    if run.ref_model is not None and is_fsdp(run.ref_model):
+    if run.ref_model is not None and is_fsdp_module(run.ref_model):
         # FSDP2 keeps the root gathered after a forward for the backward; the reference model has none
         run.ref_model.reshard()
 
@@ -384,7 +385,7 @@ MAX_ROWS_NAMED = 20  # a step with a skipped update names this many of its rows 
 @dataclass
 class Run:
     cfg: BaseConfig
-    d: Dist
+    dist: Dist  # rank, world size, device
     tokenizer: object
     model: PolicyModel
     ref_model: PolicyModel | None
@@ -409,8 +410,8 @@ class Run:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
         idx = self.stream.next(global_batch)
         self.step_rows = [self.train_rows[i]["row"] for i in idx]
-        per = global_batch // self.d.world_size
-        return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
+        per = global_batch // self.dist.world_size
+        return [self.train_rows[i] for i in idx[self.dist.rank * per:(self.dist.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
         try:
@@ -455,7 +456,7 @@ class Run:
             metrics.update(evaluate(self))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
-            elif self.d.main:  # above the progress bar, which stays where it is
+            elif self.dist.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
         self.check_updates(step, int(metrics.get("skipped_updates", 0)))
@@ -478,7 +479,7 @@ class Run:
                        "weight). Look at the rows named above, lower --lr or --max_grad_norm, then continue with "
                        "--resume")
             shutdown()
-            raise SystemExit(message if self.d.main else 1)
+            raise SystemExit(message if self.dist.main else 1)
         elif signum:
             print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
                    f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
@@ -490,7 +491,7 @@ class Run:
         the metrics' skipped_updates), said in one line naming the step and its rows; counts the bad steps
         in a row."""
         self.bad_steps = self.bad_steps + 1 if skipped else 0
-        if skipped and self.d.main:  # above the progress bar
+        if skipped and self.dist.main:  # above the progress bar
             rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
                 f", ... ({len(self.step_rows)} in all)" if len(self.step_rows) > MAX_ROWS_NAMED else "")
             updates, steps = f"update{'s' if skipped > 1 else ''}", f"step{'s' if self.bad_steps > 1 else ''}"
@@ -502,13 +503,13 @@ class Run:
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
         run_dir.interrupts.training = True
         self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
-                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+                        total=self.cfg.max_steps, disable=not self.dist.main, dynamic_ncols=True)
         return self.bar
 
 
-def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
+def resolve_settings(cfg: BaseConfig, gpu_run: dict | None = None) -> tuple[list[EvalSet], bool]:
     """Fill in the "auto" settings: the builtin task's (builtin_task.SETTINGS) or, for file data, the papers'
-    budgets and the laptop defaults still in force (against `paper`). Returns the evaluation sets, no rows."""
+    budgets and the laptop defaults still in force (against `gpu_run`). Returns the evaluation sets, no rows."""
     builtin = cfg.data == "builtin"
     chosen = []
     for key in ("max_prompt_len", "max_response_len"):
@@ -525,7 +526,7 @@ def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[E
             print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
                    "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
     sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
-    if not builtin and (laptop := laptop_defaults(cfg, paper or {})):
+    if not builtin and (laptop := laptop_defaults(cfg, gpu_run or {})):
         script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
         print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
                f"the 8-GPU command in {script}'s docstring")
@@ -611,7 +612,7 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
     return ckpt
 
 
-def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
           extra_optimizers: dict | None = None, whole_demos: str | None = None, verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
@@ -619,13 +620,13 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     the models are built or loaded. The method's hooks: need_answer / need_demo, the fields it reads;
     extra_optimizers {name: lr}, more AdamWs over the same parameters (constant lr; ReLIFT's), checkpointed
     as run.extra_optimizers[name]; whole_demos, what it does with a whole demonstration (cut ones are
-    refused); verifier, a Verifier subclass for its own answer format; paper, the trainer's PAPER."""
+    refused); verifier, a Verifier subclass for its own answer format; gpu_run, the trainer's GPU_RUN."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = init_distributed(one_rank_group=sampler_kind(cfg) == "vllm")  # vLLM needs a group
     run_dir.interrupts.install(d.main)
     if global_batch % d.world_size:
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    eval_sets, builtin = resolve_settings(cfg, paper)
+    eval_sets, builtin = resolve_settings(cfg, gpu_run)
     train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
@@ -767,11 +768,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def rank() -> int:  # 0 in a single process; main() has it as run.d.rank
+def rank() -> int:  # 0 in a single process; main() has it as run.dist.rank
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:  # 1 in a single process; main() has it as run.d.world_size
+def world_size() -> int:  # 1 in a single process; main() has it as run.dist.world_size
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -967,16 +968,17 @@ def check_context_length(model_path: str, total: int):
              f"--max_response_len {limit - prompt}.")
 
 
-def is_sharded(d: Dist) -> bool:
-    """FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32 master weights)."""
+def should_shard(d: Dist) -> bool:
+    """Should this run shard its models? FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32
+    master weights)."""
     return d.world_size > 1 or d.device.type == "cuda"
 
 
 def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
-    """PolicyModel around `lm`, with FSDP2 when `is_sharded(d)`: each decoder layer, then the root
+    """PolicyModel around `lm`, with FSDP2 when `should_shard(d)`: each decoder layer, then the root
     (embeddings, final norm, LM head: tied embeddings stay one parameter)."""
     model = PolicyModel(lm, compile=compile)
-    if is_sharded(d):
+    if should_shard(d):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -998,7 +1000,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
     rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
     broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    if not is_sharded(d):
+    if not should_shard(d):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(d.device)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1045,7 +1047,8 @@ def plain_copy(model: PolicyModel, device) -> nn.Module:
     return copy.eval().requires_grad_(False)
 
 
-def is_fsdp(model) -> bool:
+def is_fsdp_module(model) -> bool:
+    """Is this model FSDP2-wrapped (sharded parameters, gathered for a forward)?"""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -1665,7 +1668,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
                f"started in {sampler.start_seconds:.1f} s" +
                ("" if cfg.vllm_verbose else f" (its log: {os.path.join(cfg.output_dir, 'vllm-rank0.log')})"))
         return sampler
-    if is_fsdp(model):  # the sampler needs whole weights: its own plain copy, filled now
+    if is_fsdp_module(model):  # the sampler needs whole weights: its own plain copy, filled now
         sampler = TorchSampler(tokenizer, plain_copy(model, d.device), stop_ids=stop_ids)
         sampler.sync_weights(model)
         return sampler
@@ -1785,7 +1788,7 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
 def evaluate(run: "Run") -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
-    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, temperature=run.cfg.eval_temperature,
                             max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     return metrics

@@ -83,8 +83,8 @@ class Config(common.BaseConfig):
 
 
 OFFICIAL = {"unit": "microbatch"}  # METHODS.md 8, paper vs code item 2 and Eq. (48)
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
          "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
          "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
@@ -249,7 +249,7 @@ def main():
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     check_config(cfg)
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
     model, eos = run.model, run.tokenizer.eos_token_id
     if short := sum(demo_length(r["demo_ids"], eos) < 2 for r in run.train_rows):
         common.fail(f"{short} training demonstrations are shorter than 2 tokens, so no prefix can leave "
@@ -279,7 +279,7 @@ def main():
         # ---- 2. B/b mini-batches of micro-batches; pi_old log-probs on all response tokens, prefix too --
         minibatches = common.minibatches(samples, {"advantages": advantages.view(-1),
                                                    "prefix_advantages": prefix_advantages.view(-1)}, B // b,
-                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.d.device)
+                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -298,10 +298,10 @@ def main():
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
                 adv = torch.where(mb["prefix_mask"].bool(), mb["prefix_advantages"][:, None],
                                   mb["advantages"][:, None])  # [b_micro, R]
-                loss, t = prefix_rft_loss(logp, mb["old_logp"], adv, mb["response_mask"], gate, s, cfg, norm, tn, sn,
-                                          entropy)
+                loss, mb_terms = prefix_rft_loss(logp, mb["old_logp"], adv, mb["response_mask"], gate, s, cfg, norm, tn, sn,
+                                                 entropy)
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
                 kept += float((gate * mb["prefix_mask"]).sum())
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()

@@ -85,8 +85,8 @@ class Config(common.BaseConfig):
 # The official ReLIFT run (examples/math-7b/train.sh): no clip, no std, Dr.GRPO constant, clip 0.7, entropy 0.001
 OFFICIAL = dict(clip_eps_low=1e9, clip_eps_high=1e9, adv_std=False, loss_agg="constant", max_grad_norm=0.7,
                 entropy_coef=0.001)
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
          "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
          "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
 
@@ -208,12 +208,12 @@ def main():
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if M < 1 or cfg.ft_lr <= 0:
         common.fail("--ft_threshold (M) must be at least 1 and --ft_lr positive")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, extra_optimizers={"ft": cfg.ft_lr})
-    if M % run.d.world_size:
-        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
-    model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.d.rank, run.d.world_size
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    if M % run.dist.world_size:
+        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.dist.world_size} ranks")
+    model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.dist.rank, run.dist.world_size
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     for i, row in enumerate(run.train_rows):
         row["index"] = i  # the buffer holds train-row indices (the same rows on every rank and restart)
     buffer = list(run.state.get("buffer", []))  # Eq. (23), newest first (restored on --resume)
@@ -239,7 +239,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -252,10 +252,10 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg, norm,
-                                    token_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg, norm,
+                                           token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
 
         # ---- 4. After the RL step: one FT step of the second optimizer on the popped items, Eq. (24)
@@ -263,7 +263,7 @@ def main():
         if ft_batch:  # the same decision on every rank: the buffer is global
             share = ft_batch[rank * M // world:(rank + 1) * M // world]
             ft = fine_tune(model, ft_optimizer, [run.train_rows[i] for i in share], cfg,
-                           run.tokenizer.pad_token_id, run.d.device)
+                           run.tokenizer.pad_token_id, run.dist.device)
             ft_steps_total += 1
         t2 = time.time()
 

@@ -46,8 +46,8 @@ class Config(common.BaseConfig):
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
          "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
 
 
@@ -58,13 +58,13 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> t
 
 def main():
     cfg = common.parse_config(Config)
-    run = common.setup(cfg, PAPER, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
-    model, d, tok = run.model, run.d, run.tokenizer
+    run = common.setup(cfg, GPU_RUN, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
+    model, tok = run.model, run.tokenizer
     run.evaluate_base()
     for step in run.progress():
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
-        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, d.device)
+        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, run.dist.device)
         norm = common.step_normaliser([mb["response_mask"] for mb in micro], cfg.loss_agg)  # global count
         loss_sum, entropy_sum = 0.0, 0.0
         for mb in micro:
@@ -81,7 +81,7 @@ def main():
             [loss_sum, entropy_sum, n_tok, len(rows), sum(not r["demo_finished"] for r in rows),
              sum(float(mb["attention_mask"].sum()) for mb in micro)])
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
-        metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
+        metrics = dict(loss=loss_sum / run.dist.world_size, sft_loss=loss_sum / run.dist.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
                        demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)

@@ -84,8 +84,8 @@ class Config(common.BaseConfig):
 # What the official code does differently from the paper, by secondary reading (METHODS.md 5 [3P]).
 OFFICIAL = {"w_sft_sign": "plus", "demo_ratio": "shaped", "adv_std": False, "on_policy_clip": False,
             "loss_agg": "constant"}
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
          "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
          "max_steps": 500}
 
@@ -192,10 +192,10 @@ def main():
     if G < 2:
         common.fail("--group_size must be at least 2: an SRFT group is G-1 rollouts plus one demonstration "
                     "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
                        whole_demos="a demonstration is trained as a whole response")
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G-1 responses per prompt from pi_old, plus its demonstration --------
@@ -213,7 +213,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old, no grad -------------
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -229,10 +229,10 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=True)  # [b_micro, R] each; the weights need H_t
-                loss, t = srft_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
-                                    mb["prefix_mask"], cfg, norm, token_norm, demo_norm, rollout_norm, entropy)
+                loss, mb_terms = srft_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
+                                           mb["prefix_mask"], cfg, norm, token_norm, demo_norm, rollout_norm, entropy)
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 

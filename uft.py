@@ -97,8 +97,8 @@ class Config(common.BaseConfig):
 # The official run's settings (liumy2010/UFT run.py, scripts/train.sh, verl's ppo_trainer.yaml).
 OFFICIAL = {"lr": 1e-6, "prompts_per_step": 256, "prompts_per_minibatch": 64, "group_size": 4, "max_steps": 500,
             "kl_coef": 0.001, "entropy_coef": 0.001, "reward_scale": "uft"}
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
          "gradient_checkpointing": True}
 
 
@@ -243,12 +243,12 @@ def main():
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     check_config(cfg)
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
                        global_batch=b, verifier=AnswerTagVerifier if cfg.answer_format == "answer_tag" else None)
     add_piece_ends(run.train_rows, run.tokenizer, cfg.max_response_len)
     hint_steps = cfg.hint_steps or max(1, round(0.6 * cfg.max_steps))  # T_hint of Eq. (33)
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Hints (Eq. 32-35), then G responses per hinted prompt from pi_old (METHODS 0.3 step 1)
@@ -269,7 +269,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -283,10 +283,10 @@ def main():
             for mb, (mask, hint_mask) in zip(minibatch, masks):
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = uft_loss(logp, mb["old_logp"], mb["advantages"], mask, hint_mask, cfg, norm, token_norm,
-                                   hint_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = uft_loss(logp, mb["old_logp"], mb["advantages"], mask, hint_mask, cfg, norm, token_norm,
+                                          hint_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 

@@ -289,7 +289,7 @@ def test_hpt_loss_masks_and_gradient_by_hand():
 
 
 # =============================================================================================
-# The forks through their command line: 2 steps each, and each fork's docstring command = its PAPER
+# The forks through their command line: 2 steps each, and each fork's docstring command = its GPU_RUN
 # =============================================================================================
 
 SMOKE = ["--prompts_per_step", "4", "--prompts_per_minibatch", "2", "--group_size", "3", "--micro_batch_size", "4",

@@ -21,7 +21,7 @@ def main(out_file: str, ckpt_dir: str):
                       max_position_embeddings=64, eos_token_id=2, pad_token_id=0)
     lm = AutoModelForCausalLM.from_config(cfg)
     model = common.wrap_policy(lm, d, compile=False)
-    assert common.is_fsdp(model) == (d.world_size > 1)
+    assert common.is_fsdp_module(model) == (d.world_size > 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
 
     g = torch.Generator().manual_seed(1)  # the same global batch on every rank
