@@ -74,6 +74,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt and per search round (>= 2: the search wants a mixed group)
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -87,8 +88,8 @@ class Config(common.BaseConfig):
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
-         "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
-         "gradient_checkpointing": True, "max_steps": 500}
+           "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
+           "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -202,8 +203,8 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),
@@ -261,8 +262,8 @@ def main():
                     "success and a failure (Eq. 40), and Eq. (9) needs two samples")
     if cfg.num_episodes < 1 or cfg.max_search_rounds < 0:
         common.fail("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
-    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b, whole_demos="anchors reach the whole demonstration (Eq. 40)")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, whole_demos="anchors reach the whole demonstration (Eq. 40)")
     model = run.model
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
     constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
@@ -311,9 +312,10 @@ def main():
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
-        metrics = common.step_metrics(terms, rollouts, first_rewards, micro, grad_norms,
-                                      run.scheduler.get_last_lr()[0], t0, t1, t2)  # core keys: first round
-        metrics.update(search_metrics(results, ends, len(prompts), calls, cfg.fallback, rollouts))
+        search = search_metrics(results, ends, len(prompts), calls, cfg.fallback, rollouts)
+        metrics = common.step_metrics(terms, rollouts, first_rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
+                                      t0, t1, t2, demo_tokens=search.pop("demo_tokens"))  # core keys: first round
+        metrics.update(search)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -14,20 +14,21 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, left_pad, model_inputs, FSDP2
+                       (should_shard, is_fsdp_module)
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool (answers.py: one answer),
                        started by setup with start_in_background while the model loads
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
- 10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
 
-Five modules hold what setup(), PolicyModel and the Verifier call and no trainer does: lm_head.py (Eq. 1-2 in
-chunks, with their gradient written out), builtin_task.py (the built-in
-task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data
-builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream, the rows'
-order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, reading checkpoints as
-data only) and answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a
-human grader reads, math-verify's verdict). --rollout_debug's wrapper is scripts/rollout_debug.py.
+Six side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
+imports this file: lm_head.py (Eq. 1-2 in chunks, with their gradient written out), builtin_task.py (the
+built-in task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model /
+--eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
+the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
+checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
+answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a human grader reads,
+math-verify's verdict) and rollout_debug.py (--rollout_debug's sampler wrapper, imported only with the flag).
 """
 from __future__ import annotations
 

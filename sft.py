@@ -48,7 +48,7 @@ class Config(common.BaseConfig):
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
-         "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
+           "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:

@@ -52,6 +52,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     objective: Literal["nsr", "psr", "w_reinforce"] = "nsr"  # Eq. (50): which samples carry the gradient
     positive_weight: float = 0.1  # lambda of W-REINFORCE, Eq. (50) (official recommendation 0.1)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
@@ -62,8 +63,8 @@ class Config(common.BaseConfig):
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 1024, "prompts_per_minibatch": 256, "group_size": 8, "entropy_coef": 0.001,
-         "max_prompt_len": 1024, "max_response_len": 3072, "micro_batch_size": 4, "gradient_checkpointing": True,
-         "max_steps": 140}
+           "max_prompt_len": 1024, "max_response_len": 3072, "micro_batch_size": 4, "gradient_checkpointing": True,
+           "max_steps": 140}
 
 
 # ======================================================================================
@@ -88,8 +89,8 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),
@@ -160,7 +161,6 @@ def main():
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
         metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
                                       t0, t1, t2)
-        metrics.update(demo_tokens=0)  # demonstration tokens used: none
         run.end_step(step + 1, metrics)
     common.shutdown()
 

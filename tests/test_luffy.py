@@ -16,7 +16,7 @@ GAMMA = 0.1
 
 
 def cfg(**kw) -> luffy.Config:
-    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, on_policy_clip=True, adv_std=True, entropy_coef=0.0,
+    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, clip=True, adv_std=True, entropy_coef=0.0,
                 loss_agg="token-mean", shaping_gamma=GAMMA, demo_loss="shaped", sft_coef=1.0)
     return luffy.Config(**{**base, **kw})
 
@@ -102,12 +102,12 @@ def test_truncated_demonstration_is_refused():
 
 def test_official_variant_sets_all_four_and_flags_win():
     paper = common.parse_config(luffy.Config, [], {"official": luffy.OFFICIAL})
-    assert (paper.on_policy_clip, paper.adv_std, paper.loss_agg, paper.entropy_coef) == (True, True, "token-mean", 0.0)
+    assert (paper.clip, paper.adv_std, paper.loss_agg, paper.entropy_coef) == (True, True, "token-mean", 0.0)
     assert (paper.group_size, paper.shaping_gamma, paper.demo_loss, paper.sft_coef) == (8, 0.1, "shaped", 1.0)
     off = common.parse_config(luffy.Config, ["--variant", "official"], {"official": luffy.OFFICIAL})
-    assert (off.on_policy_clip, off.adv_std, off.loss_agg, off.entropy_coef) == (False, False, "constant", 0.001)
-    mixed = common.parse_config(luffy.Config, ["--variant", "official", "--on_policy_clip"], {"official": luffy.OFFICIAL})
-    assert mixed.on_policy_clip and not mixed.adv_std
+    assert (off.clip, off.adv_std, off.loss_agg, off.entropy_coef) == (False, False, "constant", 0.001)
+    mixed = common.parse_config(luffy.Config, ["--variant", "official", "--clip"], {"official": luffy.OFFICIAL})
+    assert mixed.clip and not mixed.adv_std
 
 
 # =============================================================================================
@@ -298,7 +298,7 @@ def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_
         assert CORE_KEYS | {"pg_loss", "sft_loss", "entropy_bonus", "demo_prob", "demo_reward"} <= set(m), set(m)
         assert m["clip_frac"] == 0.0 and m["sft_loss"] > 0 and "off_policy_loss" not in m
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["on_policy_clip"], saved["adv_std"], saved["loss_agg"], saved["entropy_coef"]) == \
+    assert (saved["clip"], saved["adv_std"], saved["loss_agg"], saved["entropy_coef"]) == \
         (False, False, "constant", 0.001)
 
 

@@ -123,15 +123,14 @@ def test_ft_loss_by_hand_two_micro_batches():
 def test_variants_set_the_official_rl_settings_only():
     paper = common.parse_config(relift.Config, [], {"official": relift.OFFICIAL})
     off = common.parse_config(relift.Config, ["--variant", "official"], {"official": relift.OFFICIAL})
-    assert (paper.clip_eps_low, paper.adv_std, paper.loss_agg, paper.max_grad_norm, paper.entropy_coef) == \
-        (0.2, True, "token-mean", 1.0, 0.0)
-    assert (off.clip_eps_low, off.clip_eps_high, off.adv_std, off.loss_agg, off.max_grad_norm, off.entropy_coef) == \
-        (1e9, 1e9, False, "constant", 0.7, 0.001)
+    assert (paper.clip, paper.clip_eps_low, paper.adv_std, paper.loss_agg, paper.max_grad_norm, paper.entropy_coef) == \
+        (True, 0.2, True, "token-mean", 1.0, 0.0)
+    assert (off.clip, off.adv_std, off.loss_agg, off.max_grad_norm, off.entropy_coef) == \
+        (False, False, "constant", 0.7, 0.001)  # no clip: -rho A
     for c in (paper, off):  # the FT step is the same in both variants (Eq. 24 with its own AdamW)
         assert (c.ft_threshold, c.ft_lr, c.ft_entropy_coef, c.ft_max_grad_norm) == (16, c.lr, 0.001, 1.0)
-    mixed = common.parse_config(relift.Config, ["--variant", "official", "--clip_eps_low", "0.2"],
-                                {"official": relift.OFFICIAL})
-    assert mixed.clip_eps_low == 0.2 and mixed.clip_eps_high == 1e9
+    mixed = common.parse_config(relift.Config, ["--variant", "official", "--clip"], {"official": relift.OFFICIAL})
+    assert mixed.clip and not mixed.adv_std
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])

@@ -17,7 +17,7 @@ LN = math.log
 
 
 def cfg(**kw) -> srft.Config:
-    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, on_policy_clip=True, adv_std=True, shaping_gamma=0.1,
+    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, clip=True, adv_std=True, shaping_gamma=0.1,
                 demo_ratio="plain", w_sft_coef=0.5, w_sft_sign="minus", w_rl_coef=0.1, entropy_coef=0.0,
                 loss_agg="token-mean")
     return srft.Config(**{**base, **kw})
@@ -272,12 +272,12 @@ def test_group_layout_demonstration_first_with_its_prefix_mask():
 def test_official_variant_sets_all_five_and_flags_win():
     variants = {"official": srft.OFFICIAL}
     paper = common.parse_config(srft.Config, [], variants)
-    assert (paper.w_sft_sign, paper.demo_ratio, paper.adv_std, paper.on_policy_clip, paper.loss_agg) == \
+    assert (paper.w_sft_sign, paper.demo_ratio, paper.adv_std, paper.clip, paper.loss_agg) == \
         ("minus", "plain", True, True, "token-mean")
     assert (paper.w_sft_coef, paper.w_rl_coef, paper.entropy_coef, paper.shaping_gamma, paper.group_size) == \
         (0.5, 0.1, 0.001, 0.1, 8)
     off = common.parse_config(srft.Config, ["--variant", "official"], variants)
-    assert (off.w_sft_sign, off.demo_ratio, off.adv_std, off.on_policy_clip, off.loss_agg) == \
+    assert (off.w_sft_sign, off.demo_ratio, off.adv_std, off.clip, off.loss_agg) == \
         ("plus", "shaped", False, False, "constant")
     mixed = common.parse_config(srft.Config, ["--variant", "official", "--w_sft_sign", "minus"], variants)
     assert mixed.w_sft_sign == "minus" and mixed.demo_ratio == "shaped"
