@@ -218,6 +218,28 @@ def test_rl_with_sft_loss_baseline_by_hand():
     assert logp.grad[1].tolist() == pytest.approx([0.0, -1.0 / 5, -0.5 / 5, 0.0], abs=1e-12)
 
 
+def test_kl_term_covers_demonstration_and_rollout_tokens_by_hand():
+    """Eq. (11) with --kl_coef 0.1 (k3, token-mean over ALL response tokens, the demonstration's too, as grpo.py
+    and the official code's KL loss over the response mask). Row 0 the demonstration, row 1 a rollout; A = 0, so
+    the policy terms vanish and the loss is the KL term alone. log_r = ref - logp per token:
+       demo:    -0.5 -> e^-0.5 + 0.5 - 1 = 0.10653066;   1 -> e - 2 = 0.71828183
+       rollout:  0   -> 0;                                 -1 -> e^-1 + 1 - 1 = 0.36787944
+    KL = 1.19269193 / 4 = 0.29817298; loss = 0.1 KL; grad wrt logp = 0.1 (1 - e^log_r) / 4."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    log_r = torch.tensor([[-0.5, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    mask, demo = torch.ones(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, terms = luffy.luffy_loss(logp, logp.detach(), torch.zeros(2, dtype=torch.float64), mask, demo,
+                                   cfg(kl_coef=0.1), 4.0, 4.0, 2.0, ref_logp=logp.detach() + log_r)
+    kl = (math.exp(-0.5) + 0.5 - 1 + math.e - 2 + math.exp(-1)) / 4
+    assert kl == pytest.approx(0.29817298, abs=1e-8)
+    assert terms["kl"].item() == pytest.approx(kl, abs=1e-12) and loss.item() == pytest.approx(0.1 * kl, abs=1e-12)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, 0.1 * (1 - log_r.exp()) / 4, rtol=0, atol=1e-15)
+    _, terms = luffy.luffy_loss(logp, logp.detach(), torch.zeros(2, dtype=torch.float64), mask, demo, cfg(), 4.0,
+                                4.0, 2.0)
+    assert "kl" not in terms  # --kl_coef 0 (the default): no reference model, no term
+
+
 # =============================================================================================
 # The point of the method: the demonstration-token gradient through p, never clipped
 # =============================================================================================
