@@ -53,6 +53,7 @@ class Config(common.BaseConfig):
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
     clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
+    adv_std: bool = False  # grpo.py's Eq. (9) std: none here, Eq. (49) has no group statistics (--adv_std is refused)
     objective: Literal["nsr", "psr", "w_reinforce"] = "nsr"  # Eq. (50): which samples carry the gradient
     positive_weight: float = 0.1  # lambda of W-REINFORCE, Eq. (50) (official recommendation 0.1)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
@@ -118,6 +119,8 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+    if cfg.adv_std:
+        common.fail("--adv_std: NSR's advantages (Eq. 49) have no group mean or std to divide by")
     run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
     model = run.model
     constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C

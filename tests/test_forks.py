@@ -289,6 +289,13 @@ def test_hpt_loss_masks_and_gradient_by_hand():
                                                        dtype=torch.float64), rtol=0, atol=1e-15)
 
 
+def test_nsr_refuses_adv_std_before_setup(monkeypatch):
+    """grpo.py's --adv_std divides by a group std that NSR's Eq. (49) does not have: refused, saying so."""
+    monkeypatch.setattr(sys, "argv", ["nsr.py", "--adv_std"])
+    with pytest.raises(SystemExit, match="--adv_std: NSR's advantages"):
+        nsr.main()
+
+
 # =============================================================================================
 # The forks through their command line: 2 steps each, and each fork's docstring command = its GPU_RUN
 # =============================================================================================
