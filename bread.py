@@ -54,6 +54,7 @@ Launch:
         --max_response_len 8192 --episode_split paragraph   # 8 GPUs on LUFFY's data (1024 + 8192 tokens)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 bread.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import time
@@ -73,6 +74,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt and per search round (>= 2: the search wants a mixed group)
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -84,10 +86,10 @@ class Config(common.BaseConfig):
     fallback: Literal["success", "skip"] = "success"  # no mixed group: smallest all-success group [D] | skip
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
-         "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
-         "gradient_checkpointing": True, "max_steps": 500}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+           "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
+           "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -201,8 +203,8 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),
@@ -260,11 +262,11 @@ def main():
                     "success and a failure (Eq. 40), and Eq. (9) needs two samples")
     if cfg.num_episodes < 1 or cfg.max_search_rounds < 0:
         common.fail("--num_episodes must be >= 1 and --max_search_rounds >= 0 (0 = no cap)")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b, whole_demos="anchors reach the whole demonstration (Eq. 40)")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, whole_demos="anchors reach the whole demonstration (Eq. 40)")
     model = run.model
     vocab_text = run.tokenizer.batch_decode([[i] for i in range(len(run.tokenizer))])  # token id -> its text
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old; anchor search for all-fail groups ---
@@ -288,7 +290,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages, "weights": weights}, B // b,
-                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.d.device)
+                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -302,17 +304,18 @@ def main():
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
                 # Eq. (41) = GRPO's Eq. (15) on the selected groups; anchor tokens never enter a term
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
-                                    token_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], generated_mask(mb), cfg, norm,
+                                           token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
-        metrics = common.step_metrics(terms, rollouts, first_rewards, micro, grad_norms,
-                                      run.scheduler.get_last_lr()[0], t0, t1, t2)  # core keys: first round
-        metrics.update(search_metrics(results, ends, len(prompts), calls, cfg.fallback, rollouts))
+        search = search_metrics(results, ends, len(prompts), calls, cfg.fallback, rollouts)
+        metrics = common.step_metrics(terms, rollouts, first_rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
+                                      t0, t1, t2, demo_tokens=search.pop("demo_tokens"))  # core keys: first round
+        metrics.update(search)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -6,33 +6,34 @@ every trainer needs. Equation numbers refer to ./METHODS.md, the project's metho
 Contents, in the order a reader of grpo.py meets them (each section starts with a ==== banner):
 
   1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
-                       trainer's PAPER), fail (every refusal before training: one "error: ..." line)
+                       trainer's GPU_RUN), fail (every refusal before training: one "error: ..." line)
   2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
                        demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
-  3. Run setup         setup(cfg, PAPER, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
+  3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, left_pad, model_inputs, FSDP2
+                       (should_shard, is_fsdp_module)
   7. Verifier          Verifier (binary reward, METHODS 0.4) in a grading-process pool (answers.py: one answer),
                        started by setup with start_in_background while the model loads
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
- 10. Checkpoints       save_checkpoint / load_checkpoint (atomic; optimizers, RNG, trainer state)
 
-Five modules hold what setup(), PolicyModel and the Verifier call and no trainer does: lm_head.py (Eq. 1-2 in
-chunks, with their gradient written out), builtin_task.py (the built-in
-task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model / --eval_data
-builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream, the rows'
-order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, reading checkpoints as
-data only) and answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a
-human grader reads, math-verify's verdict). --rollout_debug's wrapper is scripts/rollout_debug.py.
+Six side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
+imports this file: lm_head.py (Eq. 1-2 in chunks, with their gradient written out), builtin_task.py (the
+built-in task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model /
+--eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
+the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
+checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
+answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a human grader reads,
+math-verify's verdict) and rollout_debug.py (--rollout_debug's sampler wrapper, imported only with the flag).
 """
 from __future__ import annotations
 
 import argparse, atexit, contextlib, dataclasses, datetime, difflib, importlib.util, inspect, logging, math
-import multiprocessing as mp, os, pickle, random, re, shutil, signal, sys, threading, time, typing, warnings, zlib
+import multiprocessing as mp, os, random, re, signal, sys, threading, time, typing, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,11 +51,11 @@ from tqdm.auto import tqdm
 
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
-from answers import (MAX_ANSWER_CHARS, _fast_grade, _grade, _interval, _readings, boxed_answers,  # noqa: F401
-                     candidates, normalize_answer, standing_boxes, warm_up_math_verify)  # one answer against its gold
-from data_files import PromptStream, _is_chat, load_rows  # reading a data file, validating its rows, their order
+import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
+from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify  # noqa: F401 (uft.py)
+from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
-from run_dir import latest_checkpoint
+from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
 
 # ======================================================================================
@@ -111,7 +112,7 @@ class BaseConfig:
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
     vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
     # output_dir/vllm-rank<r>.log)
-    rollout_debug: bool = False  # debug: write rollout_debug.jsonl (log-prob gap, probes, GPU memory; gpu_smoke.sh)
+    rollout_debug: bool = False  # debug: rollout_debug.jsonl, log-prob gap, probes, memory (scripts/gpu/smoke.sh)
     # --- verifier (METHODS 0.4) -------------------------------------------------------------
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
@@ -210,11 +211,12 @@ def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
 
 
-def laptop_defaults(cfg, paper: dict) -> list[str]:
-    """"--flag value (paper: value)" for every setting of `paper` (the trainer's PAPER, its 8-GPU paper
-    command) that the user did not give and that differs: the laptop defaults still in force."""
+def laptop_defaults(cfg, gpu_run: dict) -> list[str]:
+    """"--flag value (paper: value)" for every setting of `gpu_run` (the trainer's GPU_RUN, its docstring's
+    8-GPU command with the paper's settings) that the user did not give and that differs: the laptop defaults
+    still in force."""
     given, out = given_flags(cfg), []
-    for name, value in paper.items():
+    for name, value in gpu_run.items():
         current = getattr(cfg, name)
         if name in given or current == value:
             continue
@@ -301,37 +303,34 @@ def old_logprobs(run: "Run", micro: list[dict], temperature: float):
         mb["old_logp"], mb["old_entropy"] = run.model(**model_inputs(mb), temperature=temperature, with_entropy=True)
         if run.ref_model is not None:
             mb["ref_logp"], _ = run.ref_model(**model_inputs(mb), temperature=temperature)
-    if run.ref_model is not None and is_fsdp(run.ref_model):
+    if run.ref_model is not None and is_fsdp_module(run.ref_model):
         # FSDP2 keeps the root gathered after a forward for the backward; the reference model has none
         run.ref_model.reshard()
-
-
-skipped_updates = 0  # updates optimizer_step skipped since Run.end_step last counted them
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global grad norm, step the optimizer and its schedule (None: constant lr), zero the
     grads; returns the norm. A non-finite norm (a NaN or inf loss or gradient on any rank: the ranks
     agree through an all-reduce) skips the update: no optimizer or schedule step, the weights and the
-    optimizer state stay as they were; Run.end_step reports it and stops the run after --max_bad_steps."""
-    global skipped_updates
+    optimizer state stay as they were. The returned norm says so: step_metrics counts the non-finite ones
+    (skipped_updates), which Run.end_step reports, stopping the run after --max_bad_steps."""
     norm = clip_grad_norm(model, max_grad_norm)
     if all_reduce([math.isfinite(norm)], op=dist.ReduceOp.MIN)[0]:
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    else:
-        skipped_updates += 1
     optimizer.zero_grad(set_to_none=True)
     return norm
 
 
 def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
-                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float) -> dict:
+                 grad_norms: list[float], lr: float, t0: float, t1: float, t2: float, demo_tokens: float = 0) -> dict:
     """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks. terms: per micro-batch
     its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
-    pi_old over the sampled (non-prefix) tokens. t0-t1 rollout, t1-t2 training, in seconds."""
+    pi_old over the sampled (non-prefix) tokens; grad_norms: optimizer_step's, a non-finite one a skipped
+    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none).
+    t0-t1 rollout, t1-t2 training, in seconds."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
@@ -345,7 +344,8 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
                    generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
                    grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
-                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0))
+                   time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0),
+                   demo_tokens=demo_tokens, skipped_updates=sum(not math.isfinite(n) for n in grad_norms))
     return metrics
 
 
@@ -386,7 +386,7 @@ MAX_ROWS_NAMED = 20  # a step with a skipped update names this many of its rows 
 @dataclass
 class Run:
     cfg: BaseConfig
-    d: Dist
+    dist: Dist  # rank, world size, device
     tokenizer: object
     model: PolicyModel
     ref_model: PolicyModel | None
@@ -411,15 +411,15 @@ class Run:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
         idx = self.stream.next(global_batch)
         self.step_rows = [self.train_rows[i]["row"] for i in idx]
-        per = global_batch // self.d.world_size
-        return [self.train_rows[i] for i in idx[self.d.rank * per:(self.d.rank + 1) * per]]
+        per = global_batch // self.dist.world_size
+        return [self.train_rows[i] for i in idx[self.dist.rank * per:(self.dist.rank + 1) * per]]
 
     def save(self, step: int, state: dict | None = None):
         try:
-            save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
-                            {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
-                            {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
-                            keep=self.cfg.keep_checkpoints)
+            run_dir.save_checkpoint(self.cfg.output_dir, step, self.model, self.tokenizer,
+                                    {"main": self.optimizer, **self.extra_optimizers}, {"main": self.scheduler},
+                                    {"data": self.stream.state_dict(), "bad_steps": self.bad_steps, **(state or {})},
+                                    keep=self.cfg.keep_checkpoints)
         except SystemExit:  # the write failed: its one line goes below the progress bar
             if self.bar is not None:
                 self.bar.close()
@@ -457,10 +457,10 @@ class Run:
             metrics.update(evaluate(self))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
-            elif self.d.main:  # above the progress bar, which stays where it is
+            elif self.dist.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.timeout_share(step))
-        metrics.update(self.check_updates(step))
+        self.check_updates(step, int(metrics.get("skipped_updates", 0)))
         self.logger.log(step, metrics)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "loss") if metrics.get(k) is not None})
@@ -480,39 +480,37 @@ class Run:
                        "weight). Look at the rows named above, lower --lr or --max_grad_norm, then continue with "
                        "--resume")
             shutdown()
-            raise SystemExit(message if self.d.main else 1)
+            raise SystemExit(message if self.dist.main else 1)
         elif signum:
             print0(f"{signal.Signals(signum).name}: stopped after step {step} and saved "
                    f"{os.path.join(cfg.output_dir, f'checkpoint-{step:06d}')}; continue with --resume", file=sys.stderr)
             shutdown()
             raise SystemExit(128 + signum)
 
-    def check_updates(self, step: int) -> dict:
-        """skipped_updates: the updates of this step that optimizer_step skipped (non-finite loss or
-        gradient), with one line naming the step and its rows; counts the bad steps in a row."""
-        global skipped_updates
-        skipped, skipped_updates = skipped_updates, 0
+    def check_updates(self, step: int, skipped: int):
+        """`skipped`: the updates of this step that optimizer_step skipped (non-finite loss or gradient;
+        the metrics' skipped_updates), said in one line naming the step and its rows; counts the bad steps
+        in a row."""
         self.bad_steps = self.bad_steps + 1 if skipped else 0
-        if skipped and self.d.main:  # above the progress bar
+        if skipped and self.dist.main:  # above the progress bar
             rows = ", ".join(map(str, self.step_rows[:MAX_ROWS_NAMED])) + (
                 f", ... ({len(self.step_rows)} in all)" if len(self.step_rows) > MAX_ROWS_NAMED else "")
             updates, steps = f"update{'s' if skipped > 1 else ''}", f"step{'s' if self.bad_steps > 1 else ''}"
             tqdm.write(f"warning: step {step}: non-finite loss or gradient: skipped {skipped} {updates} (weights and "
                        f"optimizer unchanged; {self.bad_steps} {steps} in a row); rows of "
                        f"{os.path.basename(self.cfg.data)} in this step: {rows}", file=sys.stderr)
-        return {"skipped_updates": skipped}
 
     def progress(self):
         """The loop's progress bar; from here on Ctrl-C / SIGTERM stop the run at the end of a step."""
         run_dir.interrupts.training = True
         self.bar = tqdm(range(self.start_step, self.cfg.max_steps), initial=self.start_step,
-                        total=self.cfg.max_steps, disable=not self.d.main, dynamic_ncols=True)
+                        total=self.cfg.max_steps, disable=not self.dist.main, dynamic_ncols=True)
         return self.bar
 
 
-def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[EvalSet], bool]:
+def resolve_settings(cfg: BaseConfig, gpu_run: dict | None = None) -> tuple[list[EvalSet], bool]:
     """Fill in the "auto" settings: the builtin task's (builtin_task.SETTINGS) or, for file data, the papers'
-    budgets and the laptop defaults still in force (against `paper`). Returns the evaluation sets, no rows."""
+    budgets and the laptop defaults still in force (against `gpu_run`). Returns the evaluation sets, no rows."""
     builtin = cfg.data == "builtin"
     chosen = []
     for key in ("max_prompt_len", "max_response_len"):
@@ -529,7 +527,7 @@ def resolve_settings(cfg: BaseConfig, paper: dict | None = None) -> tuple[list[E
             print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
                    "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
     sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
-    if not builtin and (laptop := laptop_defaults(cfg, paper or {})):
+    if not builtin and (laptop := laptop_defaults(cfg, gpu_run or {})):
         script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
         print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
                f"the 8-GPU command in {script}'s docstring")
@@ -588,7 +586,7 @@ def require_whole_demonstrations(rows: list[dict], max_response_len: int, why: s
     cut = [r for r in rows if r["demo_ids"] is not None and not r["demo_finished"]]
     if cut:
         problem = cut[0]["problem"]  # a chat prompt: its last user turn is the problem
-        if _is_chat(problem):
+        if is_chat(problem):
             problem = next((m["content"] for m in reversed(problem) if m["role"] == "user"), problem[-1]["content"])
         problem = " ".join(str(problem).split())
         fail(f"{len(cut)} of {len(rows)} demonstrations do not fit --max_response_len {max_response_len} with "
@@ -615,7 +613,7 @@ def claim_output_dir(cfg, d: Dist) -> str | None:
     return ckpt
 
 
-def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
+def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_step: int = 1, need_answer: bool = True,
           need_demo: bool = False, reference_model: bool = False, global_batch: int = 1,
           extra_optimizers: dict | None = None, whole_demos: str | None = None, verifier: type | None = None) -> Run:
     """Everything before the training loop, in an order that fails early: the sampler's requirements,
@@ -623,13 +621,13 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     the models are built or loaded. The method's hooks: need_answer / need_demo, the fields it reads;
     extra_optimizers {name: lr}, more AdamWs over the same parameters (constant lr; ReLIFT's), checkpointed
     as run.extra_optimizers[name]; whole_demos, what it does with a whole demonstration (cut ones are
-    refused); verifier, a Verifier subclass for its own answer format; paper, the trainer's PAPER."""
+    refused); verifier, a Verifier subclass for its own answer format; gpu_run, the trainer's GPU_RUN."""
     check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = init_distributed(one_rank_group=sampler_kind(cfg) == "vllm")  # vLLM needs a group
     run_dir.interrupts.install(d.main)
     if global_batch % d.world_size:
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
-    eval_sets, builtin = resolve_settings(cfg, paper)
+    eval_sets, builtin = resolve_settings(cfg, gpu_run)
     train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
@@ -671,12 +669,12 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
     ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
     sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
                            optimizers=1 + len(extra_optimizers or {}))
-    if cfg.rollout_debug:  # a debugging wrapper (scripts/rollout_debug.py)
-        from scripts.rollout_debug import RolloutDebug
+    if cfg.rollout_debug:  # a debugging wrapper (rollout_debug.py)
+        from rollout_debug import RolloutDebug
 
         probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
         sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
-                               tokenizer.pad_token_id)
+                               tokenizer.pad_token_id, make_batch)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
     extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
     assert "main" not in extra, "'main' names the trainer's own optimizer"
@@ -685,7 +683,7 @@ def setup(cfg: BaseConfig, paper: dict | None = None, *, optimizer_steps_per_ste
               eval_sets, stream, logger=None, extra_optimizers=extra,
               data_stats={f"train_{k}": v for k, v in counts.items()})
     if ckpt:
-        run.state = load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
+        run.state = run_dir.load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
         stream.load_state_dict(run.state["data"])
         run.start_step = run.state["step"]
         run.bad_steps = run.state.get("bad_steps", 0)
@@ -771,11 +769,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def rank() -> int:  # 0 in a single process; main() has it as run.d.rank
+def rank() -> int:  # 0 in a single process; main() has it as run.dist.rank
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:  # 1 in a single process; main() has it as run.d.world_size
+def world_size() -> int:  # 1 in a single process; main() has it as run.dist.world_size
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -812,21 +810,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    kind, key, pos, has_gauss, gauss = np.random.get_state()  # numpy's key as a list: plain data for torch.load
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), **cuda}
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ======================================================================================
@@ -986,16 +969,17 @@ def check_context_length(model_path: str, total: int):
              f"--max_response_len {limit - prompt}.")
 
 
-def is_sharded(d: Dist) -> bool:
-    """FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32 master weights)."""
+def should_shard(d: Dist) -> bool:
+    """Should this run shard its models? FSDP2 whenever several ranks run or on a GPU (bf16 compute, fp32
+    master weights)."""
     return d.world_size > 1 or d.device.type == "cuda"
 
 
 def wrap_policy(lm, d: Dist, compile: bool, train: bool = True) -> PolicyModel:
-    """PolicyModel around `lm`, with FSDP2 when `is_sharded(d)`: each decoder layer, then the root
+    """PolicyModel around `lm`, with FSDP2 when `should_shard(d)`: each decoder layer, then the root
     (embeddings, final norm, LM head: tied embeddings stay one parameter)."""
     model = PolicyModel(lm, compile=compile)
-    if is_sharded(d):
+    if should_shard(d):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -1017,7 +1001,7 @@ def load_policy(path: str, d: Dist, compile: bool = True, gradient_checkpointing
     rank builds it on the meta device and allocates its shard, and rank 0 alone reads the checkpoint and
     broadcasts it tensor by tensor: no rank ever holds the whole model on its GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    if not is_sharded(d):
+    if not should_shard(d):
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(d.device)
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1064,7 +1048,8 @@ def plain_copy(model: PolicyModel, device) -> nn.Module:
     return copy.eval().requires_grad_(False)
 
 
-def is_fsdp(model) -> bool:
+def is_fsdp_module(model) -> bool:
+    """Is this model FSDP2-wrapped (sharded parameters, gathered for a forward)?"""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -1107,7 +1092,7 @@ _RERUN_EXIT = 86  # exit status of a worker that found the main script starting 
 def _probe_worker(timeout: int):
     """`Verifier.start`'s test: one grade through math-verify in a fresh worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in the pool's workers
-    if not _grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
+    if not answers._grade("boxed", "\\frac{1}{2}", "0.5", timeout)[0]:
         raise RuntimeError("math-verify graded \\frac{1}{2} = 0.5 as wrong in a grading worker")
 
 
@@ -1116,7 +1101,7 @@ class Verifier:
     README, "The verifier"). The text after the first `</think>` is graded (none: 0 when require_think): every
     different complete \\boxed{} must equal the gold, alone or together (hedging scores 0); without a box,
     math-verify reads the last answer statement or the last MAX_TEXT_CHARS. Answers and golds go through
-    `normalize_answer`; `_fast_grade` settles plain numbers.
+    `normalize_answer`; `fast_grade` settles plain numbers.
 
     Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
     candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
@@ -1138,6 +1123,10 @@ class Verifier:
         """What the response offers as its final answer (answers.candidates); a subclass reads another format."""
         return candidates(response, self.require_think)
 
+    def fast_grade(self, answer: str, gold: str) -> bool | None:
+        """A verdict on plain numbers without math-verify (answers._fast_grade), None to ask it."""
+        return answers._fast_grade(answer, gold)
+
     def __call__(self, responses: list[str], golds: list[str]) -> list[float]:
         return [reward for reward, _ in self.grade(responses, golds)]
 
@@ -1148,20 +1137,20 @@ class Verifier:
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         # per response: {alternative: [per answer: True, False, or None while math-verify has to decide]}
         verdicts = [{} for _ in responses]
-        answers, todo = [None] * len(responses), []
+        graded, todo = [None] * len(responses), []
         for i, (response, gold) in enumerate(zip(responses, golds)):
             found = self.candidates(response)
             if found is None:
                 continue
             kind, cands = found
             gold = normalize_answer(str(gold).strip())
-            answers[i] = " | ".join(cands) if kind == "boxed" else None
+            graded[i] = " | ".join(cands) if kind == "boxed" else None
             alternatives = [cands] + ([[", ".join(cands)]] if len(cands) > 1 else [])
             for alt, answers_alt in enumerate(alternatives):
                 verdicts[i][alt] = []
                 for slot, a in enumerate(answers_alt):
-                    readings = _readings(kind, a, gold)  # any of them equal: right
-                    fast = [readings] if isinstance(readings, bool) else [_fast_grade(x, g) for x, g in readings]
+                    readings = answers._readings(kind, a, gold)  # any of them equal: right
+                    fast = [readings] if isinstance(readings, bool) else [self.fast_grade(x, g) for x, g in readings]
                     verdicts[i][alt].append(True if True in fast else None if None in fast else False)
                     todo += [(i, alt, slot, kind, x, g) for (x, g), f in zip(readings, fast) if f is None] \
                         if verdicts[i][alt][-1] is None else []
@@ -1171,11 +1160,11 @@ class Verifier:
             ok, extracted = result or (False, "")  # None: overran the backstop, scores 0
             verdicts[i][alt][slot] = bool(verdicts[i][alt][slot]) or ok
             if kind == "text":
-                answers[i] = extracted
+                graded[i] = extracted
         with self._lock:
             self.graded += len(responses)
             self.timeouts += len({t[0] for t, result in zip(todo, results) if result is None})
-        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, answers)]
+        return [(float(any(v and all(v) for v in alts.values())), a) for alts, a in zip(verdicts, graded)]
 
     def take_stats(self) -> tuple[int, int]:
         """(responses with an item that overran the backstop, responses graded) since the last call."""
@@ -1189,11 +1178,11 @@ class Verifier:
         if not todo:
             return results
         if self.num_workers == 0 and threading.current_thread() is threading.main_thread():
-            return [_grade(kind, a, g, self.timeout) for kind, a, g in todo]
+            return [answers._grade(kind, a, g, self.timeout) for kind, a, g in todo]
         k0, overran = 0, 0
         while k0 < len(todo):
             pool = self.start()
-            pending = [pool.apply_async(_grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
+            pending = [pool.apply_async(answers._grade, (kind, a, g, self.timeout)) for kind, a, g in todo[k0:]]
             for k, result in enumerate(pending, start=k0):
                 # Tasks run in order on workers that are up (start() waits for them): item k is running
                 # when we start waiting, so the backstop bounds its own run time, not the queue's
@@ -1680,7 +1669,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
                f"started in {sampler.start_seconds:.1f} s" +
                ("" if cfg.vllm_verbose else f" (its log: {os.path.join(cfg.output_dir, 'vllm-rank0.log')})"))
         return sampler
-    if is_fsdp(model):  # the sampler needs whole weights: its own plain copy, filled now
+    if is_fsdp_module(model):  # the sampler needs whole weights: its own plain copy, filled now
         sampler = TorchSampler(tokenizer, plain_copy(model, d.device), stop_ids=stop_ids)
         sampler.sync_weights(model)
         return sampler
@@ -1800,7 +1789,7 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
 def evaluate(run: "Run") -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
     run.sampler.sync_weights(run.model)
-    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.d, temperature=run.cfg.eval_temperature,
+    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, temperature=run.cfg.eval_temperature,
                             max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     return metrics
@@ -1814,127 +1803,3 @@ def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
         levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
         parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
     return " | ".join(parts)
-
-
-# ======================================================================================
-# Checkpoints: HF model + sharded optimiser (DCP) + RNG + trainer state, written atomically
-# ======================================================================================
-
-
-def save_checkpoint(output_dir: str, step: int, model: PolicyModel, tokenizer, optimizers: dict,
-                    schedulers: dict, state: dict, keep: int = 2):
-    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
-    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
-    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction. A write that fails (a
-    full disk, a lost mount) stops the run with one line from the rank it failed on; the earlier checkpoints
-    are untouched."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    r = rank()
-    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
-    tmp = final + ".tmp"
-    try:
-        _write_checkpoint(tmp, r, step, model, tokenizer, optimizers, schedulers, state)
-    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(output_dir)
-        own = not isinstance(e, _PeerStopped)  # its own write failed, not a collective left by another rank
-        if isinstance(e, CheckpointException):  # DCP names the ranks whose writes failed
-            own = r in e.failures
-            e = e.failures[r][0] if own else e
-        why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        # The rank whose own write failed says why, whichever it is; rank 0 says when a collective failed.
-        message = f"writing {os.path.basename(final)} failed: {why}" if own else \
-            (f"writing {os.path.basename(final)} stopped in a collective: {why}, so another rank probably stopped "
-             "first (its error line, or torchrun's report, says why)")
-        raise SystemExit(f"error: {f'rank {r}: ' if r else ''}{message}; "
-                         + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
-                            if previous else "no earlier checkpoint exists: fix the cause and start again")
-                         if own or r == 0 else 1) from None
-    if r == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
-        for n in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
-    barrier()
-
-
-class _PeerStopped(RuntimeError):
-    """A collective of a checkpoint write failed: another rank stopped (its own error says why)."""
-
-
-@contextlib.contextmanager
-def _together():
-    """The collectives of a checkpoint write, on several ranks: their failure (_PeerStopped) most likely means
-    that another rank stopped (under NCCL a rank waits instead, until torchrun stops it)."""
-    try:
-        yield
-    except RuntimeError as e:
-        if world_size() == 1:
-            raise
-        raise _PeerStopped(str(e)) from e
-
-
-def _write_checkpoint(tmp: str, rank: int, step: int, model: PolicyModel, tokenizer, optimizers: dict,
-                      schedulers: dict, state: dict):
-    """save_checkpoint's writes, all into tmp (renamed to the checkpoint only once complete)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
-    with _together():
-        barrier()
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
-        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
-    with _together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
-        dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
-                 checkpoint_id=os.path.join(tmp, "optim"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    with _together():
-        barrier()
-
-
-def load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
-    returns the trainer state (step, data position, method state). Nothing is read as code: every file
-    is loaded as tensors and plain data only (weights_only=True, run_dir.safe_dcp_load)."""
-    try:
-        return _load_checkpoint(path, model, optimizers, schedulers)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f"error: {path} holds more than tensors and plain data, which could run code as it loads "
-                         f"({run_dir.unpickling_detail(e)}); not loading it. Resume only checkpoints this "
-                         "code wrote") from None
-
-
-def _load_checkpoint(path: str, model: PolicyModel, optimizers: dict, schedulers: dict) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
-    optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
-    run_dir.safe_dcp_load(optim, os.path.join(path, "optim"))
-    for k, o in saved.items():
-        set_optimizer_state_dict(model, o, optim[k])
-    for k, s in schedulers.items():
-        s.load_state_dict(state["schedulers"][k])
-    rng_file = os.path.join(path, f"rng-rank{rank()}.pt")
-    if not os.path.exists(rng_file):  # run_dir.claim refused another number of ranks: a file was removed
-        raise SystemExit(f"error: rank {rank()}: {rng_file} is missing; the checkpoint is incomplete")  # any rank
-    # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
-    numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    with torch.serialization.safe_globals(numpy_array):
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
-

@@ -45,7 +45,7 @@ def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None =
         prompt = _field(record, prompt_key)
         if prompt is _MISSING:
             found.append(f"no field '{prompt_key}'; fill in the problem or drop the row")
-        elif _is_chat(prompt):
+        elif is_chat(prompt):
             prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
         elif isinstance(prompt, str) and not prompt.strip() or prompt is None:
             found.append(f"'{prompt_key}' is empty; fill in the problem or drop the row")
@@ -75,7 +75,7 @@ def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None =
         demo = None
         if demo_key:
             demo = _field(record, demo_key)
-            if _is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
+            if is_chat(demo):  # a message list such as LUFFY's target: the assistant turn is the demonstration
                 turns = [m["content"] for m in demo if m["role"] == "assistant"]
                 demo = turns[-1] if turns else _MISSING
                 if not turns:
@@ -101,10 +101,16 @@ def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None =
         raise ValueError(f"{name}: {bad_rows} of {len(records)} rows are bad; fix or drop them:\n  "
                          + "\n  ".join(shown) + more)
     if converted:
-        from common import print0  # common imports this file: at call time
-
-        print0(f"{name}: {converted} of {len(rows)} answers were JSON numbers; converted to text (42 -> \"42\")")
+        _print0(f"{name}: {converted} of {len(rows)} answers were JSON numbers; converted to text (42 -> \"42\")")
     return rows
+
+
+def _print0(message: str):
+    """common.print0's rule, rank 0 prints, without importing common (which imports this file)."""
+    import torch.distributed as dist  # at call time: reading a file needs no torch
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
 
 
 def _missing_key(records: list[dict], key: str, flag: str) -> str:
@@ -133,7 +139,7 @@ def _missing_key(records: list[dict], key: str, flag: str) -> str:
             [p for p in difflib.get_close_matches(key, paths, n=3, cutoff=0.6) if p not in parents][:1] or \
             difflib.get_close_matches(parts[-1], paths, n=1, cutoff=0.6)
     if not close and flag == "--demo_key":  # a chat-message field with an assistant turn is a demonstration
-        close = [p for p in paths if _is_chat(v := _field(records[0], p, None)) and
+        close = [p for p in paths if is_chat(v := _field(records[0], p, None)) and
                  any(m["role"] == "assistant" for m in v)]
     advice = f"did you mean {flag} {close[0]}?" if close else f"name the field with {flag}"
     return f"no row has the field '{key}' ({flag}): {there}; {advice}"
@@ -204,7 +210,7 @@ def _field(record, key: str, default=_MISSING):
     return record
 
 
-def _is_chat(x) -> bool:
+def is_chat(x) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
 

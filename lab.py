@@ -750,7 +750,7 @@ def write_results(res: dict, results: str, say=print) -> None:
 
 
 # ======================================================================================
-# Verdicts: the six claims (README, "The laptop lab"), decided by explicit rules from results.json
+# Verdicts: the claims (CLAIMS, README "The laptop lab"), decided by explicit rules from results.json
 # ======================================================================================
 
 FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0}

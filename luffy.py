@@ -18,7 +18,7 @@ demonstration token unlikely, vanishing as p -> 1, so the demonstration's surpri
 without pushing already-likely tokens to certainty (plain p, or log p as in SFT, weigh them otherwise).
 
 Paper vs official code; `--variant official` sets all four (a flag written on the command line wins):
-    1. Eq. (19): no clip on rollout tokens, c_on = -A rho                  (--no-on_policy_clip)
+    1. Eq. (19): no clip on rollout tokens, c_on = -A rho                  (--no-clip)
     2. Eq. (16): no std, A_k = r_k - mean over the G samples (Eq. 10)       (--no-adv_std)
     3. Eq. (20): Z = the constant C of Eq. (8), D * L_max = 8 * 8192        (--loss_agg constant)
     4. Eq. (20): entropy bonus beta_H = 0.001 over all response tokens, demonstrations included
@@ -41,6 +41,7 @@ Launch:
         --max_steps 500   # 8 GPUs: the official train.sh (add --demo_loss sft for its RL + SFT-loss baseline)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 luffy.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import time
 from dataclasses import dataclass
@@ -60,22 +61,23 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: samples per prompt = G-1 rollouts + 1 demonstration (official 8 = 7 + 1)
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4), rollout tokens only (Eq. 19)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4), rollout tokens only (Eq. 19)
-    on_policy_clip: bool = True  # Eq. (19): PPO clip on rollout tokens (paper); --no-on_policy_clip: -A rho (official)
+    clip: bool = True  # Eq. (19): PPO clip on rollout tokens (paper); --no-clip: -A rho (official)
     adv_std: bool = True  # Eq. (16): divide by the group std (paper); --no-adv_std: r - mean (official, Eq. 10)
-    shaping_gamma: float = 0.1  # gamma of the shaping function f(p) = p / (p + gamma), Eq. (17)
-    demo_loss: Literal["shaped", "sft"] = "shaped"  # shaped: LUFFY, Eq. (17)-(18); sft: the RL + SFT-loss baseline
-    sft_coef: float = 1.0  # weight of the demonstration NLL with --demo_loss sft (official sft_loss_coef)
+    kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of Eq. (20) over all response tokens, Eq. (12) (official: 0.001)
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Z of Eq. (20): Eq. (6) paper | (7) | (8) official
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
+    shaping_gamma: float = 0.1  # gamma of the shaping function f(p) = p / (p + gamma), Eq. (17)
+    demo_loss: Literal["shaped", "sft"] = "shaped"  # shaped: LUFFY, Eq. (17)-(18); sft: the RL + SFT-loss baseline
+    sft_coef: float = 1.0  # weight of the demonstration NLL with --demo_loss sft (official sft_loss_coef)
 
 
 # What the official code (ElliottYan/LUFFY, exp_scripts/train.sh) does differently from the paper.
-OFFICIAL = {"on_policy_clip": False, "adv_std": False, "loss_agg": "constant", "entropy_coef": 0.001}
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
-         "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
-         "max_steps": 500}
+OFFICIAL = {"clip": False, "adv_std": False, "loss_agg": "constant", "entropy_coef": 0.001}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+           "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
+           "max_steps": 500}
 
 
 # ======================================================================================
@@ -123,24 +125,26 @@ def shaping(prob: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def luffy_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: float, token_norm: float,
-               demo_norm: float, entropy=None):
+               demo_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (20), or of the RL + SFT-loss baseline with cfg.demo_loss == "sft".
 
-    logp, old_logp, entropy, mask, demo_mask: [B, R]; advantages: [B]. demo_mask is 1 on demonstration
-    tokens. `norm` is the optimizer step's Z for cfg.loss_agg over the tokens of the policy terms,
-    `token_norm` its count of all response tokens (entropy, clip_frac), `demo_norm` its count of
-    demonstration tokens (their NLL and diagnostics). Returns (loss, dict of detached terms)."""
+    logp, old_logp, ref_logp, entropy, mask, demo_mask: [B, R]; advantages: [B]. demo_mask is 1 on
+    demonstration tokens. `norm` is the optimizer step's Z for cfg.loss_agg over the tokens of the policy
+    terms, `token_norm` its count of all response tokens (KL, entropy, clip_frac), `demo_norm` its count of
+    demonstration tokens (their NLL and diagnostics). The KL term (Eq. 11, --kl_coef) covers all response
+    tokens, demonstrations included, as grpo.py's and the official code's (verl's KL loss over the response
+    mask). Returns (loss, dict of detached terms)."""
     on_mask = mask * (1 - demo_mask)  # [B, R]: tokens the policy sampled
     off_mask = mask * demo_mask  # [B, R]: demonstration tokens
-    adv = advantages[:, None]  # [B, 1], broadcast to every token of sample i
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
+    adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    on_token = torch.maximum(unclipped, clipped) if cfg.on_policy_clip else unclipped  # Eq. (19)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    on_token = torch.maximum(unclipped, clipped)  # Eq. (19) = Eq. (4); --no-clip: -A rho
     pg_loss = common.aggregate(on_token, on_mask, cfg.loss_agg, norm)  # rollout share of Eq. (20)
     prob = torch.exp(logp)  # [B, R]: pi_theta(y*_t | x, y*_<t), with its gradient
     terms = {"pg_loss": pg_loss.detach(),
-             "clip_frac": common.aggregate((on_token != unclipped).float(), on_mask, "token-mean", token_norm),
+             "clip_frac": common.aggregate((clipped > unclipped).float(), on_mask, "token-mean", token_norm),
              "demo_prob": common.aggregate(prob.detach(), off_mask, "token-mean", demo_norm)}
     if cfg.demo_loss == "shaped":
         # Eq. (17)-(18), arXiv 2504.14945: pi_phi = 1, so no ratio to pi_old and nothing to clip
@@ -155,6 +159,11 @@ def luffy_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: f
         sft_loss = common.aggregate(-logp, off_mask, "token-mean", demo_norm)
         loss = pg_loss + cfg.sft_coef * sft_loss
         terms["sft_loss"] = sft_loss.detach()
+    if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped
+        log_r = ref_logp - logp
+        kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
+        loss = loss + cfg.kl_coef * kl
+        terms["kl"] = kl.detach()
     if cfg.entropy_coef > 0:  # Eq. (12)/(20): entropy bonus over all response tokens, demonstrations included
         entropy_bonus = common.aggregate(entropy, mask, "token-mean", token_norm)
         loss = loss - cfg.entropy_coef * entropy_bonus
@@ -176,10 +185,10 @@ def main():
     if G < 2:
         common.fail("--group_size must be at least 2: a LUFFY group is G-1 rollouts plus one demonstration "
                     "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
-                       whole_demos="a demonstration is trained as a whole response")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, whole_demos="a demonstration is trained as a whole response")
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G-1 responses per prompt from pi_old, plus its demonstration --------
@@ -196,9 +205,9 @@ def main():
                                       demo_in_group=cfg.demo_loss == "shaped").view(-1)  # [P*G], Eq. (16)
         t1 = time.time()
 
-        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old, no grad -------------
+        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -215,23 +224,24 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = luffy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
-                                     mb["prefix_mask"], cfg, norm, token_norm, demo_norm, entropy)
+                loss, mb_terms = luffy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
+                                            mb["prefix_mask"], cfg, norm, token_norm, demo_norm, entropy,
+                                            mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint (reward, accuracy, entropy: rollouts only) ----------
         by_group = rewards.view(-1, G)  # [P, G], column 0 the demonstrations
-        metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
-                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
-        demo_tokens = [mb["prefix_mask"] for mb in micro]
-        demo_r, n_demo, demo_h, n_tok = common.all_reduce([
+        demo_masks = [mb["prefix_mask"] for mb in micro]
+        demo_r, n_demo, demo_h, demo_tokens = common.all_reduce([
             float(by_group[:, 0].sum()), by_group.shape[0],
-            sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, demo_tokens)),
-            sum(float(m.sum()) for m in demo_tokens)])
-        metrics.update(demo_reward=demo_r / n_demo, entropy_demo=demo_h / max(n_tok, 1), demo_tokens=n_tok)
+            sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, demo_masks)),
+            sum(float(m.sum()) for m in demo_masks)])
+        metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
+                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2, demo_tokens=demo_tokens)
+        metrics.update(demo_reward=demo_r / n_demo, entropy_demo=demo_h / max(demo_tokens, 1))
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -45,6 +45,7 @@ Launch:
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing --max_steps 500  # 8 GPUs, paper
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 prefix_rft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import time
@@ -66,12 +67,14 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt, G - 1 plain rollouts and one hybrid
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
-    dual_clip: float = 3.0  # kappa of Eq. (5), a cap of -kappa A on the loss of A < 0 tokens (0 = off)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = False  # divide by the group std (Eq. 9); default Eq. (45) = Dr.GRPO's Eq. (10)
-    advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's (docstring 3)
+    kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.001  # beta_H of the entropy bonus over sampled (non-prefix) tokens, Eq. (12), (48)
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "constant"  # Eq. (6) | Eq. (7) | Eq. (8) (Eq. 48)
     loss_constant: float = 0.0  # C of Eq. (8) for one unit; 0 = |U| * L_max (minibatch) or L_max (microbatch, the code)
+    dual_clip: float = 3.0  # kappa of Eq. (5), a cap of -kappa A on the loss of A < 0 tokens (0 = off)
+    advantage: Literal["dr_grpo", "dr_grpo_prefix", "dr_grpo_prefix_v2"] = "dr_grpo"  # Eq. (45) | the code's (docstring 3)
     unit: Literal["minibatch", "microbatch"] = "minibatch"  # U of Eq. (6)-(8), (46): optimizer step, all ranks | each micro-batch
     entropy_top_k: float = 0.2  # k of Eq. (46): fraction of the unit's prefix tokens that keep their loss
     prefix_high: float = 0.95  # l_high of Eq. (42)
@@ -82,28 +85,10 @@ class Config(common.BaseConfig):
 
 
 OFFICIAL = {"unit": "microbatch"}  # METHODS.md 8, paper vs code item 2 and Eq. (48)
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
-         "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
-         "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
-
-
-def check_config(cfg: Config):
-    """Refuse settings the method cannot use, before anything is loaded."""
-    problems = [
-        (cfg.group_size < 2, "--group_size must be at least 2: a group holds G - 1 plain rollouts and one hybrid"),
-        (not 0 < cfg.entropy_top_k <= 1, "--entropy_top_k (k of Eq. 46) must be in (0, 1]"),
-        (not 0 <= cfg.prefix_low_end <= cfg.prefix_high <= 1 or not 0 <= cfg.prefix_low_start <= cfg.prefix_high,
-         "need 0 <= --prefix_low_end, --prefix_low_start <= --prefix_high <= 1 (Eq. 42)"),
-        (cfg.min_prefix_len < 1, "--min_prefix_len (L_min of Eq. 43) must be at least 1"),
-        (cfg.prefix_decay_steps < 0, "--prefix_decay_steps must be >= 0 (0 = --max_steps)"),
-        (0 < cfg.dual_clip <= 1 or cfg.dual_clip < 0, "--dual_clip (kappa of Eq. 5) must be > 1, or 0 for none"),
-        (cfg.loss_constant < 0, "--loss_constant must be >= 0 (0 = the default C of Eq. 8)"),
-        (cfg.adv_std and cfg.advantage != "dr_grpo", "--adv_std applies to --advantage dr_grpo only; drop one"),
-    ]
-    for bad, message in problems:
-        if bad:
-            common.fail(message)
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
+           "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
+           "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -208,18 +193,19 @@ def unit_normalisers(masks: list, mode: str, constant: float, unit: str) -> list
 
 
 def prefix_rft_loss(logp, old_logp, advantages, mask, gate, sampled_mask, cfg: Config, norm: float,
-                    token_norm: float, sampled_norm: float, entropy=None):
+                    token_norm: float, sampled_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (48).
 
-    logp, old_logp, advantages, mask, gate, sampled_mask, entropy: [B, R]. Advantages are per token (Eq. 45
-    gives all tokens of response i the same A_i, the code's prefix-aware estimators do not); gate from
+    logp, old_logp, ref_logp, advantages, mask, gate, sampled_mask, entropy: [B, R]. Advantages are per token
+    (Eq. 45 gives all tokens of response i the same A_i, the code's prefix-aware estimators do not); gate from
     Eq. (46); sampled_mask: the response tokens the policy sampled (no prefix). `norm` is the unit's
-    denominator for cfg.loss_agg, `token_norm` / `sampled_norm` its response / sampled token counts.
-    Returns (loss, dict of detached terms)."""
+    denominator for cfg.loss_agg, `token_norm` / `sampled_norm` its response / sampled token counts. The KL
+    term (Eq. 11, --kl_coef) covers all response tokens, prefix included and ungated, as grpo.py's and verl's
+    KL loss over the response mask. Returns (loss, dict of detached terms)."""
     ratio = torch.exp(logp - old_logp)  # Eq. (3), prefix tokens included: rho = 1 on the first mini-batch
     unclipped = -ratio * advantages  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * advantages  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * advantages if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     cap = -cfg.dual_clip * advantages  # [B, R]
     dual = (advantages < 0) & (per_token > cap) if cfg.dual_clip > 0 else torch.zeros_like(mask, dtype=torch.bool)
     per_token = torch.where(dual, cap, per_token)  # Eq. (5): min(c, -kappa A) where A < 0, no gradient there
@@ -229,6 +215,11 @@ def prefix_rft_loss(logp, old_logp, advantages, mask, gate, sampled_mask, cfg: C
     terms = {"pg_loss": pg_loss.detach(),
              "clip_frac": common.aggregate((clipped > unclipped).float(), mask, "token-mean", token_norm),
              "dual_clip_frac": common.aggregate(dual.float(), mask, "token-mean", token_norm)}
+    if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped
+        log_r = ref_logp - logp
+        kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
+        loss = loss + cfg.kl_coef * kl
+        terms["kl"] = kl.detach()
     if cfg.entropy_coef > 0:  # Eq. (12), (48): entropy bonus over the sampled tokens only
         entropy_bonus = common.aggregate(entropy, sampled_mask, "token-mean", sampled_norm)
         loss = loss - cfg.entropy_coef * entropy_bonus
@@ -247,8 +238,24 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    check_config(cfg)
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b)
+    if G < 2:
+        common.fail("--group_size must be at least 2: a group holds G - 1 plain rollouts and one hybrid")
+    if not 0 < cfg.entropy_top_k <= 1:
+        common.fail("--entropy_top_k (k of Eq. 46) must be in (0, 1]")
+    if not 0 <= cfg.prefix_low_end <= cfg.prefix_high <= 1 or not 0 <= cfg.prefix_low_start <= cfg.prefix_high:
+        common.fail("need 0 <= --prefix_low_end, --prefix_low_start <= --prefix_high <= 1 (Eq. 42)")
+    if cfg.min_prefix_len < 1:
+        common.fail("--min_prefix_len (L_min of Eq. 43) must be at least 1")
+    if cfg.prefix_decay_steps < 0:
+        common.fail("--prefix_decay_steps must be >= 0 (0 = --max_steps)")
+    if 0 < cfg.dual_clip <= 1 or cfg.dual_clip < 0:
+        common.fail("--dual_clip (kappa of Eq. 5) must be > 1, or 0 for none")
+    if cfg.loss_constant < 0:
+        common.fail("--loss_constant must be >= 0 (0 = the default C of Eq. 8)")
+    if cfg.adv_std and cfg.advantage != "dr_grpo":
+        common.fail("--adv_std applies to --advantage dr_grpo only; drop one")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True)
     model, eos = run.model, run.tokenizer.eos_token_id
     if short := sum(demo_length(r["demo_ids"], eos) < 2 for r in run.train_rows):
         common.fail(f"{short} training demonstrations are shorter than 2 tokens, so no prefix can leave "
@@ -275,10 +282,10 @@ def main():
         advantages, prefix_advantages = hybrid_advantages(rewards.view(-1, G), cfg.advantage, cfg.adv_std)  # Eq. (45)
         t1 = time.time()
 
-        # ---- 2. B/b mini-batches of micro-batches; pi_old log-probs on all response tokens, prefix too --
+        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad; prefix too ---
         minibatches = common.minibatches(samples, {"advantages": advantages.view(-1),
                                                    "prefix_advantages": prefix_advantages.view(-1)}, B // b,
-                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.d.device)
+                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -297,26 +304,26 @@ def main():
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
                 adv = torch.where(mb["prefix_mask"].bool(), mb["prefix_advantages"][:, None],
                                   mb["advantages"][:, None])  # [b_micro, R]
-                loss, t = prefix_rft_loss(logp, mb["old_logp"], adv, mb["response_mask"], gate, s, cfg, norm, tn, sn,
-                                          entropy)
+                loss, mb_terms = prefix_rft_loss(logp, mb["old_logp"], adv, mb["response_mask"], gate, s, cfg, norm,
+                                                 tn, sn, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
                 kept += float((gate * mb["prefix_mask"]).sum())
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
         plain = torch.arange(len(samples)) % G != G - 1  # [P*G]
-        metrics = common.step_metrics(terms, [s for s, p in zip(samples, plain) if p], rewards[plain], micro,
-                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
         r_hybrid, n_hybrid, ratio_sum, n_kept, n_prefix, h_prefix = common.all_reduce([
             rewards[~plain].sum(), len(prompts), sum(L / n for L, n in zip(lengths, demo_lens)), kept,
             sum(float(mb["prefix_mask"].sum()) for mb in micro),
             sum(float((mb["old_entropy"] * mb["prefix_mask"]).sum()) for mb in micro)])
+        metrics = common.step_metrics(terms, [s for s, p in zip(samples, plain) if p], rewards[plain], micro,
+                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2,
+                                      demo_tokens=n_prefix)  # the hybrids' prefix tokens, all ranks
         metrics.update(prefix_low=l_low, prefix_ratio=ratio_sum / n_hybrid, reward_plain=metrics["reward"],
                        reward_hybrid=r_hybrid / n_hybrid, gate_kept_frac=n_kept / max(n_prefix, 1),
-                       entropy_prefix=h_prefix / max(n_prefix, 1),  # pi_old's mean entropy on prefix tokens
-                       demo_tokens=n_prefix)  # the hybrids' prefix tokens, all ranks
+                       entropy_prefix=h_prefix / max(n_prefix, 1))  # pi_old's mean entropy on prefix tokens
         run.end_step(step + 1, metrics)
     common.shutdown()
 

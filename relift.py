@@ -24,7 +24,7 @@ official code. The buffer, the FT step count and the FT optimizer's state are in
 The second AdamW doubles the optimizer memory (the official run offloads both optimizers to CPU).
 
 Paper vs official code (METHODS.md 4); `--variant official` sets all of the RL ones at once:
-  - Eq. (22) clip: paper eps = 0.2 (standard GRPO) | official no clip (--clip_eps_low/high 1e9)
+  - Eq. (22) clip: paper eps = 0.2 (standard GRPO) | official no clip (--no-clip)
   - Eq. (22) advantage: paper Eq. (9) with std | official Eq. (10), no std (--no-adv_std)
   - Eq. (22) aggregation: paper token-mean Eq. (6) | official constant Eq. (8), C = D * L_max
   - Eq. (22) entropy bonus: paper none | official beta_H = 0.001 on all rollout tokens (one
@@ -50,7 +50,9 @@ Launch:
         --micro_batch_size 4 --gradient_checkpointing --max_steps 1070   # 8 GPUs: official run (3 epochs)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 relift.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -69,6 +71,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (official)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -81,12 +84,11 @@ class Config(common.BaseConfig):
 
 
 # The official ReLIFT run (examples/math-7b/train.sh): no clip, no std, Dr.GRPO constant, clip 0.7, entropy 0.001
-OFFICIAL = dict(clip_eps_low=1e9, clip_eps_high=1e9, adv_std=False, loss_agg="constant", max_grad_norm=0.7,
-                entropy_coef=0.001)
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
-         "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
-         "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
+OFFICIAL = dict(clip=False, adv_std=False, loss_agg="constant", max_grad_norm=0.7, entropy_coef=0.001)
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
+           "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
+           "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
 
 
 # ======================================================================================
@@ -109,7 +111,7 @@ def group_advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
 def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_norm: float,
               entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (22), ReLIFT's RL loss (arXiv 2506.07527): GRPO, Eq. (15),
-    on the rollouts alone; with --variant official the clip range is infinite (-rho A).
+    on the rollouts alone; with --variant official no clip (-rho A).
 
     logp, old_logp, ref_logp, entropy, mask: [B, R]; advantages: [B]. `norm` is the optimizer
     step's denominator for cfg.loss_agg, `token_norm` its token count (KL and entropy are
@@ -117,8 +119,8 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: Config, norm: float, token_
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),
@@ -206,12 +208,12 @@ def main():
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
     if M < 1 or cfg.ft_lr <= 0:
         common.fail("--ft_threshold (M) must be at least 1 and --ft_lr positive")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b, extra_optimizers={"ft": cfg.ft_lr})
-    if M % run.d.world_size:
-        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.d.world_size} ranks")
-    model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.d.rank, run.d.world_size
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, extra_optimizers={"ft": cfg.ft_lr})
+    if M % run.dist.world_size:
+        common.fail(f"--ft_threshold {M} (the FT batch) does not split over {run.dist.world_size} ranks")
+    model, ft_optimizer, rank, world = run.model, run.extra_optimizers["ft"], run.dist.rank, run.dist.world_size
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     for i, row in enumerate(run.train_rows):
         row["index"] = i  # the buffer holds train-row indices (the same rows on every rank and restart)
     buffer = list(run.state.get("buffer", []))  # Eq. (23), newest first (restored on --resume)
@@ -237,7 +239,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -250,10 +252,10 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg, norm,
-                                    token_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], cfg, norm,
+                                           token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
 
         # ---- 4. After the RL step: one FT step of the second optimizer on the popped items, Eq. (24)
@@ -261,16 +263,17 @@ def main():
         if ft_batch:  # the same decision on every rank: the buffer is global
             share = ft_batch[rank * M // world:(rank + 1) * M // world]
             ft = fine_tune(model, ft_optimizer, [run.train_rows[i] for i in share], cfg,
-                           run.tokenizer.pad_token_id, run.d.device)
+                           run.tokenizer.pad_token_id, run.dist.device)
             ft_steps_total += 1
         t2 = time.time()
 
         # ---- 5. Log, evaluate, checkpoint (buffer and FT step count survive a restart) ---------
+        demo_tokens = sum(len(run.train_rows[i]["demo_ids"]) for i in ft_batch)  # FT targets, all ranks
         metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
-                                      t0, t1, t2)
+                                      t0, t1, t2, demo_tokens=demo_tokens)
         metrics.update(hardest_prompts=len(hardest), buffer_size=len(buffer), ft_steps=int(bool(ft_batch)),
                        ft_steps_total=ft_steps_total, **ft,
-                       demo_tokens=sum(len(run.train_rows[i]["demo_ids"]) for i in ft_batch))  # FT targets, all ranks
+                       skipped_updates=metrics["skipped_updates"] + (not math.isfinite(ft["ft_grad_norm"])))  # + FT's
         run.end_step(step + 1, metrics, {"buffer": buffer, "ft_steps_total": ft_steps_total})
     common.shutdown()
 

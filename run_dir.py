@@ -1,6 +1,6 @@
-"""How a run stays resumable outside its loop (README, "Runs, checkpoints and resuming"): it claims its
-output_dir, keeps metrics.jsonl in step with its checkpoints, and turns Ctrl-C / SIGTERM into a checkpoint
-at the end of the step. The checkpoints themselves are common.py's (they need the model and optimizers).
+"""A run's output directory and what it holds (README, "Runs, checkpoints and resuming"): it claims its
+output_dir, keeps metrics.jsonl in step with its checkpoints, writes and reads the checkpoints (model,
+optimizers, RNG, trainer state), and turns Ctrl-C / SIGTERM into a checkpoint at the end of the step.
 
 One process writes a run at a time (a lock on <output_dir>/.lock). Without --resume or --overwrite, a
 directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and
@@ -8,7 +8,7 @@ logs; nothing else). --resume continues only a run of the same trainer with the 
 RESUME_MAY_CHANGE, never rewrites its config.json, and a run already at --max_steps says so and exits.
 A resumed run's metrics.jsonl is cut back to its checkpoint's step. A checkpoint's pickles are read as data
 only (safe_dcp_load): a tampered checkpoint runs nothing. File-system bookkeeping a reader of a trainer never
-needs: trainers never call this file; common.py re-exports latest_checkpoint.
+needs: trainers never call this file, common.py's Run does (setup, Run.save); it imports nothing of common.
 """
 import contextlib
 import dataclasses
@@ -17,13 +17,16 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
 import sys
 import threading
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 
 # What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
@@ -246,3 +249,156 @@ def safe_dcp_load(state: dict, path: str):
 def unpickling_detail(e: Exception) -> str:  # torch's weights_only message is a page; keep what it found
     m = re.search(r"[^\n]*(?:unsupported|not an allowed|blocked|no place)[^\n]*", str(e).split("\n", 1)[-1], re.I)
     return (m.group() if m else (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+
+
+# ======================================================================================
+# Checkpoints: HF model + sharded optimiser (DCP) + RNG + trainer state, written atomically
+# ======================================================================================
+
+
+def save_checkpoint(output_dir: str, step: int, model, tokenizer, optimizers: dict, schedulers: dict, state: dict,
+                    keep: int = 2):
+    """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
+    a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
+    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
+    and its first real step would count as the second in Adam's bias correction. A write that fails (a
+    full disk, a lost mount) stops the run with one line from the rank it failed on; the earlier checkpoints
+    are untouched. model: the trainer's common.PolicyModel (its .lm is the HF model), FSDP2-sharded or not."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    r = _rank()
+    final = os.path.join(output_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    try:
+        _write_checkpoint(tmp, r, step, model, tokenizer, optimizers, schedulers, state)
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        own = not isinstance(e, _PeerStopped)  # its own write failed, not a collective left by another rank
+        if isinstance(e, CheckpointException):  # DCP names the ranks whose writes failed
+            own = r in e.failures
+            e = e.failures[r][0] if own else e
+        why = f"{e.strerror} ({e.filename or tmp})" if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        # The rank whose own write failed says why, whichever it is; rank 0 says when a collective failed.
+        message = f"writing {os.path.basename(final)} failed: {why}" if own else \
+            (f"writing {os.path.basename(final)} stopped in a collective: {why}, so another rank probably stopped "
+             "first (its error line, or torchrun's report, says why)")
+        raise SystemExit(f"error: {f'rank {r}: ' if r else ''}{message}; "
+                         + (f"the previous checkpoint {previous} is intact: fix the cause and continue with --resume"
+                            if previous else "no earlier checkpoint exists: fix the cause and start again")
+                         if own or r == 0 else 1) from None
+    if r == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        old = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
+        for n in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
+    _barrier()
+
+
+class _PeerStopped(RuntimeError):
+    """A collective of a checkpoint write failed: another rank stopped (its own error says why)."""
+
+
+@contextlib.contextmanager
+def _together():
+    """The collectives of a checkpoint write, on several ranks: their failure (_PeerStopped) most likely means
+    that another rank stopped (under NCCL a rank waits instead, until torchrun stops it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _world_size() == 1:
+            raise
+        raise _PeerStopped(str(e)) from e
+
+
+def _write_checkpoint(tmp: str, rank: int, step: int, model, tokenizer, optimizers: dict, schedulers: dict,
+                      state: dict):
+    """save_checkpoint's writes, all into tmp (renamed to the checkpoint only once complete)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
+    with _together():
+        _barrier()
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
+        model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"step": step, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                    "optimizers": sorted(optimizers), **state}, os.path.join(tmp, "trainer_state.pt"))
+    with _together():  # a rank's own shard that fails to write comes as DCP's CheckpointException, on every rank
+        dcp.save({k: get_optimizer_state_dict(model, o) for k, o in optimizers.items()},
+                 checkpoint_id=os.path.join(tmp, "optim"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    with _together():
+        _barrier()
+
+
+def load_checkpoint(path: str, model, optimizers: dict, schedulers: dict) -> dict:
+    """Restore optimisers, schedulers and this rank's RNG (weights: loaded from path/model already);
+    returns the trainer state (step, data position, method state). Nothing is read as code: every file
+    is loaded as tensors and plain data only (weights_only=True, safe_dcp_load)."""
+    try:
+        return _load_checkpoint(path, model, optimizers, schedulers)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"error: {path} holds more than tensors and plain data, which could run code as it loads "
+                         f"({unpickling_detail(e)}); not loading it. Resume only checkpoints this "
+                         "code wrote") from None
+
+
+def _load_checkpoint(path: str, model, optimizers: dict, schedulers: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    saved = {k: o for k, o in optimizers.items() if k in state.get("optimizers", optimizers)}  # others: unstepped
+    optim = {k: get_optimizer_state_dict(model, o) for k, o in saved.items()}
+    safe_dcp_load(optim, os.path.join(path, "optim"))
+    for k, o in saved.items():
+        set_optimizer_state_dict(model, o, optim[k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    rng_file = os.path.join(path, f"rng-rank{_rank()}.pt")
+    if not os.path.exists(rng_file):  # claim refused another number of ranks: a file was removed
+        raise SystemExit(f"error: rank {_rank()}: {rng_file} is missing; the checkpoint is incomplete")  # any rank
+    # a checkpoint of an earlier version holds numpy's RNG key as an array: allow that type and no other
+    numpy_array = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    with torch.serialization.safe_globals(numpy_array):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def _rank() -> int:  # common.rank(), which this file cannot import (common imports it)
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    """This process's random state (Python, numpy, torch, CUDA), as plain data: a checkpoint's rng-rank<r>.pt."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # numpy's key as a list: plain data for torch.load
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), **cuda}
+
+
+def set_rng_state(state: dict):
+    """Restore what rng_state returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])

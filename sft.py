@@ -24,7 +24,9 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --max_steps 2200   # 8 GPUs: LUFFY's SFT baseline (3 epochs of 46k at batch 64, warm-up 10%)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 sft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -44,9 +46,9 @@ class Config(common.BaseConfig):
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
-         "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps": 200, "max_prompt_len": 1024,
+           "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
@@ -56,13 +58,13 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> t
 
 def main():
     cfg = common.parse_config(Config)
-    run = common.setup(cfg, PAPER, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
-    model, d, tok = run.model, run.d, run.tokenizer
+    run = common.setup(cfg, GPU_RUN, need_answer=False, need_demo=True, global_batch=cfg.batch_size)
+    model, tok = run.model, run.tokenizer
     run.evaluate_base()
     for step in run.progress():
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
-        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, d.device)
+        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, run.dist.device)
         norm = common.step_normaliser([mb["response_mask"] for mb in micro], cfg.loss_agg)  # global count
         loss_sum, entropy_sum = 0.0, 0.0
         for mb in micro:
@@ -79,12 +81,13 @@ def main():
             [loss_sum, entropy_sum, n_tok, len(rows), sum(not r["demo_finished"] for r in rows),
              sum(float(mb["attention_mask"].sum()) for mb in micro)])
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
-        metrics = dict(loss=loss_sum / d.world_size, sft_loss=loss_sum / d.world_size, reward=None,
+        metrics = dict(loss=loss_sum / run.dist.world_size, sft_loss=loss_sum / run.dist.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
                        demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
-                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0))
+                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0),
+                       skipped_updates=int(not math.isfinite(grad_norm)))  # optimizer_step skipped the update
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -32,7 +32,7 @@ secondary reading (METHODS.md 5, tagged [3P]; two reimplementations read, see ME
     2. Eq. (28): shaped demonstration ratio f(p) = p / (p + 0.1), Eq. (17)   (--demo_ratio shaped)
     3. Eq. (25): no std, A_k = r_k - mean over the G samples (Eq. 10); LUFFY code base, unconfirmed
        for SRFT (METHODS 5)                                                  (--no-adv_std)
-    4. Eq. (30): no clip on rollout tokens, c = -A rho (LUFFY code base)      (--no-on_policy_clip)
+    4. Eq. (30): no clip on rollout tokens, c = -A rho (LUFFY code base)      (--no-clip)
     5. Eq. (31): Z = the constant C of Eq. (8), D * L_max = 8 * 8192          (--loss_agg constant)
 Not followed (METHODS 5): the paper's derivation with +-1 rewards (positive rollouts -log p, negative
 +log p); the reimplementations' per-sequence entropies; see METHODS.md 5 for what they do.
@@ -49,6 +49,7 @@ Launch:
         --max_steps 500   # 8 GPUs: the paper's hyper-parameters (it used 4 nodes x 8 A100)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 srft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import time
 from dataclasses import dataclass
@@ -68,25 +69,26 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: samples per prompt = G-1 rollouts + 1 demonstration (official 8 = 7 + 1)
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4), rollout tokens only (Eq. 30)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4), rollout tokens only (Eq. 30)
-    on_policy_clip: bool = True  # Eq. (30): PPO clip on rollout tokens ([D]); --no-on_policy_clip: -A rho (official)
+    clip: bool = True  # Eq. (30): PPO clip on rollout tokens ([D]); --no-clip: -A rho (official)
     adv_std: bool = True  # Eq. (25): divide by the group std (paper); --no-adv_std: r - mean (official, Eq. 10)
+    kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
+    entropy_coef: float = 0.001  # beta_H of Eq. (31) over all response tokens, Eq. (12); 0 = the three terms alone
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Z of Eq. (31): Eq. (6) paper | (7) | (8) official
+    loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     shaping_gamma: float = 0.1  # gamma of the shaping function f(p) = p / (p + gamma), Eq. (17)
     demo_ratio: Literal["plain", "shaped"] = "plain"  # Eq. (28): pi_theta (paper) | f(pi_theta) of Eq. (17) (official)
     w_sft_coef: float = 0.5  # the 0.5 of w_SFT, Eq. (26)
     w_sft_sign: Literal["minus", "plus"] = "minus"  # Eq. (26): w_SFT ~ exp(-H) (paper) | exp(+H) (official)
     w_rl_coef: float = 0.1  # the 0.1 of w_RL on positive-advantage rollout tokens, Eq. (29)
-    entropy_coef: float = 0.001  # beta_H of Eq. (31) over all response tokens, Eq. (12); 0 = the three terms alone
-    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Z of Eq. (31): Eq. (6) paper | (7) | (8) official
-    loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
 
 
 # What the official code does differently from the paper, by secondary reading (METHODS.md 5 [3P]).
-OFFICIAL = {"w_sft_sign": "plus", "demo_ratio": "shaped", "adv_std": False, "on_policy_clip": False,
+OFFICIAL = {"w_sft_sign": "plus", "demo_ratio": "shaped", "adv_std": False, "clip": False,
             "loss_agg": "constant"}
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
-         "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
-         "max_steps": 500}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
+           "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
+           "max_steps": 500}
 
 
 # ======================================================================================
@@ -134,22 +136,23 @@ def rl_weight(entropy: torch.Tensor, coef: float) -> torch.Tensor:
 
 
 def srft_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: float, token_norm: float,
-              demo_norm: float, rollout_norm: float, entropy):
+              demo_norm: float, rollout_norm: float, entropy, ref_logp=None):
     """One micro-batch's share of Eq. (31).
 
-    logp, old_logp, entropy, mask, demo_mask: [B, R]; advantages: [B]. demo_mask is 1 on demonstration
-    tokens; entropy is this forward's Eq. (2) (the weights detach it; the bonus E does not). `norm` is the
-    optimizer step's Z for cfg.loss_agg over all response tokens, `token_norm`, `demo_norm`, `rollout_norm`
-    its counts of all response tokens, demonstration tokens and rollout tokens. Returns (loss, dict of
-    detached terms)."""
+    logp, old_logp, ref_logp, entropy, mask, demo_mask: [B, R]; advantages: [B]. demo_mask is 1 on
+    demonstration tokens; entropy is this forward's Eq. (2) (the weights detach it; the bonus E does not).
+    `norm` is the optimizer step's Z for cfg.loss_agg over all response tokens, `token_norm`, `demo_norm`,
+    `rollout_norm` its counts of all response tokens, demonstration tokens and rollout tokens. The KL term
+    (Eq. 11, --kl_coef; not in the paper) covers all response tokens, demonstrations included, as grpo.py's
+    and the LUFFY code base's. Returns (loss, dict of detached terms)."""
     on_mask = mask * (1 - demo_mask)  # [B, R]: tokens the policy sampled
     off_mask = mask * demo_mask  # [B, R]: demonstration tokens
-    adv = advantages[:, None]  # [B, 1], broadcast to every token of sample i
     # (c) self-rollout term, Eq. (29)-(30), arXiv 2506.19767
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
+    adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    on_token = torch.maximum(unclipped, clipped) if cfg.on_policy_clip else unclipped  # Eq. (4) or -A rho
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    on_token = torch.maximum(unclipped, clipped)  # Eq. (4); --no-clip: -A rho
     w_rl = rl_weight(entropy, cfg.w_rl_coef)  # [B, R], Eq. (29)
     w_self = torch.where(adv > 0, w_rl, torch.ones_like(w_rl))  # [B, R]: w_RL on positive advantages only
     pg_loss = common.aggregate(w_self * on_token, on_mask, cfg.loss_agg, norm)  # rollout share of Eq. (31)
@@ -164,12 +167,17 @@ def srft_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: fl
     loss = sft_loss + off_policy_loss + pg_loss  # Eq. (31)
     h = entropy.detach()
     terms = {"sft_loss": sft_loss.detach(), "off_policy_loss": off_policy_loss.detach(), "pg_loss": pg_loss.detach(),
-             "clip_frac": common.aggregate((on_token != unclipped).float(), on_mask, "token-mean", token_norm),
+             "clip_frac": common.aggregate((clipped > unclipped).float(), on_mask, "token-mean", token_norm),
              "demo_prob": common.aggregate(prob.detach(), off_mask, "token-mean", demo_norm),
              "w_sft": common.aggregate(w_sft, off_mask, "token-mean", demo_norm),  # mean over demo tokens
              "w_rl": common.aggregate(w_rl, on_mask, "token-mean", rollout_norm),  # over all rollout tokens
              "entropy_demo": common.aggregate(h, off_mask, "token-mean", demo_norm),
              "entropy_rollout": common.aggregate(h, on_mask, "token-mean", rollout_norm)}
+    if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped
+        log_r = ref_logp - logp
+        kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
+        loss = loss + cfg.kl_coef * kl
+        terms["kl"] = kl.detach()
     if cfg.entropy_coef > 0:  # Eq. (12)/(31): entropy bonus over all response tokens, demonstrations included
         entropy_bonus = common.aggregate(entropy, mask, "token-mean", token_norm)
         loss = loss - cfg.entropy_coef * entropy_bonus
@@ -191,10 +199,10 @@ def main():
     if G < 2:
         common.fail("--group_size must be at least 2: an SRFT group is G-1 rollouts plus one demonstration "
                     "(official: 8 = 7 + 1)")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, global_batch=b,
-                       whole_demos="a demonstration is trained as a whole response")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, whole_demos="a demonstration is trained as a whole response")
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G-1 responses per prompt from pi_old, plus its demonstration --------
@@ -210,9 +218,9 @@ def main():
         advantages = group_advantages(rewards.view(-1, G), cfg.adv_std).view(-1)  # [P*G], Eq. (25): demo in the group
         t1 = time.time()
 
-        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old, no grad -------------
+        # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -228,21 +236,22 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=True)  # [b_micro, R] each; the weights need H_t
-                loss, t = srft_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
-                                    mb["prefix_mask"], cfg, norm, token_norm, demo_norm, rollout_norm, entropy)
+                loss, mb_terms = srft_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
+                                           mb["prefix_mask"], cfg, norm, token_norm, demo_norm, rollout_norm, entropy,
+                                           mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint (reward, accuracy, entropy: rollouts only) ----------
         by_group = rewards.view(-1, G)  # [P, G], column 0 the demonstrations
-        metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
-                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2)
         demo_r, n_demo, demo_tokens = common.all_reduce([float(by_group[:, 0].sum()), by_group.shape[0],
                                                          sum(float(mb["prefix_mask"].sum())
                                                              for mb in micro)])  # the whole demonstrations
-        metrics.update(demo_reward=demo_r / n_demo, demo_tokens=demo_tokens)
+        metrics = common.step_metrics(terms, [s for g in rollouts for s in g], by_group[:, 1:].reshape(-1), micro,
+                                      grad_norms, run.scheduler.get_last_lr()[0], t0, t1, t2, demo_tokens=demo_tokens)
+        metrics.update(demo_reward=demo_r / n_demo)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -59,6 +59,7 @@ Launch:
         --gradient_checkpointing                         # 8 GPUs: UFT's hyper-parameters (B 256, G 4, 500 steps)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 uft.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import re
@@ -80,6 +81,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt, all continuing the prompt's one hint
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.001  # beta of Eq. (37)-(38): weighs the k3 KL (Eq. 11) and the hint term (Eq. 36)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12) (official: 0.001)
@@ -96,9 +98,9 @@ class Config(common.BaseConfig):
 # The official run's settings (liumy2010/UFT run.py, scripts/train.sh, verl's ppo_trainer.yaml).
 OFFICIAL = {"lr": 1e-6, "prompts_per_step": 256, "prompts_per_minibatch": 64, "group_size": 4, "max_steps": 500,
             "kl_coef": 0.001, "entropy_coef": 0.001, "reward_scale": "uft"}
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
-         "gradient_checkpointing": True}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+           "gradient_checkpointing": True}
 
 
 # ======================================================================================
@@ -196,8 +198,8 @@ def uft_loss(logp, old_logp, advantages, mask, hint_mask, cfg: Config, norm: flo
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8), generated tokens only
     loss = pg_loss
     terms = {"pg_loss": pg_loss.detach(),
@@ -219,18 +221,6 @@ def uft_loss(logp, old_logp, advantages, mask, hint_mask, cfg: Config, norm: flo
     return loss, terms
 
 
-def check_config(cfg: Config):
-    """Refuse hint settings the schedule cannot use, naming the flag."""
-    if not 0 <= cfg.hint_prob_low <= cfg.hint_prob_high <= 1:
-        common.fail("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
-    if cfg.hint_chunks < 1:
-        common.fail("--hint_chunks must be at least 1 (Eq. 32; official 5)")
-    if cfg.hint_steps < 0:
-        common.fail("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
-    if cfg.kl_coef < 0:
-        common.fail("--kl_coef (beta of the KL and hint terms) must be >= 0")
-
-
 # ======================================================================================
 # Training loop
 # ======================================================================================
@@ -241,13 +231,20 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    check_config(cfg)
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, need_demo=True, reference_model=cfg.kl_coef > 0,
-                       global_batch=b, verifier=AnswerTagVerifier if cfg.answer_format == "answer_tag" else None)
+    if not 0 <= cfg.hint_prob_low <= cfg.hint_prob_high <= 1:
+        common.fail("need 0 <= --hint_prob_low <= --hint_prob_high <= 1 (Eq. 33; official 0.05 and 0.95)")
+    if cfg.hint_chunks < 1:
+        common.fail("--hint_chunks must be at least 1 (Eq. 32; official 5)")
+    if cfg.hint_steps < 0:
+        common.fail("--hint_steps must be >= 0 (0 = 0.6 * --max_steps)")
+    if cfg.kl_coef < 0:
+        common.fail("--kl_coef (beta of the KL and hint terms) must be >= 0")
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+                       need_demo=True, verifier=AnswerTagVerifier if cfg.answer_format == "answer_tag" else None)
     add_piece_ends(run.train_rows, run.tokenizer, cfg.max_response_len)
     hint_steps = cfg.hint_steps or max(1, round(0.6 * cfg.max_steps))  # T_hint of Eq. (33)
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Hints (Eq. 32-35), then G responses per hinted prompt from pi_old (METHODS 0.3 step 1)
@@ -268,7 +265,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -282,20 +279,19 @@ def main():
             for mb, (mask, hint_mask) in zip(minibatch, masks):
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = uft_loss(logp, mb["old_logp"], mb["advantages"], mask, hint_mask, cfg, norm, token_norm,
-                                   hint_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = uft_loss(logp, mb["old_logp"], mb["advantages"], mask, hint_mask, cfg, norm,
+                                          token_norm, hint_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
-        metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
-                                      t0, t1, t2)
         fraction, hinted, length, n = common.all_reduce([sum(f for _, f in hints), sum(h > 0 for h, _ in hints),
                                                          sum(h for h, _ in hints), len(hints)])
-        metrics.update(hint_prob=p_t, hint_fraction=fraction / n, hint_share=hinted / n, hint_length=length / n,
-                       demo_tokens=length)  # hint tokens, once per prompt, all ranks
+        metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
+                                      t0, t1, t2, demo_tokens=length)  # hint tokens, once per prompt, all ranks
+        metrics.update(hint_prob=p_t, hint_fraction=fraction / n, hint_share=hinted / n, hint_length=length / n)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

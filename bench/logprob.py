@@ -4,7 +4,7 @@
                             [--json bench/logprob.json]
 
   naive         full [N, V] logits, log_softmax, gather, full-softmax entropy (what a first version writes)
-  checkpointed  the same compiled chunk kernel under torch.utils.checkpoint (this code's head until 2026-12-04)
+  checkpointed  the same compiled chunk kernel under torch.utils.checkpoint (an earlier version of this code's head)
   fused         lm_head.LMHead (this code's head now): chunks through one reused [chunk, V] buffer of at most
                 256 MiB (441 float32 rows at this V, 883 bfloat16), logsumexp kept,
                 the backward recomputes each chunk's logits once and turns them into dL/dz in place

@@ -30,7 +30,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: CHORD-phi (METHODS.md 12)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 forks/chord.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
-Run `bash scripts/gpu_smoke.sh` first on a new GPU machine (README, "Real runs on GPUs").
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import sys
@@ -53,6 +53,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -65,10 +66,10 @@ class Config(common.BaseConfig):
     phi: bool = True  # Eq. (54): token weight p (1 - p) on demonstration tokens; --no-phi: plain NLL (CHORD-mu)
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 1e-6, "prompts_per_step": 32, "prompts_per_minibatch": 32, "group_size": 8, "mu_peak": 0.1,
-         "mu_valley": 0.1, "mu_decay_steps": 0, "max_prompt_len": 1024, "max_response_len": 10240,
-         "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 1e-6, "prompts_per_step": 32, "prompts_per_minibatch": 32, "group_size": 8, "mu_peak": 0.1,
+           "mu_valley": 0.1, "mu_decay_steps": 0, "max_prompt_len": 1024, "max_response_len": 10240,
+           "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -98,20 +99,19 @@ def mu_schedule(t: int, cfg: Config) -> float:
     return cfg.mu_valley + (cfg.mu_peak - cfg.mu_valley) * cosine
 
 
-def grpo_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Config, norm: float, token_norm: float,
-              demo_norm: float, entropy=None, ref_logp=None):
+def chord_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Config, norm: float, token_norm: float,
+               demo_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (53): Eq. (15) on the rollouts, Eq. (54) on the demonstrations (demo_mask).
 
     logp, old_logp, ref_logp, entropy, mask, demo_mask (1 on y* tokens): [B, R]; advantages: [B]; demo_norm: the
-    step's y* token count. `norm` is the optimizer
-    step's denominator for cfg.loss_agg, `token_norm` its token count (KL and entropy are
-    token-means, Eq. 11-12). Returns (loss, dict of detached terms)."""
+    step's y* token count. `norm` is the optimizer step's denominator for cfg.loss_agg, `token_norm` its token
+    count (KL and entropy are token-means, Eq. 11-12). Returns (loss, dict of detached terms)."""
     mask, demo_mask = mask * (1 - demo_mask), mask * demo_mask  # [B, R]: rollout tokens, y* tokens
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     prob = torch.exp(logp.detach())  # [B, R]: p_t, the weight carries no gradient
     phi = prob * (1 - prob) if cfg.phi else torch.ones_like(prob)  # Eq. (54): sg(phi(p_t))
@@ -143,10 +143,10 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
                        need_demo=True, whole_demos="a demonstration is trained as a whole response")
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
@@ -167,7 +167,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -182,17 +182,19 @@ def main():
             for mb in minibatch:
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], mb["prefix_mask"], mu,
-                                    cfg, norm, token_norm, demo_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = chord_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"],
+                                            mb["prefix_mask"], mu, cfg, norm, token_norm, demo_norm, entropy,
+                                            mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
+        demo_tokens = common.all_reduce([sum(float(mb["prefix_mask"].sum()) for mb in micro)])[0]  # y*, all ranks
         metrics = common.step_metrics(terms, [s for g in groups for s in g], rewards, micro, grad_norms,
-                                      run.scheduler.get_last_lr()[0], t0, t1, t2)
-        metrics.update(mu=mu, demo_tokens=common.all_reduce([sum(float(mb["prefix_mask"].sum()) for mb in micro)])[0])
+                                      run.scheduler.get_last_lr()[0], t0, t1, t2, demo_tokens=demo_tokens)
+        metrics.update(mu=mu)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -32,7 +32,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --micro_batch_size 2 --gradient_checkpointing   # 8 GPUs: the paper's DAPO settings (METHODS.md 11)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 forks/forking_tokens.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
-Run `bash scripts/gpu_smoke.sh` first on a new GPU machine (README, "Real runs on GPUs").
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import math
 import sys
@@ -55,6 +55,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -63,9 +64,9 @@ class Config(common.BaseConfig):
     top_entropy_frac: float = 0.2  # rho_H of Eq. (51): share of each step's response tokens that get a gradient
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 1e-6, "prompts_per_step": 512, "prompts_per_minibatch": 32, "group_size": 16, "clip_eps_high": 0.28,
-         "max_prompt_len": 2048, "max_response_len": 20480, "micro_batch_size": 2, "gradient_checkpointing": True}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 1e-6, "prompts_per_step": 512, "prompts_per_minibatch": 32, "group_size": 16, "clip_eps_high": 0.28,
+           "max_prompt_len": 2048, "max_response_len": 20480, "micro_batch_size": 2, "gradient_checkpointing": True}
 
 
 # ======================================================================================
@@ -101,17 +102,17 @@ def forking_gates(entropies: list, masks: list, top_frac: float) -> list[torch.T
     return gates
 
 
-def grpo_loss(logp, old_logp, advantages, mask, gate, cfg: Config, norm: float, token_norm: float,
-              entropy=None, ref_logp=None):
-    """One micro-batch's share of Eq. (15).
+def forking_tokens_loss(logp, old_logp, advantages, mask, gate, cfg: Config, norm: float, token_norm: float,
+                        entropy=None, ref_logp=None):
+    """One micro-batch's share of Eq. (52): Eq. (15) with the policy gradient on the forking tokens only (gate).
 
-    logp, old_logp, ref_logp, entropy, mask: [B, R]; advantages: [B]. `norm` is the optimizer
+    logp, old_logp, ref_logp, entropy, mask, gate: [B, R]; advantages: [B]. `norm` is the optimizer
     step's denominator for cfg.loss_agg, `token_norm` its token count (KL and entropy are
     token-means, Eq. 11-12). Returns (loss, dict of detached terms)."""
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
     per_token = gate * torch.maximum(unclipped, clipped)  # Eq. (52), arXiv 2506.01939: g * Eq. (4)
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     loss = pg_loss
@@ -141,9 +142,9 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b)
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
@@ -161,7 +162,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -175,17 +176,16 @@ def main():
             for mb, gate in zip(minibatch, gates):
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], gate, cfg,
-                                    norm, token_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = forking_tokens_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], gate,
+                                                     cfg, norm, token_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
         metrics = common.step_metrics(terms, samples, rewards, micro, grad_norms, run.scheduler.get_last_lr()[0],
                                       t0, t1, t2)
-        metrics.update(demo_tokens=0)  # demonstration tokens used: none
         run.end_step(step + 1, metrics)
     common.shutdown()
 

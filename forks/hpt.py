@@ -28,12 +28,12 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
     torchrun --nproc_per_node 8 forks/hpt.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
         --demo_key target \\
         --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet --max_grad_norm 80 \\
-        --lr 5e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std --clip_eps_low 1e9 \\
-        --clip_eps_high 1e9 --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
+        --lr 5e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std --no-clip \\
+        --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: the official train.sh
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 forks/hpt.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
-Run `bash scripts/gpu_smoke.sh` first on a new GPU machine (README, "Real runs on GPUs").
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import sys
 import time
@@ -55,6 +55,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # G: responses per prompt
     clip_eps_low: float = 0.2  # epsilon_low of Eq. (4)
     clip_eps_high: float = 0.2  # epsilon_high of Eq. (4)
+    clip: bool = True  # the PPO clip of Eq. (4); --no-clip: -rho A (the official runs of LUFFY, SRFT, ReLIFT, HPT)
     adv_std: bool = True  # divide by the group std: Eq. (9); --no-adv_std gives Dr.GRPO's Eq. (10)
     kl_coef: float = 0.0  # beta_KL of the k3 penalty, Eq. (11) (0 = no reference model)
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
@@ -64,11 +65,11 @@ class Config(common.BaseConfig):
     sft_coef: float = 1.0  # weight of the SFT term, Eq. (57) (official sft_loss_coef 1.0)
 
 
-# The paper's settings: the 8-GPU command of the docstring, as data (tests/test_cli.py checks that the two agree).
-PAPER = {"lr": 5e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "adv_std": False,
-         "clip_eps_low": 1e9, "clip_eps_high": 1e9, "loss_agg": "constant", "entropy_coef": 0.001,
-         "max_grad_norm": 80.0, "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
-         "gradient_checkpointing": True, "max_steps": 500}
+# The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
+GPU_RUN = {"lr": 5e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "adv_std": False,
+           "clip": False, "loss_agg": "constant", "entropy_coef": 0.001,
+           "max_grad_norm": 80.0, "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+           "gradient_checkpointing": True, "max_steps": 500}
 
 
 # ======================================================================================
@@ -94,8 +95,8 @@ def sft_prompts(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return rewards.mean(dim=1) <= gamma + 1e-9
 
 
-def grpo_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: float, token_norm: float,
-              demo_norm: float, entropy=None, ref_logp=None):
+def hpt_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: float, token_norm: float,
+             demo_norm: float, entropy=None, ref_logp=None):
     """One micro-batch's share of Eq. (57): Eq. (15) on the RL prompts' rollout tokens (mask), the NLL on the SFT
     prompts' demonstration tokens (demo_mask, demo_norm their count over the step).
 
@@ -105,8 +106,8 @@ def grpo_loss(logp, old_logp, advantages, mask, demo_mask, cfg: Config, norm: fl
     ratio = torch.exp(logp - old_logp)  # Eq. (3): rho = 1 on the first mini-batch, grad = grad logp
     adv = advantages[:, None]  # [B, 1], broadcast to every token of response i
     unclipped = -ratio * adv  # [B, R]
-    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv  # [B, R]
-    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A)
+    clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
+    per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     sft_loss = common.aggregate(-logp, demo_mask, "token-mean", demo_norm)  # Eq. (57), arXiv 2509.04419: NLL of y*
     loss = pg_loss + cfg.sft_coef * sft_loss  # Eq. (57): alpha_x, beta_x of Eq. (56) live in the two masks
@@ -135,10 +136,10 @@ def main():
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
-    run = common.setup(cfg, PAPER, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
+    run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
                        need_demo=True, whole_demos="a demonstration is trained as a whole response")
     model = run.model
-    constant = cfg.loss_constant or run.d.world_size * cfg.max_response_len  # Eq. (8)'s C
+    constant = cfg.loss_constant or run.dist.world_size * cfg.max_response_len  # Eq. (8)'s C
     run.evaluate_base()
     for step in run.progress():
         # ---- 1. Rollout: G responses per prompt from pi_old (METHODS 0.3 step 1) -------------
@@ -160,7 +161,7 @@ def main():
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
         minibatches = common.minibatches(samples, {"advantages": advantages, "rl": rl}, B // b, cfg.micro_batch_size,
-                                         run.tokenizer.pad_token_id, run.d.device)
+                                         run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 
@@ -175,18 +176,18 @@ def main():
             for mb, mask, demo_mask in zip(minibatch, masks, demo_masks):
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0)  # [b_micro, R] each
-                loss, t = grpo_loss(logp, mb["old_logp"], mb["advantages"], mask, demo_mask, cfg, norm, token_norm,
-                                    demo_norm, entropy, mb.get("ref_logp"))
+                loss, mb_terms = hpt_loss(logp, mb["old_logp"], mb["advantages"], mask, demo_mask, cfg, norm,
+                                          token_norm, demo_norm, entropy, mb.get("ref_logp"))
                 loss.backward()
-                terms.append(t)
+                terms.append(mb_terms)
             grad_norms.append(common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm))
         t2 = time.time()
 
         # ---- 4. Log, evaluate, checkpoint -----------------------------------------------------
-        metrics = common.step_metrics(terms, [s for g in groups for s in g], rewards, micro, grad_norms,
-                                      run.scheduler.get_last_lr()[0], t0, t1, t2)
         n_sft, demo_tokens = common.all_reduce([float(sft.sum()), sum(float(mb["prefix_mask"].sum()) for mb in micro)])
-        metrics.update(sft_frac=n_sft / B, demo_tokens=demo_tokens)
+        metrics = common.step_metrics(terms, [s for g in groups for s in g], rewards, micro, grad_norms,
+                                      run.scheduler.get_last_lr()[0], t0, t1, t2, demo_tokens=demo_tokens)
+        metrics.update(sft_frac=n_sft / B)
         run.end_step(step + 1, metrics)
     common.shutdown()
 

@@ -21,12 +21,13 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import answers  # noqa: E402
 import common  # noqa: E402
 from math_verify import parse, verify  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 CASES = os.path.join(DATA, "verifier_cases.jsonl")  # written to pin down fixed weaknesses
-STUDY = os.path.join(DATA, "verifier_study.jsonl")  # R1-style responses per kind of answer (issue 23)
+STUDY = os.path.join(DATA, "verifier_study.jsonl")  # R1-style responses per kind of answer
 TIMEOUT = 2
 
 
@@ -44,7 +45,7 @@ def plain_math_verify(response: str, gold: str) -> float:
 
 def _ignore_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    common.warm_up_math_verify(common.WORKER_START_S)  # as our workers do (a first interval is slow)
+    answers.warm_up_math_verify(common.WORKER_START_S)  # as our workers do (a first interval is slow)
 
 
 def grade_plain(cases) -> list[float]:
@@ -116,10 +117,10 @@ def fast_path(n: int):
     pairs = random_number_pairs(n)
     decided = agree = 0
     for a, g in pairs:
-        fast = common._fast_grade(a, g)
+        fast = answers._fast_grade(a, g)
         if fast is not None:
             decided += 1
-            agree += fast == common._grade("boxed", a, g, TIMEOUT)[0]
+            agree += fast == answers._grade("boxed", a, g, TIMEOUT)[0]
     print(f"fast path: {len(pairs)} generated pairs of plain numbers, decided {decided} without math-verify, "
           f"agreed with math-verify on {agree} of those")
 
@@ -128,12 +129,13 @@ def fast_path(n: int):
              "fractions, which go to math-verify": (
                  [f"So.\n</think>\n\\boxed{{\\frac{{{i % 7 + 1}}}{{{i % 5 + 2}}}}}" for i in range(256)],
                  [f"{(i * 3) % 7 + 1}/{i % 5 + 2}" for i in range(256)])}
-    verifier = common.Verifier(num_workers=2, timeout_s=TIMEOUT)
-    verifier.start()
-    verifier(*(x[:8] for x in cases["integer answers"]))  # warm
+    verifier, slow = (cls(num_workers=2, timeout_s=TIMEOUT) for cls in (common.Verifier, WithoutFastPath))
+    for v in (verifier, slow):
+        v.start()
+        v(*(x[:8] for x in cases["integer answers"]))  # warm
     for case, (responses, golds) in cases.items():
         methods = {"ours (fast path)": lambda: verifier(responses, golds),
-                   "ours without the fast path": lambda: _without_fast_path(verifier, responses, golds),
+                   "ours without the fast path": lambda: slow(responses, golds),
                    "plain math-verify, main thread": lambda: [plain_math_verify(r, g) for r, g in zip(responses, golds)]}
         rates = {name: [] for name in methods}
         for _ in range(3):  # interleaved, so that a noisy machine slows every method alike
@@ -145,15 +147,14 @@ def fast_path(n: int):
             print(f"{len(responses)} {case}, {name}: {statistics.median(r):,.0f} items/s (median of 3; "
                   f"{min(r):,.0f}-{max(r):,.0f})")
     verifier.close()
+    slow.close()
 
 
-def _without_fast_path(verifier, responses, golds):
-    saved = common._fast_grade
-    common._fast_grade = lambda a, g: None
-    try:
-        return verifier(responses, golds)
-    finally:
-        common._fast_grade = saved
+class WithoutFastPath(common.Verifier):
+    """The verifier with every answer sent to math-verify: what the fast path saves."""
+
+    def fast_grade(self, answer: str, gold: str) -> None:
+        return None
 
 
 if __name__ == "__main__":

@@ -85,10 +85,11 @@ def leaves_the_process_as_it_found_it(request):
 
 
 def _lives_on(thread) -> bool:
-    """tqdm's monitor thread: one per process, started by the first progress bar, meant to outlive it."""
+    """tqdm's monitor thread: one per process, started by the first progress bar, meant to outlive it; and a
+    thread a test abandons on purpose and says so (`thread.abandoned = True`)."""
     from tqdm._monitor import TMonitor
 
-    return isinstance(thread, TMonitor)
+    return isinstance(thread, TMonitor) or getattr(thread, "abandoned", False)
 
 
 @pytest.fixture

@@ -80,6 +80,16 @@ def test_grpo_smoke_and_checkpoint(tiny_model_dir, small_eval_file, tmp_path):
     assert changed, "two GRPO steps changed no weight"
 
 
+@pytest.mark.parametrize("script", ["luffy", "srft", "prefix_rft"])
+def test_kl_coef_is_a_shared_flag(script, tiny_model_dir, tmp_path):
+    """grpo.py's --kl_coef in the trainers whose method leaves it alone: `python luffy.py --kl_coef 0.001
+    --max_steps 1` runs, with a reference model and the KL term (Eq. 11) logged."""
+    out = tmp_path / script
+    run(f"{script}.py", *small(tiny_model_dir, None, out, *GRPO, "--max_response_len", "48", "--eval_data", "none",
+                               "--kl_coef", "0.001", "--max_steps", "1"))  # level-4 demonstrations: 46 tokens
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [0, 1] and lines[1]["kl"] >= 0
+
 def test_sft_smoke(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "sft"
     run("sft.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "3", "--batch_size", "4",
@@ -201,11 +211,11 @@ def test_config_flags_given_and_list_values():
     assert common.given_flags(cfg) == {"eval_data", "lr", "adv_std"}
     default = common.parse_config(grpo.Config, [])
     assert default.eval_data == ["auto"] and common.given_flags(default) == set()
-    default.data = "train.jsonl"  # file data: the laptop defaults that differ from PAPER
-    assert common.laptop_defaults(default, grpo.PAPER)[:3] == ["--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)",
-                                                   "--prompts_per_minibatch 8 (paper: 64)"]
-    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default, grpo.PAPER)
-    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg, grpo.PAPER))  # given: not listed
+    default.data = "train.jsonl"  # file data: the laptop defaults that differ from GPU_RUN
+    assert common.laptop_defaults(default, grpo.GPU_RUN)[:3] == [
+        "--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)", "--prompts_per_minibatch 8 (paper: 64)"]
+    assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default, grpo.GPU_RUN)
+    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg, grpo.GPU_RUN))  # given: unlisted
 
 
 def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path):
@@ -301,13 +311,13 @@ def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
     assert not list(out.glob("checkpoint-*"))  # it did not wait for the end of the step to save
 
 
-# The flags that name a run's model, data and output: in the 8-GPU commands, not in PAPER (not settings).
+# The flags that name a run's model, data and output: in the 8-GPU commands, not in GPU_RUN (not settings).
 RUN_FLAGS = {"model", "data", "eval_data", "prompt_key", "answer_key", "demo_key", "output_dir", "seed"}
 
 
 @pytest.mark.parametrize("script", ["sft", "grpo", "luffy", "srft", "relift", "uft", "bread", "prefix_rft"])
 def test_docstring_paper_command_lists_exactly_paper(script):
-    """Each trainer's PAPER (data, used for the laptop-defaults line) is what its docstring's 8-GPU command
+    """Each trainer's GPU_RUN (data, used for the laptop-defaults line) is what its docstring's 8-GPU command
     says (prose, for the reader): the same flags with the same values."""
     import dataclasses
     import importlib
@@ -329,5 +339,5 @@ def test_docstring_paper_command_lists_exactly_paper(script):
         else:
             tp = hints[name]
             flags[name], i = (tokens[i + 1] if typing.get_origin(tp) is typing.Literal else tp(tokens[i + 1])), i + 2
-    assert {k: v for k, v in flags.items() if k not in RUN_FLAGS} == module.PAPER
-    assert all(k in fields for k in module.PAPER)
+    assert {k: v for k, v in flags.items() if k not in RUN_FLAGS} == module.GPU_RUN
+    assert all(k in fields for k in module.GPU_RUN)

@@ -162,7 +162,8 @@ def test_forking_loss_only_gated_tokens_get_gradient():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     gate = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    loss, terms = forking_tokens.grpo_loss(logp, logp.detach(), adv, mask, gate, forking_tokens.Config(), 5.0, 5.0)
+    loss, terms = forking_tokens.forking_tokens_loss(logp, logp.detach(), adv, mask, gate, forking_tokens.Config(),
+                                                     5.0, 5.0)
     assert loss.item() == pytest.approx(0.2, abs=1e-12)
     assert terms["forking_frac"].item() == pytest.approx(2 / 5, abs=1e-12)
     loss.backward()
@@ -205,7 +206,7 @@ def test_chord_loss_and_gradient_by_hand(phi):
     mu, p = 0.3, [0.5, 0.9, 0.2]
     w = [q * (1 - q) for q in p] if phi else [1.0] * 3
     sft = -sum(wi * math.log(q) for wi, q in zip(w, p)) / 3
-    loss, terms = chord.grpo_loss(logp, logp.detach(), adv, mask, demo, mu, chord.Config(phi=phi), 2.0, 2.0, 3.0)
+    loss, terms = chord.chord_loss(logp, logp.detach(), adv, mask, demo, mu, chord.Config(phi=phi), 2.0, 2.0, 3.0)
     assert terms["pg_loss"].item() == pytest.approx(-1.5, abs=1e-12)
     assert terms["sft_loss"].item() == pytest.approx(sft, abs=1e-12)
     assert terms["phi_weight"].item() == pytest.approx(sum(w) / 3, abs=1e-12)
@@ -221,8 +222,8 @@ def test_chord_phi_gradient_vanishes_at_both_ends():
     logp = torch.tensor([[math.log(1e-4), math.log(0.5), math.log(1 - 1e-4)]], dtype=torch.float64,
                         requires_grad=True)
     mask, demo = torch.ones(1, 3), torch.ones(1, 3)
-    loss, _ = chord.grpo_loss(logp, logp.detach(), torch.zeros(1, dtype=torch.float64), mask, demo, 1.0,
-                              chord.Config(phi=True), 1.0, 1.0, 3.0)
+    loss, _ = chord.chord_loss(logp, logp.detach(), torch.zeros(1, dtype=torch.float64), mask, demo, 1.0,
+                               chord.Config(phi=True), 1.0, 1.0, 3.0)
     loss.backward()
     g = (-logp.grad * 3).tolist()[0]  # = phi(p)
     assert g == pytest.approx([1e-4 * (1 - 1e-4), 0.25, 1e-4 * (1 - 1e-4)], rel=1e-9)
@@ -231,9 +232,9 @@ def test_chord_phi_gradient_vanishes_at_both_ends():
 
 def test_chord_mu_zero_is_grpo_and_mu_one_is_sft():
     logp, mask, demo, adv = chord_batch()
-    grpo_only, t = chord.grpo_loss(logp, logp.detach(), adv, mask, demo, 0.0, chord.Config(), 2.0, 2.0, 3.0)
+    grpo_only, t = chord.chord_loss(logp, logp.detach(), adv, mask, demo, 0.0, chord.Config(), 2.0, 2.0, 3.0)
     assert grpo_only.item() == pytest.approx(t["pg_loss"].item())
-    sft_only, t = chord.grpo_loss(logp, logp.detach(), adv, mask, demo, 1.0, chord.Config(), 2.0, 2.0, 3.0)
+    sft_only, t = chord.chord_loss(logp, logp.detach(), adv, mask, demo, 1.0, chord.Config(), 2.0, 2.0, 3.0)
     assert sft_only.item() == pytest.approx(t["sft_loss"].item())
 
 
@@ -279,7 +280,7 @@ def test_hpt_loss_masks_and_gradient_by_hand():
     mask, demo_mask = response * rl[:, None], response * prefix
     adv = torch.tensor([0.5, 0.0, -0.7], dtype=torch.float64)
     c = hpt.Config(sft_coef=1.0)
-    loss, terms = hpt.grpo_loss(logp, logp.detach(), adv, mask, demo_mask, c, 2.0, 2.0, 2.0)
+    loss, terms = hpt.hpt_loss(logp, logp.detach(), adv, mask, demo_mask, c, 2.0, 2.0, 2.0)
     sft = -(math.log(0.25) + math.log(0.5)) / 2
     assert terms["sft_loss"].item() == pytest.approx(sft, abs=1e-12)
     assert loss.item() == pytest.approx(-0.5 + sft, abs=1e-12)
@@ -288,8 +289,15 @@ def test_hpt_loss_masks_and_gradient_by_hand():
                                                        dtype=torch.float64), rtol=0, atol=1e-15)
 
 
+def test_nsr_refuses_adv_std_before_setup(monkeypatch):
+    """grpo.py's --adv_std divides by a group std that NSR's Eq. (49) does not have: refused, saying so."""
+    monkeypatch.setattr(sys, "argv", ["nsr.py", "--adv_std"])
+    with pytest.raises(SystemExit, match="--adv_std: NSR's advantages"):
+        nsr.main()
+
+
 # =============================================================================================
-# The forks through their command line: 2 steps each, and each fork's docstring command = its PAPER
+# The forks through their command line: 2 steps each, and each fork's docstring command = its GPU_RUN
 # =============================================================================================
 
 SMOKE = ["--prompts_per_step", "4", "--prompts_per_minibatch", "2", "--group_size", "3", "--micro_batch_size", "4",

@@ -1,12 +1,12 @@
 """Crash safety, the reduced count CI runs (the full sweep over all eight trainers is
-`python scripts/kill_sweep.py`, README "Faults"): the two trainers with the most state beyond the
+`python tests/kill_sweep.py`, README "Faults"): the two trainers with the most state beyond the
 optimizer, killed at chosen kinds of moments and resumed, end bit for bit where an uninterrupted run ends."""
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kill_sweep.py lives beside the tests
 import kill_sweep  # noqa: E402
 
 

@@ -16,7 +16,7 @@ GAMMA = 0.1
 
 
 def cfg(**kw) -> luffy.Config:
-    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, on_policy_clip=True, adv_std=True, entropy_coef=0.0,
+    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, clip=True, adv_std=True, entropy_coef=0.0,
                 loss_agg="token-mean", shaping_gamma=GAMMA, demo_loss="shaped", sft_coef=1.0)
     return luffy.Config(**{**base, **kw})
 
@@ -106,12 +106,12 @@ def test_truncated_demonstration_is_refused():
 
 def test_official_variant_sets_all_four_and_flags_win():
     paper = common.parse_config(luffy.Config, [], {"official": luffy.OFFICIAL})
-    assert (paper.on_policy_clip, paper.adv_std, paper.loss_agg, paper.entropy_coef) == (True, True, "token-mean", 0.0)
+    assert (paper.clip, paper.adv_std, paper.loss_agg, paper.entropy_coef) == (True, True, "token-mean", 0.0)
     assert (paper.group_size, paper.shaping_gamma, paper.demo_loss, paper.sft_coef) == (8, 0.1, "shaped", 1.0)
     off = common.parse_config(luffy.Config, ["--variant", "official"], {"official": luffy.OFFICIAL})
-    assert (off.on_policy_clip, off.adv_std, off.loss_agg, off.entropy_coef) == (False, False, "constant", 0.001)
-    mixed = common.parse_config(luffy.Config, ["--variant", "official", "--on_policy_clip"], {"official": luffy.OFFICIAL})
-    assert mixed.on_policy_clip and not mixed.adv_std
+    assert (off.clip, off.adv_std, off.loss_agg, off.entropy_coef) == (False, False, "constant", 0.001)
+    mixed = common.parse_config(luffy.Config, ["--variant", "official", "--clip"], {"official": luffy.OFFICIAL})
+    assert mixed.clip and not mixed.adv_std
 
 
 # =============================================================================================
@@ -222,6 +222,28 @@ def test_rl_with_sft_loss_baseline_by_hand():
     assert logp.grad[1].tolist() == pytest.approx([0.0, -1.0 / 5, -0.5 / 5, 0.0], abs=1e-12)
 
 
+def test_kl_term_covers_demonstration_and_rollout_tokens_by_hand():
+    """Eq. (11) with --kl_coef 0.1 (k3, token-mean over ALL response tokens, the demonstration's too, as grpo.py
+    and the official code's KL loss over the response mask). Row 0 the demonstration, row 1 a rollout; A = 0, so
+    the policy terms vanish and the loss is the KL term alone. log_r = ref - logp per token:
+       demo:    -0.5 -> e^-0.5 + 0.5 - 1 = 0.10653066;   1 -> e - 2 = 0.71828183
+       rollout:  0   -> 0;                                 -1 -> e^-1 + 1 - 1 = 0.36787944
+    KL = 1.19269193 / 4 = 0.29817298; loss = 0.1 KL; grad wrt logp = 0.1 (1 - e^log_r) / 4."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    log_r = torch.tensor([[-0.5, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    mask, demo = torch.ones(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, terms = luffy.luffy_loss(logp, logp.detach(), torch.zeros(2, dtype=torch.float64), mask, demo,
+                                   cfg(kl_coef=0.1), 4.0, 4.0, 2.0, ref_logp=logp.detach() + log_r)
+    kl = (math.exp(-0.5) + 0.5 - 1 + math.e - 2 + math.exp(-1)) / 4
+    assert kl == pytest.approx(0.29817298, abs=1e-8)
+    assert terms["kl"].item() == pytest.approx(kl, abs=1e-12) and loss.item() == pytest.approx(0.1 * kl, abs=1e-12)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, 0.1 * (1 - log_r.exp()) / 4, rtol=0, atol=1e-15)
+    _, terms = luffy.luffy_loss(logp, logp.detach(), torch.zeros(2, dtype=torch.float64), mask, demo, cfg(), 4.0,
+                                4.0, 2.0)
+    assert "kl" not in terms  # --kl_coef 0 (the default): no reference model, no term
+
+
 # =============================================================================================
 # The point of the method: the demonstration-token gradient through p, never clipped
 # =============================================================================================
@@ -302,7 +324,7 @@ def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_
         assert CORE_KEYS | {"pg_loss", "sft_loss", "entropy_bonus", "demo_prob", "demo_reward"} <= set(m), set(m)
         assert m["clip_frac"] == 0.0 and m["sft_loss"] > 0 and "off_policy_loss" not in m
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["on_policy_clip"], saved["adv_std"], saved["loss_agg"], saved["entropy_coef"]) == \
+    assert (saved["clip"], saved["adv_std"], saved["loss_agg"], saved["entropy_coef"]) == \
         (False, False, "constant", 0.001)
 
 

@@ -282,6 +282,27 @@ def test_prefix_tokens_clipped_like_sampled_tokens():
     torch.testing.assert_close(out[0][1], out[1][1])
 
 
+def test_kl_term_covers_prefix_and_sampled_tokens_ungated_by_hand():
+    """Eq. (11) with --kl_coef 0.1 added to Eq. (48): k3, token-mean over ALL response tokens of the unit, prefix
+    tokens included and whatever their gate (as grpo.py and verl's KL loss over the response mask). Row 0 a hybrid
+    (prefix, then a sampled token), row 1 a plain rollout; the gate drops the prefix token from the policy term
+    only. log_r = ref - logp: -0.5, 1 | 0, -1 -> KL = (0.10653066 + 0.71828183 + 0 + 0.36787944) / 4 = 0.29817298
+    (worked out in test_luffy.py). The loss moves by exactly 0.1 KL, its gradient by 0.1 (1 - e^log_r) / 4."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    log_r = torch.tensor([[-0.5, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    mask, prefix = torch.ones(2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    gate, adv = 1 - prefix, torch.tensor([[0.5, 0.5], [-0.5, -0.5]], dtype=torch.float64)
+    args = (logp, logp.detach(), adv, mask, gate, mask * (1 - prefix))
+    base, _ = prefix_rft.prefix_rft_loss(*args, cfg(), 4.0, 4.0, 3.0)
+    base_grad, = torch.autograd.grad(base, logp)
+    loss, terms = prefix_rft.prefix_rft_loss(*args, cfg(kl_coef=0.1), 4.0, 4.0, 3.0, ref_logp=logp.detach() + log_r)
+    kl = (math.exp(-0.5) + 0.5 - 1 + math.e - 2 + math.exp(-1)) / 4
+    assert terms["kl"].item() == pytest.approx(kl, abs=1e-12)
+    assert (loss - base).item() == pytest.approx(0.1 * kl, abs=1e-12)
+    grad, = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad - base_grad, 0.1 * (1 - log_r.exp()) / 4, rtol=0, atol=1e-15)
+
+
 def test_two_micro_batches_both_units():
     """Micro-batch 1: 2 rows (3 + 2 tokens), micro-batch 2: 1 row (1 token); rho = 1, gate open, A per row.
     Paper unit (whole step, C = 12): loss = sum of -A over tokens / 12.

@@ -13,6 +13,7 @@ import torch
 import builtin_task
 import common
 import relift
+import run_dir
 from test_cli import CORE_KEYS, TIMING, metrics, run, small
 
 RELIFT_KEYS = {"pg_loss", "clip_frac", "hardest_prompts", "buffer_size", "ft_steps", "ft_steps_total", "ft_loss",
@@ -122,15 +123,14 @@ def test_ft_loss_by_hand_two_micro_batches():
 def test_variants_set_the_official_rl_settings_only():
     paper = common.parse_config(relift.Config, [], {"official": relift.OFFICIAL})
     off = common.parse_config(relift.Config, ["--variant", "official"], {"official": relift.OFFICIAL})
-    assert (paper.clip_eps_low, paper.adv_std, paper.loss_agg, paper.max_grad_norm, paper.entropy_coef) == \
-        (0.2, True, "token-mean", 1.0, 0.0)
-    assert (off.clip_eps_low, off.clip_eps_high, off.adv_std, off.loss_agg, off.max_grad_norm, off.entropy_coef) == \
-        (1e9, 1e9, False, "constant", 0.7, 0.001)
+    assert (paper.clip, paper.clip_eps_low, paper.adv_std, paper.loss_agg, paper.max_grad_norm, paper.entropy_coef) == \
+        (True, 0.2, True, "token-mean", 1.0, 0.0)
+    assert (off.clip, off.adv_std, off.loss_agg, off.max_grad_norm, off.entropy_coef) == \
+        (False, False, "constant", 0.7, 0.001)  # no clip: -rho A
     for c in (paper, off):  # the FT step is the same in both variants (Eq. 24 with its own AdamW)
         assert (c.ft_threshold, c.ft_lr, c.ft_entropy_coef, c.ft_max_grad_norm) == (16, c.lr, 0.001, 1.0)
-    mixed = common.parse_config(relift.Config, ["--variant", "official", "--clip_eps_low", "0.2"],
-                                {"official": relift.OFFICIAL})
-    assert mixed.clip_eps_low == 0.2 and mixed.clip_eps_high == 1e9
+    mixed = common.parse_config(relift.Config, ["--variant", "official", "--clip"], {"official": relift.OFFICIAL})
+    assert mixed.clip and not mixed.adv_std
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
@@ -265,19 +265,19 @@ def test_unstepped_optimizer_stays_out_of_the_checkpoint(tiny_model_dir, tmp_pat
         common.optimizer_step(model, opt, None, 1.0)
 
     step(main_opt)
-    common.save_checkpoint(str(tmp_path), 1, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {"buffer": [3, 1]})
+    run_dir.save_checkpoint(str(tmp_path), 1, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {"buffer": [3, 1]})
     assert not ft_opt.state  # saving left the unstepped optimizer alone
     state = torch.load(tmp_path / "checkpoint-000001" / "trainer_state.pt", weights_only=False)
     assert state["optimizers"] == ["main"] and state["buffer"] == [3, 1]
     fresh_main, fresh_ft = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
-    common.load_checkpoint(str(tmp_path / "checkpoint-000001"), model, {"main": fresh_main, "ft": fresh_ft}, {})
+    run_dir.load_checkpoint(str(tmp_path / "checkpoint-000001"), model, {"main": fresh_main, "ft": fresh_ft}, {})
     assert fresh_main.state and not fresh_ft.state  # loading does not initialise it either
 
     step(ft_opt)
     step(main_opt)
-    common.save_checkpoint(str(tmp_path), 3, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {})
+    run_dir.save_checkpoint(str(tmp_path), 3, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {})
     fresh_main, fresh_ft = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
-    common.load_checkpoint(str(tmp_path / "checkpoint-000003"), model, {"main": fresh_main, "ft": fresh_ft}, {})
+    run_dir.load_checkpoint(str(tmp_path / "checkpoint-000003"), model, {"main": fresh_main, "ft": fresh_ft}, {})
     for new, old in ((fresh_main, main_opt), (fresh_ft, ft_opt)):
         for p in model.parameters():
             assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])

@@ -17,7 +17,7 @@ LN = math.log
 
 
 def cfg(**kw) -> srft.Config:
-    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, on_policy_clip=True, adv_std=True, shaping_gamma=0.1,
+    base = dict(clip_eps_low=0.2, clip_eps_high=0.2, clip=True, adv_std=True, shaping_gamma=0.1,
                 demo_ratio="plain", w_sft_coef=0.5, w_sft_sign="minus", w_rl_coef=0.1, entropy_coef=0.0,
                 loss_agg="token-mean")
     return srft.Config(**{**base, **kw})
@@ -236,6 +236,27 @@ def test_two_micro_batches_sum_to_the_step(variant):
         assert (parts[0][1][k] + parts[1][1][k]).item() == pytest.approx(tw[k].item(), abs=1e-12), k
 
 
+def test_kl_term_covers_demonstration_and_rollout_tokens_by_hand():
+    """Eq. (11) with --kl_coef 0.1 added to Eq. (31): k3, token-mean over ALL response tokens, the demonstration's
+    too (as grpo.py and the LUFFY code base's KL loss over the response mask). Row 0 the demonstration, row 1 a
+    rollout, log_r = ref - logp: demo -0.5, 1; rollout 0, -1 -> KL = (0.10653066 + 0.71828183 + 0 + 0.36787944) / 4
+    = 0.29817298 (worked out in test_luffy.py). The loss moves by exactly 0.1 KL, its gradient by
+    0.1 (1 - e^log_r) / 4 per token."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    log_r = torch.tensor([[-0.5, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    mask, demo = torch.ones(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    adv, entropy = torch.tensor([0.5, -0.5], dtype=torch.float64), torch.full((2, 2), 0.3, dtype=torch.float64)
+    base, _ = srft.srft_loss(logp, logp.detach(), adv, mask, demo, cfg(), 4.0, 4.0, 2.0, 2.0, entropy)
+    base_grad, = torch.autograd.grad(base, logp)
+    loss, terms = srft.srft_loss(logp, logp.detach(), adv, mask, demo, cfg(kl_coef=0.1), 4.0, 4.0, 2.0, 2.0, entropy,
+                                 ref_logp=logp.detach() + log_r)
+    kl = (math.exp(-0.5) + 0.5 - 1 + math.e - 2 + math.exp(-1)) / 4
+    assert terms["kl"].item() == pytest.approx(kl, abs=1e-12)
+    assert (loss - base).item() == pytest.approx(0.1 * kl, abs=1e-12)
+    grad, = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad - base_grad, 0.1 * (1 - log_r.exp()) / 4, rtol=0, atol=1e-15)
+
+
 # =============================================================================================
 # Mixed-group advantage, Eq. (25), and the variant switch
 # =============================================================================================
@@ -272,12 +293,12 @@ def test_group_layout_demonstration_first_with_its_prefix_mask():
 def test_official_variant_sets_all_five_and_flags_win():
     variants = {"official": srft.OFFICIAL}
     paper = common.parse_config(srft.Config, [], variants)
-    assert (paper.w_sft_sign, paper.demo_ratio, paper.adv_std, paper.on_policy_clip, paper.loss_agg) == \
+    assert (paper.w_sft_sign, paper.demo_ratio, paper.adv_std, paper.clip, paper.loss_agg) == \
         ("minus", "plain", True, True, "token-mean")
     assert (paper.w_sft_coef, paper.w_rl_coef, paper.entropy_coef, paper.shaping_gamma, paper.group_size) == \
         (0.5, 0.1, 0.001, 0.1, 8)
     off = common.parse_config(srft.Config, ["--variant", "official"], variants)
-    assert (off.w_sft_sign, off.demo_ratio, off.adv_std, off.on_policy_clip, off.loss_agg) == \
+    assert (off.w_sft_sign, off.demo_ratio, off.adv_std, off.clip, off.loss_agg) == \
         ("plus", "shaped", False, False, "constant")
     mixed = common.parse_config(srft.Config, ["--variant", "official", "--w_sft_sign", "minus"], variants)
     assert mixed.w_sft_sign == "minus" and mixed.demo_ratio == "shaped"

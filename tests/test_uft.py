@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -144,9 +145,15 @@ def test_bad_demonstrations_are_refused(tiny_model_dir):
     (dict(hint_steps=-1), "--hint_steps"),
     (dict(kl_coef=-0.1), "--kl_coef"),
 ])
-def test_bad_hint_settings_are_refused(flags, match):
-    with pytest.raises(SystemExit, match=match):
-        uft.check_config(uft.Config(**flags))
+def test_bad_hint_settings_are_refused_before_setup(monkeypatch, capsys, flags, match):
+    def setup(*args, **kwargs):
+        raise AssertionError("reached common.setup")
+
+    monkeypatch.setattr(common, "setup", setup)
+    monkeypatch.setattr(sys, "argv", ["uft.py", *(f"--{k}={v}" for k, v in flags.items())])
+    with pytest.raises(SystemExit) as refused:
+        uft.main()
+    assert match in f"{refused.value} {capsys.readouterr().err}"  # main's refusal, or the parser's for a value < 0
 
 
 # =============================================================================================

@@ -12,7 +12,8 @@ import pytest
 
 import answers
 import common
-from common import Verifier, boxed_answers, normalize_answer
+from answers import boxed_answers, normalize_answer
+from common import Verifier
 
 TIMEOUT = 1
 # Wall-clock bound for one pathological item, pool restart included: generous, because the machines
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def verifier():
     v = Verifier(num_workers=2, timeout_s=TIMEOUT)
+    v.start()  # its pool's threads belong to the module, not to the first test that grades
     yield v
     v.close()
 
@@ -35,6 +37,7 @@ def verifier_2s():
     """As scripts/verifier_agreement.py grades (the README quotes it): intervals and sets take math-verify
     over a second on a busy 2-core machine."""
     v = Verifier(num_workers=2, timeout_s=2)
+    v.start()
     yield v
     v.close()
 
@@ -111,10 +114,10 @@ def test_answer_rules(verifier_2s, answer, gold, reward):
 
 
 def test_standing_boxes():
-    assert common.standing_boxes(r"\boxed{1} wait \boxed{2} no, wrong: \boxed{3}") == ["3"]
-    assert common.standing_boxes(r"\boxed{1} and \boxed{2}") == ["1", "2"]
-    assert common.standing_boxes("Final Answer: \\boxed{2}\nFinal Answer\n") == ["2"]  # a heading without a box after it
-    assert common.standing_boxes("no box") == []
+    assert answers.standing_boxes(r"\boxed{1} wait \boxed{2} no, wrong: \boxed{3}") == ["3"]
+    assert answers.standing_boxes(r"\boxed{1} and \boxed{2}") == ["1", "2"]
+    assert answers.standing_boxes("Final Answer: \\boxed{2}\nFinal Answer\n") == ["2"]  # a heading without a box after it
+    assert answers.standing_boxes("no box") == []
 
 
 @pytest.mark.parametrize("part, interval", [
@@ -123,7 +126,7 @@ def test_standing_boxes():
     ("f(x) < 3", None), ("x < ", None), ("x = 3", None),
 ])
 def test_inequality_as_interval(part, interval):
-    assert common._interval(part) == interval
+    assert answers._interval(part) == interval
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -173,7 +176,7 @@ def test_normalize_answer(text, expected):
     ("1/2", "0.5", None), ("x", "5", None), ("5.", "5", None),
 ])
 def test_fast_grade(answer, gold, expected):
-    assert common._fast_grade(answer, gold) is expected
+    assert answers._fast_grade(answer, gold) is expected
 
 
 @pytest.mark.parametrize("response, gold, reward", [
@@ -249,7 +252,7 @@ def test_pathological_is_bounded_and_verifier_recovers(verifier, answer):
     assert verifier(["</think>\\boxed{\\frac{136}{2}}"], ["68"]) == [1.0]
 
 
-_real_grade = common._grade
+_real_grade = answers._grade
 
 
 def _grade_or_hang(kind, answer, gold, timeout):  # module level so the pool can pickle it by name
@@ -264,7 +267,7 @@ def _parent_pid(pid: int) -> int:
 
 
 def test_backstop_replaces_a_stuck_worker_from_the_fork_server(monkeypatch):
-    monkeypatch.setattr(common, "_grade", _grade_or_hang)  # workers import this test module by name
+    monkeypatch.setattr(answers, "_grade", _grade_or_hang)  # workers import this test module by name
     v = Verifier(num_workers=2, timeout_s=TIMEOUT)
     v.start()
     try:
@@ -284,7 +287,7 @@ def test_backstop_replaces_a_stuck_worker_from_the_fork_server(monkeypatch):
 
 
 def test_a_batch_that_times_out_wholesale_stops_with_one_message(monkeypatch):
-    monkeypatch.setattr(common, "_grade", _grade_or_hang)
+    monkeypatch.setattr(answers, "_grade", _grade_or_hang)
     v = Verifier(num_workers=2, timeout_s=TIMEOUT)
     v.start()
     v.backstop_s = 0.5  # a short backstop keeps the test fast

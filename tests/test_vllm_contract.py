@@ -355,9 +355,9 @@ def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path
     model_box["m"] = model
     assert standin.engines[0]["logprobs_mode"] == "processed_logprobs"  # after temperature, as the trainer's
     path = tmp_path / "debug.jsonl"
-    from scripts.rollout_debug import RolloutDebug
+    from rollout_debug import RolloutDebug
 
-    debug = RolloutDebug(sampler, common.Dist(), str(path), [4, 5, 6], tok.pad_token_id)
+    debug = RolloutDebug(sampler, common.Dist(), str(path), [4, 5, 6], tok.pad_token_id, common.make_batch)
     for _ in range(2):
         debug.sync_weights(model)
         out = debug.generate([[7, 8], [9]], n=2, temperature=0.8, top_p=1.0, max_tokens=8, prefixes=[[10], []])

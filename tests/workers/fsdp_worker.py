@@ -1,7 +1,7 @@
 """Two optimizer steps on a fixed global batch; run as one process or under torchrun (FSDP2, gloo).
 
 Writes {losses, grad_norms} and the final full weights to argv[1] (rank 0), and a checkpoint under
-argv[2] through common.save_checkpoint, so tests can compare single-process and 2-rank runs.
+argv[2] through run_dir.save_checkpoint, so tests can compare single-process and 2-rank runs.
 """
 import json
 import sys
@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import common  # on PYTHONPATH (tests/test_fsdp.py sets it)
+import run_dir
 
 
 def main(out_file: str, ckpt_dir: str):
@@ -20,7 +21,7 @@ def main(out_file: str, ckpt_dir: str):
                       max_position_embeddings=64, eos_token_id=2, pad_token_id=0)
     lm = AutoModelForCausalLM.from_config(cfg)
     model = common.wrap_policy(lm, d, compile=False)
-    assert common.is_fsdp(model) == (d.world_size > 1)
+    assert common.is_fsdp_module(model) == (d.world_size > 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
 
     g = torch.Generator().manual_seed(1)  # the same global batch on every rank
@@ -55,7 +56,7 @@ def main(out_file: str, ckpt_dir: str):
         def save_pretrained(self, path):
             pass
 
-    common.save_checkpoint(ckpt_dir, 2, model, Tok(), {"main": opt}, {}, {"note": "fsdp"})
+    run_dir.save_checkpoint(ckpt_dir, 2, model, Tok(), {"main": opt}, {}, {"note": "fsdp"})
     common.shutdown()
 
 

@@ -31,7 +31,7 @@ def load(model_dir: str, out_file: str):
     AutoModelForCausalLM.from_pretrained = real
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # the reference values
 
-    result = {"sharded": common.is_fsdp(model) and common.is_fsdp(ref), "rank_reads": [None] * d.world_size}
+    result = {"sharded": common.is_fsdp_module(model) and common.is_fsdp_module(ref), "rank_reads": [None] * d.world_size}
     dist.all_gather_object(result["rank_reads"], len(reads))
     expected = hf.state_dict()
     for name, m in (("policy", model), ("reference", ref)):
@@ -54,7 +54,7 @@ def load(model_dir: str, out_file: str):
     tok = type("Tok", (), {"eos_token_id": hf.config.eos_token_id, "pad_token_id": 0})()
     sampler = common.make_sampler(cfg, d, tok, model_dir, model)
     plain = sampler.lm
-    result["plain_is_plain"] = not common.is_fsdp(plain) and plain is not model.lm
+    result["plain_is_plain"] = not common.is_fsdp_module(plain) and plain is not model.lm
     result["plain_max_diff"] = max(float((plain.state_dict()[k] - v).abs().max()) for k, v in expected.items())
     result["plain_tied"] = plain.lm_head.weight is plain.model.embed_tokens.weight
     result["plain_frozen"] = not any(p.requires_grad for p in plain.parameters())

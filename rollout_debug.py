@@ -1,16 +1,17 @@
-"""--rollout_debug: the sampler wrapper behind rollout_debug.jsonl (scripts/gpu_smoke.sh, tests/test_vllm.py).
-common.setup imports it only when the flag is set."""
+"""--rollout_debug: the sampler wrapper behind rollout_debug.jsonl (scripts/gpu/smoke.sh, tests/test_vllm.py).
+common.setup imports it only when the flag is set, and hands it what it needs of common (make_batch): this
+file imports nothing of the trainers' code."""
 import json
 
 import torch
 import torch.distributed as dist
 
-import common
+GiB = 2 ** 30
 
 
 class RolloutDebug:
     """--rollout_debug: wraps a sampler and writes <output_dir>/rollout_debug.jsonl, one line per
-    generate() call with one entry per rank, for the GPU smoke test (scripts/gpu_smoke.sh):
+    generate() call with one entry per rank, for the GPU smoke test (scripts/gpu/smoke.sh):
 
       weights      sum of the trainer's weights (changes exactly when an update changed them)
       logprob_gap  mean / max |log-prob sampler - log-prob trainer| over the sampled tokens of up to
@@ -32,21 +33,25 @@ class RolloutDebug:
 
     PROBE_SEED = 1234
 
-    def __init__(self, sampler, d: common.Dist, path: str, probe_prompt: list[int], pad_id: int):
+    def __init__(self, sampler, d, path: str, probe_prompt: list[int], pad_id: int, make_batch):
+        """d: the run's common.Dist; make_batch: common.make_batch, for the gap's trainer forward."""
         self.sampler, self.d, self.path, self.probe_prompt, self.pad_id = sampler, d, path, probe_prompt, pad_id
+        self.make_batch = make_batch
         self.calls, self.model, self.record = 0, None, {}
         if d.main:
             open(path, "w").close()  # this process's calls only (a resumed run starts a new file)
 
-    def sync_weights(self, model: common.PolicyModel):
-        if common.is_fsdp(model):  # a no-grad forward (the gap's, below) leaves the root gathered: count shards only
-            model.reshard()
+    def sync_weights(self, model):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):  # a no-grad forward (the gap's, below) leaves the root gathered:
+            model.reshard()  # count shards only
         self.model, self.record = model, {"memory": {}}
         self._memory("train_peak")
         self._memory("before_push")
         local = sum(float((p.to_local() if hasattr(p, "to_local") else p).detach().double().sum())
                     for p in model.parameters())
-        self.record["weights"] = common.all_reduce([local])[0]
+        self.record["weights"] = self._sum_over_ranks(local)
         self.sampler.sync_weights(model)
         self._memory("engine_awake")
         for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
@@ -77,10 +82,10 @@ class RolloutDebug:
             return self.sampler.generate([self.probe_prompt], 4, 1.0, 1.0, 16, seed=seed)[0]
 
     @torch.no_grad()
-    def _logprob_gap(self, samples: list[common.Sample], temperature: float) -> dict | None:
+    def _logprob_gap(self, samples: list, temperature: float) -> dict | None:
         """One trainer forward on every rank (a collective under FSDP), on a dummy row if none here."""
-        batch = common.make_batch([s.prompt_ids + s.prefix_ids for s in samples] or [[self.pad_id]],
-                           [s.generated_ids for s in samples] or [[self.pad_id]], self.pad_id, self.d.device)
+        batch = self.make_batch([s.prompt_ids + s.prefix_ids for s in samples] or [[self.pad_id]],
+                                [s.generated_ids for s in samples] or [[self.pad_id]], self.pad_id, self.d.device)
         logp, _ = self.model(**batch, temperature=temperature)  # [B, R]
         gaps = [abs(float(logp[i, t]) - lp) for i, s in enumerate(samples) for t, lp in enumerate(s.logprobs)]
         return {"mean": sum(gaps) / len(gaps), "max": max(gaps), "tokens": len(gaps)} if gaps else None
@@ -90,9 +95,18 @@ class RolloutDebug:
             return
         free, total = torch.cuda.mem_get_info()
         if phase == "train_peak":
-            self.record["memory"][phase] = torch.cuda.max_memory_allocated() / common.GiB
+            self.record["memory"][phase] = torch.cuda.max_memory_allocated() / GiB
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.record["memory"][phase] = {"allocated": torch.cuda.memory_allocated() / common.GiB,
-                                            "reserved": torch.cuda.memory_reserved() / common.GiB,
-                                            "used": (total - free) / common.GiB}
+            self.record["memory"][phase] = {"allocated": torch.cuda.memory_allocated() / GiB,
+                                            "reserved": torch.cuda.memory_reserved() / GiB,
+                                            "used": (total - free) / GiB}
+
+    @staticmethod
+    def _sum_over_ranks(value: float) -> float:
+        """value summed over ranks in float64, as common.all_reduce sums (itself in a single process)."""
+        if not dist.is_initialized():
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t.item()

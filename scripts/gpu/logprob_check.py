@@ -1,6 +1,6 @@
 """PolicyModel's log-probs and entropies (METHODS.md Eq. 1-2) on a CUDA GPU, against float64.
 
-    python scripts/gpu_logprob_check.py [--vocab 151936] [--hidden 896] [--tokens 4096]
+    python scripts/gpu/logprob_check.py [--vocab 151936] [--hidden 896] [--tokens 4096]
 
 A 2-layer Qwen2 with Qwen2.5's vocabulary, built from a config (nothing downloaded). For float32 and
 bfloat16 weights, eager and compiled kernel: the largest error of the log-probs, entropies and the LM
@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 import common  # noqa: E402
 
 

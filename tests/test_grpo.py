@@ -1,5 +1,5 @@
-"""grpo.group_advantages (METHODS.md Eq. 9-10), grpo.grpo_loss (Eq. 3, 4, 6-8, 11, 12, 15) and
-sft.sft_loss (Eq. 13) on tiny hand-made tensors; every expected number is worked out in a comment."""
+"""grpo.group_advantages (METHODS.md Eq. 9-10) and grpo.grpo_loss (Eq. 3, 4, 6-8, 11, 12, 15) on tiny
+hand-made tensors; every expected number is worked out in a comment."""
 import math
 
 import pytest
@@ -7,7 +7,6 @@ import torch
 
 import common
 import grpo
-import sft
 
 
 def cfg(**kw) -> grpo.Config:
@@ -205,28 +204,3 @@ def test_loss_shares_over_micro_batches_sum_to_step_loss():
     l2, t2 = grpo.grpo_loss(lp2, lp2, a2, m2, cfg(), norm, norm)
     assert (l1 + l2).item() == pytest.approx(-1.5, abs=1e-6)
     assert (t1["clip_frac"] + t2["clip_frac"]).item() == 0.0
-
-
-# =============================================================================================
-# SFT loss (Eq. 13)
-# =============================================================================================
-
-
-def test_sft_loss_token_mean_by_hand():
-    # masked NLL: 1 + 2 + 3 + 0.5 = 6.5 over 4 tokens = 1.625 (the -7 is masked out)
-    logp = torch.tensor([[-1.0, -2.0, -3.0],
-                         [-0.5, -7.0, 0.0]], requires_grad=True)
-    mask = torch.tensor([[1, 1, 1],
-                         [1, 0, 0]])
-    loss = sft.sft_loss(logp, mask, "token-mean", common.step_normaliser([mask], "token-mean"))
-    assert loss.item() == pytest.approx(1.625, abs=1e-6)
-    loss.backward()
-    torch.testing.assert_close(logp.grad, -mask.float() / 4)
-
-
-def test_sft_loss_seq_mean_by_hand():
-    # per-sequence mean NLL: 2.0 and 0.5 -> mean 1.25
-    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -7.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    loss = sft.sft_loss(logp, mask, "seq-mean", common.step_normaliser([mask], "seq-mean"))
-    assert loss.item() == pytest.approx(1.25, abs=1e-6)

@@ -1,8 +1,8 @@
-"""Kill sweep (issue 22): kill a trainer at random moments, resume it each time, and check that it ends
+"""Kill sweep: kill a trainer at random moments, resume it each time, and check that it ends
 bit for bit where an uninterrupted run with the same seed ends.
 
-    OMP_NUM_THREADS=1 python scripts/kill_sweep.py                       # all eight trainers, 5 kills each
-    OMP_NUM_THREADS=1 python scripts/kill_sweep.py --trainers relift uft --kills 2 --max_steps 4
+    OMP_NUM_THREADS=1 python tests/kill_sweep.py                       # all eight trainers, 5 kills each
+    OMP_NUM_THREADS=1 python tests/kill_sweep.py --trainers relift uft --kills 2 --max_steps 4
 
 For each trainer: one uninterrupted run, then the same run (same seed, flags and --output_dir layout)
 killed --kills times and resumed with --resume after each kill, then left to finish. The kills cycle

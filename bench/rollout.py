@@ -2,9 +2,9 @@
 one process, interleaved, and the engine's log-prob gap to the trainer. What README "The vLLM path on
 CPU" quotes and what `--sampler auto` on CPU is decided from.
 
-    python scripts/rollout_bench.py                        # grpo.py's default batch: 16 prompts x 8, 48 tokens
-    python scripts/rollout_bench.py --dtype bfloat16       # the gap of a bf16 engine instead
-    python scripts/rollout_bench.py --prompts 64 --repeats 7 --json out.json
+    python bench/rollout.py                        # grpo.py's default batch: 16 prompts x 8, 48 tokens
+    python bench/rollout.py --dtype bfloat16       # the gap of a bf16 engine instead
+    python bench/rollout.py --prompts 64 --repeats 7 --json out.json
 
 Both samplers sample the same prompts from the same weights (the built-in base), alternating, each
 call timed alone; the first call of each is a warm-up and not counted. Prints the median and the

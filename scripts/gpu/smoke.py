@@ -1,10 +1,10 @@
-"""Helpers of scripts/gpu_smoke.sh: make its data, check a run's rollout_debug.jsonl, compare a resumed run.
+"""Helpers of scripts/gpu/smoke.sh: make its data, check a run's rollout_debug.jsonl, compare a resumed run.
 
-    python scripts/gpu_smoke.py data OUT_DIR               tiny train / eval files (builtin arithmetic)
-    python scripts/gpu_smoke.py check RUN_DIR --world N    log-prob gap, stale weights, rank seeds, memory
-    python scripts/gpu_smoke.py cut FULL_DIR CUT_DIR       a copy of a run cut after its step-2 checkpoint
-    python scripts/gpu_smoke.py resume FULL_DIR CUT_DIR    the resumed run against the uninterrupted one
-    python scripts/gpu_smoke.py summary RUN_DIR ...        a line per run: steps, losses, checkpoints, accuracy
+    python scripts/gpu/smoke.py data OUT_DIR               tiny train / eval files (builtin arithmetic)
+    python scripts/gpu/smoke.py check RUN_DIR --world N    log-prob gap, stale weights, rank seeds, memory
+    python scripts/gpu/smoke.py cut FULL_DIR CUT_DIR       a copy of a run cut after its step-2 checkpoint
+    python scripts/gpu/smoke.py resume FULL_DIR CUT_DIR    the resumed run against the uninterrupted one
+    python scripts/gpu/smoke.py summary RUN_DIR ...        a line per run: steps, losses, checkpoints, accuracy
 Each check prints what it saw and exits non-zero on a failure.
 """
 import argparse
@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 import builtin_task  # noqa: E402
 
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
@@ -118,7 +118,7 @@ def compare_resume(full: str, resumed: str, exact: bool):
 
 
 def summary(runs: list[str]):
-    """One line per run (scripts/gpu_check.sh): steps logged, finite losses, checkpoints, held-out accuracy
+    """One line per run (scripts/gpu/smoke.sh): steps logged, finite losses, checkpoints, held-out accuracy
     by level before -> after (the builtin set), generated tokens per second of training wall time."""
     for run in runs:
         path = os.path.join(run, "metrics.jsonl")
