@@ -96,6 +96,24 @@ _SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")  # 40 320: the
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
 _MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
+# Upright constants (ISO 80000-2 sets e, i and pi upright): math-verify reads \mathrm{e} as text and stops
+# there, so that 1 - \frac{1}{\mathrm{e}} parsed as 1 and \boxed{1} equalled it. Each becomes the italic one.
+UPRIGHT_CONSTANTS = ("e", "i", "\\pi")  # Euler's number, the imaginary unit, pi
+UPRIGHT_COMMANDS = ("mathrm", "mathup", "mathit", "textrm", "textup", "text", "operatorname", "rm")
+_CONSTANT, _COMMAND = "(" + "|".join(map(re.escape, UPRIGHT_CONSTANTS)) + ")", "|".join(UPRIGHT_COMMANDS)
+_UPRIGHT = re.compile(  # \mathrm{e}, \rm e, {\rm e}, \mathrm\pi, \uppi
+    r"(\{\s*)?\\(?:%s)(?:\s*\{\s*%s\s*\}|\s+%s(?![A-Za-z]))(?(1)\s*\})" % (_COMMAND, _CONSTANT, _CONSTANT)
+    + r"|\\(?:%s)\s*(\\pi)(?![A-Za-z])|\\uppi(?![A-Za-z])" % _COMMAND)
+
+
+def _upright(m: re.Match) -> str:
+    r"""The italic constant: spaced from a letter next to it (\pi\mathrm{i} -> \pi i, not \pii); {\rm e} keeps
+    its braces only as an argument (\frac{1}{\rm e}): latex2sympy reads a bare {i} as another symbol than i."""
+    c = next((g for g in m.groups()[1:] if g), "\\pi")
+    before, after = m.string[m.start() - 1:m.start()], m.string[m.end():m.end() + 1]
+    if m.group(1) and (before.isalpha() or before in ("}", "]", "^", "_")):
+        return "{" + c + "}"
+    return (" " if before.isalpha() else "") + c + (" " if after.isalpha() else "")
 
 
 def _mixed(m: re.Match) -> str:
@@ -105,8 +123,9 @@ def _mixed(m: re.Match) -> str:
 
 def normalize_answer(text: str) -> str:
     """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma
-    3{,}5; \\varnothing; the mixed number 1 1/2 (-> 3/2)."""
+    digits (NFKC); upright constants \\mathrm{e}, \\operatorname{i}, \\mathrm{\\pi}; thousands separators
+    1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma 3{,}5; \\varnothing; the mixed number
+    1 1/2 (-> 3/2)."""
     if text.isascii():
         out = text
     else:
@@ -117,6 +136,7 @@ def normalize_answer(text: str) -> str:
                      lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group()) + "}", out)
         out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
         out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
+    out = _UPRIGHT.sub(_upright, out) if "\\" in out else out
     out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
     out = out.replace(" ", "") if _SPACED_NUMBER.fullmatch(out) else out  # a whole answer, never prose
     out = _DECIMAL_COMMA.sub(r"\1.\2", out)

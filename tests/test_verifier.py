@@ -1,6 +1,7 @@
 """The verifier: the graded case set, answer extraction, spellings, the fast path, time bounds, threads."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,59 @@ def test_standing_boxes():
 ])
 def test_inequality_as_interval(part, interval):
     assert common._interval(part) == interval
+
+
+# ---------------------------------------------------------------------------------- real response forms (issue 36)
+
+def _grade(verifier, pairs):
+    """Rewards of R1-style responses ending in each answer text, against each gold."""
+    return verifier(["<think>\nworking\n</think>\n\n" + a for a, _ in pairs], [g for _, g in pairs])
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (r"\boxed{1}", r"1 - \frac{1}{\mathrm{e}}", 0.0),  # the parse stopped at \mathrm{e}: both sides read 1
+    (r"\boxed{1 - \frac{1}{\mathrm{e}}}", r"1 - \frac{1}{e}", 1.0),
+    (r"\boxed{2\mathrm{e}}", "2e", 1.0), (r"\boxed{\mathrm{e}^{2}}", "e^2", 1.0),
+    (r"\boxed{2}", r"2\mathrm{\pi}", 0.0), (r"\boxed{\frac{\mathrm{\pi}}{2}}", r"\frac{\pi}{2}", 1.0),
+    (r"\boxed{3 + 2\mathrm{i}}", "3+2i", 1.0), (r"\boxed{\operatorname{e}}", "e", 1.0),
+    (r"\boxed{1 - \frac{1}{\exp(1)}}", r"1 - \frac{1}{\mathrm{e}}", 1.0),
+    (r"The probability is $1 - \frac{1}{\mathrm{e}}$.", r"1 - \frac{1}{e}", 1.0),  # unboxed too
+])
+def test_upright_constants(verifier_2s, answer, gold, reward):
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+def _upright_spellings():
+    """Every upright spelling of every constant the normaliser knows, with the italic one it means."""
+    for c in answers.UPRIGHT_CONSTANTS:
+        for command in answers.UPRIGHT_COMMANDS:
+            yield "\\%s{%s}" % (command, c), c
+            yield "\\%s %s" % (command, c), c  # \mathrm e: a one-token argument
+        yield "{\\rm %s}" % c, c
+    yield "\\exp(1)", "e"
+    yield "\\uppi", "\\pi"
+
+
+# The constant after a number, first, as a base, and in a fraction's numerator and denominator; each shape's
+# integers are the short answers a parse that stops at the constant reads (1 - \frac{1}{\mathrm{e}} as 1)
+UPRIGHT_SHAPES = ["1 - \\frac{1}{C}", "2C", "C^{3}", "\\frac{C}{2}", "3 - C"]
+
+
+def test_upright_constants_never_read_short(verifier_2s):
+    """Class 1 of issue 36 is impossible for every constant the normaliser knows: in every shape, the upright
+    spelling equals the italic one both ways, and the shape's short answer equals neither."""
+    pairs, expected = [], []
+    for upright, italic in _upright_spellings():
+        for shape in UPRIGHT_SHAPES:
+            up, it = shape.replace("C", upright), shape.replace("C", italic)
+            pairs += [("\\boxed{%s}" % up, it), ("\\boxed{%s}" % it, up)]
+            expected += [(up, it, 1.0), (it, up, 1.0)]
+            for short in re.findall(r"\d+", shape):
+                pairs += [("\\boxed{%s}" % short, up), ("\\boxed{%s}" % short, it)]
+                expected += [(short, up, 0.0), (short, it, 0.0)]
+    rewards = _grade(verifier_2s, pairs)
+    wrong = [f"{a} for the gold {g}: {r}" for (a, g, want), r in zip(expected, rewards) if r != want]
+    assert len(pairs) > 400 and not wrong, "\n".join(wrong)
 
 
 # ---------------------------------------------------------------------------------- extraction
