@@ -24,8 +24,6 @@ MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, w
 MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
 
 _BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
-_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
 _HEDGE = re.compile(r"\s(?:or|and/or)\s", re.IGNORECASE)
 _ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
@@ -78,6 +76,21 @@ def standing_boxes(text: str) -> list[str]:
                 withdrawn.add(j)
                 j -= 1
     return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
+
+
+def _unboxed_text(text: str) -> str:
+    """The text of a response without a box that stands: blank boxes dropped, cut at an unclosed box (a
+    truncated generation). Read with boxed_answers' tokens, so that both read \\\\boxed{ (an escaped
+    backslash, as in text JSON-escaped twice) as text, not as a box."""
+    blank = {start: stop for start, stop, _ in boxed_answers(text, spans=True)}
+    out, pos = [], 0
+    for m in _BOX_TOKENS.finditer(text):
+        if m.start() >= pos and m.group().startswith(("\\boxed", "\\fbox")):
+            out.append(text[pos:m.start()])
+            if m.start() not in blank:
+                return "".join(out)
+            pos = blank[m.start()]
+    return "".join(out) + text[pos:]
 
 
 # Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
@@ -247,9 +260,7 @@ def candidates(response: str, require_think: bool = True) -> tuple[str, list[str
             return None
         boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
         return ("boxed", boxes) if boxes else None
-    text = _EMPTY_BOX.sub("", text)
-    cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
-    text = (text[:cut.start()] if cut else text).strip()
+    text = _unboxed_text(text).strip()
     if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
         tail = text[-MAX_TEXT_CHARS:]
         text = tail[tail.index("\n") + 1:] if "\n" in tail else tail

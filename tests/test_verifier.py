@@ -180,6 +180,18 @@ def test_upright_constants_never_read_short(verifier_2s):
     assert len(pairs) > 400 and not wrong, "\n".join(wrong)
 
 
+DOUBLED = "There are 3 colours and 5 shapes, so the count is \\\\boxed{17}."  # \\boxed{17}: JSON-escaped twice
+
+
+def test_doubled_backslashes_read_alike_by_both_paths(verifier_2s):
+    """Class 4: the box reader finds no box in \\\\boxed{...}; the text path must not cut there either."""
+    assert answers.boxed_answers(DOUBLED) == []
+    kind, [text] = answers.candidates("</think>" + DOUBLED)
+    assert kind == "text" and "17" in text
+    assert _grade(verifier_2s, [(DOUBLED, "17"), (DOUBLED, "3"), (DOUBLED + " Or \\boxed{1", "17")]) == [1.0, 0.0, 1.0]
+    assert answers.candidates("</think>So it is \\boxed{17")[1] == ["So it is"]  # a real unclosed box is still cut
+
+
 # ---------------------------------------------------------------------------------- extraction
 
 @pytest.mark.parametrize("text, expected", [
