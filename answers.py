@@ -29,6 +29,14 @@ _ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
 
 
+def _last(pattern: re.Pattern, text: str, pos: int = 0) -> re.Match | None:
+    """The last match of `pattern` in `text` from `pos` (matches do not overlap)."""
+    m = None
+    for m in pattern.finditer(text, pos):
+        pass
+    return m
+
+
 def boxed_answers(text: str, spans: bool = False) -> list:
     """Contents of every complete top-level \\boxed{...} / \\fbox{...}, in order, braces balanced (\\{ is
     not one); an unclosed box (truncated) is skipped without hiding later ones. Linear time. spans=True:
@@ -50,13 +58,15 @@ def boxed_answers(text: str, spans: bool = False) -> list:
     return out
 
 
-# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
-# "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
+# Which boxes stand (README, "The verifier", rules a, b, h): a box the response takes back, or one before
+# its "Final Answer" heading, is not a final answer. Exactly one reading stands, so none rewards a hedge.
 _RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
-                         r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
+                         r"recheck|recount|recomput|recalculat|redo|on reflection|on second thought)|"
+                         r"\bthe correct \w+ is", re.IGNORECASE)
 RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
 _CLAUSE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 _FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
+_RESTATED = re.compile(_ANSWER_STATEMENT.pattern + r"|\bthe correct \w+ (?:is|are)\b", re.IGNORECASE)
 
 
 def standing_boxes(text: str) -> list[str]:
@@ -76,6 +86,22 @@ def standing_boxes(text: str) -> list[str]:
                 withdrawn.add(j)
                 j -= 1
     return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
+
+
+def final_statement(text: str) -> int | None:
+    """Where the final answer starts when a statement after the last box stands instead of the boxes (README,
+    "The verifier", rule h): after a "Final Answer" heading that follows the last box and has text after it
+    (MATH's few-shot ending), or at a correction of the last box within RETRACTION_REACH that a restated
+    answer ("the answer is 11", "the correct count is 11") follows. None: the boxes stand."""
+    boxes = boxed_answers(text, spans=True)
+    if not boxes:
+        return None
+    last = boxes[-1][1]
+    heading = _last(_FINAL_HEADING, text, last)
+    if heading and re.search(r"\w", text[heading.end():]):
+        return heading.end()
+    fix = _RETRACTION.search(text, last, last + RETRACTION_REACH)
+    return fix.start() if fix and _RESTATED.search(text, fix.start()) else None
 
 
 def _unboxed_text(text: str) -> str:
@@ -258,15 +284,16 @@ def candidates(response: str, require_think: bool = True) -> tuple[str, list[str
     if boxes:
         if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
             return None
-        boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
-        return ("boxed", boxes) if boxes else None
+        restated = final_statement(text)  # (h) a final answer stated after the last box stands instead
+        if restated is None:
+            boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
+            return ("boxed", boxes) if boxes else None
+        text = text[restated:]
     text = _unboxed_text(text).strip()
     if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
         tail = text[-MAX_TEXT_CHARS:]
         text = tail[tail.index("\n") + 1:] if "\n" in tail else tail
-    statement = None
-    for statement in _ANSWER_STATEMENT.finditer(text):  # the last "the answer is ..." / "Answer: ..."
-        pass
+    statement = _last(_ANSWER_STATEMENT, text)  # the last "the answer is ..." / "Answer: ..."
     if statement is not None:  # grade that sentence: a check after it must not be read as the answer
         end = _SENTENCE_END.search(text, statement.end())
         text = text[statement.start():end.start() + 1 if end else len(text)]

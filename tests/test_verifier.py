@@ -180,6 +180,20 @@ def test_upright_constants_never_read_short(verifier_2s):
     assert len(pairs) > 400 and not wrong, "\n".join(wrong)
 
 
+MATH_FEW_SHOT = ("The first sum is $\\boxed{200}$ and the second is $\\boxed{255}$, so the total is "
+                 "$200 \\cdot 51 + 255 = 10,455$.\n\nFinal Answer: The final answer is $10,455$. I hope it is correct.")
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (MATH_FEW_SHOT, "10455", 1.0), (MATH_FEW_SHOT, "255", 0.0), (MATH_FEW_SHOT, "200, 255", 0.0),
+    ("So $\\boxed{455}$.\n\nFinal Answer: The final answer is $455$. I hope it is correct.", "455", 1.0),
+    ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "24", 1.0),  # a box after the heading: rule b
+])
+def test_final_answer_line_after_the_boxes(verifier_2s, answer, gold, reward):
+    """Class 2: MATH's few-shot ending states the final answer, unboxed, after boxed intermediate values."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
 DOUBLED = "There are 3 colours and 5 shapes, so the count is \\\\boxed{17}."  # \\boxed{17}: JSON-escaped twice
 
 
@@ -190,6 +204,22 @@ def test_doubled_backslashes_read_alike_by_both_paths(verifier_2s):
     assert kind == "text" and "17" in text
     assert _grade(verifier_2s, [(DOUBLED, "17"), (DOUBLED, "3"), (DOUBLED + " Or \\boxed{1", "17")]) == [1.0, 0.0, 1.0]
     assert answers.candidates("</think>So it is \\boxed{17")[1] == ["So it is"]  # a real unclosed box is still cut
+
+
+REVISED = ("Choosing the seats in order gives $\\boxed{12}$ arrangements.\n\nHmm, on reflection I counted one "
+           "arrangement twice, so the correct count is 11. The answer is 11.")
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (REVISED, "12", 0.0), (REVISED, "11", 1.0),
+    ("So $\\boxed{12}$.\n\nWait, I double counted: the answer is $\\boxed{11}$.", "11", 1.0),  # rule a
+    ("So $\\boxed{9}$.\n\nLet me recheck: 1, 2, 3, 4, 6, 9, 12, 18, 36. So the answer is indeed 9.", "9", 1.0),
+    ("So $\\boxed{12}$.\n\nThis answer is consistent with the constraint $x > 0$.", "12", 1.0),  # no correction
+    ("So $\\boxed{12}$.\n\nWait, let me double-check with a smaller case: 2 seats give 2 orders.", "12", 1.0),
+])
+def test_revised_answer_after_the_box(verifier_2s, answer, gold, reward):
+    """Class 6: an answer stated after a correction of the last box stands instead of the box."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
 
 
 # ---------------------------------------------------------------------------------- extraction
