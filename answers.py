@@ -5,8 +5,9 @@ turns the verdicts into rewards; this module is the work on one answer, no torch
 the response takes back or puts before its "Final Answer" heading does not: `candidates`), how an answer is
 rewritten before math-verify reads it (`normalize_answer`), the plain numbers settled without it
 (`_fast_grade`), the answer forms read the way a human grader reads them (`_readings`: option letters,
-yes/no, percentages, inequalities), and math-verify's verdict (`_grade`). Every rule has graded cases in
-tests/data/verifier_cases.jsonl and verifier_study.jsonl.
+yes/no, percentages, inequalities, decimal commas, a sentence in a box), and math-verify's verdict
+(`_grade`). Every rule has graded cases in tests/data/verifier_cases.jsonl, verifier_study.jsonl or
+tests/test_verifier.py.
 """
 from __future__ import annotations
 
@@ -203,20 +204,37 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
 
 
-# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f, i-j)
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
-_CHOICE_TEXT = re.compile(r"^.*?" + _ANSWER_STATEMENT.pattern, re.IGNORECASE | re.DOTALL)  # all up to the statement
+_CHOICE_STATEMENT = re.compile(_ANSWER_STATEMENT.pattern.replace(r"\banswer\b", r"\b(?:answer|option|choice)\b"),
+                               re.IGNORECASE)  # "the answer is (C)", "the correct option is (B)", "Answer: C"
 _YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
 _PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
 _RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
 _OR = re.compile(r"\\text\s*\{\s*or\s*\}|\\(?:lor|vee)(?![a-zA-Z])|\bor\b")
 _UPPER = {"<": ")", "\\lt": ")", "\\le": "]", "\\leq": "]", "\\leqslant": "]"}  # x < b: (.., b); x \le b: (.., b]
 _LOWER = {">": "(", "\\gt": "(", "\\ge": "[", "\\geq": "[", "\\geqslant": "["}
+_FORMULA = re.compile(r"\$\$?([^$]+)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)  # $..$, $$..$$, \(..\), \[..\]
+_COMMA_DECIMAL = re.compile(r"[+-]?\d+,(?!\d{3}$)\d+")  # 1,22 3,5 1000,99; not 1,000 (a thousands separator)
+_LIST = re.compile(r"[,;()\[\]]|\\[{}]|\\cup\b")  # what makes an answer a pair, a set, an interval or a list
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_QUALIFIED = re.compile(r"\b(?:not|no|never|none|nor|least|most|more|less|fewer|than|over|under|between|or|except)\b",
+                        re.IGNORECASE)  # "not 17", "at least 17", "between 3 and 5": the number is not the answer
 
 
 def _unwrap(text: str) -> str:
     return _WRAPPER.sub(lambda m: m.group(1), text).strip().strip("$").strip()
+
+
+def _stated_choice(text: str) -> str | None:
+    """(c) The option letter an unboxed answer names: after its last "the answer is" / "the correct option
+    is" / "Answer:", to the end of that sentence, or the whole text ("(C)")."""
+    stated = _last(_CHOICE_STATEMENT, text)
+    if stated:
+        end = _SENTENCE_END.search(text, stated.end())
+        text = text[stated.end():end.start() if end else len(text)]
+    return _choice(text.strip(" *."))
 
 
 def _choice(text: str) -> str | None:
@@ -244,11 +262,46 @@ def _interval(part: str) -> str | None:
     return None
 
 
+def _as_interval(answer: str, gold: str) -> tuple[str, str] | None:
+    """(f) For a gold without an inequality: one-variable inequalities as the interval or union they describe."""
+    if _RELATION.search(answer) and not _RELATION.search(gold):
+        parts = [_interval(p) for p in _OR.split(answer)]
+        if all(parts):
+            return " \\cup ".join(parts), gold
+    return None
+
+
+def _decimal_comma(answer: str, gold: str) -> tuple[str, str] | None:
+    """(i) A whole answer or gold 1,22 (a comma not followed by exactly three digits) has a decimal comma
+    when the other side is a single number, nothing a pair, set or list has; None otherwise."""
+    if _COMMA_DECIMAL.fullmatch(answer) and not _LIST.search(gold):
+        return answer.replace(",", "."), gold
+    if _COMMA_DECIMAL.fullmatch(gold) and not _LIST.search(answer):
+        return answer, gold.replace(",", ".")
+    return None
+
+
+def _sentence_number(answer: str) -> str | None:
+    r"""(j) The one number of a box that holds a sentence (\text{There are } 17 \text{ apples}, \text{There
+    are 17 apples.}); None for a box of no sentence, of no or several numbers, or one that qualifies it."""
+    words = " ".join(_WRAPPER.findall(answer))
+    numbers = [p.strip() for p in _WRAPPER.split(answer)[::2] if p.strip()] + _NUMBER.findall(words)
+    if len(numbers) == 1 and len(re.findall(r"[A-Za-z]{2,}", words)) > 1 and not _QUALIFIED.search(words):
+        return numbers[0]
+    return None
+
+
 def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool:
     """The (answer, gold) pairs to grade, any of which equal is right, or the verdict itself."""
-    if kind == "text":  # an unboxed final answer: only the choice letter is read here
-        letter, gold_letter = _choice(_CHOICE_TEXT.sub("", answer).strip(" *.")), _choice(gold)
-        return letter == gold_letter if letter and gold_letter else [(answer, gold)]
+    if kind == "text":  # an unboxed final answer: its option letter (c), or its last formula read as a box (f, i)
+        letter, gold_letter = _stated_choice(answer), _choice(gold)
+        if letter and gold_letter:
+            return letter == gold_letter
+        formula = _last(_FORMULA, answer)
+        formula = formula and next(g for g in formula.groups() if g).strip()
+        read = formula and (_as_interval(formula, gold) or _decimal_comma(formula, gold))
+        comma = [(answer, gold.replace(",", "."))] if _COMMA_DECIMAL.fullmatch(gold) else []  # (i) either reading
+        return [(answer, gold)] + comma + ([("$" + read[0] + "$", read[1])] if read else [])
     gold_letter = _choice(gold)
     if gold_letter and _choice(answer):  # (c) a choice names its option by the letter
         return _choice(answer) == gold_letter
@@ -263,11 +316,11 @@ def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool
         x = pct.group(1).strip()
         hundredth = (str(decimal.Decimal(x) / 100) if _PLAIN_NUMBER.fullmatch(x) else "\\frac{" + x + "}{100}")
         return [(x, gold), (hundredth, gold)]
-    if _RELATION.search(answer) and not _RELATION.search(gold):  # (f) inequalities for an interval gold
-        parts = [_interval(p) for p in _OR.split(answer)]
-        if all(parts):
-            return [(" \\cup ".join(parts), gold)]
-    return [(answer, gold)]
+    read = _as_interval(answer, gold) or _decimal_comma(answer, gold)  # (f) inequalities, (i) a decimal comma
+    if read:
+        return [read]
+    number = _sentence_number(answer)  # (j) a sentence in a box is graded by its number
+    return [(number or answer, gold)]
 
 
 def candidates(response: str, require_think: bool = True) -> tuple[str, list[str]] | None:

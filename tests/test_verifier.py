@@ -194,6 +194,25 @@ def test_final_answer_line_after_the_boxes(verifier_2s, answer, gold, reward):
     assert _grade(verifier_2s, [(answer, gold)]) == [reward]
 
 
+@pytest.mark.parametrize("answer, gold, reward", [
+    # a decimal comma: the comma not followed by exactly three digits, against a single number
+    (r"\boxed{1.22}", "1,22", 1.0), (r"\boxed{1,22}", "1.22", 1.0), (r"\boxed{1000,99}", "1000.99", 1.0),
+    ("The answer is 1000,99.", "1000.99", 1.0), ("The answer is $1.22$.", "1,22", 1.0),
+    (r"\boxed{-0,5}", r"-\frac{1}{2}", 1.0), (r"\boxed{\frac{61}{50}}", "1,22", 1.0), (r"\boxed{3,5}", "3", 0.0),
+    (r"\boxed{1.23}", "1,22", 0.0),
+    # a thousands separator: exactly three digits after each comma
+    (r"\boxed{1,000}", "1000", 1.0), (r"\boxed{1.5}", "1,500", 0.0), (r"\boxed{1,500}", "1.5", 0.0),
+    ("The final answer is $10,455$.", "10455", 1.0),
+    # genuine pairs, sets and lists stay what they are
+    (r"\boxed{1.22}", "(1,22)", 0.0), (r"\boxed{1.22}", r"\{1,22\}", 0.0), (r"\boxed{(1,22)}", "1.22", 0.0),
+    (r"\boxed{\{1,22\}}", "1.22", 0.0), (r"\boxed{1, 22}", "1.22", 0.0), (r"\boxed{1,22}", r"\{1, 22\}", 1.0),
+    (r"\boxed{1,22}", "1, 22", 1.0), (r"\boxed{(1,22)}", "(1,22)", 1.0),
+])
+def test_decimal_comma(verifier_2s, answer, gold, reward):
+    """Class 3, both directions: a decimal comma is read as a decimal point only where it cannot be a list."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
 DOUBLED = "There are 3 colours and 5 shapes, so the count is \\\\boxed{17}."  # \\boxed{17}: JSON-escaped twice
 
 
@@ -204,6 +223,18 @@ def test_doubled_backslashes_read_alike_by_both_paths(verifier_2s):
     assert kind == "text" and "17" in text
     assert _grade(verifier_2s, [(DOUBLED, "17"), (DOUBLED, "3"), (DOUBLED + " Or \\boxed{1", "17")]) == [1.0, 0.0, 1.0]
     assert answers.candidates("</think>So it is \\boxed{17")[1] == ["So it is"]  # a real unclosed box is still cut
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    ("Both conditions hold exactly when $-2 \\le x \\le 7$.", r"x \in [-2,7]", 1.0),
+    ("So the answer is $-2 \\le x \\le 7$.", "[-2,7]", 1.0),
+    ("Both conditions hold exactly when $-2 \\le x \\le 7$.", "[-2,7)", 0.0),
+    ("Both conditions hold exactly when $-2 < x \\le 7$.", r"x \in [-2,7]", 0.0),
+    ("So \\(x < -1\\) or \\(x > 1\\), that is $x < -1 \\text{ or } x > 1$.", r"(-\infty,-1)\cup(1,\infty)", 1.0),
+])
+def test_unboxed_inequality(verifier_2s, answer, gold, reward):
+    """Class 5: rule f for an unboxed answer: the last math span, when it is an inequality."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
 
 
 REVISED = ("Choosing the seats in order gives $\\boxed{12}$ arrangements.\n\nHmm, on reflection I counted one "
@@ -219,6 +250,22 @@ REVISED = ("Choosing the seats in order gives $\\boxed{12}$ arrangements.\n\nHmm
 ])
 def test_revised_answer_after_the_box(verifier_2s, answer, gold, reward):
     """Class 6: an answer stated after a correction of the last box stands instead of the box."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    ("Only the second one works. Therefore the correct option is (B).", "B", 1.0),
+    ("Only the second one works. Therefore the correct option is (B).", "C", 0.0),
+    ("Only the second one works, so the right choice is B.", r"\text{(B)}", 1.0),
+    (r"\boxed{\text{There are } 17 \text{ apples}}", "17", 1.0),
+    (r"\boxed{\text{There are } 17 \text{ apples}}", "18", 0.0),
+    (r"\boxed{\text{There are 17 apples.}}", "17", 1.0),
+    (r"\boxed{\text{There are not } 17 \text{ apples}}", "17", 0.0),
+    (r"\boxed{\text{at least } 17 \text{ apples}}", "17", 0.0),
+    (r"\boxed{\text{between } 3 \text{ and } 5}", "3", 0.0),
+])
+def test_forms_a_human_grader_accepts(verifier_2s, answer, gold, reward):
+    """Class 7: an option named in a sentence without a box; a box that holds a sentence around its number."""
     assert _grade(verifier_2s, [(answer, gold)]) == [reward]
 
 
