@@ -5,8 +5,9 @@ turns the verdicts into rewards; this module is the work on one answer, no torch
 the response takes back or puts before its "Final Answer" heading does not: `candidates`), how an answer is
 rewritten before math-verify reads it (`normalize_answer`), the plain numbers settled without it
 (`_fast_grade`), the answer forms read the way a human grader reads them (`_readings`: option letters,
-yes/no, percentages, inequalities), and math-verify's verdict (`_grade`). Every rule has graded cases in
-tests/data/verifier_cases.jsonl and verifier_study.jsonl.
+yes/no, percentages, inequalities, decimal commas, a sentence in a box), and math-verify's verdict
+(`_grade`). Every rule has graded cases in tests/data/verifier_cases.jsonl, verifier_study.jsonl or
+tests/test_verifier.py.
 """
 from __future__ import annotations
 
@@ -24,11 +25,17 @@ MAX_DISTINCT_ANSWERS = 4  # more different boxed answers than this is hedging, w
 MAX_TEXT_CHARS = 2000  # an unboxed answer is looked for in the last 2,000 characters of the answer text
 
 _BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
-_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_EMPTY_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{\s*\}")
 _HEDGE = re.compile(r"\s(?:or|and/or)\s", re.IGNORECASE)
 _ANSWER_STATEMENT = re.compile(r"\banswer\b(?:[^.\n]{0,40}?\b(?:is|are|be)\b|\W{0,3}[:=])", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")  # a decimal point is followed by a digit
+
+
+def _last(pattern: re.Pattern, text: str, pos: int = 0) -> re.Match | None:
+    """The last match of `pattern` in `text` from `pos` (matches do not overlap)."""
+    m = None
+    for m in pattern.finditer(text, pos):
+        pass
+    return m
 
 
 def boxed_answers(text: str, spans: bool = False) -> list:
@@ -52,13 +59,15 @@ def boxed_answers(text: str, spans: bool = False) -> list:
     return out
 
 
-# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
-# "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
+# Which boxes stand (README, "The verifier", rules a, b, h): a box the response takes back, or one before
+# its "Final Answer" heading, is not a final answer. Exactly one reading stands, so none rewards a hedge.
 _RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
-                         r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
+                         r"recheck|recount|recomput|recalculat|redo|on reflection|on second thought)|"
+                         r"\bthe correct \w+ is", re.IGNORECASE)
 RETRACTION_REACH = 100  # a correction names the box it takes back right after it (characters)
 _CLAUSE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 _FINAL_HEADING = re.compile(r"^[\W_]*final answer\b[\W_]*(?:$|:)", re.IGNORECASE | re.MULTILINE)
+_RESTATED = re.compile(_ANSWER_STATEMENT.pattern + r"|\bthe correct \w+ (?:is|are)\b", re.IGNORECASE)
 
 
 def standing_boxes(text: str) -> list[str]:
@@ -80,6 +89,37 @@ def standing_boxes(text: str) -> list[str]:
     return [c for k, (_, _, c) in enumerate(boxes) if k not in withdrawn]
 
 
+def final_statement(text: str) -> int | None:
+    """Where the final answer starts when a statement after the last box stands instead of the boxes (README,
+    "The verifier", rule h): after a "Final Answer" heading that follows the last box and has text after it
+    (MATH's few-shot ending), or at a correction of the last box within RETRACTION_REACH that a restated
+    answer ("the answer is 11", "the correct count is 11") follows. None: the boxes stand."""
+    boxes = boxed_answers(text, spans=True)
+    if not boxes:
+        return None
+    last = boxes[-1][1]
+    heading = _last(_FINAL_HEADING, text, last)
+    if heading and re.search(r"\w", text[heading.end():]):
+        return heading.end()
+    fix = _RETRACTION.search(text, last, last + RETRACTION_REACH)
+    return fix.start() if fix and _RESTATED.search(text, fix.start()) else None
+
+
+def _unboxed_text(text: str) -> str:
+    """The text of a response without a box that stands: blank boxes dropped, cut at an unclosed box (a
+    truncated generation). Read with boxed_answers' tokens, so that both read \\\\boxed{ (an escaped
+    backslash, as in text JSON-escaped twice) as text, not as a box."""
+    blank = {start: stop for start, stop, _ in boxed_answers(text, spans=True)}
+    out, pos = [], 0
+    for m in _BOX_TOKENS.finditer(text):
+        if m.start() >= pos and m.group().startswith(("\\boxed", "\\fbox")):
+            out.append(text[pos:m.start()])
+            if m.start() not in blank:
+                return "".join(out)
+            pos = blank[m.start()]
+    return "".join(out) + text[pos:]
+
+
 # Spellings math-verify 0.9 misreads or cannot parse, rewritten before grading (tests/data/verifier_cases.jsonl)
 _UNICODE_MATH = {
     "\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ", "\u22c5": "\\cdot ",
@@ -96,6 +136,24 @@ _SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")  # 40 320: the
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\\[,;: ]|~|\{,\})\d{3})+)(?![\d])")
 _DECIMAL_COMMA = re.compile(r"(\d)\{,\}(\d)")
 _MIXED_SLASH = re.compile(r"(?<![\w.,/^])(-?)(\d+) (\d+)/(\d+)(?![\w.,/])")  # 1 1/2 (1\frac12 math-verify reads)
+# Upright constants (ISO 80000-2 sets e, i and pi upright): math-verify reads \mathrm{e} as text and stops
+# there, so that 1 - \frac{1}{\mathrm{e}} parsed as 1 and \boxed{1} equalled it. Each becomes the italic one.
+UPRIGHT_CONSTANTS = ("e", "i", "\\pi")  # Euler's number, the imaginary unit, pi
+UPRIGHT_COMMANDS = ("mathrm", "mathup", "mathit", "textrm", "textup", "text", "operatorname", "rm")
+_CONSTANT, _COMMAND = "(" + "|".join(map(re.escape, UPRIGHT_CONSTANTS)) + ")", "|".join(UPRIGHT_COMMANDS)
+_UPRIGHT = re.compile(  # \mathrm{e}, \rm e, {\rm e}, \mathrm\pi, \uppi
+    r"(\{\s*)?\\(?:%s)(?:\s*\{\s*%s\s*\}|\s+%s(?![A-Za-z]))(?(1)\s*\})" % (_COMMAND, _CONSTANT, _CONSTANT)
+    + r"|\\(?:%s)\s*(\\pi)(?![A-Za-z])|\\uppi(?![A-Za-z])" % _COMMAND)
+
+
+def _upright(m: re.Match) -> str:
+    r"""The italic constant: spaced from a letter next to it (\pi\mathrm{i} -> \pi i, not \pii); {\rm e} keeps
+    its braces only as an argument (\frac{1}{\rm e}): latex2sympy reads a bare {i} as another symbol than i."""
+    c = next((g for g in m.groups()[1:] if g), "\\pi")
+    before, after = m.string[m.start() - 1:m.start()], m.string[m.end():m.end() + 1]
+    if m.group(1) and (before.isalpha() or before in ("}", "]", "^", "_")):
+        return "{" + c + "}"
+    return (" " if before.isalpha() else "") + c + (" " if after.isalpha() else "")
 
 
 def _mixed(m: re.Match) -> str:
@@ -105,8 +163,9 @@ def _mixed(m: re.Match) -> str:
 
 def normalize_answer(text: str) -> str:
     """Rewrite what math-verify does not read: Unicode math, vulgar fractions, superscripts, full-width
-    digits (NFKC); thousands separators 1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma
-    3{,}5; \\varnothing; the mixed number 1 1/2 (-> 3/2)."""
+    digits (NFKC); upright constants \\mathrm{e}, \\operatorname{i}, \\mathrm{\\pi}; thousands separators
+    1\\,000 / 1{,}000 (and 40 320 as a whole answer), the decimal comma 3{,}5; \\varnothing; the mixed number
+    1 1/2 (-> 3/2)."""
     if text.isascii():
         out = text
     else:
@@ -117,6 +176,7 @@ def normalize_answer(text: str) -> str:
                      lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group()) + "}", out)
         out = "".join(_UNICODE_MATH.get(c, c) for c in out).replace("\u221a", "\\sqrt")
         out = unicodedata.normalize("NFKC", out).replace("\u00a0", " ")
+    out = _UPRIGHT.sub(_upright, out) if "\\" in out else out
     out = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\D", "", m.group(2)), out)
     out = out.replace(" ", "") if _SPACED_NUMBER.fullmatch(out) else out  # a whole answer, never prose
     out = _DECIMAL_COMMA.sub(r"\1.\2", out)
@@ -144,20 +204,37 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
 
 
-# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f, i-j)
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
-_CHOICE_TEXT = re.compile(r"^.*?" + _ANSWER_STATEMENT.pattern, re.IGNORECASE | re.DOTALL)  # all up to the statement
+_CHOICE_STATEMENT = re.compile(_ANSWER_STATEMENT.pattern.replace(r"\banswer\b", r"\b(?:answer|option|choice)\b"),
+                               re.IGNORECASE)  # "the answer is (C)", "the correct option is (B)", "Answer: C"
 _YES_NO = re.compile(r"(yes|no)(?:\s*[,.;:!]|$)", re.IGNORECASE)
 _PERCENT = re.compile(r"(.+?)(?:\\[,;:! ]|\s)*(?:\\?%|\\text\s*\{\s*(?:\\?%|percent)\s*\})", re.DOTALL)
 _RELATION = re.compile(r"\\(?:le|ge|leq|geq|lt|gt|leqslant|geqslant)(?![a-zA-Z])|<|>")
 _OR = re.compile(r"\\text\s*\{\s*or\s*\}|\\(?:lor|vee)(?![a-zA-Z])|\bor\b")
 _UPPER = {"<": ")", "\\lt": ")", "\\le": "]", "\\leq": "]", "\\leqslant": "]"}  # x < b: (.., b); x \le b: (.., b]
 _LOWER = {">": "(", "\\gt": "(", "\\ge": "[", "\\geq": "[", "\\geqslant": "["}
+_FORMULA = re.compile(r"\$\$?([^$]+)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)  # $..$, $$..$$, \(..\), \[..\]
+_COMMA_DECIMAL = re.compile(r"[+-]?\d+,(?!\d{3}$)\d+")  # 1,22 3,5 1000,99; not 1,000 (a thousands separator)
+_LIST = re.compile(r"[,;()\[\]]|\\[{}]|\\cup\b")  # what makes an answer a pair, a set, an interval or a list
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_QUALIFIED = re.compile(r"\b(?:not|no|never|none|nor|least|most|more|less|fewer|than|over|under|between|or|except)\b",
+                        re.IGNORECASE)  # "not 17", "at least 17", "between 3 and 5": the number is not the answer
 
 
 def _unwrap(text: str) -> str:
     return _WRAPPER.sub(lambda m: m.group(1), text).strip().strip("$").strip()
+
+
+def _stated_choice(text: str) -> str | None:
+    """(c) The option letter an unboxed answer names: after its last "the answer is" / "the correct option
+    is" / "Answer:", to the end of that sentence, or the whole text ("(C)")."""
+    stated = _last(_CHOICE_STATEMENT, text)
+    if stated:
+        end = _SENTENCE_END.search(text, stated.end())
+        text = text[stated.end():end.start() if end else len(text)]
+    return _choice(text.strip(" *."))
 
 
 def _choice(text: str) -> str | None:
@@ -185,11 +262,46 @@ def _interval(part: str) -> str | None:
     return None
 
 
+def _as_interval(answer: str, gold: str) -> tuple[str, str] | None:
+    """(f) For a gold without an inequality: one-variable inequalities as the interval or union they describe."""
+    if _RELATION.search(answer) and not _RELATION.search(gold):
+        parts = [_interval(p) for p in _OR.split(answer)]
+        if all(parts):
+            return " \\cup ".join(parts), gold
+    return None
+
+
+def _decimal_comma(answer: str, gold: str) -> tuple[str, str] | None:
+    """(i) A whole answer or gold 1,22 (a comma not followed by exactly three digits) has a decimal comma
+    when the other side is a single number, nothing a pair, set or list has; None otherwise."""
+    if _COMMA_DECIMAL.fullmatch(answer) and not _LIST.search(gold):
+        return answer.replace(",", "."), gold
+    if _COMMA_DECIMAL.fullmatch(gold) and not _LIST.search(answer):
+        return answer, gold.replace(",", ".")
+    return None
+
+
+def _sentence_number(answer: str) -> str | None:
+    r"""(j) The one number of a box that holds a sentence (\text{There are } 17 \text{ apples}, \text{There
+    are 17 apples.}); None for a box of no sentence, of no or several numbers, or one that qualifies it."""
+    words = " ".join(_WRAPPER.findall(answer))
+    numbers = [p.strip() for p in _WRAPPER.split(answer)[::2] if p.strip()] + _NUMBER.findall(words)
+    if len(numbers) == 1 and len(re.findall(r"[A-Za-z]{2,}", words)) > 1 and not _QUALIFIED.search(words):
+        return numbers[0]
+    return None
+
+
 def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool:
     """The (answer, gold) pairs to grade, any of which equal is right, or the verdict itself."""
-    if kind == "text":  # an unboxed final answer: only the choice letter is read here
-        letter, gold_letter = _choice(_CHOICE_TEXT.sub("", answer).strip(" *.")), _choice(gold)
-        return letter == gold_letter if letter and gold_letter else [(answer, gold)]
+    if kind == "text":  # an unboxed final answer: its option letter (c), or its last formula read as a box (f, i)
+        letter, gold_letter = _stated_choice(answer), _choice(gold)
+        if letter and gold_letter:
+            return letter == gold_letter
+        formula = _last(_FORMULA, answer)
+        formula = formula and next(g for g in formula.groups() if g).strip()
+        read = formula and (_as_interval(formula, gold) or _decimal_comma(formula, gold))
+        comma = [(answer, gold.replace(",", "."))] if _COMMA_DECIMAL.fullmatch(gold) else []  # (i) either reading
+        return [(answer, gold)] + comma + ([("$" + read[0] + "$", read[1])] if read else [])
     gold_letter = _choice(gold)
     if gold_letter and _choice(answer):  # (c) a choice names its option by the letter
         return _choice(answer) == gold_letter
@@ -204,11 +316,11 @@ def _readings(kind: str, answer: str, gold: str) -> list[tuple[str, str]] | bool
         x = pct.group(1).strip()
         hundredth = (str(decimal.Decimal(x) / 100) if _PLAIN_NUMBER.fullmatch(x) else "\\frac{" + x + "}{100}")
         return [(x, gold), (hundredth, gold)]
-    if _RELATION.search(answer) and not _RELATION.search(gold):  # (f) inequalities for an interval gold
-        parts = [_interval(p) for p in _OR.split(answer)]
-        if all(parts):
-            return [(" \\cup ".join(parts), gold)]
-    return [(answer, gold)]
+    read = _as_interval(answer, gold) or _decimal_comma(answer, gold)  # (f) inequalities, (i) a decimal comma
+    if read:
+        return [read]
+    number = _sentence_number(answer)  # (j) a sentence in a box is graded by its number
+    return [(number or answer, gold)]
 
 
 def candidates(response: str, require_think: bool = True) -> tuple[str, list[str]] | None:
@@ -225,17 +337,16 @@ def candidates(response: str, require_think: bool = True) -> tuple[str, list[str
     if boxes:
         if len(boxes) > MAX_DISTINCT_ANSWERS or any(len(b) > MAX_ANSWER_CHARS for b in boxes):
             return None
-        boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
-        return ("boxed", boxes) if boxes else None
-    text = _EMPTY_BOX.sub("", text)
-    cut = _BOX_OPEN.search(text)  # no complete box is left: this one is unclosed (truncated), drop it
-    text = (text[:cut.start()] if cut else text).strip()
+        restated = final_statement(text)  # (h) a final answer stated after the last box stands instead
+        if restated is None:
+            boxes = list(dict.fromkeys(normalize_answer(b.strip()) for b in standing_boxes(text) if b.strip()))
+            return ("boxed", boxes) if boxes else None
+        text = text[restated:]
+    text = _unboxed_text(text).strip()
     if len(text) > MAX_TEXT_CHARS:  # the final answer is at the end; start the tail at a line break
         tail = text[-MAX_TEXT_CHARS:]
         text = tail[tail.index("\n") + 1:] if "\n" in tail else tail
-    statement = None
-    for statement in _ANSWER_STATEMENT.finditer(text):  # the last "the answer is ..." / "Answer: ..."
-        pass
+    statement = _last(_ANSWER_STATEMENT, text)  # the last "the answer is ..." / "Answer: ..."
     if statement is not None:  # grade that sentence: a check after it must not be read as the answer
         end = _SENTENCE_END.search(text, statement.end())
         text = text[statement.start():end.start() + 1 if end else len(text)]

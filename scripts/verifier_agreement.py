@@ -58,10 +58,18 @@ def grade_plain(cases) -> list[float]:
             out.append(pool.apply_async(plain_math_verify, (c["response"], c["gold"])).get(3 * TIMEOUT))
         except mp.TimeoutError:
             out.append(0.0)
-            pool.terminate()
+            _kill(pool)
             pool = ctx.Pool(1, initializer=_ignore_ctrl_c)
-    pool.terminate()
+    _kill(pool)
     return out
+
+
+def _kill(pool):
+    """Pool.terminate with SIGKILL: the workers come from the verifier's fork server, which ignores SIGTERM (as
+    its children do: common.Verifier._spawn_fork_server), so a plain terminate waited forever on a timed-out one."""
+    for worker in pool._pool:
+        worker.terminate = worker.kill
+    pool.terminate()
 
 
 def agreement(path: str, verbose: bool):

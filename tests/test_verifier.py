@@ -1,6 +1,7 @@
 """The verifier: the graded case set, answer extraction, spellings, the fast path, time bounds, threads."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,148 @@ def test_standing_boxes():
 ])
 def test_inequality_as_interval(part, interval):
     assert answers._interval(part) == interval
+
+
+# ---------------------------------------------------------------------------------- real response forms (issue 36)
+
+def _grade(verifier, pairs):
+    """Rewards of R1-style responses ending in each answer text, against each gold."""
+    return verifier(["<think>\nworking\n</think>\n\n" + a for a, _ in pairs], [g for _, g in pairs])
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (r"\boxed{1}", r"1 - \frac{1}{\mathrm{e}}", 0.0),  # the parse stopped at \mathrm{e}: both sides read 1
+    (r"\boxed{1 - \frac{1}{\mathrm{e}}}", r"1 - \frac{1}{e}", 1.0),
+    (r"\boxed{2\mathrm{e}}", "2e", 1.0), (r"\boxed{\mathrm{e}^{2}}", "e^2", 1.0),
+    (r"\boxed{2}", r"2\mathrm{\pi}", 0.0), (r"\boxed{\frac{\mathrm{\pi}}{2}}", r"\frac{\pi}{2}", 1.0),
+    (r"\boxed{3 + 2\mathrm{i}}", "3+2i", 1.0), (r"\boxed{\operatorname{e}}", "e", 1.0),
+    (r"\boxed{1 - \frac{1}{\exp(1)}}", r"1 - \frac{1}{\mathrm{e}}", 1.0),
+    (r"The probability is $1 - \frac{1}{\mathrm{e}}$.", r"1 - \frac{1}{e}", 1.0),  # unboxed too
+])
+def test_upright_constants(verifier_2s, answer, gold, reward):
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+def _upright_spellings():
+    """Every upright spelling of every constant the normaliser knows, with the italic one it means."""
+    for c in answers.UPRIGHT_CONSTANTS:
+        for command in answers.UPRIGHT_COMMANDS:
+            yield "\\%s{%s}" % (command, c), c
+            yield "\\%s %s" % (command, c), c  # \mathrm e: a one-token argument
+        yield "{\\rm %s}" % c, c
+    yield "\\exp(1)", "e"
+    yield "\\uppi", "\\pi"
+
+
+# The constant after a number, first, as a base, and in a fraction's numerator and denominator; each shape's
+# integers are the short answers a parse that stops at the constant reads (1 - \frac{1}{\mathrm{e}} as 1)
+UPRIGHT_SHAPES = ["1 - \\frac{1}{C}", "2C", "C^{3}", "\\frac{C}{2}", "3 - C"]
+
+
+def test_upright_constants_never_read_short(verifier_2s):
+    """Class 1 of issue 36 is impossible for every constant the normaliser knows: in every shape, the upright
+    spelling equals the italic one both ways, and the shape's short answer equals neither."""
+    pairs, expected = [], []
+    for upright, italic in _upright_spellings():
+        for shape in UPRIGHT_SHAPES:
+            up, it = shape.replace("C", upright), shape.replace("C", italic)
+            pairs += [("\\boxed{%s}" % up, it), ("\\boxed{%s}" % it, up)]
+            expected += [(up, it, 1.0), (it, up, 1.0)]
+            for short in re.findall(r"\d+", shape):
+                pairs += [("\\boxed{%s}" % short, up), ("\\boxed{%s}" % short, it)]
+                expected += [(short, up, 0.0), (short, it, 0.0)]
+    rewards = _grade(verifier_2s, pairs)
+    wrong = [f"{a} for the gold {g}: {r}" for (a, g, want), r in zip(expected, rewards) if r != want]
+    assert len(pairs) > 400 and not wrong, "\n".join(wrong)
+
+
+MATH_FEW_SHOT = ("The first sum is $\\boxed{200}$ and the second is $\\boxed{255}$, so the total is "
+                 "$200 \\cdot 51 + 255 = 10,455$.\n\nFinal Answer: The final answer is $10,455$. I hope it is correct.")
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (MATH_FEW_SHOT, "10455", 1.0), (MATH_FEW_SHOT, "255", 0.0), (MATH_FEW_SHOT, "200, 255", 0.0),
+    ("So $\\boxed{455}$.\n\nFinal Answer: The final answer is $455$. I hope it is correct.", "455", 1.0),
+    ("Half is \\boxed{12}.\n\n**Final Answer**\n\\[\\boxed{24}\\]", "24", 1.0),  # a box after the heading: rule b
+])
+def test_final_answer_line_after_the_boxes(verifier_2s, answer, gold, reward):
+    """Class 2: MATH's few-shot ending states the final answer, unboxed, after boxed intermediate values."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    # a decimal comma: the comma not followed by exactly three digits, against a single number
+    (r"\boxed{1.22}", "1,22", 1.0), (r"\boxed{1,22}", "1.22", 1.0), (r"\boxed{1000,99}", "1000.99", 1.0),
+    ("The answer is 1000,99.", "1000.99", 1.0), ("The answer is $1.22$.", "1,22", 1.0),
+    (r"\boxed{-0,5}", r"-\frac{1}{2}", 1.0), (r"\boxed{\frac{61}{50}}", "1,22", 1.0), (r"\boxed{3,5}", "3", 0.0),
+    (r"\boxed{1.23}", "1,22", 0.0),
+    # a thousands separator: exactly three digits after each comma
+    (r"\boxed{1,000}", "1000", 1.0), (r"\boxed{1.5}", "1,500", 0.0), (r"\boxed{1,500}", "1.5", 0.0),
+    ("The final answer is $10,455$.", "10455", 1.0),
+    # genuine pairs, sets and lists stay what they are
+    (r"\boxed{1.22}", "(1,22)", 0.0), (r"\boxed{1.22}", r"\{1,22\}", 0.0), (r"\boxed{(1,22)}", "1.22", 0.0),
+    (r"\boxed{\{1,22\}}", "1.22", 0.0), (r"\boxed{1, 22}", "1.22", 0.0), (r"\boxed{1,22}", r"\{1, 22\}", 1.0),
+    (r"\boxed{1,22}", "1, 22", 1.0), (r"\boxed{(1,22)}", "(1,22)", 1.0),
+])
+def test_decimal_comma(verifier_2s, answer, gold, reward):
+    """Class 3, both directions: a decimal comma is read as a decimal point only where it cannot be a list."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+DOUBLED = "There are 3 colours and 5 shapes, so the count is \\\\boxed{17}."  # \\boxed{17}: JSON-escaped twice
+
+
+def test_doubled_backslashes_read_alike_by_both_paths(verifier_2s):
+    """Class 4: the box reader finds no box in \\\\boxed{...}; the text path must not cut there either."""
+    assert answers.boxed_answers(DOUBLED) == []
+    kind, [text] = answers.candidates("</think>" + DOUBLED)
+    assert kind == "text" and "17" in text
+    assert _grade(verifier_2s, [(DOUBLED, "17"), (DOUBLED, "3"), (DOUBLED + " Or \\boxed{1", "17")]) == [1.0, 0.0, 1.0]
+    assert answers.candidates("</think>So it is \\boxed{17")[1] == ["So it is"]  # a real unclosed box is still cut
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    ("Both conditions hold exactly when $-2 \\le x \\le 7$.", r"x \in [-2,7]", 1.0),
+    ("So the answer is $-2 \\le x \\le 7$.", "[-2,7]", 1.0),
+    ("Both conditions hold exactly when $-2 \\le x \\le 7$.", "[-2,7)", 0.0),
+    ("Both conditions hold exactly when $-2 < x \\le 7$.", r"x \in [-2,7]", 0.0),
+    ("So \\(x < -1\\) or \\(x > 1\\), that is $x < -1 \\text{ or } x > 1$.", r"(-\infty,-1)\cup(1,\infty)", 1.0),
+])
+def test_unboxed_inequality(verifier_2s, answer, gold, reward):
+    """Class 5: rule f for an unboxed answer: the last math span, when it is an inequality."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+REVISED = ("Choosing the seats in order gives $\\boxed{12}$ arrangements.\n\nHmm, on reflection I counted one "
+           "arrangement twice, so the correct count is 11. The answer is 11.")
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    (REVISED, "12", 0.0), (REVISED, "11", 1.0),
+    ("So $\\boxed{12}$.\n\nWait, I double counted: the answer is $\\boxed{11}$.", "11", 1.0),  # rule a
+    ("So $\\boxed{9}$.\n\nLet me recheck: 1, 2, 3, 4, 6, 9, 12, 18, 36. So the answer is indeed 9.", "9", 1.0),
+    ("So $\\boxed{12}$.\n\nThis answer is consistent with the constraint $x > 0$.", "12", 1.0),  # no correction
+    ("So $\\boxed{12}$.\n\nWait, let me double-check with a smaller case: 2 seats give 2 orders.", "12", 1.0),
+])
+def test_revised_answer_after_the_box(verifier_2s, answer, gold, reward):
+    """Class 6: an answer stated after a correction of the last box stands instead of the box."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
+
+
+@pytest.mark.parametrize("answer, gold, reward", [
+    ("Only the second one works. Therefore the correct option is (B).", "B", 1.0),
+    ("Only the second one works. Therefore the correct option is (B).", "C", 0.0),
+    ("Only the second one works, so the right choice is B.", r"\text{(B)}", 1.0),
+    (r"\boxed{\text{There are } 17 \text{ apples}}", "17", 1.0),
+    (r"\boxed{\text{There are } 17 \text{ apples}}", "18", 0.0),
+    (r"\boxed{\text{There are 17 apples.}}", "17", 1.0),
+    (r"\boxed{\text{There are not } 17 \text{ apples}}", "17", 0.0),
+    (r"\boxed{\text{at least } 17 \text{ apples}}", "17", 0.0),
+    (r"\boxed{\text{between } 3 \text{ and } 5}", "3", 0.0),
+])
+def test_forms_a_human_grader_accepts(verifier_2s, answer, gold, reward):
+    """Class 7: an option named in a sentence without a box; a box that holds a sentence around its number."""
+    assert _grade(verifier_2s, [(answer, gold)]) == [reward]
 
 
 # ---------------------------------------------------------------------------------- extraction
