@@ -1,4 +1,4 @@
-"""One answer against its gold, in the forms a human grader accepts (README, "The verifier").
+"""One answer against its gold, in the forms a human grader accepts (docs/data-and-verifier.md).
 
 common.Verifier batches responses, runs `_grade` in its pool of grading processes under a time bound and
 turns the verdicts into rewards; this module is the work on one answer, no torch: which boxes stand (a box
@@ -52,7 +52,7 @@ def boxed_answers(text: str, spans: bool = False) -> list:
     return out
 
 
-# Which boxes stand (README, "The verifier", rules a-b): a box the response takes back, or one before its
+# Which boxes stand (docs/data-and-verifier.md, answer-form rules a-b): a box the response takes back, or one before its
 # "Final Answer" heading, is not a final answer. Exactly one reading stands, so neither rewards a hedge.
 _RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
                          r"recheck|recount|recomput|recalculat|redo)|\bthe correct \w+ is", re.IGNORECASE)
@@ -144,7 +144,7 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
 
 
-# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f)
+# Answer forms math-verify grades otherwise than a human grader (docs/data-and-verifier.md, rules c-f)
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
 _CHOICE_TEXT = re.compile(r"^.*?" + _ANSWER_STATEMENT.pattern, re.IGNORECASE | re.DOTALL)  # all up to the statement

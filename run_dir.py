@@ -1,4 +1,4 @@
-"""How a run stays resumable outside its loop (README, "Runs, checkpoints and resuming"): it claims its
+"""How a run stays resumable outside its loop (docs/runs.md): it claims its
 output_dir, keeps metrics.jsonl in step with its checkpoints, and turns Ctrl-C / SIGTERM into a checkpoint
 at the end of the step. The checkpoints themselves are common.py's (they need the model and optimizers).
 

