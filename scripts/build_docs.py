@@ -259,17 +259,10 @@ def bench_scaling():
 def gpu_paper():
     """docs/gpu.md: one LUFFY step on 8 GPUs, worked out on paper by bench/gpu_paper.py."""
     h, a = load("bench/gpu_paper_h100.json"), load("bench/gpu_paper_a100.json")
-
-    def packed_hours(d):  # the step with its training time divided by the padding factor, over all steps
-        pad = float(next(r["value"] for r in d["rows"] if r["what"] == "padding factor").rstrip("x"))
-        t = d["seconds"]
-        return (t["generation"] + t["training"] / pad + t["sync"]) * d["inputs"]["steps"] / 3600
     return [f"`python bench/gpu_paper.py --json {h['inputs']['json']}` and `python bench/gpu_paper.py --gpu a100 "
             f"--json {a['inputs']['json']}`:", ""] + table(
         ["quantity", f"8 x {h['gpu']['name']}", f"8 x {a['gpu']['name']}", "how (first column)"],
-        [(rh["what"], rh["value"], ra["value"], rh["how"]) for rh, ra in zip(h["rows"], a["rows"])]) + [
-        "", f"Without the padding (sequences packed), {h['inputs']['steps']} steps would take {packed_hours(h):.0f} h "
-            f"on the H100s and {packed_hours(a):.0f} h on the A100s."]
+        [(rh["what"], rh["value"], ra["value"], rh["how"]) for rh, ra in zip(h["rows"], a["rows"])])
 
 
 BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
