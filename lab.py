@@ -1,7 +1,7 @@
 """The laptop lab: every trainer on the built-in task with one budget, three seeds each, and the papers'
 claims put to the test. One command, one results folder:
 
-    python lab.py                     # the full lab into lab_results/ (2 idle cores: see README, "The laptop lab")
+    python lab.py                     # the full lab into lab_results/ (2 idle cores: see docs/lab.md)
     python lab.py --jobs 4            # 4 trainers at a time, each with OMP_NUM_THREADS = cores / 4
     python lab.py --quick             # smoke run into lab_results_quick/: 1 seed, 4 steps, 10 problems per level
     python lab.py --verdicts lab_results/results.json    # the claim-by-claim verdicts of a finished lab
@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAINERS = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # table order
 FUSION = ["luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # single-stage fusion (claim 3)
 TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft")}
-# The forks of forks/ (README, "Forks"): script and the flags that pick the idea; nsr.py runs three objectives
+# The forks of forks/ (docs/forks.md): script and the flags that pick the idea; nsr.py runs three objectives
 FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py", ("--objective", "psr")),
          "w_reinforce": ("forks/nsr.py", ("--objective", "w_reinforce")),
          "forking_tokens": ("forks/forking_tokens.py", ()), "chord": ("forks/chord.py", ()),
@@ -750,7 +750,7 @@ def write_results(res: dict, results: str, say=print) -> None:
 
 
 # ======================================================================================
-# Verdicts: the claims (CLAIMS, README "The laptop lab"), decided by explicit rules from results.json
+# Verdicts: the claims (CLAIMS, docs/lab.md), decided by explicit rules from results.json
 # ======================================================================================
 
 FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0}

@@ -1,6 +1,6 @@
-"""A run's output directory and what it holds (README, "Runs, checkpoints and resuming"): it claims its
-output_dir, keeps metrics.jsonl in step with its checkpoints, writes and reads the checkpoints (model,
-optimizers, RNG, trainer state), and turns Ctrl-C / SIGTERM into a checkpoint at the end of the step.
+"""A run's output directory and what it holds (docs/runs.md): it claims its output_dir, keeps metrics.jsonl in
+step with its checkpoints, writes and reads the checkpoints (model, optimizers, RNG, trainer state), and turns
+Ctrl-C / SIGTERM into a checkpoint at the end of the step.
 
 One process writes a run at a time (a lock on <output_dir>/.lock). Without --resume or --overwrite, a
 directory that holds a run is refused. --overwrite removes the old run (its checkpoints, metrics, config and

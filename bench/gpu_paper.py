@@ -1,10 +1,10 @@
-"""One LUFFY-sized step on 8 GPUs, on paper: generation, training FLOPs, weight sync (README, "Performance").
+"""One LUFFY-sized step on 8 GPUs, on paper: generation, training FLOPs, weight sync (docs/gpu.md).
 
     python bench/gpu_paper.py [--gpus 8] [--mfu 0.4] [--response_mean 3000] [--json bench/gpu_paper.json]
 
 Nothing here is measured: every figure is arithmetic on the inputs printed first (model shape from its
 config.json, the GPU's datasheet, the batch of LUFFY's 8-GPU command, stated mean lengths), so a reader can
-check each line and change any input. The 7B memory per GPU is in the README's GPU memory table (from the
+check each line and change any input. The 7B memory per GPU is in docs/gpu.md's GPU memory table (from the
 same arithmetic common.py's vLLM memory check does).
 """
 import argparse
@@ -72,7 +72,7 @@ def main():
     p.add_argument("--response_mean", type=float, default=3000)  # rollouts' mean length (assumed; it grows in training)
     p.add_argument("--demo_mean", type=float, default=5000)  # R1 demonstrations kept under 8k (assumed)
     p.add_argument("--max_response", type=int, default=8192)
-    p.add_argument("--micro_batch", type=int, default=4)  # the README's 8-GPU command
+    p.add_argument("--micro_batch", type=int, default=4)  # the 8-GPU command of docs/gpu.md
     p.add_argument("--mfu", type=float, default=0.4)  # training model-FLOPs utilisation (assumed)
     p.add_argument("--hbm_efficiency", type=float, default=0.7)  # achieved / peak bandwidth in decode (assumed)
     p.add_argument("--steps", type=int, default=500)

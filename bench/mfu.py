@@ -1,4 +1,4 @@
-"""The machine's limit: how close the training step and the sampler come to it on CPU (README, "Performance").
+"""The machine's limit: how close the training step and the sampler come to it on CPU (docs/performance.md).
 
     python bench/mfu.py [--hidden 512] [--layers 6] [--batch 32] [--seq 256] [--repeats 5] [--json bench/mfu.json]
 

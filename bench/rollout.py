@@ -1,6 +1,6 @@
 """Rollout time of the vLLM sampler (its CPU build) against the torch sampler on the built-in task, in
-one process, interleaved, and the engine's log-prob gap to the trainer. What README "The vLLM path on
-CPU" quotes and what `--sampler auto` on CPU is decided from.
+one process, interleaved, and the engine's log-prob gap to the trainer. What docs/vllm-cpu.md quotes
+and what `--sampler auto` on CPU is decided from.
 
     python bench/rollout.py                        # grpo.py's default batch: 16 prompts x 8, 48 tokens
     python bench/rollout.py --dtype bfloat16       # the gap of a bf16 engine instead

@@ -1,5 +1,5 @@
 """Why the torch sampler does not get faster on CPU: the rollout of bench/trl_step.py (16 prompts x 8 responses of at
-most 48 tokens from the built-in base) drawn five ways from the same seed (README, "Performance on CPU"):
+most 48 tokens from the built-in base) drawn five ways from the same seed (docs/performance.md):
 
     python bench/sampler.py [--repeats 5] [--json bench/sampler.json]
 

@@ -1,5 +1,5 @@
 """How a grpo.py step's cost grows with response length, group size and model size, torch sampler and vLLM's CPU
-build side by side (README, "Performance on CPU"):
+build side by side (docs/performance.md):
 
     python bench/scaling.py [--samplers torch,vllm] [--axes length,group,model] [--lengths 64,256,1024,2048]
                             [--groups 2,8,32] [--models S,M,L] [--json bench/scaling.json] [--figure bench/scaling.png]

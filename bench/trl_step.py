@@ -1,4 +1,4 @@
-"""grpo.py against TRL's GRPOTrainer on CPU, step for step (README, "Performance"):
+"""grpo.py against TRL's GRPOTrainer on CPU, step for step (docs/performance.md):
 
     python -m venv .venv-trl                                       # TRL is a benchmark-only dependency:
     echo "$PWD/.venv/lib/python3.11/site-packages" > .venv-trl/lib/python3.11/site-packages/project.pth

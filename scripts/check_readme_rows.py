@@ -1,11 +1,12 @@
-"""Rerun the README's default-run rows and compare the held-out pass@1 of a fresh run with the README's.
+"""Rerun the default-run rows of docs/task.md and compare the held-out pass@1 of a fresh run with the page's.
 
     python scripts/check_readme_rows.py --list                        # the rows found, and their commands
     python scripts/check_readme_rows.py --only sft,grpo --seeds 0     # rerun those rows, compare
     python scripts/check_readme_rows.py --only sft --seeds 0 --runs_dir /tmp/rows --reuse   # compare runs kept there
 
-Two tables are checked: "Measured: the base, SFT and GRPO" (each row is `python <trainer>.py --seed S`)
-and "Measured: the six fusion trainers" (each row is that command with the flags `python lab.py` adds,
+Two tables of docs/task.md are checked: "Measured: the base, SFT and GRPO" (each row is `python <trainer>.py
+--seed S`) and "Measured: the six fusion trainers" (the lab's runs, written into the page from
+lab_results/results.json by scripts/build_docs.py: each row is that command with the flags `python lab.py` adds,
 which only repeat the defaults: lab.trainer_args). The base row comes from scripts/yardstick.py and is
 not rerun. Per row, the final evaluation's pass@1 per level (and the wrong-steps share where the table
 has the column) is printed with the table's three decimals and compared exactly: a CPU run repeats bit
@@ -27,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TABLES = {  # README section heading -> how its rows are run
+TABLES = {  # the page's section heading -> how its rows are run
     "Measured: the base, SFT and GRPO": "plain",
     "Measured: the six fusion trainers": "lab",
 }
@@ -39,9 +40,9 @@ class Row:
     table: str  # the section heading
     trainer: str  # "sft", "grpo", "luffy", ...
     seed: int
-    levels: tuple  # the README's pass@1 per level, as written ("0.969")
-    wrong_steps: str | None  # the README's wrong-steps share, as written, where the table has the column
-    line: int  # 1-based line of the row in the README
+    levels: tuple  # the page's pass@1 per level, as written ("0.969")
+    wrong_steps: str | None  # the page's wrong-steps share, as written, where the table has the column
+    line: int  # 1-based line of the row on the page
 
 
 def parse_tables(text: str, tables=TABLES) -> list[Row]:
@@ -51,7 +52,7 @@ def parse_tables(text: str, tables=TABLES) -> list[Row]:
     for heading in tables:
         start = next((i for i, l in enumerate(lines) if l.lstrip("#").strip() == heading and l.startswith("#")), None)
         if start is None:
-            raise ValueError(f"README has no section '{heading}'")
+            raise ValueError(f"the page has no section '{heading}'")
         i = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("|")), None)
         if i is None or lines[i - 1].startswith("#"):
             raise ValueError(f"no table under '{heading}'")
@@ -100,23 +101,23 @@ def final_evaluation(metrics_path: str) -> dict | None:
 
 
 def differences(row: Row, fresh: dict) -> list[str]:
-    """What differs between the README row and a fresh run's final evaluation, at the README's precision."""
+    """What differs between the page's row and a fresh run's final evaluation, at the page's precision."""
     out = []
-    for name, readme, value in zip(LEVELS, row.levels, fresh["levels"]):
-        if value is None or _as_written(value, readme) != readme:
-            out.append(f"{name}: README {readme}, fresh {_as_written(value, readme)}")
+    for name, written, value in zip(LEVELS, row.levels, fresh["levels"]):
+        if value is None or _as_written(value, written) != written:
+            out.append(f"{name}: docs {written}, fresh {_as_written(value, written)}")
     if row.wrong_steps is not None:
         value = fresh["wrong_steps"]
         if value is None or _as_written(value, row.wrong_steps) != row.wrong_steps:
-            out.append(f"wrong steps: README {row.wrong_steps}, fresh {_as_written(value, row.wrong_steps)}")
+            out.append(f"wrong steps: docs {row.wrong_steps}, fresh {_as_written(value, row.wrong_steps)}")
     return out
 
 
-def _as_written(value, readme: str) -> str:
-    """`value` with as many decimals as the README's number has."""
+def _as_written(value, written: str) -> str:
+    """`value` with as many decimals as the page's number has."""
     if value is None:
         return "missing"
-    places = len(readme.split(".")[1]) if "." in readme else 0
+    places = len(written.split(".")[1]) if "." in written else 0
     return f"{value:.{places}f}"
 
 
@@ -128,7 +129,7 @@ def select(rows: list[Row], only: str | None, seeds: str | None) -> list[Row]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--page", default=os.path.join(ROOT, "docs", "task.md"), help="the page whose tables are checked")
     p.add_argument("--only", help="comma-separated trainers, e.g. sft,grpo (default: every row)")
     p.add_argument("--seeds", help="comma-separated seeds (default: every seed)")
     p.add_argument("--runs_dir", help="where the runs go, one directory per command (default: a temporary one, "
@@ -136,23 +137,23 @@ def main(argv=None):
     p.add_argument("--reuse", action="store_true", help="compare a run already in --runs_dir instead of rerunning it")
     p.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
     a = p.parse_args(argv)
-    with open(a.readme, encoding="utf-8") as f:
+    with open(a.page, encoding="utf-8") as f:
         rows = select(parse_tables(f.read()), a.only, a.seeds)
     if not rows:
-        sys.exit("no README row matches --only / --seeds")
-    runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="readme_rows_")
+        sys.exit("no row of the page matches --only / --seeds")
+    runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="doc_rows_")
     # A row of both tables (GRPO's) runs once per distinct command.
     jobs = {}
     for r in rows:
         out = os.path.join(runs_dir, f"{r.trainer}-s{r.seed}" + ("-lab" if TABLES[r.table] == "lab" else ""))
         jobs.setdefault(out, []).append(r)
     threads = os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)")
-    print(f"{len(rows)} README rows, {len(jobs)} commands; OMP_NUM_THREADS={threads}")
+    print(f"{len(rows)} rows of {os.path.relpath(a.page, ROOT)}, {len(jobs)} commands; OMP_NUM_THREADS={threads}")
     failed = False
     for out, same in jobs.items():
         cmd = command(same[0], out)
-        print(f"\n$ python {os.path.relpath(cmd[1], ROOT)} {shlex.join(cmd[2:])}   # README line "
-              f"{', '.join(str(r.line) for r in same)}", flush=True)
+        print(f"\n$ python {os.path.relpath(cmd[1], ROOT)} {shlex.join(cmd[2:])}   # "
+              f"{os.path.relpath(a.page, ROOT)} line {', '.join(str(r.line) for r in same)}", flush=True)
         if a.list:
             continue
         metrics = os.path.join(out, "metrics.jsonl")
@@ -175,8 +176,8 @@ def main(argv=None):
         for r in same:
             diff = differences(r, fresh)
             print(f"{r.trainer} seed {r.seed} ({r.table}), step {fresh['step']}: "
-                  f"README {' / '.join(r.levels)}, fresh {' / '.join(_as_written(v, w) for v, w in zip(fresh['levels'], r.levels))}"
-                  + (f", wrong steps README {r.wrong_steps}, fresh {_as_written(fresh['wrong_steps'], r.wrong_steps)}"
+                  f"docs {' / '.join(r.levels)}, fresh {' / '.join(_as_written(v, w) for v, w in zip(fresh['levels'], r.levels))}"
+                  + (f", wrong steps docs {r.wrong_steps}, fresh {_as_written(fresh['wrong_steps'], r.wrong_steps)}"
                      if r.wrong_steps is not None else "")
                   + (": SAME" if not diff else ": DIFFERS (" + "; ".join(diff) + ")"))
             failed |= bool(diff)

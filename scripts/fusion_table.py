@@ -1,4 +1,6 @@
-"""The README's "Measured: the six fusion trainers" rows, from a lab's results (GRPO's rows first, to compare):
+"""The rows of docs/task.md's "Measured: the six fusion trainers", with each method's own counter, from a lab's
+results (GRPO's rows first, to compare; the page's table itself is written by scripts/build_docs.py, without the
+counter column, from results.json alone):
 
     python scripts/fusion_table.py [lab_results]
 

@@ -2,7 +2,7 @@
 (the whole response, the gold wrapped in $...$), plus two checks of the fast path: its agreement with
 math-verify on generated pairs of plain numbers, and the grading speed.
 
-    python scripts/verifier_agreement.py              # tests/data/verifier_cases.jsonl, as in the README
+    python scripts/verifier_agreement.py              # tests/data/verifier_cases.jsonl, as in docs/data-and-verifier.md
     python scripts/verifier_agreement.py --study      # tests/data/verifier_study.jsonl (R1-style responses)
     python scripts/verifier_agreement.py --verbose    # and every case where a grader disagrees
     python scripts/verifier_agreement.py --fast       # fast path vs math-verify, and items per second

@@ -1,4 +1,4 @@
-"""scripts/check_readme_rows.py: the README's tables parse, and a fresh run is compared at the README's
+"""scripts/check_readme_rows.py: the tables of docs/task.md parse, and a fresh run is compared at the page's
 precision (the runs themselves are not run here)."""
 import json
 import os
@@ -50,9 +50,9 @@ def test_parse_tables_names_what_is_missing():
         rows.parse_tables(SAMPLE.replace("| level 4 | wrong steps", "| L4 | wrong steps"))
 
 
-def test_the_real_readme_parses():
-    """The README keeps both tables in a form this script reads: every trainer's seeds."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_the_docs_page_parses():
+    """docs/task.md keeps both tables in a form this script reads: every trainer's seeds."""
+    with open(os.path.join(ROOT, "docs", "task.md"), encoding="utf-8") as f:
         found = rows.parse_tables(f.read())
     plain = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "plain"}
     lab = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "lab"}
@@ -61,7 +61,7 @@ def test_the_real_readme_parses():
     assert all(len(r.levels) == 4 and all(v.count(".") == 1 for v in r.levels) for r in found)
 
 
-def test_differences_at_the_readmes_precision(tmp_path):
+def test_differences_at_the_pages_precision(tmp_path):
     row = rows.parse_tables(SAMPLE)[2]  # srft seed 2, with wrong steps
     metrics = tmp_path / "metrics.jsonl"
     lines = [{"step": 0, "eval_accuracy_builtin_level1": 0.5},
@@ -75,10 +75,10 @@ def test_differences_at_the_readmes_precision(tmp_path):
     assert rows.differences(row, fresh) == []  # 0.99125 -> 0.991, 0.9825 -> 0.983 (as printed), 0.0331 -> 0.033
     fresh["levels"] = (0.99125, 0.9825, 0.62125, 0.4412)
     fresh["wrong_steps"] = 0.036
-    assert rows.differences(row, fresh) == ["level 4: README 0.440, fresh 0.441",
-                                            "wrong steps: README 0.033, fresh 0.036"]
+    assert rows.differences(row, fresh) == ["level 4: docs 0.440, fresh 0.441",
+                                            "wrong steps: docs 0.033, fresh 0.036"]
     fresh["levels"] = (0.99125, None, 0.62125, 0.44)
-    assert rows.differences(row, fresh)[0] == "level 2: README 0.983, fresh missing"
+    assert rows.differences(row, fresh)[0] == "level 2: docs 0.983, fresh missing"
 
 
 def test_commands_and_selection():

@@ -1,4 +1,4 @@
-"""Faults a long run meets (README "Faults"): a non-finite loss, a bad output directory, a
+"""Faults a long run meets (docs/runs.md, "Faults"): a non-finite loss, a bad output directory, a
 checkpoint write that fails, paths that do not exist. Each is detected, said in one line, and loses
 nothing that was already saved."""
 import os

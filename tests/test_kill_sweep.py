@@ -1,5 +1,5 @@
 """Crash safety, the reduced count CI runs (the full sweep over all eight trainers is
-`python tests/kill_sweep.py`, README "Faults"): the two trainers with the most state beyond the
+`python tests/kill_sweep.py`, docs/runs.md, "Faults"): the two trainers with the most state beyond the
 optimizer, killed at chosen kinds of moments and resumed, end bit for bit where an uninterrupted run ends."""
 import os
 import sys

@@ -1,4 +1,4 @@
-"""The run directory's rules (README, "Runs, checkpoints and resuming"): --overwrite removes the old run,
+"""The run directory's rules (docs/runs.md): --overwrite removes the old run,
 --resume continues only the same trainer's run with the same settings, one process at a time, a torn
 metrics line is dropped, a finished run says so."""
 import fcntl

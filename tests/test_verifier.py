@@ -35,8 +35,8 @@ def verifier():
 
 @pytest.fixture(scope="module")
 def verifier_2s():
-    """As scripts/verifier_agreement.py grades (the README quotes it): intervals and sets take math-verify
-    over a second on a busy 2-core machine."""
+    """As scripts/verifier_agreement.py grades (docs/data-and-verifier.md quotes it): intervals and sets take
+    math-verify over a second on a busy 2-core machine."""
     v = Verifier(num_workers=2, timeout_s=2)
     v.start()
     yield v
@@ -46,7 +46,7 @@ def verifier_2s():
 # ---------------------------------------------------------------------------------- the graded case set
 
 def test_graded_cases(verifier):
-    """Every case of tests/data/verifier_cases.jsonl gets its human grade (the README quotes the
+    """Every case of tests/data/verifier_cases.jsonl gets its human grade (docs/data-and-verifier.md quotes the
     agreement of plain math-verify on the same set: scripts/verifier_agreement.py)."""
     with open(CASES, encoding="utf-8") as f:
         cases = [json.loads(line) for line in f]
@@ -62,9 +62,9 @@ def test_graded_cases(verifier):
 
 
 def test_study_cases(verifier_2s):
-    """tests/data/verifier_study.jsonl, R1-style responses graded by hand (README: "Where answer-only grading
-    and a human disagree"): every case gets its human grade but those marked known_miss, which must still
-    miss, so that a change that fixes or breaks one shows here and the README's table is updated."""
+    """tests/data/verifier_study.jsonl, R1-style responses graded by hand (docs/data-and-verifier.md, "Measured
+    agreement"): every case gets its human grade but those marked known_miss, which must still miss, so that a
+    change that fixes or breaks one shows here and the page's table is updated."""
     with open(STUDY, encoding="utf-8") as f:
         cases = [json.loads(line) for line in f]
     kinds = Counter(c["kind"] for c in cases)
@@ -72,7 +72,8 @@ def test_study_cases(verifier_2s):
     assert all(c["response"].startswith("<think>") and "</think>" in c["response"] and c["note"] for c in cases)
     rewards = verifier_2s([c["response"] for c in cases], [c["gold"] for c in cases])
     wrong = [f"case {c['id']} [{c['kind']}] {c['note']}: got {r}, graded {c['grade']}"
-             + (" (marked known_miss: it is fixed, update the set and the README)" if "known_miss" in c else "")
+             + (" (marked known_miss: it is fixed, update the set and docs/data-and-verifier.md)"
+                if "known_miss" in c else "")
              for c, r in zip(cases, rewards) if (r == c["grade"]) == ("known_miss" in c)]
     assert not wrong, "\n".join(wrong)
 
@@ -110,7 +111,7 @@ def test_study_cases(verifier_2s):
     ("The recipe needs 1 1/2 cups.", "1.5", 1.0), (r"\boxed{2 1/3}", r"\frac{5}{2}", 0.0),
 ])
 def test_answer_rules(verifier_2s, answer, gold, reward):
-    """The rules of README "The verifier" a-g, each with a case it must not accept."""
+    """The answer-form rules a-g of docs/data-and-verifier.md, each with a case it must not accept."""
     assert verifier_2s(["<think>\nworking\n</think>\n\n" + answer], [gold]) == [reward]
 
 

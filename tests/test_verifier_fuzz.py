@@ -3,7 +3,7 @@ decoding, lone surrogates, no or unclosed boxes, megabytes of text, deeply neste
 make sympy slow, code. For every response: a reward of 0.0 or 1.0, no exception, within BOUND_S, and
 the grading workers still grade afterwards.
 
-    VERIFIER_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_verifier_fuzz.py -s   # the README's figures
+    VERIFIER_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_verifier_fuzz.py -s   # the docs' figures
 """
 import os
 import time
@@ -70,7 +70,7 @@ def verifier():
 
 @pytest.fixture(scope="module")
 def seen():
-    """What the fuzzing saw: printed at the end (the README's figures come from a longer run)."""
+    """What the fuzzing saw: printed at the end (docs/data-and-verifier.md's figures come from a longer run)."""
     record = {"examples": 0, "slowest_s": 0.0, "rewards": {0.0: 0, 1.0: 0}, "overran": 0, "chars": 0}
     yield record
     print(f"\nverifier fuzz: {record}")
@@ -115,7 +115,7 @@ def test_bad_model_output_scores_0_or_1_within_the_bound(verifier, seen):
 @pytest.mark.parametrize("answer", CODE)
 def test_code_in_an_answer_or_a_gold_is_never_run(verifier, answer):
     """math-verify reads LaTeX with its own parser and hands sympy's parse_expr (which evaluates Python)
-    only digits, operators and parentheses (README, "The verifier"): an answer written as code is text."""
+    only digits, operators and parentheses (docs/data-and-verifier.md): an answer written as code is text."""
     if os.path.exists(MARKER):
         os.remove(MARKER)
     responses = ["</think>\\boxed{%s}" % answer, "</think> The answer is %s." % answer, "</think>" + answer]

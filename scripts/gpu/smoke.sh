@@ -25,7 +25,7 @@
 # 3. every trainer on the builtin task for 4 steps (checkpoints at 2 and 4, evaluations at 0, 2, 4), ReLIFT (a
 #    buffer and a second optimizer in its checkpoint) cut after step 2 and resumed, and a summary line per run;
 # 4. with --laptop_rows, beside part 3: the default laptop runs of grpo.py and sft.py (seed 0) on the GPU, to
-#    hold against the README's CPU rows.
+#    hold against the CPU rows of docs/task.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -1,0 +1,306 @@
+"""Rewrite the generated blocks of README.md and docs/*.md from the files that hold their numbers.
+
+    python scripts/build_docs.py           # rewrite every block in place
+    python scripts/build_docs.py --check   # change nothing; exit 1 naming each block that differs
+
+A block is the text between `<!-- generated: NAME -->` and `<!-- end generated -->`; BLOCKS[NAME] writes it,
+from `wc -l` and `diff grpo.py <file>` of the trainers and forks, lab_results/results.json or a bench/*.json.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+TRAINERS = [  # file, method (with its METHODS.md equations), paper
+    ("sft.py", "supervised fine-tuning on demonstrations, Eq. (13)", "the baseline of every paper"),
+    ("grpo.py", "GRPO / Dr.GRPO, Eq. (4), (9)-(12), (15): the template of the others", "arXiv 2402.03300, 2503.20783"),
+    ("luffy.py", "LUFFY: the demonstration joins the group, shaped off-policy term, Eq. (16)-(20)", "arXiv 2504.14945"),
+    ("relift.py", "ReLIFT: fine-tuning steps on the hardest questions between RL steps, Eq. (21)-(24)",
+     "arXiv 2506.07527"),
+    ("srft.py", "SRFT: entropy-weighted SFT + off- and on-policy RL in one loss, Eq. (25)-(31)", "arXiv 2506.19767"),
+    ("uft.py", "UFT: annealed hints with a log-likelihood term, Eq. (32)-(38)", "arXiv 2505.16984"),
+    ("bread.py", "BREAD: branched rollouts from expert anchors found by binary search, Eq. (39)-(41)",
+     "arXiv 2506.17211"),
+    ("prefix_rft.py", "Prefix-RFT: one hybrid rollout per group, entropy-gated prefix, Eq. (42)-(48)",
+     "arXiv 2507.01679")]
+FORKS = [  # file, idea, the flags that set it, paper
+    ("forks/nsr.py", "NSR / PSR / W-REINFORCE: the reward's sign as the advantage, one half kept or down-weighted, "
+     "Eq. (49)-(50)", "`--objective nsr \\| psr \\| w_reinforce`, `--positive_weight 0.1`", "arXiv 2506.01347"),
+    ("forks/forking_tokens.py", "policy gradient on each step's 20% highest-entropy response tokens only, "
+     "Eq. (51)-(52)", "`--top_entropy_frac 0.2`", "arXiv 2506.01939"),
+    ("forks/chord.py", "GRPO + an SFT term on the demonstrations, (1 - mu) / mu with mu decaying, token weight "
+     "p(1-p), Eq. (53)-(55)", "`--mu_peak --mu_valley --mu_warmup_steps --mu_decay_steps --phi`", "arXiv 2508.11408"),
+    ("forks/hpt.py", "per question: SFT on the demonstration when the rollouts' accuracy is <= gamma, GRPO "
+     "otherwise, Eq. (56)-(57)", "`--sft_gate 0 --sft_coef 1`", "arXiv 2509.04419")]
+HEADLINE = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft"]
+GROUPS = ("all", "reachable", "out_of_reach")
+
+
+def load(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def wc(path):
+    """`wc -l`: the file's newlines."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read().count("\n")
+
+
+def diff_lines(path):
+    """`diff grpo.py <path> | grep -c '^[<>]'`: the lines a reader of the diff reads."""
+    out = subprocess.run(["diff", "grpo.py", path], cwd=ROOT, capture_output=True, text=True).stdout
+    return sum(line.startswith(("<", ">")) for line in out.splitlines())
+
+
+def table(head, rows):
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def fmt(s, digits=3):
+    """Stats over seeds -> "mean (min-max)", or the mean alone when every seed agrees at these digits."""
+    lo, mean, hi = (f"{s[k]:.{digits}f}" for k in ("min", "mean", "max"))
+    return mean if lo == hi else f"{mean} ({lo}-{hi})"
+
+
+def tokens(x):
+    return "0" if x == 0 else f"{x / 1e3:.0f}k" if x >= 1e5 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def spread(s, digits=2, unit=""):
+    """A bench cell: median (min-max)."""
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def source(info):
+    """Where a bench JSON's numbers come from."""
+    return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {info['threads']} threads)"
+
+
+def lab(res, heads, cells):
+    """The lab's table: the base, then each method in `res` (cells(method) -> its cells after the accuracies)."""
+    lab = res["lab"]
+    rows = [("base model (step 0)", *(fmt(res["base"][g]) for g in GROUPS), *["-"] * (len(heads) - 3))]
+    rows += [(m["label"], *(fmt(m["summary"]["final"][g]) for g in GROUPS), *cells(m)) for m in res["methods"].values()]
+    return [f"From `lab_results/results.json`: `{lab['command']}` on {lab['date'][:10]}, {lab['machine']['cpu']} with "
+            f"{lab['machine']['cores']} cores, {lab['runs']} jobs in {lab['wall_min']:.0f} min. Held-out pass@1 at "
+            f"step {lab['budget']['steps']}, mean (min-max) over seeds {', '.join(map(str, lab['budget']['seeds']))}.",
+            ""] + table(
+        ["method", "all levels", "reachable (levels 1-2)", "out of reach (levels 3-4)", *heads[3:]], rows)
+
+
+# ---- the blocks -------------------------------------------------------------------------------------------------
+
+def methods():
+    """README: every trainer and fork, its length and its distance from grpo.py."""
+    special = {"sft.py": "", "grpo.py": "(the template)"}  # sft.py's diff from grpo.py measures nothing
+    rows = [(f"`{f}`", m, p, wc(f), special[f] if f in special else diff_lines(f)) for f, m, p in TRAINERS]
+    rows += [(f"`{f}`", m, p, wc(f), diff_lines(f)) for f, m, _, p in FORKS]
+    return table(["file", "method", "paper", "lines", "`diff grpo.py` lines"], rows)
+
+
+def forks():
+    """docs/forks.md: each fork, the flags of its idea, its length and its diff from grpo.py."""
+    return table(["file", "idea", "flags", "paper", "lines", "`diff grpo.py` lines"],
+                 [(f"`{f}`", idea, flags, p, wc(f), diff_lines(f)) for f, idea, flags, p in FORKS])
+
+
+def lab_headline():
+    """README: the lab's accuracy by level group, the trainers and the two-stage baselines, and its figure."""
+    res = load("lab_results/results.json")
+    res["methods"] = {m: res["methods"][m] for m in HEADLINE}
+    return lab(res, GROUPS, lambda m: ()) + [
+        "", "![held-out accuracy against the training step, one line per method](lab_results/accuracy.png)"]
+
+
+def lab_table():
+    """docs/lab.md: every method of the lab, with what it spent."""
+    res = load("lab_results/results.json")
+    window = max(1, res["lab"]["budget"]["steps"] // 10)
+    def cells(m):
+        s = {k: v["mean"] for k, v in m["summary"].items() if isinstance(v, dict) and "mean" in v}
+        on_demos = " (on demos)" if m["trainers"][-1] == "sft" else ""  # SFT's entropy is on what it trains on
+        return (f"{s['wrong_steps_final']:.3f}", f"{s['entropy_final']:.3f}{on_demos}", tokens(s["generated_tokens"]),
+                tokens(s["demo_tokens"]))
+    return lab(res, [*GROUPS, "wrong steps", f"entropy (last {window} steps)", "generated tokens", "demo tokens"],
+               cells)
+
+
+def lab_passk():
+    """docs/lab.md: the final pass@k of the base and of the methods the lab evaluates for it."""
+    res = load("lab_results/results.json")
+    rows = [("base model", res["base_passk"])] + [
+        (m["label"], m["summary"]["passk"]) for m in res["methods"].values() if "passk" in m["summary"]]
+    ks = [k for k in res["base_passk"]["reachable"] if k in ("1", "4", "16", "64")]
+    return table(["method", *(f"pass@{k}" for k in ks)], [
+        (label, *(f"{p['reachable'][k]['mean']:.3f} / {p['out_of_reach'][k]['mean']:.3f}" for k in ks))
+        for label, p in rows])
+
+
+def lab_claims():
+    """docs/lab.md: the papers' claims with the verdicts lab.py computed."""
+    return table(["#", "claim", "verdict", "measured"], [
+        (v["claim"], v["text"], v["verdict"], v["measured"]) for v in load("lab_results/results.json")["verdicts"]])
+
+
+def fusion_runs():
+    """docs/task.md: every seed of GRPO and the six fusion trainers (scripts/check_readme_rows.py reruns them)."""
+    res = load("lab_results/results.json")
+    rows = [(f"`{m}.py`", r["seed"], *(f"{r['final'][k]:.3f}" for k in "1234"), f"{r['wrong_steps_final']:.3f}",
+             tokens(r["generated_tokens"]), tokens(r["demo_tokens"]), f"{r['wall_s']:.0f} s")
+            for m in ("grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread")
+            for r in res["methods"][m]["runs"]]
+    return table(["trainer", "seed", "level 1", "level 2", "level 3", "level 4", "wrong steps", "generated tokens",
+                  "demo tokens", "wall"], rows)
+
+
+def bench_logprob():
+    """docs/performance.md: the LM head's forward + backward, naive against checkpointed against fused."""
+    rows, infos = [], []
+    for d in (load("bench/logprob_1k.json"), load("bench/logprob_2k.json")):
+        infos.append(source(d["info"]))
+        for c in d["cases"]:
+            naive, r = c["sides"]["naive"], c["ratio_to_naive"]
+            rows.append((c["tokens"], c["dtype"], "on" if c["entropy"] else "off",
+                         f"{spread(naive['seconds'], 2, ' s')}, {naive['peak_gib']['median']:.2f} GiB",
+                         *(f"{r[k]['time']:.2f}x, {r[k]['memory']:.2f}x" for k in ("checkpointed", "fused")),
+                         f"{c['time_floor_4_of_3_matmuls']:.2f}x, {c['memory_floor_grad_w']:.2f}x",
+                         f"{c['grad_rel_err_vs_naive']['fused']:.1e}"))
+    return [" and ".join(infos) + ":", ""] + table(
+        ["N", "dtype", "entropy", "naive: time, extra peak", "checkpointed: time, memory", "fused: time, memory",
+         "floors: 4 matmuls, d/dW", "fused's largest relative difference from naive's gradients"], rows)
+
+
+def bench_trl():
+    """docs/performance.md: one grpo.py step against one step of TRL's GRPOTrainer."""
+    d = load("bench/trl_step.json")
+    rows = [(name, spread(t["step_s"]), spread(t["steps_per_s"]), f"{t['generated_tokens_per_s']['median']:,.0f}",
+             *(f"{t[k]['median']:.{3 if k == 'reward' else 2}f}" for k in ("rollout", "reward", "old_logprobs",
+                                                                            "update")))
+            for name, t in (("`grpo.py`", d["table"]["ours"]), (f"TRL {d['info']['trl']}", d["table"]["trl"]))]
+    u, p, ours = d["update_ours"], d["paired_ratio"], d["table"]["ours"]
+    floor = ours["rollout"]["median"] + ours["old_logprobs"]["median"] + u["at_matmul_rate_s"]
+    return [source(d["info"]) + ":", ""] + table(
+        ["", "s/step", "steps/s", "generated tokens/s", "rollout s", "reward s", "old log-probs s", "update s"],
+        rows) + [
+        "", f"grpo.py runs **{d['ratio_steps_per_s']:.2f}x** TRL's steps per second by the medians, {p['median']:.2f}x "
+            f"({p['min']:.2f}-{p['max']:.2f}) within a repeat. Its update computes {u['flops'] / 1e9:.1f} GFLOP at "
+            f"{u['flops_per_s'] / 1e9:.0f} GFLOP/s, {u['flops_per_s'] / u['matmul_flops']:.2f} of the float32 matmul "
+            f"rate of the same run ({u['matmul_flops'] / 1e9:.0f} GFLOP/s); at that rate it would take "
+            f"{u['at_matmul_rate_s']:.2f} s, so a step (rollout + old log-probs + update) takes at least "
+            f"{floor:.2f} s: "
+            f"at most {d['table']['trl']['step_s']['median'] / floor:.2f}x TRL's steps per second."]
+
+
+def bench_sampler():
+    """docs/performance.md: the torch sampler's rollout drawn five ways."""
+    d = load("bench/sampler.json")
+    names = {"generate": "`generate` (what `common.TorchSampler` runs)", "generate, 1 thread": "`generate`, 1 thread",
+             "static cache": "`generate`, `cache_implementation=\"static\"`",
+             "hand loop": "the decode loop written out",
+             "hand loop, compiled": f"the same under `torch.compile(dynamic=True)` ({d['compile_s']:.1f} s to compile, "
+                                    "not counted)"}
+    return [source(d["info"]) + ":", ""] + table(["", "s (min-max)", "time / `generate`", "same tokens"], [
+        (names[k], f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})", f"{v['ratio_to_generate']:.2f}x",
+         "yes" if v["same_draws_as_generate"] else "**no**") for k, v in d["table"].items()]) + [
+        "", f"The decode's matmuls at the float32 matmul rate of the same run would take {d['matmul_floor_s']:.3f} s; "
+            f"`generate` takes {d['table']['generate']['median'] / d['matmul_floor_s']:.1f}x that, and the written-out "
+            f"loop saves {1 - d['table']['hand loop']['ratio_to_generate']:.0%} of it."]
+
+
+def bench_mfu():
+    """docs/performance.md: the training step and the sampler against the machine's limits."""
+    d = load("bench/mfu.json")
+    t, s, m = d["train"], d["sample"], d["model"]
+    return [f"{source(d['info'])}: a {m['params'] / 1e6:.1f}M-parameter Qwen2 (hidden {m['hidden']}, {m['layers']} "
+            f"layers), {d['batch']} sequences of {d['seq']} tokens, {d['new_tokens']} new tokens when sampling:", ""
+            ] + table(["", "measured", "the machine's limit, same run", "fraction of the limit"], [
+                ("training: forward + backward of `common.PolicyModel`",
+                 f"{spread(t['seconds'], 2, ' s')}, {t['achieved_flops']['median'] / 1e9:.1f} GFLOP/s",
+                 f"{t['matmul_flops']['median'] / 1e9:.1f} GFLOP/s (float32 matmul)", f"MFU {spread(t['mfu'])}"),
+                ("sampling: `common.TorchSampler`", f"{s['tokens_per_s']['median']:,.0f} tokens/s",
+                 f"{s['bound_tokens_per_s']['median']:,.0f} tokens/s (memory bandwidth "
+                 f"{s['bandwidth_bytes_s']['median'] / 1e9:.1f} GB/s)", spread(s["fraction_of_bound"]))])
+
+
+def bench_scaling():
+    """docs/performance.md: a grpo.py step's cost against response length, group size and model size."""
+    d = load("bench/scaling.json")
+    res, rows, axes = d["results"], [], {"length": "max response tokens", "group": "group size", "model": "parameters"}
+    for axis, name in axes.items():
+        for i, (pt, pv) in enumerate(zip(res[f"{axis}/torch"]["points"], res[f"{axis}/vllm"]["points"])):
+            value = f"{pt['model']}, {pt['params'] / 1e6:.1f}M" if axis == "model" else f"{pt[axis]:,}"
+            rows.append(("" if i else name, value, *(f"{p['step_s']:.2f} ({p['rollout_s']:.2f}) | {p['peak_gib']:.2f}"
+                                                     for p in (pt, pv))))
+    fits = [(name, *(f"{res[f'{a}/{s}']['exponent']:.2f}" for a in axes))
+            for s, name in (("torch", "torch sampler"), ("vllm", "vLLM, CPU build"))]
+
+    def at(sampler, axis, value):  # step seconds at the point of one axis whose varied quantity is `value`
+        return next(p["step_s"] for p in res[f"{axis}/{sampler}"]["points"] if p[axis] == value)
+    centre = {s: sorted([at(s, "length", 256), at(s, "group", 8), at(s, "model", "M")]) for s in ("torch", "vllm")}
+    ratio = {n: at("vllm", "length", n) / at("torch", "length", n) for n in (1024, 2048)}
+    return [source(d["info"]) + ":", ""] + table(
+        ["axis", "value", "torch: s/step (rollout s)", "torch: peak GiB", "vLLM (CPU build): s/step (rollout s)",
+         "vLLM: peak GiB"], rows) + [
+        "", "Fitted exponents b of step time ~ x^b (least squares on log-log axes; `bench/scaling.png`):", ""] + table(
+        ["", "response length", "group size", "parameters"], fits) + [
+        "", f"The centre point (256 tokens, G = 8, model M) is in every axis: {centre['torch'][0]:.2f}-"
+            f"{centre['torch'][-1]:.2f} s with torch, {centre['vllm'][0]:.2f}-{centre['vllm'][-1]:.2f} s with vLLM, so "
+            f"read differences under about 10% as noise. A vLLM step takes {ratio[1024]:.2f}x the torch sampler's "
+            f"time at 1,024 tokens and {ratio[2048]:.2f}x at 2,048."]
+
+
+def gpu_paper():
+    """docs/gpu.md: one LUFFY step on 8 GPUs, worked out on paper by bench/gpu_paper.py."""
+    h, a = load("bench/gpu_paper_h100.json"), load("bench/gpu_paper_a100.json")
+    return [f"`python bench/gpu_paper.py --json {h['inputs']['json']}` and `python bench/gpu_paper.py --gpu a100 "
+            f"--json {a['inputs']['json']}`:", ""] + table(
+        ["quantity", f"8 x {h['gpu']['name']}", f"8 x {a['gpu']['name']}", "how (first column)"],
+        [(rh["what"], rh["value"], ra["value"], rh["how"]) for rh, ra in zip(h["rows"], a["rows"])])
+
+
+BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
+          "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "bench-logprob": bench_logprob,
+          "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
+          "bench-scaling": bench_scaling, "gpu-paper": gpu_paper}
+
+
+def build(text, path):
+    """`text` with every generated block rewritten, and the names of the blocks that changed."""
+    stale = []
+
+    def block(m):
+        if m.group(2) not in BLOCKS:
+            sys.exit(f"{path}: unknown generated block '{m.group(2)}' (known: {', '.join(BLOCKS)})")
+        new = "\n".join(BLOCKS[m.group(2)]()) + "\n"
+        stale.extend([m.group(2)] * (new != m.group(3)))
+        return m.group(1) + new + m.group(4)
+    return BLOCK.sub(block, text), stale
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is stale")
+    a = p.parse_args(argv)
+    stale_somewhere = False
+    for path in ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            new, stale = build(f.read(), path)
+        if stale and a.check:
+            print(f"{path}: stale generated blocks: {', '.join(stale)} (python scripts/build_docs.py rewrites them)")
+            stale_somewhere = True
+        elif stale:
+            with open(os.path.join(ROOT, path), "w", encoding="utf-8") as f:
+                f.write(new)
+            print(f"{path}: rewrote {', '.join(stale)}")
+    sys.exit(1 if stale_somewhere else 0)
+
+
+if __name__ == "__main__":
+    main()
