@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
 # Held-out problems are make_task(n, EVAL_SEED) with n <= HELDOUT_PER_LEVEL; the base never sees them.
 EVAL_SEED, HELDOUT_PER_LEVEL = 1234, 200
 TRAIN_PER_LEVEL = 250  # builtin training problems per level: equal, so every level weighs the same in training
-TASK_VERSION = 3  # part of the base model's cache key: bump whenever the task or the base changes
+TASK_VERSION = 4  # part of the base model's cache key: bump whenever the task or the base changes
 # Settings of the builtin task, used when the data is "builtin" and the flag is left at 0 (auto): its
 # budgets (demonstration + EOS <= 30 tokens) and k = 4 evaluation samples per problem (200 problems per
 # level x 4 samples keep the evaluation's sampling sd <= 0.016 per level, docs/task.md). File data gets the
@@ -58,6 +58,18 @@ MAX_LEFT_OPERAND = 27  # the largest partial sum the base adds to (level 2: 9+9+
 # it is at least 10 above t (a first line "t+X" with a digit X cannot land on it, a shortcut RL finds
 # otherwise) and far from the misreading t+k. Products stay within the base's range of left operands.
 FACTS = [(t, k) for k in (3, 4, 5) for t in range(2, 10) if t * k - t >= 10 and t * k <= MAX_LEFT_OPERAND]
+# The strata of levels 3-4: the base's prior on a problem's fact, set by how often the pre-training teacher
+# writes that fact's line right (otherwise it writes its habit `t*1=t` and sums on from t). One base holds
+# every regime the fusion methods are argued in: a fact the base already gives some probability (moderate),
+# one it gives little (weak), one it never saw (needle).
+STRATA = {3: "moderate", 4: "weak", 5: "needle"}  # multiplier k -> stratum
+# k -> probability that the pre-training teacher writes t*k right, tuned so that the base lands near pass@1
+# 0.05-0.15 and pass@64 >= 0.9 (moderate), pass@1 <= 0.03 and pass@64 0.3-0.8 (weak), pass@64 = 0 (needle), at
+# the evaluation temperature 0.6 (docs/task.md has the measured base; scripts/yardstick.py measures it)
+TEACHER_FACT_PROB = {3: 0.45, 4: 0.20, 5: 0.0}
+# Moderate facts that no training demonstration shows (they appear only in held-out problems): the base knows
+# them as weakly as the other moderate facts, so RL can sharpen them and SFT can only carry them over.
+GENERALISATION_FACTS = frozenset({(6, 3)})
 # level: (number of terms, whether one of them is a product t*k)
 LEVELS = {1: (3, "none"), 2: (4, "none"), 3: (3, "first"), 4: (3, "later")}
 
@@ -71,16 +83,30 @@ def _value(terms) -> int:
     return sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
 
 
+def _fact(terms):
+    """The (t, k) product of a problem's terms, or None (levels 1-2)."""
+    return next((t for t in terms if isinstance(t, tuple)), None)
+
+
+def stratum(terms) -> str | None:
+    """The stratum of a level-3/4 problem (None for levels 1-2): generalisation, or STRATA of its multiplier."""
+    fact = _fact(terms)
+    if fact is None:
+        return None
+    return "generalisation" if fact in GENERALISATION_FACTS else STRATA[fact[1]]
+
+
 def _slip_prob(s: int) -> float:
     """Probability that the base's teacher writes partial sum s as s + 1."""
     return min(0.5, (s / 25) ** 2)
 
 
-def _demo(terms, slip=None):
+def _demo(terms, slip=None, habit=False):
     """The worked solution: the product first, then a running sum over the other terms in order. With
     `slip` (a random.Random) each written sum s is one too high with probability _slip_prob(s) and the
-    chain goes on from the written value, so the answer is right only when every step is."""
-    products = [t for t in terms if isinstance(t, tuple)]
+    chain goes on from the written value, so the answer is right only when every step is. habit: the
+    pre-training teacher's habit on a fact it does not write right: `t*1=t`, then the sum goes on from t."""
+    products = [(t, 1) if habit else (t, k) for t, k in (x for x in terms if isinstance(x, tuple))]
     lines = [f"{t}*{k}={t * k}\n" for t, k in products]
     addends = [t * k for t, k in products] + [t for t in terms if not isinstance(t, tuple)]
     total = addends[0]
@@ -117,17 +143,17 @@ def steps_correct(problem: str, response: str) -> bool:
     return response.split("</think>")[0].strip() == _demo(terms).split("</think>")[0].strip()
 
 
-def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset()):
-    """Rows {problem, answer, demo, level}: up to n_per_level distinct problems per level, not in
-    `exclude`, drawn without replacement from a shuffle seeded by (seed, level); a smaller n gives a
-    prefix of a larger n."""
+def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset(), without_facts=frozenset()):
+    """Rows {problem, answer, demo, level, stratum}: up to n_per_level distinct problems per level, not in
+    `exclude` and with no fact of `without_facts`, drawn without replacement from a shuffle seeded by (seed,
+    level); a smaller n gives a prefix of a larger n."""
     rows = []
     for level in levels:
         problems = _level_problems(level)
         random.Random(f"{seed}:{level}").shuffle(problems)
-        taken = [p for p in problems if _problem(p) not in exclude][:n_per_level]
-        rows += [{"problem": _problem(p), "answer": str(_value(p)), "demo": _demo(p), "level": level}
-                 for p in taken]
+        taken = [p for p in problems if _problem(p) not in exclude and _fact(p) not in without_facts][:n_per_level]
+        rows += [{"problem": _problem(p), "answer": str(_value(p)), "demo": _demo(p), "level": level,
+                  "stratum": stratum(p)} for p in taken]
     return rows
 
 
@@ -172,24 +198,33 @@ def tiny_model_config(tokenizer):
     )
 
 
-def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-3, share2=0.35, share_x1=0.15):
+def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-3, share2=0.35, share_x1=0.15,
+              share_facts=0.15, fact_prob=None):
     """Plain SFT on level-1/2 problems (a share2 fraction at level 2, none of them held out) with the
     fallible teacher's demonstrations, plus a share_x1 fraction of three-term problems with one t*1
-    term anywhere: the base knows the notation and the rule "the product's line comes first" (so a
-    demonstration's first tokens are unlikely to it, not impossible), but no fact beyond t*1 = t. Cross-entropy on demo +
-    eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
+    term anywhere (the notation and the rule "the product's line comes first"), plus a share_facts
+    fraction of level-3/4 problems whose fact has a teacher probability (fact_prob, default
+    TEACHER_FACT_PROB) above 0: the teacher writes the fact's line right with that probability and its
+    habit `t*1=t` otherwise, so the base gives each stratum's facts about that prior and the needle
+    facts none. Cross-entropy on demo + eos only (prompt masked), AdamW, 5% warm-up, then linear decay to 0."""
+    fact_prob = TEACHER_FACT_PROB if fact_prob is None else fact_prob
     rng = random.Random(seed)
     pools = {level: [p for p in _level_problems(level) if _problem(p) not in exclude] for level in (1, 2)}
     pools["x1"] = [list(p[:i]) + [(t, 1)] + list(p[i:]) for t in range(1, 10) for p in itertools.product(range(1, 10), repeat=2)
                    for i in range(3)]
+    pools["facts"] = [p for level in (3, 4) for p in _level_problems(level)
+                      if _problem(p) not in exclude and fact_prob[_fact(p)[1]] > 0]
 
     def example():
         u = rng.random()
-        terms = rng.choice(pools["x1" if u < share_x1 else 2 if u < share_x1 + share2 else 1])
+        pool = "x1" if u < share_x1 else "facts" if u < share_x1 + share_facts else \
+            2 if u < share_x1 + share_facts + share2 else 1
+        terms = rng.choice(pools[pool])
+        habit = pool == "facts" and rng.random() >= fact_prob[_fact(terms)[1]]
         p = tokenizer.apply_chat_template([{"role": "user", "content": _problem(terms)}], tokenize=False,
                                       add_generation_prompt=True)  # common.format_prompt, no system prompt
         p = tokenizer(p, add_special_tokens=False)["input_ids"]
-        t = tokenizer(_demo(terms, slip=rng) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        t = tokenizer(_demo(terms, slip=rng, habit=habit) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         return p + t, [-100] * len(p) + t
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -235,8 +270,11 @@ def build_base_model(cache_dir, seed=0):
 
 
 def rows(split: str) -> list[dict]:
-    """The task's rows {prompt, answer, demo, level} for split "train" or "eval": the held-out problems,
-    or TRAIN_PER_LEVEL training problems per level, none of them held out."""
+    """The task's rows {prompt, answer, demo, level, stratum} for split "train" or "eval": the held-out
+    problems, or TRAIN_PER_LEVEL training problems per level, none of them held out and none with a
+    GENERALISATION_FACTS fact."""
     held_out = make_task(HELDOUT_PER_LEVEL, EVAL_SEED)
-    raw = held_out if split == "eval" else make_task(TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out})
-    return [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"]} for r in raw]
+    raw = held_out if split == "eval" else make_task(TRAIN_PER_LEVEL, seed=0, exclude={r["problem"] for r in held_out},
+                                                     without_facts=GENERALISATION_FACTS)
+    return [{"prompt": r["problem"], "answer": r["answer"], "demo": r["demo"], "level": r["level"],
+             "stratum": r["stratum"]} for r in raw]
