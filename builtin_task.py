@@ -262,11 +262,71 @@ def build_base_model(cache_dir, seed=0):
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # same file system, so the rename is atomic
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, PROBE_FILE), "w") as f:
+        json.dump(_build_probe(model, tokenizer, seed), f)
     try:
         os.rename(tmp, path)
     except OSError:  # another process finished the same build first: keep its copy
         shutil.rmtree(tmp)
     return path
+
+
+# The probe: a fixed set of held-out prompts, each with one response the base wrote (T = 1) and with its
+# demonstration, and the base's log-probability of every token; the trainers measure each checkpoint on it
+# (common.measure_probe), so every method is compared on the same tokens: how far it moved from the base
+# and towards the demonstrations, how its entropy moves, which tokens it changed.
+PROBE_FILE, PROBE_PER_GROUP = "probe.json", 12  # problems per level 1-2 and per stratum of levels 3-4
+
+
+def key_tokens(tokens: list[str]) -> list[bool]:
+    """Which tokens of a demonstration (its decoded tokens, EOS included) are its key tokens: the digits of
+    the fact line after `*` (the multiplier and the product), what the base must know to solve a level-3/4
+    problem. None for a demonstration without a fact line (levels 1-2)."""
+    text, out, star, line_done = "", [], False, False
+    for tok in tokens:
+        out.append(not line_done and star and tok.strip().isdigit())
+        star, text = star or "*" in tok, text + tok
+        line_done = line_done or "\n" in tok
+    return out if "*" in text.split("\n")[0] else [False] * len(tokens)
+
+
+def _build_probe(model, tokenizer, seed) -> dict:
+    """PROBE_PER_GROUP held-out problems per group (level 1, level 2, each stratum), the base's own response
+    to each (sampled at temperature 1, seeded) and its demonstration, with the base's log-probability of
+    every response token at temperature 1."""
+    groups = {}
+    for r in make_task(HELDOUT_PER_LEVEL, EVAL_SEED):
+        groups.setdefault(r["stratum"] or f"level{r['level']}", []).append(r)
+    chosen = [r for g in sorted(groups) for r in groups[g][:PROBE_PER_GROUP]]
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc(tokenizer.apply_chat_template([{"role": "user", "content": r["problem"]}], tokenize=False,
+                                                 add_generation_prompt=True)) for r in chosen]
+    model.eval()
+    responses = []
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed + 7)
+        for prompt in prompts:  # one at a time: no padding, nothing depends on the batch
+            out = model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=SETTINGS["max_response_len"], eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            responses.append(out[:out.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in out else out)
+    items = []
+    for r, prompt, own in zip(chosen, prompts, responses):
+        demo = enc(r["demo"]) + [tokenizer.eos_token_id]
+        for kind, response in (("base", own), ("demo", demo)):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            key = key_tokens([tokenizer.decode([t]) for t in response]) if kind == "demo" else [False] * len(response)
+            items.append({"kind": kind, "group": r["stratum"] or f"level{r['level']}", "problem": r["problem"],
+                          "prompt_ids": prompt, "response_ids": response, "base_logp": logp.tolist(), "key": key})
+    return {"task_version": TASK_VERSION, "items": items}
+
+
+def probe(cache_dir, seed=0) -> dict:
+    """The probe of the base built in cache_dir (build_base_model writes it beside the weights)."""
+    with open(os.path.join(build_base_model(cache_dir, seed), PROBE_FILE)) as f:
+        return json.load(f)
 
 
 def rows(split: str) -> list[dict]:
