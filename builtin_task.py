@@ -317,9 +317,10 @@ def _build_probe(model, tokenizer, seed) -> dict:
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-            key = key_tokens([tokenizer.decode([t]) for t in response]) if kind == "demo" else [False] * len(response)
+            tokens = [tokenizer.decode([t]) for t in response]
             items.append({"kind": kind, "group": r["stratum"] or f"level{r['level']}", "problem": r["problem"],
-                          "prompt_ids": prompt, "response_ids": response, "base_logp": logp.tolist(), "key": key})
+                          "prompt_ids": prompt, "response_ids": response, "tokens": tokens,
+                          "base_logp": logp.tolist(), "key": key_tokens(tokens) if kind == "demo" else [False] * len(response)})
     return {"task_version": TASK_VERSION, "items": items}
 
 
