@@ -93,6 +93,8 @@ class BaseConfig:
     eval_samples: int = 0  # k for evaluation sets given without ":k"; 0 = auto: the builtin task's, 1 for
     # files (METHODS 9: pass@1 averaged over k samples; the papers use 32 for AIME and AMC, 1 elsewhere)
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
+    probe_every: int = 0  # built-in task: also measure the probe (probe_* metrics: KL from the base, the held-out
+    # demonstrations' NLL, entropy; docs/lab.md) every N steps; it is measured at every evaluation anyway
     eval_pass_k: bool = False  # also log unbiased pass@k (Eq. 58) for k = 1, 2, 4, ... up to a set's samples
     # per problem (at most 64) as eval_pass@<k>_<set>: give the sets that many samples (builtin:64), they cost time
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
@@ -406,6 +408,8 @@ class Run:
     warned_timeouts: bool = False  # verifier_timeout_share passed TIMEOUT_WARN_SHARE once: not repeated
     step_rows: list = field(default_factory=list)  # the training rows drawn for this step (all ranks)
     bad_steps: int = 0  # steps in a row with a skipped update (non-finite loss or gradient)
+    probe: dict | None = None  # the built-in task's probe (builtin_task.probe), measured by Run.measure_probe
+    probe_log: run_dir.MetricsLogger | None = None  # probe.jsonl: the probe's token log-probs at each evaluation
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -433,8 +437,19 @@ class Run:
         if self.eval_sets:
             metrics.update(evaluate(self))
             print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.measure_probe(0, evaluated=True))
         metrics.update(self.timeout_share(0))
         self.logger.log(0, metrics)
+
+    def measure_probe(self, step: int, evaluated: bool) -> dict:
+        """The probe's metrics (measure_probe) at every evaluation and every --probe_every steps; at evaluations
+        also its token log-probs, to probe.jsonl."""
+        if self.probe is None or not (evaluated or self.cfg.probe_every and step % self.cfg.probe_every == 0):
+            return {}
+        metrics, logps = measure_probe(self.model, self.probe, self.tokenizer.pad_token_id, self.dist.device)
+        if evaluated:
+            self.probe_log.log_raw({"step": step, "logp": [[round(x, 5) for x in lp] for lp in logps]})
+        return metrics
 
     def timeout_share(self, step: int) -> dict:
         """verifier_timeout_share: the share of the responses graded since the last log line (rollouts and
@@ -459,6 +474,8 @@ class Run:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
             elif self.dist.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
+        metrics.update(self.measure_probe(step, evaluated=self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0
+                                                                              or last)))
         metrics.update(self.timeout_share(step))
         self.check_updates(step, int(metrics.get("skipped_updates", 0)))
         self.logger.log(step, metrics)
@@ -549,7 +566,8 @@ def read_rows(cfg: BaseConfig, source: str, split: str, need_answer: bool = True
 
 def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prompt_len: int,
                 max_response_len: int, name: str) -> tuple[list[dict], dict]:
-    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level, row}.
+    """Tokenize validated rows: {problem, prompt_text, prompt_ids, answer, demo_ids, demo_finished, level, stratum,
+    row} (stratum: the built-in task's prior stratum of a level-3/4 problem, else None).
     demo_ids = demonstration tokens + EOS, cut at max_response_len (METHODS 0.4; demo_finished: the EOS
     survived); prompts over max_prompt_len are dropped. Counts: {rows, prompts_dropped, demos_truncated}."""
     out, too_long, truncated = [], 0, 0
@@ -568,7 +586,7 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
             demo_ids = demo_ids[:max_response_len]
         out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
                     "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"],
-                    "row": n})  # its row number in the file (load_rows keeps them all, in order)
+                    "stratum": r.get("stratum"), "row": n})  # its row number in the file (load_rows keeps them all, in order)
     if too_long:
         print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
                "tokens")
@@ -689,6 +707,9 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
         run.bad_steps = run.state.get("bad_steps", 0)
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main)
+    if cfg.data == "builtin":  # the probe of the built-in base (docs/lab.md), whatever --model starts from
+        run.probe = builtin_task.probe(os.path.expanduser(cfg.cache_dir))
+        run.probe_log = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main, name="probe.jsonl")
     return run
 
 
@@ -1713,6 +1734,17 @@ def _level_key(level) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
 
 
+def _groups(row: dict) -> list[str]:
+    """The metric suffixes a row is counted under besides its set: level<L>, and stratum_<S> for the built-in
+    task's levels 3-4 (builtin_task.STRATA: the base's prior on the problem's fact)."""
+    return ([f"level{_level_key(row['level'])}"] if row["level"] is not None else []) + \
+        ([f"stratum_{row['stratum']}"] if row.get("stratum") else [])
+
+
+def _group_order(group: str):  # levels first, numerically, then strata
+    return (not group.startswith("level"), not group[5:].isdigit(), int(group[5:]) if group[5:].isdigit() else 0, group)
+
+
 PASS_K = (1, 2, 4, 8, 16, 32, 64)  # the k of --eval_pass_k, each up to the set's samples per problem
 
 
@@ -1728,8 +1760,8 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                   max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False) -> dict:
     """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
     1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
-    averaged over k, then over problems (and per level); eval_accuracy over sets. pass_k: also
-    eval_pass@<k>_<set>[_level<L>], Eq. (58), for k in PASS_K up to the set's k. `records`: rank 0 appends
+    averaged over k, then over problems (and per level and stratum, `_groups`); eval_accuracy over sets. pass_k:
+    also eval_pass@<k>_<set>[_<group>], Eq. (58), for k in PASS_K up to the set's k. `records`: rank 0 appends
     every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
@@ -1740,14 +1772,11 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                                   max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
-        levels = sorted({_level_key(r["level"]) for r in s.rows if r["level"] is not None},
-                        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-        sums = [0.0] * (2 + 2 * len(levels))  # [score sum, problems] overall, then per level
+        groups = sorted({g for r in s.rows for g in _groups(r)}, key=_group_order)
+        sums = [0.0] * (2 + 2 * len(groups))  # [score sum, problems] overall, then per group
         for i, r in enumerate(rows):
             score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
-            sums[0], sums[1] = sums[0] + score, sums[1] + 1
-            if r["level"] is not None:
-                j = 2 + 2 * levels.index(_level_key(r["level"]))
+            for j in [0] + [2 + 2 * groups.index(g) for g in _groups(r)]:
                 sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
         if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
             right = [(rows[i // s.k]["problem"], x.text) for i, (x, (r, _)) in enumerate(zip(samples, graded))
@@ -1755,22 +1784,22 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
             sums += [len(right), sum(not builtin_task.steps_correct(p, t) for p, t in right)]
         sums = all_reduce(sums)
         metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
-        for j, level in enumerate(levels):
-            metrics[f"eval_accuracy_{s.name}_level{level}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
+        for j, group in enumerate(groups):
+            metrics[f"eval_accuracy_{s.name}_{group}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
         if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
             metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
         ks = [k for k in PASS_K if pass_k and k <= s.k]  # [] unless asked
-        at_k = [0.0] * (len(ks) * (1 + len(levels)))  # per k: overall, then per level
+        at_k = [0.0] * (len(ks) * (1 + len(groups)))  # per k: overall, then per group
         for i, r in enumerate(rows):
             c = sum(reward == 1 for reward, _ in graded[i * s.k:(i + 1) * s.k])
-            for u in [0] + ([1 + levels.index(_level_key(r["level"]))] if r["level"] is not None else []):
+            for u in [0] + [1 + groups.index(g) for g in _groups(r)]:
                 for j, k in enumerate(ks):
                     at_k[u * len(ks) + j] += pass_at_k(s.k, c, k)
         at_k = all_reduce(at_k) if ks else []
         for j, k in enumerate(ks):
             metrics[f"eval_pass@{k}_{s.name}"] = at_k[j] / max(sums[1], 1)
-            for u, level in enumerate(levels, 1):
-                metrics[f"eval_pass@{k}_{s.name}_level{level}"] = at_k[u * len(ks) + j] / max(sums[1 + 2 * u], 1)
+            for u, group in enumerate(groups, 1):
+                metrics[f"eval_pass@{k}_{s.name}_{group}"] = at_k[u * len(ks) + j] / max(sums[1 + 2 * u], 1)
         if records is not None:
             mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
                      "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
@@ -1787,19 +1816,85 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
 
 
 def evaluate(run: "Run") -> dict:
-    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9)."""
+    """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9), and the probability it
+    gives the held-out demonstrations of the sets that have them (the built-in task's)."""
     run.sampler.sync_weights(run.model)
     metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, temperature=run.cfg.eval_temperature,
                             max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
+    for s in run.eval_sets:
+        if all(r["demo_ids"] for r in s.rows):
+            metrics.update(demo_probabilities(run.model, s, run.tokenizer, run.dist))
     return metrics
+
+
+@torch.no_grad()
+def teacher_forced(model: PolicyModel, prompts: list, responses: list, pad_id: int, device, with_entropy=False,
+                   batch: int = 64) -> list[tuple[list[float], list[float]]]:
+    """Per response, its tokens' log-probs (and entropies) at temperature 1 given its prompt: no sampling."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        mb = make_batch(prompts[s:s + batch], responses[s:s + batch], pad_id, device)
+        logp, entropy = model(**mb, with_entropy=with_entropy)
+        out += [(lp[:len(r)].tolist(), en[:len(r)].tolist()) for lp, en, r in zip(logp, entropy, responses[s:s + batch])]
+    return out
+
+
+def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> dict:
+    """How likely the model finds a set's demonstrations (teacher-forced, T = 1), per group of `_groups` and
+    overall: demo_key_logp_<set>[_<group>], the mean log-prob of the key tokens (the built-in task's fact
+    digits, builtin_task.key_tokens; every token for file data); demo_min_p_..., the median over demonstrations
+    of their least likely token's probability (the regime's x-axis, docs/lab.md); demo_low_p_share_..., the
+    share of demonstration tokens below probability 0.01. Rows split over ranks, as many on each (a sharded
+    forward is a collective: a short rank repeats a row, then drops it), gathered."""
+    rows, per = s.rows[d.rank::d.world_size], -(-len(s.rows) // d.world_size)
+    padded = rows + s.rows[:1] * (per - len(rows))
+    forced = teacher_forced(model, [r["prompt_ids"] for r in padded], [r["demo_ids"] for r in padded],
+                            tokenizer.pad_token_id, d.device)[:len(rows)]
+    mine = []
+    for r, (logp, _) in zip(rows, forced):
+        key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) if s.source == "builtin" \
+            else [True] * len(logp)
+        mine.append((_groups(r), [x for x, k in zip(logp, key) if k], min(logp), sum(x < math.log(0.01) for x in logp),
+                     len(logp)))
+    if dist.is_initialized():
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, mine)
+        mine = [x for part in everyone for x in part]
+    metrics = {}
+    for group in [None] + sorted({g for gs, *_ in mine for g in gs}, key=_group_order):
+        part = [x for x in mine if group is None or group in x[0]]
+        suffix = s.name + (f"_{group}" if group else "")
+        keys, mins = [v for x in part for v in x[1]], sorted(x[2] for x in part)
+        metrics[f"demo_key_logp_{suffix}"] = sum(keys) / len(keys) if keys else None
+        metrics[f"demo_min_p_{suffix}"] = math.exp(mins[len(mins) // 2])
+        metrics[f"demo_low_p_share_{suffix}"] = sum(x[3] for x in part) / sum(x[4] for x in part)
+    return metrics
+
+
+def measure_probe(model: PolicyModel, probe: dict, pad_id: int, device) -> tuple[dict, list]:
+    """The built-in task's probe (builtin_task.probe) under the model, teacher-forced at T = 1: probe_kl_base, the
+    per-token KL(base || model) estimated on the base's own responses (mean of log p_base - log p); probe_demo_nll,
+    the per-token NLL of the held-out demonstrations; probe_entropy, the mean token entropy over both. Returns
+    the metrics and every item's log-probs (probe.jsonl: the token shift of docs/lab.md)."""
+    items = probe["items"]
+    forced = teacher_forced(model, [x["prompt_ids"] for x in items], [x["response_ids"] for x in items], pad_id,
+                            device, with_entropy=True)
+    base = [(b - a) for x, (lp, _) in zip(items, forced) if x["kind"] == "base" for a, b in zip(lp, x["base_logp"])]
+    demo = [-a for x, (lp, _) in zip(items, forced) if x["kind"] == "demo" for a in lp]
+    entropy = [h for _, en in forced for h in en]
+    return ({"probe_kl_base": sum(base) / len(base), "probe_demo_nll": sum(demo) / len(demo),
+             "probe_entropy": sum(entropy) / len(entropy)}, [lp for lp, _ in forced])
 
 
 def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
     """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
     parts = []
     for s in sets:
-        prefix = f"eval_accuracy_{s.name}_level"
-        levels = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
-        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels})" if levels else ""))
+        prefix = f"eval_accuracy_{s.name}_"
+        groups = [(k.removeprefix(prefix), v) for k, v in metrics.items() if k.startswith(prefix)]
+        levels = ", ".join(f"{g.removeprefix('level')} {v:.3f}" for g, v in groups if g.startswith("level"))
+        strata = ", ".join(f"{g.removeprefix('stratum_')} {v:.3f}" for g, v in groups if g.startswith("stratum_"))
+        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels}" if levels else "")
+                     + (f"; {strata}" if strata else "") + (")" if levels else ""))
     return " | ".join(parts)

@@ -16,6 +16,13 @@ model/ is loaded), a run directory (its newest checkpoint), or "builtin" (the ti
 Each --data entry is FILE[:k] or builtin[:k]: k samples per problem (the papers use 32 for AIME and
 AMC, 1 elsewhere); without ":k", --eval_samples. --pass_k adds the unbiased pass@k for k = 1, 2, 4, ...
 up to each set's k (at most 64), e.g. `--data builtin:64 --pass_k`.
+
+Which regime am I in (docs/lab.md, "Regimes")? --demo_probs measures how likely the model finds each set's
+demonstrations, teacher-forced at temperature 1 (common.demo_probabilities: the median least-likely token, the
+mean log-prob of the key tokens, the share of tokens below 0.01), before choosing a method:
+
+    python evaluate.py --model Qwen/Qwen2.5-Math-7B --data openr1.parquet --prompt_key prompt \\
+        --answer_key reward_model.ground_truth --demo_key target --demo_probs --no-sample
 """
 import dataclasses
 import json
@@ -38,6 +45,9 @@ class Config:
     answer_key: str = "answer"  # field holding the gold answer (dotted keys reach nested fields)
     eval_samples: int = 0  # k for sets given without ":k"; 0 = auto: 1 for files, the builtin task's for builtin
     temperature: float = 0.6  # METHODS 9: sampling temperature (top-p 1.0)
+    demo_probs: bool = False  # also how likely the model finds each set's demonstrations (demo_* metrics)
+    demo_key: str = "demo"  # field holding the demonstration, for --demo_probs (string or chat messages)
+    sample: bool = True  # --no-sample: no generation or grading, only --demo_probs
     pass_k: bool = False  # also unbiased pass@k (METHODS.md Eq. 58) for k = 1, 2, 4, ... up to each set's k (<= 64)
     max_prompt_len: int = 0  # prompts longer than this (tokens) are dropped, with a count printed;
     # 0 = auto: 1024 with files (the papers'), the builtin task's when only builtin is evaluated
@@ -71,6 +81,8 @@ def main():
     cfg = common.parse_config(Config)
     if not cfg.model or not cfg.data:
         common.fail("name the model and the data: evaluate.py --model DIR --data FILE[:k] [FILE[:k] ...]")
+    if not (cfg.sample or cfg.demo_probs):
+        common.fail("--no-sample leaves nothing to measure: add --demo_probs (with --demo_key for files)")
     common.check_sampler(cfg)  # vLLM importable, allocator settings: before anything loads
     d = common.init_distributed(one_rank_group=common.sampler_kind(cfg) == "vllm")
     builtin_only = all(re.sub(r":\d+$", "", e) == "builtin" for e in cfg.data)
@@ -79,7 +91,8 @@ def main():
         if getattr(cfg, key) <= 0:
             setattr(cfg, key, settings[key])
     sets = common.parse_eval_sets(cfg.data, cfg.eval_samples)
-    raw = {s.name: common.read_rows(cfg, s.source, "eval") for s in sets}  # every row checked before a model loads
+    raw = {s.name: common.read_rows(cfg, s.source, "eval", need_answer=cfg.sample, need_demo=cfg.demo_probs)
+           for s in sets}  # every row checked before a model loads
     if "output_dir" not in common.given_flags(cfg):
         name = "-".join(p for p in os.path.normpath(cfg.model).split(os.sep)[-2:] if p not in (".", "runs"))
         cfg.output_dir = os.path.join("runs", "eval", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
@@ -99,15 +112,16 @@ def main():
                                        s.name)
     common.print0("evaluating " + ", ".join(f"{s.name} ({len(s.rows)} problems x {s.k} samples)" for s in sets)
                   + f" with at most {cfg.max_response_len} response tokens")
-    if common.sampler_kind(cfg) == "vllm":
-        policy = None  # the vLLM engine loads the weights itself
-    else:
-        policy = common.load_policy(path, d, compile=False, train=False)
-    sampler = common.make_sampler(cfg, d, tokenizer, path, policy)
-    records = []
-    metrics = common.evaluate_sets(sets, sampler, verifier, d, temperature=cfg.temperature,
-                                   max_tokens=cfg.max_response_len, seed=cfg.seed, records=records,
-                                   pass_k=cfg.pass_k)
+    vllm = cfg.sample and common.sampler_kind(cfg) == "vllm"  # the vLLM engine loads the weights itself
+    policy = common.load_policy(path, d, compile=False, train=False) if cfg.demo_probs or not vllm else None
+    records, metrics = [], {}
+    if cfg.sample:
+        sampler = common.make_sampler(cfg, d, tokenizer, path, None if vllm else policy)
+        metrics = common.evaluate_sets(sets, sampler, verifier, d, temperature=cfg.temperature,
+                                       max_tokens=cfg.max_response_len, seed=cfg.seed, records=records,
+                                       pass_k=cfg.pass_k)
+    for s in sets if cfg.demo_probs else []:
+        metrics.update(common.demo_probabilities(policy, s, tokenizer, d))
     verifier.close()
     if d.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -115,7 +129,18 @@ def main():
             f.writelines(json.dumps(r) + "\n" for r in records)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "model_path": path, "metrics": metrics}, f, indent=1)
-        common.print0(common.format_eval(metrics, sets))
+        if cfg.sample:
+            common.print0(common.format_eval(metrics, sets))
+        for s in sets if cfg.demo_probs else []:
+            groups = sorted({k.removeprefix(f"demo_min_p_{s.name}").lstrip("_") for k in metrics
+                             if k.startswith(f"demo_min_p_{s.name}")})
+            for g in groups:
+                suffix = s.name + (f"_{g}" if g else "")
+                key = metrics[f"demo_key_logp_{suffix}"]
+                common.print0(f"{s.name} demonstrations{' ' + g if g else ''}: median least-likely token p = "
+                              f"{metrics[f'demo_min_p_{suffix}']:.3g}, tokens below 0.01: "
+                              f"{metrics[f'demo_low_p_share_{suffix}']:.1%}, key-token log-prob "
+                              f"{'n/a' if key is None else f'{key:.3f}'}")
         common.print0(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')} and records.jsonl "
                       f"({len(records)} samples)")
     common.shutdown()

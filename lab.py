@@ -51,6 +51,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import lab_regimes
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ======================================================================================
@@ -73,7 +75,8 @@ LABELS = {"sft": "SFT", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relif
           "grpo_then_sft": "GRPO then SFT", "nsr": "NSR (fork)", "psr": "PSR (fork)",
           "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)", "chord": "CHORD (fork)",
           "hpt": "HPT (fork)"}
-GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task v3: levels by reachability
+GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task: levels 3-4 need a times-table fact
+STRATA = lab_regimes.STRATA  # levels 3-4 by the base's prior on the fact (builtin_task.STRATA, GENERALISATION_FACTS)
 GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)"}
 
 BUDGET_TEXT = (
@@ -96,6 +99,7 @@ class Budget:
     seeds: tuple = (0, 1, 2)
     model: str = "builtin"  # the base of every method (tests pass a tiny random model)
     trainer_flags: tuple = ()  # extra flags of common.BaseConfig, given to every trainer
+    probe_every: int = 4  # the probe (docs/lab.md) every N steps besides the evaluations: entropy after a switch
     passk_samples: int = 64  # samples per problem of the final pass@k evaluation (PASSK and the base); 0 = none
     passk_per_level: int = 10  # held-out problems per level in it (the first of each level)
 
@@ -130,7 +134,7 @@ def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
 def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, model: str, eval_file: str | None):
     """The flags of one trainer run under the lab's budget (trainer defaults for everything else)."""
     args = ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps), "--eval_every", str(budget.eval_every),
-            "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1"]
+            "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1", "--probe_every", str(budget.probe_every)]
     if trainer == "sft":
         args += ["--batch_size", str(budget.prompts)]
     else:
@@ -354,6 +358,7 @@ def stitch(stages: list[list[dict]]) -> list[dict]:
 
 
 LEVEL_KEY = re.compile(r"eval_accuracy_.+_level(\w+)")  # eval_accuracy_<set>_level<L> (one evaluation set)
+STRATUM_KEY = re.compile(r"eval_accuracy_.+_stratum_(\w+)")  # eval_accuracy_<set>_stratum_<S>
 
 
 def eval_levels(records: list[dict]) -> list[str]:
@@ -361,9 +366,11 @@ def eval_levels(records: list[dict]) -> list[str]:
 
 
 def accuracies(record: dict, levels: list[str]) -> dict:
-    """One evaluation record -> {all, each level, reachable, out_of_reach} (a group: mean of its levels)."""
+    """One evaluation record -> {all, each level, reachable, out_of_reach, each stratum} (a group: mean of its
+    levels; a stratum: its problems of levels 3-4)."""
     by_level = {m.group(1): v for k, v in record.items() if (m := LEVEL_KEY.fullmatch(k))}
-    acc = {"all": record["eval_accuracy"], **{lv: by_level[lv] for lv in levels}}
+    acc = {"all": record["eval_accuracy"], **{lv: by_level[lv] for lv in levels},
+           **{m.group(1): v for k, v in record.items() if (m := STRATUM_KEY.fullmatch(k))}}
     for group, members in GROUPS.items():
         if all(lv in acc for lv in members):
             acc[group] = sum(acc[lv] for lv in members) / len(members)
@@ -410,6 +417,7 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
         "generated_tokens": total("generated_tokens"), "demo_tokens": total("demo_tokens"),
         "demo_tokens_at": {str(s): cumulative.get(s) for s in sorted(evals)},
         "entropy_curve": [[r["step"], r.get("entropy")] for r in train],
+        "demo_probs": lab_regimes.demo_probs(records), "probe": lab_regimes.probe_series(records),
         "wall_s": wall_s,
     }
 
@@ -438,10 +446,14 @@ def summarize_method(runs: list[dict]) -> dict:
     for part in ("final", "base"):
         keys = sorted({k for r in ok if r[part] for k in r[part]})
         out[part] = {k: stats([r[part].get(k) for r in ok if r[part]]) for k in keys}
+    out["token_shift"] = {k: stats([(r.get("token_shift") or {}).get(k) for r in ok]) for k in ("base", "demo", "all")}
+    out["probe_final"] = {k: stats([r["probe"][-1][i] if r.get("probe") else None for r in ok])
+                          for i, k in ((1, "kl_base"), (2, "demo_nll"), (3, "entropy"))}
     return out
 
 
 PASSK_KEY = re.compile(r"eval_pass@(\d+)_.+_level(\w+)")  # eval_pass@<k>_<set>_level<L> (evaluate.py --pass_k)
+PASSK_STRATUM = re.compile(r"eval_pass@(\d+)_.+_stratum_(\w+)")
 
 
 def read_passk(out: str) -> dict | None:
@@ -452,11 +464,12 @@ def read_passk(out: str) -> dict | None:
         return None
     with open(path) as f:
         metrics = json.load(f)["metrics"]
-    by_k = {}
+    by_k, out = {}, {}
     for key, v in metrics.items():
         if m := PASSK_KEY.fullmatch(key):
             by_k.setdefault(m.group(1), {})[m.group(2)] = v
-    out = {}
+        elif m := PASSK_STRATUM.fullmatch(key):
+            out.setdefault(m.group(2), {})[m.group(1)] = v
     for k, levels in by_k.items():
         out.setdefault("all", {})[k] = sum(levels.values()) / len(levels)
         for group, members in GROUPS.items():
@@ -469,13 +482,23 @@ def passk_stats(values: list) -> dict:
     """Per group and k, stats over the seeds' read_passk results (None: not measured)."""
     values = [v for v in values if v]
     return {g: {k: stats([v[g].get(k) for v in values if g in v])
-                for k in sorted({k for v in values for k in v.get(g, {})}, key=int)} for g in ("all", *GROUPS)}
+                for k in sorted({k for v in values for k in v.get(g, {})}, key=int)} for g in ("all", *GROUPS, *STRATA)}
+
+
+def builtin_probe(budget: Budget) -> dict | None:
+    """The probe of the built-in base (builtin_task.probe), or None when the lab runs from another model."""
+    if budget.model != "builtin":
+        return None
+    import builtin_task  # torch and transformers: only when the lab's base is the built-in one
+
+    return builtin_task.probe(os.path.expanduser("~/.cache/sft_rl_fusion"))
 
 
 def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, budget: Budget, results: str) -> dict:
     """Everything results.md, the figures and the verdicts need, as one JSON-able dict."""
     by_name = {j.name: j for j in jobs}
     out = {"methods": {}, "missing": missing}
+    probe = builtin_probe(budget)
     for m in methods:
         stages = ["stage1", "stage2"] if m in TWO_STAGE else [None]
         trainers = list(TWO_STAGE.get(m, (m,)))
@@ -490,6 +513,7 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
                 records = stitch([[dict(r, trainer=t) for r in read_metrics(by_name[n].out)]
                                   for t, n in zip(trainers, names)])
                 run.update(status="ok", **summarize_run(records, sum(walls)))
+                run["token_shift"] = lab_regimes.token_shift(by_name[names[-1]].out, probe)
             else:
                 bad = [n for n, s in zip(names, states) if s not in ("done", "reused")]
                 run.update(status="failed", failed=bad, why=", ".join(f"{n}: {status.get(n, 'not run')}" for n in bad),
@@ -543,7 +567,7 @@ def fmt_tokens(s: dict | None) -> str:
 def table(res: dict) -> list[str]:
     """The Markdown table: one row per method (and the base), accuracy at the final step."""
     levels = sorted({k for m in res["methods"].values() for k in m["summary"]["final"]
-                     if k not in ("all", *GROUPS)}) or ["1", "2", "3", "4"]
+                     if k not in ("all", *GROUPS, *STRATA)}) or ["1", "2", "3", "4"]
     acc_keys = ["all", *levels, *GROUPS]
     head = ["method", "seeds ok", "all levels", *[f"level {lv}" for lv in levels], "reachable (1-2)",
             "out of reach (3-4)", "wrong steps", "entropy", "response length", "generated tokens", "demo tokens", "wall time (s)"]
@@ -567,6 +591,38 @@ def table(res: dict) -> list[str]:
     for name, why in res.get("missing", {}).items():
         lines.append(f"| {LABELS.get(name, name)} | not run: {why} |" + " |" * (len(head) - 2))
     return lines
+
+
+def regime_table(res: dict) -> list[str]:
+    """Levels 3-4 per stratum (the base's prior on the fact) at the final step, beside what each method did to
+    the probe: the share of its tokens moved by more than lab_regimes.SHIFT, and the final KL from the base and
+    NLL of the held-out demonstrations."""
+    strata = [s for s in STRATA if any(s in m["summary"]["final"] for m in res["methods"].values())]
+    if not strata:
+        return []
+    prior = lab_regimes.base_prior(res)
+    head = ["method", *[f"{s} (prior {prior[s]:.2g})" if s in prior else s for s in strata],
+            "probe tokens moved", "KL from base", "demo NLL"]
+    lines = ["Levels 3-4 by stratum (the base's prior on the fact: the median least-likely demonstration token "
+             "probability at step 0), final held-out pass@1; the probe (docs/lab.md): the share of its tokens whose "
+             f"probability moved by more than {lab_regimes.SHIFT} from the base's, the per-token KL(base || model) on "
+             "the base's own responses and the per-token NLL of the held-out demonstrations, at the end:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = res.get("base") or {}
+    if base:
+        at0 = lab_regimes.base_probe(res)
+        lines.append("| base model (step 0) | " + " | ".join(fmt(base.get(s)) for s in strata) + " | 0 | 0 | " +
+                     (f"{at0[2]:.3f}" if at0 else "n/a") + " |")
+    for name, m in res["methods"].items():
+        s = m["summary"]
+        if not any(r["status"] == "ok" for r in m["runs"]):
+            continue
+        lines.append(f"| {m['label']} | " + " | ".join(fmt(s["final"].get(k)) for k in strata) + " | " +
+                     " | ".join(fmt(x) for x in (s["token_shift"]["all"], s["probe_final"]["kl_base"],
+                                                  s["probe_final"]["demo_nll"])) + " |")
+    return lines + ["", "![accuracy per stratum against the base's prior](regimes.png)", "",
+                    "![learning dynamics and probe entropy](dynamics.png)", "",
+                    "![token shift of one demonstration](token_shift.png)", ""]
 
 
 def forks_counter(res: dict) -> str:
@@ -615,6 +671,7 @@ def results_markdown(res: dict) -> str:
         BUDGET_TEXT.format(prompts_total=steps * b["prompts"], steps=steps, prompts=b["prompts"], half=steps // 2,
                            rest=steps - steps // 2), "",
         *table(res), "",
+        *regime_table(res),
         forks_counter(res), "",
         f"Accuracy: held-out pass@1 at step {steps} (mean over the samples of each problem at the evaluation "
         f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
@@ -715,7 +772,8 @@ def figures(res: dict, results: str) -> list[str]:
         paths.append(os.path.join(results, "passk.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-    return paths
+    probe = builtin_probe(Budget(model=res["lab"]["budget"]["model"]))
+    return paths + lab_regimes.figures(res, results, LABELS, probe, colors)
 
 
 def passk_series(res: dict) -> dict:
@@ -753,7 +811,7 @@ def write_results(res: dict, results: str, say=print) -> None:
 # Verdicts: the claims (CLAIMS, docs/lab.md), decided by explicit rules from results.json
 # ======================================================================================
 
-FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0}
+FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0, "share": 0.02, "kl": 0.01}
 RULES = [
     "Comparing a number X of two methods (or a method and the base): d = mean over seeds of X for the first "
     "minus the second; margin = the larger of the two seed ranges (max - min), and at least a floor: 0.02 for "
@@ -778,10 +836,19 @@ RULES = [
     "agrees unless GRPO's pass@k on the reachable levels is above the base's (\"no higher\"); claim 8 agrees unless "
     "NSR's pass@k on all levels is below GRPO's (\"at least\"); claim 9: PSR's entropy fall (as in claim 5) must be "
     "above GRPO's, NSR's and W-REINFORCE's, each comparison by rule 2, combined by rule 3.",
+    "Claims 10-13 (task version 4's strata and the probe, docs/lab.md): claim 10, per method (LUFFY, UFT, BREAD, "
+    "Prefix-RFT), agrees when its final accuracy on the moderate stratum is above the base's and on the needle "
+    "stratum not above GRPO's (rule 1), combined by rule 3; claim 11, the share of probe tokens whose probability "
+    "moved by more than 0.1 from the base's, SFT's above GRPO's (floor 0.02); claim 12, the final per-token KL(base "
+    "|| model) on the base's own probe responses (floor 0.01): SFT's above GRPO's, SFT then GRPO's below SFT's with "
+    "its all-level accuracy above SFT's, SRFT's below SFT's, combined by rule 3; claim 13, GRPO then SFT's probe "
+    "entropy rise from its switch to the next probe measurement above SFT's from step 0 to its first, and its "
+    "all-level accuracy lower at the first evaluation after the switch than at the switch (floors 0.01 nats, 0.02).",
 ]
 CLAIMS = {
-    1: "GRPO from a weak base improves the levels it can sometimes solve, not the levels it never solves.",
-    2: "SFT on demonstrations moves the out-of-reach levels.",
+    1: "GRPO from a weak base improves the levels it can sometimes solve, not the facts it never saw (the needle "
+       "stratum).",
+    2: "SFT on demonstrations moves the out-of-reach levels, the needle stratum included.",
     3: "Single-stage fusion (LUFFY, SRFT, ReLIFT, UFT, Prefix-RFT, BREAD) matches or beats both, and SFT then GRPO.",
     4: "GRPO then SFT ends worse than SFT then GRPO (SRFT's Table 4 on the order of the stages).",
     5: "GRPO's entropy falls faster than SRFT's and LUFFY's.",
@@ -791,6 +858,15 @@ CLAIMS = {
        "base's.",
     8: "NSR keeps pass@k: NSR's pass@k at large k is at least GRPO's.",
     9: "PSR's entropy falls fastest (faster than GRPO's, NSR's and W-REINFORCE's).",
+    10: "Where the base gives the demonstration's fact some probability, the methods that weigh it by that "
+        "probability or keep it out of the loss (LUFFY, UFT, BREAD, Prefix-RFT) move levels 3-4; where it gives "
+        "it none (the needle), they do not move them beyond GRPO.",
+    11: "SFT changes the probability of many more response tokens than RL does (SRFT, arXiv 2506.19767: over 50% "
+        "against under 2%).",
+    12: "SFT moves farther from the base than GRPO; SFT then GRPO ends closer to the base than SFT alone while "
+        "scoring higher; SRFT stays closer to the base than SFT.",
+    13: "Switching from GRPO to SFT raises the entropy sharply and drops accuracy at the switch; SFT from the base "
+        "raises it less.",
 }
 
 
@@ -842,9 +918,10 @@ def verdicts(res: dict) -> list[dict]:
 
     out = []
 
-    # 1. GRPO: reachable above the base, out of reach not above it
+    # 1. GRPO: reachable above the base, the needle stratum not above it (out of reach for task versions without strata)
+    never = "needle" if base.get("needle") else "out_of_reach"
     r = compare(acc("grpo", "reachable"), base.get("reachable"), FLOOR["accuracy"])
-    o = compare(acc("grpo", "out_of_reach"), base.get("out_of_reach"), FLOOR["accuracy"])
+    o = compare(acc("grpo", never), base.get(never), FLOOR["accuracy"])
     if "too few seeds" in (r["side"], o["side"]):
         v1 = "cannot tell"
     elif o["side"] == "above" or r["side"] == "below":
@@ -854,13 +931,17 @@ def verdicts(res: dict) -> list[dict]:
     else:
         v1 = "disagrees" if r["resolved"] else "cannot tell"
     out.append((1, v1, f"GRPO, reachable levels: base {fmt(base.get('reachable'))} -> {fmt(acc('grpo', 'reachable'))}"
-                       f" ({r['side']}); out-of-reach levels: base {fmt(base.get('out_of_reach'))} -> "
-                       f"{fmt(acc('grpo', 'out_of_reach'))} ({o['side']})." + absent(["grpo"])))
+                       f" ({r['side']}); {never.replace('_', ' ')}: base {fmt(base.get(never))} -> "
+                       f"{fmt(acc('grpo', never))} ({o['side']})." + absent(["grpo"])))
 
-    # 2. SFT: out of reach above the base
-    c = compare(acc("sft", "out_of_reach"), base.get("out_of_reach"), FLOOR["accuracy"])
-    out.append((2, directional(c, "above"), f"SFT, out-of-reach levels: base {fmt(base.get('out_of_reach'))} -> "
-                                            f"{fmt(acc('sft', 'out_of_reach'))} ({c['side']})." + absent(["sft"])))
+    # 2. SFT: out of reach above the base, and the needle stratum
+    parts = {}
+    for key in ["out_of_reach"] + (["needle"] if base.get("needle") else []):
+        c = compare(acc("sft", key), base.get(key), FLOOR["accuracy"])
+        parts[key.replace("_", " ")] = (directional(c, "above"), f"{key.replace('_', ' ')}: base {fmt(base.get(key))} -> "
+                                                                 f"{fmt(acc('sft', key))} ({c['side']})")
+    out.append((2, combine({k: v for k, (v, _) in parts.items()}), "SFT, " + "; ".join(t for _, t in parts.values()) +
+                "." + absent(["sft"])))
 
     # 3. each fusion method: not below SFT, GRPO, SFT then GRPO (all levels)
     comparators = ["sft", "grpo", "sft_then_grpo"]
@@ -943,7 +1024,84 @@ def verdicts(res: dict) -> list[dict]:
     out.append((9, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
                 ", ".join(f"{LABELS[m]} {fmt(fall[m], 3)}" for m in fall) + "." +
                 absent(["psr", "grpo", "nsr", "w_reinforce"])))
+    out += regime_verdicts(res, summ, acc, absent)
     return [{"claim": n, "text": CLAIMS[n], "verdict": v, "measured": text} for n, v, text in out]
+
+
+def regime_verdicts(res: dict, summ, acc, absent) -> list[tuple]:
+    """Claims 10-13 (the regimes and the SRFT paper's analyses), by RULES 1-3 on the strata and the probe."""
+    base, out = res.get("base") or {}, []
+    # 10. per method: moderate above the base; needle not above GRPO's
+    parts, notes = {}, []
+    for m in [m for m in ("luffy", "uft", "bread", "prefix_rft") if summ(m)]:
+        mod = compare(acc(m, "moderate"), base.get("moderate"), FLOOR["accuracy"])
+        ndl = compare(acc(m, "needle"), acc("grpo", "needle"), FLOOR["accuracy"])
+        if "too few seeds" in (mod["side"], ndl["side"]):
+            parts[LABELS[m]] = "cannot tell"
+        elif mod["side"] == "below" or ndl["side"] == "above":
+            parts[LABELS[m]] = "disagrees"
+        else:
+            parts[LABELS[m]] = "agrees" if mod["side"] == "above" else "disagrees" if mod["resolved"] else "cannot tell"
+        notes.append(f"{LABELS[m]}: moderate {fmt(acc(m, 'moderate'))} ({mod['side']} the base), weak "
+                     f"{fmt(acc(m, 'weak'))}, needle {fmt(acc(m, 'needle'))} ({ndl['side']} GRPO)")
+    out.append((10, combine(parts), f"Base: moderate {fmt(base.get('moderate'))}, weak {fmt(base.get('weak'))}, needle "
+                                    f"{fmt(base.get('needle'))}; GRPO: moderate {fmt(acc('grpo', 'moderate'))}, needle "
+                                    f"{fmt(acc('grpo', 'needle'))}; " + "; ".join(notes) + "." +
+                absent(["grpo", "luffy", "uft", "bread", "prefix_rft"])))
+
+    # 11. token shift: SFT's moved share of the probe's tokens above GRPO's
+    shift = {m: summ(m)["token_shift"]["all"] if summ(m) else None for m in ("sft", "grpo")}
+    c = compare(shift["sft"], shift["grpo"], FLOOR["share"])
+    by_kind = {m: ", ".join(f"{k} {fmt(summ(m)['token_shift'][k])}" for k in ("base", "demo")) if summ(m) else "n/a"
+               for m in ("sft", "grpo")}
+    out.append((11, directional(c, "above"), f"Share of probe tokens moved by more than {lab_regimes.SHIFT}: SFT "
+                                            f"{fmt(shift['sft'])} ({by_kind['sft']}), GRPO {fmt(shift['grpo'])} "
+                                            f"({by_kind['grpo']}) ({c['side']})." + absent(["sft", "grpo"])))
+
+    # 12. learning dynamics on the probe: KL from the base at the end
+    kl = {m: summ(m)["probe_final"]["kl_base"] if summ(m) else None for m in ("sft", "grpo", "sft_then_grpo", "srft")}
+    parts = {"SFT farther than GRPO": directional(compare(kl["sft"], kl["grpo"], FLOOR["kl"]), "above"),
+             "SFT then GRPO closer than SFT": directional(compare(kl["sft_then_grpo"], kl["sft"], FLOOR["kl"]), "below"),
+             "SFT then GRPO higher than SFT": directional(compare(acc("sft_then_grpo"), acc("sft"), FLOOR["accuracy"]),
+                                                          "above"),
+             "SRFT closer than SFT": directional(compare(kl["srft"], kl["sft"], FLOOR["kl"]), "below")}
+    out.append((12, combine(parts), "Final KL(base || model) per token on the probe: " +
+                ", ".join(f"{LABELS[m]} {fmt(kl[m])}" for m in kl) + f"; all levels: SFT {fmt(acc('sft'))}, SFT then "
+                f"GRPO {fmt(acc('sft_then_grpo'))}." + absent(list(kl))))
+
+    # 13. the probe's entropy at a switch: GRPO then SFT's rise at its SFT stage against SFT's rise at its start
+    half = res["lab"]["budget"]["steps"] // 2
+    rise = {"grpo_then_sft": stats(_rises(res, "grpo_then_sft", half)), "sft": stats(_rises(res, "sft", 0))}
+    drop = stats(_drops(res, "grpo_then_sft", half))
+    parts = {"entropy rise above SFT's": directional(compare(rise["grpo_then_sft"], rise["sft"], FLOOR["entropy"]),
+                                                     "above"),
+             "accuracy drop at the switch": directional(compare(drop, {"mean": 0, "min": 0, "max": 0, "range": 0,
+                                                                       "n": 2}, FLOOR["accuracy"]), "above")}
+    out.append((13, combine(parts), f"Probe entropy from the last measurement before the switch (step {half}) to the "
+                                    f"first after: GRPO then SFT {fmt(rise['grpo_then_sft'], 4)}; SFT from step 0 to its "
+                                    f"first: {fmt(rise['sft'], 4)} nats; all-level accuracy from step {half} to the next "
+                                    f"evaluation falls by {fmt(drop)}." + absent(["grpo_then_sft", "sft"])))
+    return out
+
+
+def _rises(res: dict, method: str, at: int) -> list:
+    """Per seed: the probe entropy at the first measurement after step `at` minus the one at `at`."""
+    out = []
+    for r in (res["methods"].get(method) or {}).get("runs", []):
+        points = {p[0]: p[3] for p in r.get("probe") or []}
+        after = min((s for s in points if s > at), default=None)
+        out.append(points[after] - points[at] if after is not None and at in points else None)
+    return out
+
+
+def _drops(res: dict, method: str, at: int) -> list:
+    """Per seed: all-level accuracy at step `at` minus at the next evaluation (a drop is positive)."""
+    out = []
+    for r in (res["methods"].get(method) or {}).get("runs", []):
+        evals = {int(s): a["all"] for s, a in (r.get("evals") or {}).items()}
+        after = min((s for s in evals if s > at), default=None)
+        out.append(evals[at] - evals[after] if after is not None and at in evals else None)
+    return out
 
 
 def print_verdicts(claims: list[dict]) -> None:

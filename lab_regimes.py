@@ -79,17 +79,28 @@ def demo_probs(records: list[dict]) -> dict:
     return out
 
 
-def regime_points(res: dict, labels: dict) -> dict:
-    """{label: {stratum: (x, mean, lo, hi)}}: x = the base's median least-likely demonstration token
-    probability on the stratum (step 0, mean over the seeds), y = final accuracy on the stratum over seeds."""
-    base_x = {}
+def base_prior(res: dict) -> dict:
+    """{stratum: the base's median least-likely demonstration token probability on it}: the step-0 demo_min_p of
+    the runs (every run starts from the base: a two-stage run's step 0 is its first stage's), mean over runs."""
+    values = {}
     for m in res["methods"].values():
         for r in m["runs"]:
             step0 = (r.get("demo_probs") or {}).get("0", {}) if r["status"] == "ok" else {}
             for s in STRATA:
-                if (step0.get(s) or {}).get("min_p") is not None and r.get("stage_start", 0) == 0:
-                    base_x.setdefault(s, []).append(step0[s]["min_p"])
-    x = {s: sum(v) / len(v) for s, v in base_x.items()}
+                if (step0.get(f"stratum_{s}") or {}).get("min_p") is not None:
+                    values.setdefault(s, []).append(step0[f"stratum_{s}"]["min_p"])
+    return {s: sum(v) / len(v) for s, v in values.items()}
+
+
+def base_probe(res: dict) -> list | None:
+    """The base's probe measurement (step 0: KL 0, the demonstrations' NLL, entropy) from any finished run."""
+    return next((r["probe"][0] for m in res["methods"].values() for r in m["runs"]
+                 if r["status"] == "ok" and r.get("probe") and r["probe"][0][0] == 0), None)
+
+
+def regime_points(res: dict, labels: dict) -> dict:
+    """{label: {stratum: (x, mean, lo, hi)}}: x = base_prior, y = final accuracy on the stratum over seeds."""
+    x = base_prior(res)
     out = {}
     for name, m in res["methods"].items():
         final = m["summary"]["final"]

@@ -34,7 +34,7 @@ import torch.distributed as dist
 _RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
 # The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
 # watched. Any other change would make it another run than the one its checkpoint continues.
-RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
+RESUME_MAY_CHANGE = {"max_steps", "probe_every", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",
                      "eval_temperature", "resume", "overwrite", "wandb", "wandb_project", "verifier_workers",
                      "max_bad_steps", "vllm_verbose", "rollout_debug", "cache_dir", "output_dir", "eval_pass_k"}
 _run_lock = None  # rank 0's lock on its output_dir, held until the process exits
@@ -168,12 +168,13 @@ def checkpoint_ranks(ckpt: str) -> int:
 
 
 class MetricsLogger:
-    """metrics.jsonl, one object per step, written by rank 0 (`main`), and optionally wandb. A resumed run
+    """metrics.jsonl (or another `name`: probe.jsonl), one object per step, written by rank 0 (`main`), and
+    optionally wandb (metrics.jsonl only). A resumed run
     (`resume_step`) cuts the file back to its checkpoint's step, dropping a line torn by a crash; a fresh
     run starts it empty."""
 
-    def __init__(self, cfg, resume_step: int | None, main: bool):
-        self.path, self.main, self.wandb = os.path.join(cfg.output_dir, "metrics.jsonl"), main, None
+    def __init__(self, cfg, resume_step: int | None, main: bool, name: str = "metrics.jsonl"):
+        self.path, self.main, self.wandb = os.path.join(cfg.output_dir, name), main, None
         if not main:
             return
         if resume_step is not None and os.path.exists(self.path):  # drop what came after the checkpoint
@@ -194,7 +195,7 @@ class MetricsLogger:
                 f.writelines(kept)
         elif os.path.exists(self.path):
             os.remove(self.path)
-        if cfg.wandb:
+        if cfg.wandb and name == "metrics.jsonl":
             try:
                 import wandb
             except ImportError:
@@ -203,13 +204,16 @@ class MetricsLogger:
                                     dir=cfg.output_dir, resume="allow")
 
     def log(self, step: int, metrics: dict):
-        if not self.main:
-            return
         record = {"step": step, **{k: None if v is None else float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb:
+        self.log_raw(record)
+        if self.wandb and self.main:
             self.wandb.log(record, step=step)
+
+    def log_raw(self, record: dict):
+        """One JSON line as it is (a record with a "step")."""
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 # What the metadata of a DCP checkpoint (optim/.metadata, a pickle) may name: its own record classes
