@@ -67,10 +67,12 @@ FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py"
          "w_reinforce": ("forks/nsr.py", ("--objective", "w_reinforce")),
          "forking_tokens": ("forks/forking_tokens.py", ()), "chord": ("forks/chord.py", ()),
          "hpt": ("forks/hpt.py", ())}
-METHODS = TRAINERS + list(TWO_STAGE) + list(FORKS)
-GROUPS_OF_METHODS = {"trainers": TRAINERS + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # --methods forks: a group
+# A trainer's switch that is a method of its own: script and flags (DFT, docs/lab.md "Regimes"; METHODS.md 14)
+VARIANTS = {"dft": ("sft.py", ("--token_loss", "dft"))}
+METHODS = TRAINERS + list(VARIANTS) + list(TWO_STAGE) + list(FORKS)
+GROUPS_OF_METHODS = {"trainers": TRAINERS + list(VARIANTS) + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # a group
 PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
-LABELS = {"sft": "SFT", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT", "uft": "UFT",
+LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT", "uft": "UFT",
           "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
           "grpo_then_sft": "GRPO then SFT", "nsr": "NSR (fork)", "psr": "PSR (fork)",
           "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)", "chord": "CHORD (fork)",
@@ -123,7 +125,7 @@ def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
             have.append(name)
         else:
             missing[name] = "needs " + " and ".join(f"{s}.py" for s in stages)
-    for m, (script, _) in FORKS.items():
+    for m, (script, _) in {**VARIANTS, **FORKS}.items():
         if os.path.exists(os.path.join(root, script)):
             have.append(m)
         else:
@@ -167,10 +169,11 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
             jobs.append(passk_job(f"base-s{seed}/passk", budget.model, out, seed, budget, passk_file, None))
         for m in methods:
             out = os.path.join(results, "runs", f"{m}-s{seed}")
-            if m in TRAINERS or m in FORKS:
-                script, extra = FORKS.get(m, (f"{m}.py", ()))
+            if m in TRAINERS or m in FORKS or m in VARIANTS:
+                script, extra = {**VARIANTS, **FORKS}.get(m, (f"{m}.py", ()))
+                kind = m if m in TRAINERS else os.path.basename(script)[:-3]  # sft.py's flags for DFT
                 jobs.append(Job(f"{m}-s{seed}", script,
-                                trainer_args(m, budget, seed, budget.steps, out, budget.model, eval_file) + list(extra),
+                                trainer_args(kind, budget, seed, budget.steps, out, budget.model, eval_file) + list(extra),
                                 out, budget.steps))
                 if passk_file and m in PASSK:
                     final = os.path.join(out, f"checkpoint-{budget.steps:06d}")
@@ -501,7 +504,7 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
     probe = builtin_probe(budget)
     for m in methods:
         stages = ["stage1", "stage2"] if m in TWO_STAGE else [None]
-        trainers = list(TWO_STAGE.get(m, (m,)))
+        trainers = list(TWO_STAGE.get(m, ("sft",) if m in VARIANTS else (m,)))
         runs = []
         for seed in budget.seeds:
             names = [f"{m}-s{seed}" + (f"/{s}" if s else "") for s in stages]
@@ -725,7 +728,7 @@ def figures(res: dict, results: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {LABELS[m]: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(METHODS)}  # forks: dash-dot
+    colors = {LABELS[m]: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(METHODS)}  # forks: dash-dot
     colors["base model"] = "black"
 
     def draw(ax, data, title, ylabel):

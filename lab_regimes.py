@@ -11,6 +11,7 @@ regimes.png tests the reading of the equations against what the methods then did
 import json
 import math
 import os
+import re
 
 STRATA = ["needle", "weak", "moderate", "generalisation"]  # builtin_task.STRATA's names, and the held-out facts
 SHIFT = 0.1  # a probe token "moved" when its probability changed by more than this (absolute, at T = 1)
@@ -31,6 +32,9 @@ PREDICTED = {
     "hpt": ("1 when the group's rollouts are all wrong (Eq. 56)", lambda p: 1.0),
     "dft": ("p (DFT, arXiv 2508.05629)", lambda p: p),
 }
+
+
+DEMO_KEY = re.compile(r"demo_(min_p|key_logp|low_p_share)_.+?_((?:stratum_|level)\w+)")  # common.demo_probabilities
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -72,10 +76,8 @@ def demo_probs(records: list[dict]) -> dict:
     out = {}
     for r in records:
         for key, value in r.items():
-            for stat in ("min_p", "key_logp", "low_p_share"):
-                prefix = f"demo_{stat}_builtin_"
-                if key.startswith(prefix) and value is not None:
-                    out.setdefault(str(r["step"]), {}).setdefault(key[len(prefix):], {})[stat] = value
+            if (m := DEMO_KEY.fullmatch(key)) and value is not None:
+                out.setdefault(str(r["step"]), {}).setdefault(m.group(2), {})[m.group(1)] = value
     return out
 
 

@@ -12,6 +12,11 @@ count of the optimizer step (all micro-batches, all ranks): gradient accumulatio
 the gradient of one large batch. The common "mean of micro-batch means" (Eq. 14) re-weights short
 vs long examples; `--loss_agg seq-mean` gives the per-sequence variant for comparison.
 
+`--token_loss dft` is DFT ("dynamic fine-tuning", arXiv 2508.05629; METHODS.md section 14, Eq. 59-60): every
+token's NLL weighted by its own detached probability, -sg(p) log p, whose gradient -grad p leaves the tokens the
+model finds unlikely almost untouched. It is the one-line change to this file that tests where the base's prior
+decides which SFT loss wins (arXiv 2510.00526; docs/lab.md, "Regimes").
+
 Launch (GPU commands: a 16k-position model, since prompt + response budgets must fit its positions):
     python sft.py                                       # laptop: tiny model, builtin task, CPU, minutes
     python sft.py --model RoadQAQ/Qwen2.5-Math-1.5B-16k-think --data openr1.parquet --prompt_key prompt \\
@@ -44,6 +49,7 @@ class Config(common.BaseConfig):
     eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only then
     save_every: int = 50  # checkpoint every N steps (and at the end, and on Ctrl-C / SIGTERM); 0 = only then
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"  # token-mean = Eq. (13); seq-mean = Eq. (7) form
+    token_loss: Literal["nll", "dft"] = "nll"  # nll: -log p, Eq. (13); dft: -sg(p) log p, Eq. (59) (DFT)
 
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
@@ -51,9 +57,11 @@ GPU_RUN = {"lr": 5e-5, "batch_size": 64, "lr_schedule": "cosine", "warmup_steps"
            "max_response_len": 8192, "micro_batch_size": 2, "gradient_checkpointing": True, "max_steps": 2200}
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float) -> torch.Tensor:
-    """Eq. (13): negative log-likelihood of the demonstration tokens; logp, mask [B, R]."""
-    return common.aggregate(-logp, mask, agg, norm)
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, norm: float, token_loss: str = "nll") -> torch.Tensor:
+    """Eq. (13): negative log-likelihood of the demonstration tokens; logp, mask [B, R]. token_loss "dft": Eq. (59),
+    each token's NLL times its detached probability (DFT, arXiv 2508.05629), gradient -grad p, Eq. (60)."""
+    per_token = -logp if token_loss == "nll" else -logp.detach().exp() * logp  # [B, R]
+    return common.aggregate(per_token, mask, agg, norm)
 
 
 def main():
@@ -69,7 +77,7 @@ def main():
         loss_sum, entropy_sum = 0.0, 0.0
         for mb in micro:
             logp, entropy = model(**mb, temperature=cfg.temperature, with_entropy=True)
-            loss = sft_loss(logp, mb["response_mask"], cfg.loss_agg, norm)
+            loss = sft_loss(logp, mb["response_mask"], cfg.loss_agg, norm, cfg.token_loss)
             loss.backward()
             loss_sum += float(loss.detach())
             entropy_sum += float((entropy.detach() * mb["response_mask"]).sum())
