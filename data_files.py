@@ -15,7 +15,7 @@ import numpy as np
 
 def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None = "answer",
               demo_key: str | None = None) -> list[dict]:
-    """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level, stratum} from a local
+    """Rows {prompt: str | chat messages, answer: str | None, demo: str | None, level[, stratum]} from a local
     .jsonl / .json / .parquet file or a hub data set.
 
     A trainer asks only for the fields it uses (answer_key=None: no answer is read; demo_key=None: no
@@ -95,7 +95,7 @@ def load_rows(source: str, prompt_key: str = "problem", answer_key: str | None =
             bad_rows += 1
         else:
             rows.append({"prompt": prompt, "answer": answer, "demo": demo, "level": record.get("level"),
-                         "stratum": record.get("stratum")})  # the built-in task's, when its rows are in a file
+                         **({"stratum": record["stratum"]} if record.get("stratum") else {})})  # the built-in task's
     if problems:
         shown = problems[:MAX_BAD_ROWS_SHOWN]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""

@@ -1073,7 +1073,7 @@ def regime_verdicts(res: dict, summ, acc, absent) -> list[tuple]:
                 f"GRPO {fmt(acc('sft_then_grpo'))}." + absent(list(kl))))
 
     # 13. the probe's entropy at a switch: GRPO then SFT's rise at its SFT stage against SFT's rise at its start
-    half = res["lab"]["budget"]["steps"] // 2
+    half = res.get("lab", {}).get("budget", {}).get("steps", 0) // 2  # the two-stage baselines' switch
     rise = {"grpo_then_sft": stats(_rises(res, "grpo_then_sft", half)), "sft": stats(_rises(res, "sft", 0))}
     drop = stats(_drops(res, "grpo_then_sft", half))
     parts = {"entropy rise above SFT's": directional(compare(rise["grpo_then_sft"], rise["sft"], FLOOR["entropy"]),

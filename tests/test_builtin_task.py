@@ -4,6 +4,7 @@ import importlib.util
 import os
 import re
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -38,7 +39,8 @@ def test_tokenizer_survives_save_and_reload(tmp_path):
 
 def test_levels_by_hand():
     assert builtin_task.make_task(1, 0, levels=(1,))[0] == {
-        "problem": "8+3+5=?", "answer": "16", "demo": "8+3=11\n11+5=16\n</think>\n\\boxed{16}", "level": 1}
+        "problem": "8+3+5=?", "answer": "16", "demo": "8+3=11\n11+5=16\n</think>\n\\boxed{16}", "level": 1,
+        "stratum": None}
     assert builtin_task._demo([5, 1, (6, 3)]) == "6*3=18\n18+5=23\n23+1=24\n</think>\n\\boxed{24}"  # product first
     assert builtin_task._problem([5, 1, (6, 3)]) == "5+1+6*3=?" and builtin_task._value([5, 1, (6, 3)]) == 24
     sizes = {level: len(builtin_task._level_problems(level)) for level in builtin_task.LEVELS}
@@ -162,3 +164,73 @@ def test_yardstick_tells_a_miscopied_multiplier_from_other_wrong_steps():
     assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("7*3=21", "7*4=20"))  # the fact too
     assert not yardstick.only_multiplier_wrong("7*3+6+5=?", right.replace("27+5", "26+5"))  # a sum wrong
     assert not yardstick.only_multiplier_wrong("1+2+3=?", "1+2=3\n3+3=6\n</think>\n\\boxed{6}")  # no product
+
+
+def test_strata_of_the_facts():
+    """Levels 3-4 fall into strata by the multiplier (the base's prior, builtin_task.STRATA), a held-out fact
+    is the generalisation stratum, and no training demonstration shows a GENERALISATION_FACTS fact."""
+    assert builtin_task.stratum([5, 1, 2]) is None
+    assert builtin_task.stratum([(7, 3), 1, 2]) == "moderate" and builtin_task.stratum([4, (5, 4), 2]) == "weak"
+    assert builtin_task.stratum([(3, 5), 1, 2]) == "needle"
+    (t, k), = builtin_task.GENERALISATION_FACTS
+    assert builtin_task.STRATA[k] == "moderate" and builtin_task.stratum([(t, k), 1, 2]) == "generalisation"
+    assert builtin_task.TEACHER_FACT_PROB[5] == 0 and {builtin_task.STRATA[k] for k in builtin_task.TEACHER_FACT_PROB} \
+        == {"moderate", "weak", "needle"}
+    held = builtin_task.rows("eval")
+    assert {r["stratum"] for r in held if r["level"] >= 3} == {"moderate", "weak", "needle", "generalisation"}
+    assert all((r["stratum"] is None) == (r["level"] <= 2) for r in held)
+    train = builtin_task.rows("train")
+    assert all(f"{t}*{k}" not in r["prompt"] for r in train) and {r["stratum"] for r in train if r["level"] >= 3} \
+        == {"moderate", "weak", "needle"}
+    # the teacher's habit: t*1=t, then the running sum goes on from t (a wrong answer)
+    assert builtin_task._demo([(6, 3), 4, 5], habit=True) == "6*1=6\n6+4=10\n10+5=15\n</think>\n\\boxed{15}"
+
+
+def test_key_tokens_are_the_fact_digits_after_the_star():
+    tokens = ["6", "*", "3", "=", "1", "8", "\n", "1", "8", "+", "4", "=", "2", "2", "\n", "</think>"]
+    assert [t for t, k in zip(tokens, builtin_task.key_tokens(tokens)) if k] == ["3", "1", "8"]
+    assert not any(builtin_task.key_tokens(["1", "+", "2", "=", "3", "\n"]))  # levels 1-2: no fact line
+
+
+def test_probe_measured_on_the_base_is_the_base(tiny_model_dir, monkeypatch):
+    """The probe's stored log-probs are the base's own: measured on the model that built it, the KL from the
+    base is 0 up to float rounding, and each group has its base response and its demonstration."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(builtin_task, "PROBE_PER_GROUP", 1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    probe = builtin_task._build_probe(lm, tok, seed=0)
+    items = probe["items"]
+    assert [(x["kind"], x["group"]) for x in items[:2]] == [("base", items[0]["group"]), ("demo", items[0]["group"])]
+    assert {x["group"] for x in items} == {"level1", "level2", "moderate", "weak", "needle", "generalisation"}
+    assert all(len(x["base_logp"]) == len(x["response_ids"]) == len(x["tokens"]) == len(x["key"]) for x in items)
+    assert all(any(x["key"]) == (x["kind"] == "demo" and x["group"] not in ("level1", "level2")) for x in items)
+    metrics, logps = common.measure_probe(common.PolicyModel(lm, compile=False), probe, tok.pad_token_id, "cpu")
+    assert abs(metrics["probe_kl_base"]) < 1e-5  # float32, two different forwards of the same model
+    demo = [-a for x in items if x["kind"] == "demo" for a in x["base_logp"]]
+    assert metrics["probe_demo_nll"] == pytest.approx(sum(demo) / len(demo), rel=1e-5)
+    assert metrics["probe_entropy"] > 0 and [len(lp) for lp in logps] == [len(x["response_ids"]) for x in items]
+
+
+def test_evaluation_reports_each_stratum():
+    """eval_accuracy_<set>_stratum_<S> (and pass@k) beside the levels: a problem counts in its level and stratum."""
+    rows = [{"problem": "7+6+3+9=?", "prompt_ids": [1], "answer": "25", "level": 2, "stratum": None, "prompt_text": ""},
+            {"problem": "6*3+2+4=?", "prompt_ids": [2], "answer": "24", "level": 3, "stratum": "moderate",
+             "prompt_text": ""},
+            {"problem": "3*5+2+4=?", "prompt_ids": [3], "answer": "21", "level": 4, "stratum": "needle", "prompt_text": ""}]
+    texts = {1: "7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}", 2: "6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}",
+             3: "3*1=3\n3+2=5\n5+4=9\n</think>\n\\boxed{9}"}
+
+    class Scripted:
+        def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None, seed=None):
+            return [[common.Sample(p, [], [], texts[p[0]], True)] * n for p in prompts]
+
+    m = common.evaluate_sets([common.EvalSet("builtin", "builtin", 2, rows)], Scripted(),
+                             common.Verifier(num_workers=0), common.Dist(), temperature=0.6, max_tokens=48, seed=0,
+                             pass_k=True)
+    assert m["eval_accuracy_builtin_stratum_moderate"] == 1.0 and m["eval_accuracy_builtin_stratum_needle"] == 0.0
+    assert m["eval_accuracy_builtin_level3"] == 1.0 and m["eval_accuracy_builtin"] == pytest.approx(2 / 3)
+    assert m["eval_pass@2_builtin_stratum_moderate"] == 1.0 and "eval_accuracy_builtin_stratum_None" not in m
+    assert common.format_eval(m, [common.EvalSet("builtin", "builtin", 2)]) == \
+        "builtin 0.667 (level 2 1.000, 3 1.000, 4 0.000; moderate 1.000, needle 0.000)"

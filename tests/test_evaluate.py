@@ -110,3 +110,60 @@ def test_evaluate_refuses_bad_input_before_loading(tmp_path):
     p = run("evaluate.py", "--model", str(tmp_path / "missing"), "--data", f"{bad}:32", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "aime.jsonl: 1 of 1 rows are bad" in p.stderr and "row 1: 'answer' is empty" in p.stderr
+
+
+def test_demo_probabilities_against_a_plain_forward(tiny_model_dir):
+    """common.demo_probabilities: per group and overall, the mean log-prob of the key tokens (the fact digits),
+    the median over demonstrations of their least likely token's probability and the share of tokens below
+    0.01, against a float64 log-softmax of the plain HF forward, one demonstration at a time."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    raw = [r for r in builtin_task.make_task(2, seed=4)]  # 2 per level: levels 1-2 without, 3-4 with a fact line
+    rows = [{"prompt_ids": tok(common.format_prompt(tok, r["problem"], None), add_special_tokens=False)["input_ids"],
+             "demo_ids": tok(r["demo"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+             "level": r["level"], "stratum": r["stratum"]} for r in raw]
+    got = common.demo_probabilities(common.PolicyModel(lm, compile=False), common.EvalSet("builtin", "builtin", 1, rows),
+                                    tok, common.Dist())
+    plain = []
+    for r in rows:
+        with torch.no_grad():
+            logits = lm(torch.tensor([r["prompt_ids"] + r["demo_ids"]])).logits[0].double()
+        lp = torch.log_softmax(logits[len(r["prompt_ids"]) - 1:-1], -1).gather(-1, torch.tensor(r["demo_ids"])[:, None])
+        key = builtin_task.key_tokens([tok.decode([t]) for t in r["demo_ids"]])
+        plain.append((r, lp[:, 0].tolist(), key))
+    for group in ["level1", "level3", *sorted({f"stratum_{r['stratum']}" for r in rows if r["stratum"]}), None]:
+        part = [(lp, key) for r, lp, key in plain if group is None or group in (f"level{r['level']}",
+                                                                                f"stratum_{r['stratum']}")]
+        suffix = "builtin" + (f"_{group}" if group else "")
+        keys = [x for lp, key in part for x, k in zip(lp, key) if k]
+        mins = sorted(min(lp) for lp, _ in part)
+        want_key = sum(keys) / len(keys) if keys else None
+        assert (got[f"demo_key_logp_{suffix}"] is None) == (want_key is None), suffix
+        if want_key is not None:
+            assert got[f"demo_key_logp_{suffix}"] == pytest.approx(want_key, rel=1e-5), suffix
+        assert got[f"demo_min_p_{suffix}"] == pytest.approx(math.exp(mins[len(mins) // 2]), rel=1e-4), suffix
+        low = sum(x < math.log(0.01) for lp, _ in part for x in lp) / sum(len(lp) for lp, _ in part)
+        assert got[f"demo_low_p_share_{suffix}"] == pytest.approx(low), suffix
+
+
+def test_demo_probabilities_from_the_command_line(tiny_model_dir, tmp_path):
+    """evaluate.py --demo_probs --no-sample: which regime a model is in, for a data file with demonstrations,
+    without generating anything."""
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"question": r["problem"], "target": r["demo"]}) + "\n"
+                            for r in builtin_task.make_task(2, seed=4)))
+    out = tmp_path / "out"
+    p = run("evaluate.py", "--model", tiny_model_dir, "--data", str(data), "--prompt_key", "question",
+            "--demo_key", "target", "--demo_probs", "--no-sample", "--output_dir", str(out), *COMMON)
+    assert "demos demonstrations: median least-likely token p = " in p.stdout
+    got = json.load(open(out / "metrics.json"))["metrics"]
+    assert set(got) == {"demo_key_logp_demos", "demo_min_p_demos", "demo_low_p_share_demos"}  # no answers graded
+    assert 0 < got["demo_min_p_demos"] < 1 and got["demo_key_logp_demos"] < 0  # file data: every token is key
+    assert not (out / "records.jsonl").exists() or records(str(out)) == []
+    bad = run("evaluate.py", "--model", tiny_model_dir, "--data", str(data), "--no-sample", check=False)
+    assert bad.returncode and "--no-sample leaves nothing to measure" in bad.stderr
