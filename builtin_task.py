@@ -62,11 +62,14 @@ FACTS = [(t, k) for k in (3, 4, 5) for t in range(2, 10) if t * k - t >= 10 and 
 # writes that fact's line right (otherwise it writes its habit `t*1=t` and sums on from t). One base holds
 # every regime the fusion methods are argued in: a fact the base already gives some probability (moderate),
 # one it gives little (weak), one it never saw (needle).
-STRATA = {3: "moderate", 4: "weak", 5: "needle"}  # multiplier k -> stratum
-# k -> probability that the pre-training teacher writes t*k right, tuned so that the base lands near pass@1
+# A fact and its mirror (5*3 and 3*5) share a stratum: a policy that knows one finds the other (a first lab saw GRPO
+# learn 4*5 = 20 from the weak 5*4 = 20, so a mirror across strata would leak a needle).
+STRATA = {(5, 3): "moderate", (3, 5): "moderate", (6, 3): "moderate", (7, 3): "moderate", (8, 3): "moderate",
+          (9, 3): "moderate", (4, 4): "weak", (6, 4): "weak", (5, 4): "needle", (4, 5): "needle", (5, 5): "needle"}
+# stratum -> probability that the pre-training teacher writes its facts right, tuned so that the base lands near pass@1
 # 0.05-0.15 and pass@64 >= 0.9 (moderate), pass@1 <= 0.03 and pass@64 0.3-0.8 (weak), pass@64 = 0 (needle), at
 # the evaluation temperature 0.6 (docs/task.md has the measured base; scripts/yardstick.py measures it)
-TEACHER_FACT_PROB = {3: 0.45, 4: 0.20, 5: 0.0}
+TEACHER_FACT_PROB = {"moderate": 0.45, "weak": 0.20, "needle": 0.0}
 # Moderate facts that no training demonstration shows (they appear only in held-out problems): the base knows
 # them as weakly as the other moderate facts, so RL can sharpen them and SFT can only carry them over.
 GENERALISATION_FACTS = frozenset({(6, 3)})
@@ -89,11 +92,11 @@ def _fact(terms):
 
 
 def stratum(terms) -> str | None:
-    """The stratum of a level-3/4 problem (None for levels 1-2): generalisation, or STRATA of its multiplier."""
+    """The stratum of a level-3/4 problem (None for levels 1-2): generalisation, or STRATA of its fact."""
     fact = _fact(terms)
     if fact is None:
         return None
-    return "generalisation" if fact in GENERALISATION_FACTS else STRATA[fact[1]]
+    return "generalisation" if fact in GENERALISATION_FACTS else STRATA[fact]
 
 
 def _slip_prob(s: int) -> float:
@@ -213,14 +216,14 @@ def _pretrain(model, tokenizer, exclude, seed, steps=1200, batch_size=32, lr=3e-
     pools["x1"] = [list(p[:i]) + [(t, 1)] + list(p[i:]) for t in range(1, 10) for p in itertools.product(range(1, 10), repeat=2)
                    for i in range(3)]
     pools["facts"] = [p for level in (3, 4) for p in _level_problems(level)
-                      if _problem(p) not in exclude and fact_prob[_fact(p)[1]] > 0]
+                      if _problem(p) not in exclude and fact_prob[STRATA[_fact(p)]] > 0]
 
     def example():
         u = rng.random()
         pool = "x1" if u < share_x1 else "facts" if u < share_x1 + share_facts else \
             2 if u < share_x1 + share_facts + share2 else 1
         terms = rng.choice(pools[pool])
-        habit = pool == "facts" and rng.random() >= fact_prob[_fact(terms)[1]]
+        habit = pool == "facts" and rng.random() >= fact_prob[STRATA[_fact(terms)]]
         p = tokenizer.apply_chat_template([{"role": "user", "content": _problem(terms)}], tokenize=False,
                                       add_generation_prompt=True)  # common.format_prompt, no system prompt
         p = tokenizer(p, add_special_tokens=False)["input_ids"]

@@ -596,7 +596,7 @@ def table(res: dict) -> list[str]:
     return lines
 
 
-def regime_table(res: dict) -> list[str]:
+def regime_table(res: dict, figures: bool = True) -> list[str]:
     """Levels 3-4 per stratum (the base's prior on the fact) at the final step, beside what each method did to
     the probe: the share of its tokens moved by more than lab_regimes.SHIFT, and the final KL from the base and
     NLL of the held-out demonstrations."""
@@ -623,9 +623,9 @@ def regime_table(res: dict) -> list[str]:
         lines.append(f"| {m['label']} | " + " | ".join(fmt(s["final"].get(k)) for k in strata) + " | " +
                      " | ".join(fmt(x) for x in (s["token_shift"]["all"], s["probe_final"]["kl_base"],
                                                   s["probe_final"]["demo_nll"])) + " |")
-    return lines + ["", "![accuracy per stratum against the base's prior](regimes.png)", "",
-                    "![learning dynamics and probe entropy](dynamics.png)", "",
-                    "![token shift of one demonstration](token_shift.png)", ""]
+    return lines + (["", "![accuracy per stratum against the base's prior](regimes.png)", "",
+                     "![learning dynamics and probe entropy](dynamics.png)", "",
+                     "![token shift of one demonstration](token_shift.png)", ""] if figures else [])
 
 
 def forks_counter(res: dict) -> str:

@@ -17,7 +17,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 TRAINERS = [  # file, method (with its METHODS.md equations), paper
-    ("sft.py", "supervised fine-tuning on demonstrations, Eq. (13)", "the baseline of every paper"),
+    ("sft.py", "supervised fine-tuning on demonstrations, Eq. (13); DFT with `--token_loss dft`, Eq. (59)",
+     "the baseline of every paper; DFT arXiv 2508.05629"),
     ("grpo.py", "GRPO / Dr.GRPO, Eq. (4), (9)-(12), (15): the template of the others", "arXiv 2402.03300, 2503.20783"),
     ("luffy.py", "LUFFY: the demonstration joins the group, shaped off-policy term, Eq. (16)-(20)", "arXiv 2504.14945"),
     ("relift.py", "ReLIFT: fine-tuning steps on the hardest questions between RL steps, Eq. (21)-(24)",
@@ -149,6 +150,29 @@ def lab_claims():
         (v["claim"], v["text"], v["verdict"], v["measured"]) for v in load("lab_results/results.json")["verdicts"]])
 
 
+def base():
+    """docs/task.md: the base by level and by stratum of levels 3-4 (`scripts/yardstick.py --json docs/base.json`)."""
+    b = load("docs/base.json")
+    k = b["k_large"]
+    rows = [(g.removeprefix("stratum_"), " / ".join(f"{x:.3f}" for x in v["pass@1"]), f"{v['sd']:.3f}",
+             f"{v['pass@8']:.3f}", "-" if v.get(f"pass@{k}") is None else f"{v[f'pass@{k}']:.3f}", f"{v['min_p']:.2g}",
+             "-" if v["key_logp"] is None else f"{v['key_logp']:.2f}", f"{v['wrong_steps']} of {v['rewarded']}")
+            for g, v in b.items() if g.startswith(("level", "stratum_"))]
+    built = (f"; built in {b['build_s']:.0f} s with {b['threads']} threads (the same weights as the cached base: "
+             f"{'yes' if b['same_weights_as_cached'] else 'no'})") if "build_s" in b else ""
+    return [f"Task version {b['task_version']}, {b['date']}, {b['cpu']} with {b['cores']} cores{built}:", ""] + table(
+        ["level / stratum", "pass@1 (3 seeds)", "sd", "pass@8, T = 1", f"pass@{k}, T = 0.6", "least-likely token p",
+         "key-token log-prob", "wrong steps"], rows)
+
+
+def lab_strata():
+    """docs/lab.md: levels 3-4 by stratum for every method, beside its token shift and probe distances."""
+    sys.path.insert(0, ROOT)
+    import lab  # lab.py imports only the standard library and lab_regimes at its top
+
+    return lab.regime_table(load("lab_results/results.json"), figures=False)  # the page places the figures
+
+
 def fusion_runs():
     """docs/task.md: every seed of GRPO and the six fusion trainers (scripts/check_readme_rows.py reruns them)."""
     res = load("lab_results/results.json")
@@ -266,7 +290,8 @@ def gpu_paper():
 
 
 BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
-          "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "bench-logprob": bench_logprob,
+          "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "base": base,
+          "lab-strata": lab_strata, "bench-logprob": bench_logprob,
           "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
           "bench-scaling": bench_scaling, "gpu-paper": gpu_paper}
 

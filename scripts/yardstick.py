@@ -60,8 +60,22 @@ def main():
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds for pass@1")
     p.add_argument("--k_large", type=int, default=64, help="samples per level-3/4 problem for pass@k_large (0: none)")
     p.add_argument("--json", default="", help="also write the numbers to this file")
+    p.add_argument("--time_build", action="store_true", help="first build the base afresh in a temporary cache "
+                   "and time it (the same weights as the cached one, if this machine built that one)")
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    build = {}
+    if args.time_build:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            fresh = builtin_task.build_base_model(tmp)
+            build["build_s"] = time.time() - t0
+            cached = builtin_task.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir))
+            a, b = (AutoModelForCausalLM.from_pretrained(x).state_dict() for x in (fresh, cached))
+            build["same_weights_as_cached"] = all(torch.equal(a[k], b[k]) for k in a)
+        print(f"built the base in {build['build_s']:.0f} s with {torch.get_num_threads()} threads; the same weights as "
+              f"the cached one: {build['same_weights_as_cached']}")
     path = builtin_task.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir)) if args.model == "builtin" \
         else args.model
     tok = AutoTokenizer.from_pretrained(path)
@@ -92,7 +106,13 @@ def main():
     demo = common.demo_probabilities(common.PolicyModel(lm, compile=False), common.EvalSet("builtin", "builtin", 1,
                                                                                            encoded), tok, common.Dist())
     seconds = time.time() - t0
-    out = {"model": path, "problems_per_level": args.problems, "k": args.k, "seeds": args.seeds}
+    import datetime, platform  # noqa: E401
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    out = {"model": path, "problems_per_level": args.problems, "k": args.k, "seeds": args.seeds,
+           "k_large": args.k_large, "sampling_s": seconds, "cpu": cpu, "cores": os.cpu_count(),
+           "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+           "task_version": builtin_task.TASK_VERSION, **build}
     print(f"{path}: {args.problems} held-out problems per level, pass@1 over k={args.k} samples at T=0.6 "
           f"({args.seeds} seeds), pass@8 at T=1.0; {seconds:.0f} s of sampling")
     print(f"{'group':>14} {'pass@1 per seed':>24} {'sd':>6} {'pass@8':>7} {'pass@' + str(args.k_large):>8} "

@@ -167,21 +167,23 @@ def test_yardstick_tells_a_miscopied_multiplier_from_other_wrong_steps():
 
 
 def test_strata_of_the_facts():
-    """Levels 3-4 fall into strata by the multiplier (the base's prior, builtin_task.STRATA), a held-out fact
-    is the generalisation stratum, and no training demonstration shows a GENERALISATION_FACTS fact."""
+    """Levels 3-4 fall into strata by their fact (the base's prior, builtin_task.STRATA), a fact and its mirror
+    share one, a held-out fact is the generalisation stratum, and no training demonstration shows it."""
+    assert set(builtin_task.STRATA) == set(builtin_task.FACTS)
+    assert all(builtin_task.STRATA[(k, t)] == s for (t, k), s in builtin_task.STRATA.items() if (k, t) in builtin_task.STRATA)
     assert builtin_task.stratum([5, 1, 2]) is None
-    assert builtin_task.stratum([(7, 3), 1, 2]) == "moderate" and builtin_task.stratum([4, (5, 4), 2]) == "weak"
-    assert builtin_task.stratum([(3, 5), 1, 2]) == "needle"
-    (t, k), = builtin_task.GENERALISATION_FACTS
-    assert builtin_task.STRATA[k] == "moderate" and builtin_task.stratum([(t, k), 1, 2]) == "generalisation"
-    assert builtin_task.TEACHER_FACT_PROB[5] == 0 and {builtin_task.STRATA[k] for k in builtin_task.TEACHER_FACT_PROB} \
-        == {"moderate", "weak", "needle"}
+    assert builtin_task.stratum([(7, 3), 1, 2]) == "moderate" and builtin_task.stratum([4, (4, 4), 2]) == "weak"
+    assert builtin_task.stratum([(5, 5), 1, 2]) == "needle" and builtin_task.stratum([(3, 5), 1, 2]) == "moderate"
+    (fact,) = builtin_task.GENERALISATION_FACTS
+    assert builtin_task.STRATA[fact] == "moderate" and builtin_task.stratum([fact, 1, 2]) == "generalisation"
+    assert builtin_task.TEACHER_FACT_PROB["needle"] == 0 and set(builtin_task.TEACHER_FACT_PROB) == \
+        set(builtin_task.STRATA.values())
     held = builtin_task.rows("eval")
     assert {r["stratum"] for r in held if r["level"] >= 3} == {"moderate", "weak", "needle", "generalisation"}
     assert all((r["stratum"] is None) == (r["level"] <= 2) for r in held)
     train = builtin_task.rows("train")
-    assert all(f"{t}*{k}" not in r["prompt"] for r in train) and {r["stratum"] for r in train if r["level"] >= 3} \
-        == {"moderate", "weak", "needle"}
+    assert all(f"{fact[0]}*{fact[1]}" not in r["prompt"] for r in train) and \
+        {r["stratum"] for r in train if r["level"] >= 3} == {"moderate", "weak", "needle"}
     # the teacher's habit: t*1=t, then the running sum goes on from t (a wrong answer)
     assert builtin_task._demo([(6, 3), 4, 5], habit=True) == "6*1=6\n6+4=10\n10+5=15\n</think>\n\\boxed{15}"
 
