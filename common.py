@@ -110,6 +110,8 @@ class BaseConfig:
     vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (docs/gpu.md)
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
+    vllm_enforce_eager: bool = False  # GPU engines without torch.compile and CUDA graphs (CPU engines always are):
+    # slower decoding, no graph memory, the code path CI runs (docs/gpu.md, "Eager or CUDA graphs")
     vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
     # output_dir/vllm-rank<r>.log)
     rollout_debug: bool = False  # debug: rollout_debug.jsonl, log-prob gap, probes, memory (scripts/gpu/smoke.sh)
@@ -350,9 +352,32 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                             weight_decay=weight_decay)
+    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5), its state created now."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
+                            weight_decay=weight_decay)
+    init_adam_state(opt)
+    return opt
+
+
+def init_adam_state(opt: torch.optim.Adam):
+    """Adam(W)'s state as its first step would create it (torch/optim/adam.py, Adam._init_group): step 0 (a CPU
+    scalar unless capturable or fused) and zero moments like each parameter (a DTensor's are DTensors). Created
+    before the vLLM engine measures free GPU memory, the moments are counted there, in the segments they will
+    keep (docs/gpu.md, "GPU memory"). _init_group fills only empty state and a first step from step 0 and zero
+    moments is the lazy start itself: runs are the same, bit for bit (tests/test_step_mechanics.py, test_fsdp.py)."""
+    from torch.optim.optimizer import _get_scalar_dtype  # torch's own choice of the step's dtype
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state:
+                continue
+            on_device = group["capturable"] or group["fused"]
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device) \
+                if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            for name in names:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
@@ -667,17 +692,17 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
     model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
     ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
-    sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
-                           optimizers=1 + len(extra_optimizers or {}))
+    # the AdamWs' state exists from here (init_adam_state), so the engine's free-memory measurement counts it
+    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
+    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
+    assert "main" not in extra, "'main' names the trainer's own optimizer"
+    sampler = make_sampler(cfg, d, tokenizer, model_path, model)
     if cfg.rollout_debug:  # a debugging wrapper (rollout_debug.py)
         from rollout_debug import RolloutDebug
 
         probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
         sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
                                tokenizer.pad_token_id, make_batch)
-    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
-    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
-    assert "main" not in extra, "'main' names the trainer's own optimizer"
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
               eval_sets, stream, logger=None, extra_optimizers=extra,
@@ -1429,14 +1454,15 @@ def engine_dtype(device: torch.device) -> torch.dtype:
 class VLLMSampler:
     """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
     1, seed --seed + rank; docs/gpu.md, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
-    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws
-    use the process's torch generator, seeded and checkpointed by the trainer, so a resumed run draws what
-    the uninterrupted one drew."""
+    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws come
+    from the process's generators, seeded per rank and checkpointed by the trainer, so a resumed run draws what
+    the uninterrupted one drew: on CPU (the V1 model runner) torch's, on GPUs (the V2 runner, vLLM's default
+    with Triton) each request's seed from numpy's (v1/worker/gpu/sample/states.py:54-58)."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
                  sleep: bool = False, kv_cache_bytes: int = 0, logprobs: bool = False, verbose: bool = False,
-                 log_dir: str | None = None, dtype: torch.dtype | None = None):
+                 log_dir: str | None = None, dtype: torch.dtype | None = None, enforce_eager: bool = False):
         self.tokenizer, self.rank, self.stop_ids, self.logprobs = tokenizer, rank, list(stop_ids), logprobs
         self.sleep = sleep and device.type == "cuda"
         self.dtype = dtype or engine_dtype(device)
@@ -1457,8 +1483,9 @@ class VLLMSampler:
                 lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
             # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
             extra = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
-            if device.type == "cuda":
-                extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
+            if device.type == "cuda":  # eager: no torch.compile, no CUDA graphs (config/vllm.py:1691-1693)
+                extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep,
+                             enforce_eager=enforce_eager)
             else:  # no CUDA graphs to capture, no compilation worth its start-up time on a CPU
                 extra.update(kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True)
             # vLLM's workers reseed the RNGs, set torch's thread count to 1 and on CPU replace
@@ -1483,7 +1510,11 @@ class VLLMSampler:
         weights = full_state_dict(model, dtype=self.dtype)  # every rank gathers: a collective, one tensor at a time
         # the worker's in-place reload: vLLM 0.32's update path on every backend, into the engine's own storage
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        # cached KV blocks were computed with the old weights; vLLM keeps them when a request still holds one
+        # (v1/core/block_pool.py:837-843) and says so only by returning False
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight push (a request still holds "
+                               "KV blocks), so generation would reuse KV computed with the old weights")
         if not self.awake:
             self.llm.wake_up(tags=["kv_cache"])
             self.awake = True
@@ -1497,7 +1528,7 @@ class VLLMSampler:
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
                  seed: int | None = None) -> list[list[Sample]]:
         """As TorchSampler.generate; with `seed` each request gets its own (`request_seeds`), so the same
-        call draws the same samples (evaluation); without, the process's torch generator drives them."""
+        call draws the same samples (evaluation); without, the process's generators drive them (class doc)."""
         if not self.awake:
             raise RuntimeError("the vLLM engine is asleep: call sync_weights() before generate() (and release() "
                                "only after the rollout's or the evaluation's last generate())")
@@ -1507,7 +1538,8 @@ class VLLMSampler:
                                       max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
                                       logprobs=0 if self.logprobs else None, detokenize=False)
                   for pre, s in zip(prefixes, seeds)]
-        # vLLM draws a batch's noise from torch's generator before redrawing seeded rows: put it back
+        # V1 (CPU) draws a batch's noise from torch's generator before redrawing seeded rows: put it back (V2
+        # draws nothing for a seeded request: states.py:56-57)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext():
             outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
@@ -1533,9 +1565,19 @@ class VLLMSampler:
         return Sample(prompt, list(prefix), ids, text, finished, logprobs)
 
     def close(self):
-        """Shut the engine down while the process groups it uses still exist (`shutdown` calls this)."""
+        """Shut the engine down while the process groups it uses still exist (`shutdown` calls this). A sleeping
+        engine is woken first: shutdown frees its KV cache and weights, and vLLM 0.32 unmaps a sleeping
+        allocation a second time (device_allocator/cumem.py:204-231 guards only ROCm), a CUDA error on every
+        rank (vllm-project/vllm#36651). Awake it holds what it held in every rollout."""
         if self in _live_engines:
             _live_engines.remove(self)
+            if not self.awake:
+                try:
+                    torch.cuda.empty_cache()
+                    self.llm.wake_up()
+                    self.awake = True
+                except Exception as e:  # shut down anyway (vLLM then prints its CUDA errors)
+                    print(f"warning: waking the vLLM engine before its shutdown failed: {e}", file=sys.stderr)
             self.llm.llm_engine.engine_core.shutdown()
             del self.llm
 
@@ -1584,14 +1626,26 @@ def request_seeds(seed: int, rank: int, count: int) -> list[int]:
 GiB = 2 ** 30
 
 
-def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
-                         headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization (docs/gpu.md, "GPU memory": the arithmetic). `free` excludes
-    the fp32 shards already loaded; AdamW's moments (2 x `param_bytes` per optimizer) and `headroom` (NCCL,
-    the gathered root, fragmentation) are still to come. Without sleep mode: half of what is left after
-    the gradients too."""
-    spare = free - 2 * optimizers * param_bytes - headroom
-    return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
+# docs/gpu.md, "GPU memory": what lands after the engine measures free memory and is not the engine's (NCCL's
+# later buffers, CUDA context growth, pinned small blocks); and two estimates of what vLLM takes from its share
+# before the KV cache (its log prints the real ones): the activation peak, and CUDA graphs unless eager
+VLLM_HEADROOM, VLLM_ACTIVATIONS, VLLM_CUDA_GRAPHS = 3 * GiB, 2 * GiB, GiB
+
+
+def vllm_memory_fraction(free: int, total: int, grad_bytes: int, sleep: bool, headroom: int = VLLM_HEADROOM) -> float:
+    """Default --vllm_gpu_memory_utilization (docs/gpu.md, "GPU memory": the arithmetic). `free` is measured
+    with the model shards and every AdamW's state on the GPU (setup creates it first: init_adam_state), less
+    `headroom`. Without sleep mode: half of what is left after the gradients (`grad_bytes`) too."""
+    spare = free - headroom
+    return math.floor(1000 * (spare if sleep else (spare - grad_bytes) / 2) / total) / 1000  # rounded down
+
+
+def vllm_engine_floor(weight_bytes: int, kv_one_sequence: int, eager: bool) -> int:
+    """The least a GPU engine starts in: its bf16 weights; its activation peak and CUDA graphs, both taken from
+    its share before the KV cache (v1/worker/gpu_worker.py:698-745; the graphs are not in the sleep pool and stay
+    through sleep: config/vllm.py:688-699); and the KV cache of one full-length sequence, without which vLLM
+    refuses to start (v1/core/kv_cache_utils.py:1003-1040)."""
+    return weight_bytes + VLLM_ACTIVATIONS + (0 if eager else VLLM_CUDA_GRAPHS) + kv_one_sequence
 
 
 def sampler_kind(cfg) -> str:
@@ -1614,22 +1668,28 @@ def check_sampler(cfg):
                f"for the engine's own allocations, training's keep it")
 
 
-def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
-    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
-    of available memory. Per token: layers x 2 (K, V) x KV heads x head size x dtype."""
-    import psutil
+def kv_bytes_per_token(model_path: str, dtype: torch.dtype) -> int:
+    """A token's KV cache: layers x 2 (K, V) x KV heads x head size x dtype."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_path)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * \
+    return c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * \
         dtype.itemsize
+
+
+def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
+    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
+    of available memory."""
+    import psutil
+
+    per_token = kv_bytes_per_token(model_path, dtype)
     return int(min(sequences * max_model_len * per_token, psutil.virtual_memory().available // 4))
 
 
-def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None, optimizers: int = 1):
-    """The run's sampler, after the policy (and reference) model and before the `optimizers` AdamWs whose
-    state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
+def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None):
+    """The run's sampler, after the policy (and reference) model and the AdamWs' state, which the GPU budget
+    measures; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
     generation_config = model.lm.generation_config if model is not None else None  # the checkpoint's (load_policy)
@@ -1639,7 +1699,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
         max_model_len = cfg.max_prompt_len + cfg.max_response_len
-        fraction, kv_bytes = cfg.vllm_gpu_memory_utilization, 0
+        fraction, kv_bytes, eager = cfg.vllm_gpu_memory_utilization, 0, getattr(cfg, "vllm_enforce_eager", False)
         if d.device.type != "cuda":
             kv_bytes = vllm_kv_cache_bytes(model_path, max_model_len, engine_dtype(d.device))
         elif fraction <= 0:
@@ -1650,20 +1710,24 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
             # the fullest GPU decides for every rank: one fraction, and a refusal that rank 0 prints (a GPU
             # that another process holds memory on is seldom rank 0's)
             free, shard = all_reduce([free], dist.ReduceOp.MIN)[0], all_reduce([shard], dist.ReduceOp.MAX)[0]
-            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep, optimizers)
+            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep)
             weights = 2 * sum(p.numel() for p in model.parameters())  # the engine's bf16 copy
+            kv_one = kv_bytes_per_token(model_path, engine_dtype(d.device)) * max_model_len
             print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now on the "
-                   f"fullest GPU, {2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode "
+                   f"fullest GPU with the optimizer state, {VLLM_HEADROOM / GiB:.0f} GiB kept back, sleep mode "
                    f"{cfg.vllm_sleep})")
-            if fraction * total < weights + 2 * GiB:
-                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
-                      f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
-                      f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
+            if fraction * total < vllm_engine_floor(weights, kv_one, eager):
+                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside the "
+                     f"training state, not enough for its {weights / GiB:.1f} GiB of weights, about "
+                     f"{VLLM_ACTIVATIONS / GiB:.0f} GiB of activations" + ("" if eager else
+                     f", about {VLLM_CUDA_GRAPHS / GiB:.0f} GiB of CUDA graphs (none with --vllm_enforce_eager)") +
+                     f" and the KV cache of one full-length sequence ({kv_one / GiB:.2f} GiB). Use more GPUs "
+                     f"(smaller shards), a smaller model or budgets, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
                               device=d.device, stop_ids=stop_ids, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
                               max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, gpu_memory_utilization=fraction,
                               logprobs=getattr(cfg, "rollout_debug", False), verbose=cfg.vllm_verbose,
-                              log_dir=cfg.output_dir or None)
+                              log_dir=cfg.output_dir or None, enforce_eager=eager)
         kv = f"{kv_bytes / GiB:.2f} GiB KV cache" if kv_bytes else f"{fraction:.3f} of the GPU"
         print0(f"vLLM {sampler.version} engine on every rank: {str(sampler.dtype).removeprefix('torch.')}, {kv}, "
                f"started in {sampler.start_seconds:.1f} s" +

@@ -39,6 +39,7 @@ class StandIn:
 
     def __init__(self, script):
         self.script, self.events, self.engines, self.loaded = script, [], [], []
+        self.prefix_cache_reset = True
         module = types.ModuleType("vllm")
         module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
         module.LLM, module.SamplingParams = self._llm_class(), self._params_class()
@@ -69,10 +70,12 @@ class StandIn:
                 standin.events.append(f"sleep({level})")
 
             def wake_up(self, tags=None):
-                standin.events.append(f"wake_up({','.join(tags)})")
+                standin.events.append(f"wake_up({','.join(tags) if tags else 'all'})")
+                return tags is None or "kv_cache" in tags  # fully awake (v1/engine/core.py wake_up)
 
             def reset_prefix_cache(self):
                 standin.events.append("reset_prefix_cache")
+                return standin.prefix_cache_reset  # False: a request still holds KV blocks
 
             def collective_rpc(self, method, kwargs=None):
                 assert method == "reload_weights", method
@@ -115,7 +118,7 @@ def standin(monkeypatch):
     return box
 
 
-def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, utilization=0.5):
+def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, utilization=0.5, eager=False):
     """A sampler as make_sampler builds it for a GPU rank (cuda=True) or a CPU one."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -124,7 +127,7 @@ def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, u
     model = common.PolicyModel(lm, compile=False)
     cfg = common.BaseConfig(sampler="vllm", seed=5, vllm_sleep=sleep, vllm_gpu_memory_utilization=utilization,
                             max_prompt_len=64, max_response_len=48, vllm_max_num_batched_tokens=4096,
-                            rollout_debug=debug)
+                            rollout_debug=debug, vllm_enforce_eager=eager)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     d = common.Dist(rank=rank, world_size=2, device=device)
     return common.make_sampler(cfg, d, tok, model_dir, model), model, tok
@@ -138,7 +141,7 @@ def no_live_engines():
 
 def test_engine_arguments_gpu_and_cpu(standin, tiny_model_dir):
     make(tiny_model_dir, rank=0)
-    make(tiny_model_dir, rank=1, sleep=False)
+    make(tiny_model_dir, rank=1, sleep=False, eager=True)
     make(tiny_model_dir, rank=0, cuda=False)
     a, b, cpu = standin.engines
     for args in (a, b, cpu):
@@ -147,8 +150,10 @@ def test_engine_arguments_gpu_and_cpu(standin, tiny_model_dir):
         assert args["max_model_len"] == 64 + 48 and args["max_num_batched_tokens"] == 4096
     for args in (a, b):  # a GPU engine: bf16 as the trainer's compute, the memory fraction, sleep mode if asked
         assert args["dtype"] == "bfloat16" and args["gpu_memory_utilization"] == 0.5
-        assert "kv_cache_memory_bytes" not in args and "enforce_eager" not in args
+        assert "kv_cache_memory_bytes" not in args
     assert (a["seed"], b["seed"]) == (5, 6)  # --seed + rank: data-parallel ranks must not sample alike
+    # torch.compile and CUDA graphs unless --vllm_enforce_eager (vLLM's own default: False)
+    assert a["enforce_eager"] is False and b["enforce_eager"] is True
     assert a["enable_sleep_mode"] is True and b["enable_sleep_mode"] is False
     # a CPU engine: the trainer's float32, a KV cache of a fixed size (no GPU fraction), no sleep mode
     assert cpu["dtype"] == "float32" and cpu["kv_cache_memory_bytes"] > 0 and cpu["enforce_eager"] is True
@@ -174,7 +179,25 @@ def test_order_per_step_with_sleep_mode(standin, tiny_model_dir):
     standin.events.clear()
     sampler.release()  # twice is harmless
     common.shutdown()  # the engine is shut down before the process groups (here: none)
+    # woken first: vLLM 0.32 frees a sleeping engine's memory with CUDA errors (cumem.py:204-231, vllm#36651)
+    assert standin.events == ["wake_up(all)", "shutdown"] and not common._live_engines
+
+
+def test_an_awake_engine_shuts_down_as_it_is(standin, tiny_model_dir):
+    sampler, model, _ = make(tiny_model_dir, sleep=True)
+    sampler.sync_weights(model)  # awake: weights and KV cache
+    standin.events.clear()
+    common.shutdown()
     assert standin.events == ["shutdown"] and not common._live_engines
+
+
+def test_a_prefix_cache_that_was_not_reset_is_refused(standin, tiny_model_dir):
+    """reset_prefix_cache() returns False when a request still holds KV blocks (v1/core/block_pool.py:837):
+    generation would then reuse KV computed with the old weights (with --no-vllm_sleep nothing else clears it)."""
+    sampler, model, _ = make(tiny_model_dir, sleep=False)
+    standin.prefix_cache_reset = False
+    with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+        sampler.sync_weights(model)
 
 
 def test_order_per_step_without_sleep_mode(standin, tiny_model_dir):
@@ -240,12 +263,32 @@ def test_request_seeds_are_distinct_and_repeatable():
 
 def test_memory_arithmetic():
     G = common.GiB
-    # 7B on 8 x 80 GiB: 3.5 GiB fp32 shard; Adam adds 7 GiB; 3 GiB headroom
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True) == 0.812  # 65 / 80, rounded down
+    # 7B on 8 x 80 GiB: 3.5 GiB fp32 shard; 75 GiB free before the AdamW state (7 GiB), which exists when the
+    # engine measures (common.init_adam_state): 68 GiB free; 3 GiB headroom
+    assert common.vllm_memory_fraction(68 * G, 80 * G, int(3.5 * G), sleep=True) == 0.812  # 65 / 80, rounded down
     # without sleep mode the gradients stay too, and half of the rest is left for activations
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
-    # ReLIFT's second AdamW: 7 GiB more resident state, 7 GiB less for the engine
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True, optimizers=2) == 0.725  # 58 / 80
+    assert common.vllm_memory_fraction(68 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
+    # ReLIFT's second AdamW: 7 GiB more measured state, 7 GiB less for the engine
+    assert common.vllm_memory_fraction(61 * G, 80 * G, int(3.5 * G), sleep=True) == 0.725  # 58 / 80
+    # an engine's least: bf16 weights, activations (2 GiB), CUDA graphs (1 GiB; none eager), one sequence's KV
+    assert common.vllm_engine_floor(14 * G, G // 2, eager=False) == int(17.5 * G)
+    assert common.vllm_engine_floor(14 * G, G // 2, eager=True) == int(16.5 * G)
+
+
+def test_too_small_a_share_counts_activations_and_cuda_graphs(standin, tiny_model_dir, monkeypatch):
+    """vLLM takes its activation peak and CUDA graphs from its share before the KV cache, and refuses to start
+    without the KV of one full-length sequence: the friendly refusal counts all of them (it counted the weights
+    and 2 GiB). 5.5 GiB free, 3 GiB kept back: 2.48 GiB for the tiny model's engine, enough for its weights,
+    2 GiB of activations and a KV cache in eager mode, not with 1 GiB of CUDA graphs besides."""
+    G = common.GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(5.5 * G), 80 * G))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    make(tiny_model_dir, utilization=0, eager=True)
+    assert standin.engines[-1]["gpu_memory_utilization"] == 0.031 and standin.engines[-1]["enforce_eager"] is True
+    with pytest.raises(SystemExit, match=r"about 2 GiB of activations, about 1 GiB of CUDA graphs \(none with "
+                                         r"--vllm_enforce_eager\) and the KV cache of one full-length sequence"):
+        make(tiny_model_dir, utilization=0)
+    assert len(standin.engines) == 1
 
 
 def test_the_fullest_gpu_sets_every_ranks_memory_fraction(standin, tiny_model_dir, monkeypatch, capsys):
