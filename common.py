@@ -1511,7 +1511,7 @@ class VLLMSampler:
         # the worker's in-place reload: vLLM 0.32's update path on every backend, into the engine's own storage
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # cached KV blocks were computed with the old weights; vLLM keeps them when a request still holds one
-        # (v1/core/block_pool.py:837-843) and says so only by returning False
+        # (v1/core/block_pool.py:837-844) and says so only by returning False
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache after the weight push (a request still holds "
                                "KV blocks), so generation would reuse KV computed with the old weights")
