@@ -43,7 +43,7 @@ SMOKE_ARGS = ["--model", "builtin", "--prompts_per_step", "4", "--prompts_per_mi
               "--entropy_coef", "0.01", "--verifier_workers", "1", "--rollout_debug", "--system_prompt", "",
               "--max_prompt_len", "64", "--max_response_len", "48", "--sampler", "torch", "--max_steps", "4",
               "--save_every", "2", "--kl_coef", "0.01", "--gradient_checkpointing"]
-TRAINER_ARGS = ["--sampler", "torch", "--max_steps", "1", "--save_every", "1", "--eval_data", "none"]
+TRAINER_ARGS = ["--sampler", "torch", "--max_steps", "1", "--save_every", "1", "--eval_data", "none", "--overwrite"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +94,8 @@ def step_smoke(a, out, deadline):
     data = ["--data", os.path.join(d, "train.jsonl"), "--eval_data", os.path.join(d, "eval.jsonl")]
     numbers = {}
     for name, cmd in (("data", smoke + ["data", d]),
-                      ("run", [sys.executable, "grpo.py", *SMOKE_ARGS, *data, *cache(a), "--output_dir", full]),
+                      ("run", [sys.executable, "grpo.py", *SMOKE_ARGS, *data, *cache(a), "--output_dir", full,
+                               "--overwrite"]),
                       ("check", smoke + ["check", full, "--world", "1"]),
                       ("cut", smoke + ["cut", full, cut]),
                       ("resumed run", [sys.executable, "grpo.py", *SMOKE_ARGS, *data, *cache(a), "--output_dir", cut,
