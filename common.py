@@ -5,8 +5,8 @@ every trainer needs. Equation numbers refer to ./METHODS.md, the project's metho
 
 Contents, in the order a reader of grpo.py meets them (each section starts with a ==== banner):
 
-  1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
-                       trainer's GPU_RUN), fail (every refusal before training: one "error: ..." line)
+  1. Config -> CLI     BaseConfig; parse_config (--variant), given_flags, laptop_defaults (against a trainer's
+                       GPU_RUN), from cli.py; fail (every refusal before training: one "error: ..." line)
   2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
                        demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
@@ -21,10 +21,10 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
 
-Six side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
-imports this file: lm_head.py (Eq. 1-2 in chunks, with their gradient written out), builtin_task.py (the
-built-in task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model /
---eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
+Seven side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
+imports this file: cli.py (a Config as command-line flags), lm_head.py (Eq. 1-2 in chunks, with their gradient
+written out), builtin_task.py (the built-in task: tiny tokenizer and model, problems, the pre-trained base; only
+for --data / --model / --eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
 the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
 checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
 answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a human grader reads,
@@ -32,8 +32,8 @@ math-verify's verdict) and rollout_debug.py (--rollout_debug's sampler wrapper, 
 """
 from __future__ import annotations
 
-import argparse, atexit, contextlib, dataclasses, datetime, difflib, importlib.util, inspect, logging, math
-import multiprocessing as mp, os, random, re, signal, sys, threading, time, typing, warnings, zlib
+import atexit, contextlib, datetime, importlib.util, logging, math
+import multiprocessing as mp, os, random, re, signal, sys, threading, time, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 # script) to fork its workers from, and at the top transformers took 1.8 of its 3.3 s, which every run's first grade
 # waited for on a 2-core machine.
 
+from cli import given_flags, laptop_defaults, parse_config  # noqa: F401 (the trainers' common.parse_config)
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
 import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
@@ -129,104 +130,6 @@ class BaseConfig:
 
 # The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
-
-
-def parse_config(cls, argv=None, variants: dict | None = None):
-    """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
-    takes several values. The flags given are kept (`given_flags`). variants: {name: {field: value}} for a
-    Config with a `variant` field; the chosen one sets its fields except those given on the command line."""
-    helps = {}
-    for klass in cls.__mro__:
-        if dataclasses.is_dataclass(klass):
-            name = None
-            for line in inspect.getsource(klass).splitlines():
-                m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-                more = re.match(r"\s+#(?!\s*---)\s*(.+)$", line)  # continues the help above; a "# ---" banner does not
-                if m:
-                    name = m.group(1) if m.group(1) not in helps else None
-                    helps.setdefault(m.group(1), m.group(2))
-                elif more and name:
-                    helps[name] += " " + more.group(1)
-                else:
-                    name = None
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]  # its first paragraph
-    parser = _Parser(description=" ".join(doc.split()) or None, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        defaults[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        kw = {"default": defaults[f.name], "help": helps.get(f.name, " ")}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
-        elif typing.get_origin(tp) is list:  # no argparse default: "extend" would add to a non-empty one
-            kw.update(type=typing.get_args(tp)[0], nargs="+", action="extend", default=argparse.SUPPRESS,
-                      help=kw["help"] + f" (default: {' '.join(defaults[f.name]) or 'none'})")
-        else:
-            kw["type"] = tp
-        parser.add_argument(f"--{f.name}", **kw)
-    args = {**defaults, **vars(parser.parse_args(argv))}
-    negative = [f"--{k} {v}" for k, v in args.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and v < 0]
-    if negative:  # every count, size, rate and coefficient here is >= 0
-        parser.error(f"{', '.join(negative)}: must be at least 0")
-    cfg = cls(**args)
-    given = set()
-    for token in sys.argv[1:] if argv is None else argv:
-        name = token[2:].split("=")[0] if token.startswith("--") else ""
-        given.add(name[3:] if name.startswith("no-") and name[3:] in args else name)
-    cfg._given = frozenset(given & set(args))  # not a field: config.json and asdict() leave it out
-    for name, value in ((variants or {}).get(getattr(cfg, "variant", None)) or {}).items():
-        if name not in cfg._given:
-            setattr(cfg, name, value)
-    if hasattr(cfg, "output_dir") and not cfg.output_dir:
-        cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
-    return cfg
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with one line per mistake instead of the whole usage: an unknown flag gets the
-    closest known ones ("did you mean --lr?")."""
-
-    def error(self, message):
-        unknown = re.match(r"unrecognized arguments: (.+)", message)
-        if unknown:
-            known = [a for action in self._actions for a in action.option_strings]
-            tokens = unknown.group(1).split()
-            hints = []
-            for token in [t for t in tokens if t.startswith("-")] or tokens:  # the flags, not their values
-                close = difflib.get_close_matches(token.split("=")[0], known, n=2)
-                hints.append(f"{token}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-            message = f"unrecognized argument{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def given_flags(cfg) -> frozenset:
-    """Names of the fields set on the command line (empty for a config built in code)."""
-    return getattr(cfg, "_given", frozenset())
-
-
-def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 -> "1e-6"
-    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
-
-
-def laptop_defaults(cfg, gpu_run: dict) -> list[str]:
-    """"--flag value (paper: value)" for every setting of `gpu_run` (the trainer's GPU_RUN, its docstring's
-    8-GPU command with the paper's settings) that the user did not give and that differs: the laptop defaults
-    still in force."""
-    given, out = given_flags(cfg), []
-    for name, value in gpu_run.items():
-        current = getattr(cfg, name)
-        if name in given or current == value:
-            continue
-        if isinstance(current, bool):
-            out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if value else 'no-'}{name})")
-        else:
-            out.append(f"--{name} {_flag_text(current)} (paper: {_flag_text(value)})")
-    return out
 
 
 def fail(message: str):
