@@ -304,12 +304,11 @@ def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro, pad_
 
 
 def micro_batch_groups(steps: list[list[tuple[int, int]]], micro, device) -> list[list[list[int]]]:
-    """Each optimizer step's micro-batches as positions into its (prompt, response) lengths. `micro`: the run's
-    config (--micro_batching, micro_batch_plan) or a number of sequences. sequences: that many at a time in rollout
-    order; every rank holds as many samples, so as many micro-batches. tokens: token_groups under the budget, then
-    on every rank as many micro-batches as on the rank with the most (FSDP2 runs collectives in every forward and
-    backward, so unequal counts deadlock): the largest micro-batch is halved until the count is reached. The
-    loss is the same either way: its normalisers are per optimizer step (step_normaliser)."""
+    """Each optimizer step's micro-batches as positions into its (prompt, response) lengths; `micro` is the run's
+    config (micro_batch_plan) or a number of sequences. sequences: that many at a time in rollout order (every rank
+    holds as many samples, so as many micro-batches). tokens: token_groups under the budget, then as many on every
+    rank as on the rank with the most (FSDP2 runs collectives in every forward and backward: unequal counts
+    deadlock), halving the largest. The loss is the same: its normalisers are per optimizer step (step_normaliser)."""
     size, budget = micro_batch_plan(micro, device)
     if not budget:
         return [[list(range(s, min(s + size, len(ls)))) for s in range(0, len(ls), size)] for ls in steps]
@@ -329,11 +328,10 @@ def micro_batch_plan(micro, device) -> tuple[int, int]:
     (the same FLOPs for less padding), sequences on CPU (where the default runs stay as they were)."""
     if isinstance(micro, int):
         return micro, 0
-    mode = micro.micro_batching
-    if mode == "auto":
-        mode = "tokens" if torch.device(device).type == "cuda" else "sequences"
-    budget = micro.micro_batch_tokens or micro.micro_batch_size * (micro.max_prompt_len + micro.max_response_len)
-    return micro.micro_batch_size, budget if mode == "tokens" else 0
+    if micro.micro_batching == "sequences" or micro.micro_batching == "auto" and torch.device(device).type != "cuda":
+        return micro.micro_batch_size, 0
+    return micro.micro_batch_size, micro.micro_batch_tokens or micro.micro_batch_size * (micro.max_prompt_len +
+                                                                                         micro.max_response_len)
 
 
 def agreed_counts(counts: list[int]) -> list[int]:
@@ -342,23 +340,31 @@ def agreed_counts(counts: list[int]) -> list[int]:
 
 
 def token_groups(lengths: list[tuple[int, int]], budget: int, packed: bool = False) -> list[list[int]]:
-    """Positions of (prompt, response) lengths, longest first, in consecutive runs of at most `budget` tokens as
-    make_batch lays them out (batch_tokens); a sequence over the budget alone. Sorted neighbours are alike in
-    length, which is what removes the padding; equal lengths keep rollout order."""
-    groups = []
-    for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
-        if groups and batch_tokens([lengths[j] for j in groups[-1] + [i]], packed) <= budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+    """Positions of (prompt, response) lengths, sorted longest first and cut into consecutive runs of at most
+    `budget` tokens as make_batch lays them out (batch_tokens; a sequence over the budget alone): the fewest runs
+    (each micro-batch costs FSDP2 its all-gathers), of those the fewest padded tokens (dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))  # equal lengths keep rollout order
+    best = [(0, 0, 0)] + [None] * len(order)  # best[j] for order[:j]: (runs, tokens, -start of its last run)
+    for j in range(1, len(order) + 1):
+        P = R = T = 0
+        for i in range(j - 1, -1, -1):  # the last run is order[i:j]
+            p, r = lengths[order[i]]
+            P, R, T = max(P, p), max(R, r, 1), T + p + r
+            tokens = T if packed else (j - i) * (P + R)
+            if tokens > budget and i < j - 1:
+                break
+            best[j] = min(best[j] or (math.inf,), (best[i][0] + 1, best[i][1] + tokens, -i))  # ties: fuller first
+    groups, j = [], len(order)
+    while j:
+        groups.insert(0, order[-best[j][2]:j])
+        j = -best[j][2]
     return groups
 
 
 def batch_tokens(lengths: list[tuple[int, int]], packed: bool = False) -> int:
     """Token positions make_batch computes for these (prompt, response) lengths: padded B x (P + R), packed the sum."""
-    if packed:
-        return sum(p + r for p, r in lengths)
-    return len(lengths) * (max(p for p, _ in lengths) + max(1, max(r for _, r in lengths)))
+    P, R = max(p for p, _ in lengths), max(1, max(r for _, r in lengths))
+    return sum(p + r for p, r in lengths) if packed else len(lengths) * (P + R)
 
 
 @torch.no_grad()
@@ -990,11 +996,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attn
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "response_mask", "position_ids", "token_index")  # packed: the last two
-
-
-def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
-    return {k: mb[k] for k in MODEL_INPUTS if k in mb}
+def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes (packed: all five)
+    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask", "position_ids", "token_index")
+            if k in mb}
 
 
 def check_tokenizer(model_path: str):
