@@ -118,7 +118,7 @@ class BaseConfig:
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     # --- systems ----------------------------------------------------------------------------
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below it) when cut by sequences
     micro_batching: Literal["auto", "sequences", "tokens"] = "auto"  # how a step's samples are cut into micro-batches:
     # sequences = --micro_batch_size at a time in rollout order, each padded to its longest; tokens = sorted by length
     # and grouped under --micro_batch_tokens (less padding, the same loss; docs/performance.md); auto = tokens on GPU,

@@ -169,7 +169,8 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"inputs": vars(a), "model": m, "gpu": g, "rows": rows,
-                       "padding": {"sequences": pad_fixed, "tokens": pad_tokens, "budget": budget, "per_step": per_step},
+                       "padding": {"sequences": pad_fixed, "tokens": pad_tokens, "budget": budget,
+                                   "per_step": per_step},
                        "seconds": {"generation": t_gen, "training": t_train, "training_fixed": t_fixed, "sync": t_sync,
                                    "step": step}}, f, indent=1)
 

@@ -114,7 +114,8 @@ def main(argv=None):
     sides = a.sides.split(",")
     full = draw(a.samples)
     lengths = [(max(1, round(q / a.scale)), max(1, round(r / a.scale))) for q, r in full]
-    budget, full_budget = MICRO_BATCH * (MAX_PROMPT + MAX_RESPONSE) // a.scale, MICRO_BATCH * (MAX_PROMPT + MAX_RESPONSE)
+    full_budget = MICRO_BATCH * (MAX_PROMPT + MAX_RESPONSE)  # --micro_batch_tokens 0 for LUFFY's command
+    budget = full_budget // a.scale
     cuts = {s: groups(lengths, s, budget) for s in sides}
     model = build(a.hidden, a.layers)
     vocab = model.lm.config.vocab_size
@@ -152,7 +153,8 @@ def main(argv=None):
                            "grad_rel_diff": float((grads[s] - ref).abs().max() / ref.abs().max())}
     print(f"{res['info']['command']}\n{res['info']['date']}, {res['info']['cores']} cores, {res['info']['threads']} "
           f"threads, load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; {a.samples} samples, lengths / {a.scale} "
-          f"(budget {budget} tokens); Qwen2 {res['model']['params'] / 1e6:.1f}M float32; median (min-max) of {a.repeats}")
+          f"(budget {budget} tokens); Qwen2 {res['model']['params'] / 1e6:.1f}M float32; median (min-max) of "
+          f"{a.repeats}")
     print("| side | micro-batches | padding share (full scale) | training phase s | time / fixed | grad rel diff |")
     print("|---|---|---|---|---|---|")
     for s, v in res["sides"].items():

@@ -6,10 +6,11 @@ model (FSDP2 under torchrun), once per micro-batch grouping. Run under torchrun 
 
 The fake run replaces common.setup: its sampler draws tokens from a hash of (prompt, prefix, j), so every
 grouping sees identical rollouts, rank 0 short ones (1-3 tokens, prompts with short demonstrations) and rank 1
-long ones (near the budget, the longest demonstrations), and its verifier grades the text the sampler wrote. Each trainer's main() runs unchanged; the worker
-records every optimizer step's full gradient (common.optimizer_step wrapped) and writes its largest difference
-from the fixed-size grouping's, the step's metrics and the micro-batch counts before and after the ranks agreed
-(common.agreed_counts wrapped). Rank 0 writes OUT.
+long ones (near the budget, the longest demonstrations), and its verifier grades the text the sampler wrote.
+Each trainer's main() runs unchanged; the worker records every optimizer step's full gradient
+(common.optimizer_step wrapped) and writes its largest difference from the fixed-size grouping's, the step's
+metrics and the micro-batch counts before and after the ranks agreed (common.agreed_counts wrapped). Rank 0
+writes OUT.
 """
 import datetime
 import importlib.util
@@ -152,7 +153,8 @@ def main(out_file, mode):
                 # each optimizer step's largest gradient difference from the fixed-size grouping's
                 "grad_diffs": [float((g - f).abs().max()) for g, f in zip(record["grads"], grads["sequences"])]
                 if len(record["grads"]) == len(grads.get("sequences", [])) else None,
-                "counts": [{"local": [t.tolist() for t in c["local"]], "agreed": c["agreed"]} for c in record["counts"]]}
+                "counts": [{"local": [t.tolist() for t in c["local"]], "agreed": c["agreed"]}
+                           for c in record["counts"]]}
     if d.main:
         with open(out_file, "w") as f:
             json.dump(results, f)
