@@ -7,8 +7,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
 
   1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
                        trainer's GPU_RUN), fail (every refusal before training: one "error: ..." line)
-  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
-                       demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
+  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches, demo_batches
+                       (cut by sequences or tokens), old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
@@ -927,8 +927,9 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 class PolicyModel(nn.Module):
     """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
     m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
-    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in chunks (lm_head.LMHead:
-    no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2 root, so its hooks cover the head."""
+    P + t, predicted from P + t - 1 (packed rows: token_index says where). The LM head runs on masked positions
+    only, in chunks (lm_head.LMHead: no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2
+    root, so its hooks cover the head."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
