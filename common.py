@@ -7,8 +7,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
 
   1. Config -> CLI     BaseConfig; parse_config (--variant), given_flags, laptop_defaults (against a trainer's
                        GPU_RUN), from cli.py; fail (every refusal before training: one "error: ..." line)
-  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
-                       demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
+  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches, demo_batches
+                       (cut by sequences or tokens), old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
@@ -121,7 +121,13 @@ class BaseConfig:
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     # --- systems ----------------------------------------------------------------------------
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below it) when cut by sequences
+    micro_batching: Literal["auto", "sequences", "tokens"] = "auto"  # how a step's samples are cut into micro-batches:
+    # sequences = --micro_batch_size at a time in rollout order, each padded to its longest; tokens = sorted by length
+    # and grouped under --micro_batch_tokens (less padding, the same loss; docs/performance.md); auto = tokens on GPU,
+    # sequences on CPU
+    micro_batch_tokens: int = 0  # token budget of a micro-batch under --micro_batching tokens (prompt + response,
+    # padded); 0 = micro_batch_size x (max_prompt_len + max_response_len), the most a fixed-size one can hold
     compile: bool = True  # torch.compile the log-prob / entropy kernel
     gradient_checkpointing: bool = False  # recompute decoder activations in backward
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
@@ -171,33 +177,99 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
     return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
 
 
-def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
+def demo_batches(rows: list[dict], micro, pad_id: int, device) -> list[dict]:
     """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
-    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24)."""
-    n = micro_batch_size
-    return [make_batch([r["prompt_ids"] for r in rows[s:s + n]], [r["demo_ids"] for r in rows[s:s + n]], pad_id,
-                       device) for s in range(0, len(rows), n)]
+    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24); one optimizer step, cut as micro_batch_groups."""
+    [groups] = micro_batch_groups([[(len(r["prompt_ids"]), len(r["demo_ids"])) for r in rows]], micro, device)
+    return [make_batch([rows[i]["prompt_ids"] for i in g], [rows[i]["demo_ids"] for i in g], pad_id, device)
+            for g in groups]
 
 
-def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
-                device) -> list[list[dict]]:
-    """This rank's samples, in order, as n_minibatches optimizer steps of micro-batches (METHODS 0.3
-    step 4). A micro-batch is make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its
-    slice of every per-sample tensor in `per_sample` ({name: [N]} -> {name: [b_micro]})."""
+def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro, pad_id: int, device) -> list[list[dict]]:
+    """This rank's samples as n_minibatches optimizer steps (step m: the m-th run of N / n_minibatches samples
+    in order; METHODS 0.3 step 4), each cut into micro-batches as micro_batch_groups says. A micro-batch is
+    make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its rows of every per-sample tensor in
+    `per_sample` ({name: [N]} -> {name: [b_micro]}): whatever the grouping, each row follows its sample."""
     if len(samples) % n_minibatches:
         raise ValueError(f"{len(samples)} samples do not split into {n_minibatches} mini-batches")
     per = len(samples) // n_minibatches
+    lengths = [(len(s.prompt_ids), len(s.response_ids)) for s in samples]
+    steps = micro_batch_groups([lengths[m:m + per] for m in range(0, len(samples), per)], micro, device)
     out = []
-    for m in range(0, len(samples), per):
+    for m, groups in zip(range(0, len(samples), per), steps):
         minibatch = []
-        for s in range(m, m + per, micro_batch_size):
-            idx = list(range(s, min(s + micro_batch_size, m + per)))
+        for g in groups:
+            idx = [m + i for i in g]
             mb = make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx], pad_id,
                             device, prefix_lens=[len(samples[i].prefix_ids) for i in idx])
             mb.update({k: v[idx].to(device) for k, v in per_sample.items()})
             minibatch.append(mb)
         out.append(minibatch)
     return out
+
+
+def micro_batch_groups(steps: list[list[tuple[int, int]]], micro, device) -> list[list[list[int]]]:
+    """Each optimizer step's micro-batches as positions into its (prompt, response) lengths; `micro` is the run's
+    config (micro_batch_plan) or a number of sequences. sequences: that many at a time in rollout order (every rank
+    holds as many samples, so as many micro-batches). tokens: token_groups under the budget, then as many on every
+    rank as on the rank with the most (FSDP2 runs collectives in every forward and backward: unequal counts
+    deadlock), halving the largest. The loss is the same: its normalisers are per optimizer step (step_normaliser)."""
+    size, budget = micro_batch_plan(micro, device)
+    if not budget:
+        return [[list(range(s, min(s + size, len(ls)))) for s in range(0, len(ls), size)] for ls in steps]
+    out = [token_groups(ls, budget) for ls in steps]
+    for ls, groups, n in zip(steps, out, agreed_counts([len(g) for g in out])):
+        while len(groups) < n:  # halve the one with the most padded tokens; halves stay in length order
+            big = max((g for g in groups if len(g) > 1), key=lambda g: batch_tokens([ls[i] for i in g]), default=None)
+            if big is None:
+                raise ValueError(f"{n} micro-batches agreed over ranks, but this rank has only {len(ls)} samples")
+            k = groups.index(big)
+            groups[k:k + 1] = [big[:len(big) // 2], big[len(big) // 2:]]
+    return out
+
+
+def micro_batch_plan(micro, device) -> tuple[int, int]:
+    """(sequences, token budget) of a micro-batch, budget 0 for --micro_batching sequences. auto: tokens on a GPU
+    (the same FLOPs for less padding), sequences on CPU (where the default runs stay as they were)."""
+    if isinstance(micro, int):
+        return micro, 0
+    if micro.micro_batching == "sequences" or micro.micro_batching == "auto" and torch.device(device).type != "cuda":
+        return micro.micro_batch_size, 0
+    return micro.micro_batch_size, micro.micro_batch_tokens or micro.micro_batch_size * (micro.max_prompt_len +
+                                                                                         micro.max_response_len)
+
+
+def agreed_counts(counts: list[int]) -> list[int]:
+    """Per optimizer step, the most micro-batches any rank has (one all-reduce for all steps)."""
+    return [int(c) for c in all_reduce(counts, op=dist.ReduceOp.MAX)]
+
+
+def token_groups(lengths: list[tuple[int, int]], budget: int, packed: bool = False) -> list[list[int]]:
+    """Positions of (prompt, response) lengths, sorted longest first and cut into consecutive runs of at most
+    `budget` tokens as make_batch lays them out (batch_tokens; a sequence over the budget alone): the fewest runs
+    (each micro-batch costs FSDP2 its all-gathers), of those the fewest padded tokens (dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))  # equal lengths keep rollout order
+    best = [(0, 0, 0)] + [None] * len(order)  # best[j] for order[:j]: (runs, tokens, -start of its last run)
+    for j in range(1, len(order) + 1):
+        P = R = T = 0
+        for i in range(j - 1, -1, -1):  # the last run is order[i:j]
+            p, r = lengths[order[i]]
+            P, R, T = max(P, p), max(R, r, 1), T + p + r
+            tokens = T if packed else (j - i) * (P + R)
+            if tokens > budget and i < j - 1:
+                break
+            best[j] = min(best[j] or (math.inf,), (best[i][0] + 1, best[i][1] + tokens, -i))  # ties: fuller first
+    groups, j = [], len(order)
+    while j:
+        groups.insert(0, order[-best[j][2]:j])
+        j = -best[j][2]
+    return groups
+
+
+def batch_tokens(lengths: list[tuple[int, int]], packed: bool = False) -> int:
+    """Token positions make_batch computes for these (prompt, response) lengths: padded B x (P + R), packed the sum."""
+    P, R = max(p for p, _ in lengths), max(1, max(r for _, r in lengths))
+    return sum(p + r for p, r in lengths) if packed else len(lengths) * (P + R)
 
 
 @torch.no_grad()
@@ -234,22 +306,24 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
     pi_old over the sampled (non-prefix) tokens; grad_norms: optimizer_step's, a non-finite one a skipped
-    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none).
-    t0-t1 rollout, t1-t2 training, in seconds."""
+    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none);
+    padding_frac: the share of the micro-batches' token positions that are padding. t0-t1 rollout, t1-t2 training."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
         float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
         sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
         sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
-        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
-    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
+        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro),
+        sum(mb["input_ids"].numel() for mb in micro)])
+    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens, n_positions = sums
     metrics = {k: v / world_size() / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
                    generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
                    grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
                    time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0),
+                   padding_frac=1 - n_tokens / max(n_positions, 1),
                    demo_tokens=demo_tokens, skipped_updates=sum(not math.isfinite(n) for n in grad_norms))
     return metrics
 
@@ -781,22 +855,30 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 class PolicyModel(nn.Module):
     """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
     m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
-    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in chunks (lm_head.LMHead:
-    no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2 root, so its hooks cover the head."""
+    P + t, predicted from P + t - 1 (packed rows: token_index says where). The LM head runs on masked positions
+    only, in chunks (lm_head.LMHead: no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2
+    root, so its hooks cover the head."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
         self.lm, self.chunk_size, self.compile_head = lm, chunk_size, compile
 
-    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False):
-        R = response_mask.shape[1]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, -R - 1:-1]  # [B, R, H]: the positions that predict the response tokens
-        labels = input_ids[:, -R:]  # [B, R]
+    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False,
+                position_ids=None, token_index=None):
         mask = response_mask.bool()
-        h, y = hidden[mask], labels[mask]  # [N, H], [N]
+        if token_index is None:  # padded
+            R = response_mask.shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = hidden[:, -R - 1:-1]  # [B, R, H]: the positions that predict the response tokens
+            labels = input_ids[:, -R:]  # [B, R]
+            h, y = hidden[mask], labels[mask]  # [N, H], [N]
+        else:  # packed: no 2-D mask, so transformers keeps the sequences apart by position_ids restarting at 0
+            hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                           use_cache=False).last_hidden_state  # [1, T, H]
+            at = token_index[mask]  # [N]: the row positions that predict the response tokens
+            h, y = hidden[0, at], input_ids[0, at + 1]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
         rows = rows_per_chunk(weight.shape[0], weight.dtype, self.chunk_size)  # at most 256 MiB of logits a chunk
         lp, en = LMHead.apply(h, weight, y, temperature, with_entropy, rows, self.compile_head)  # [N]
@@ -806,20 +888,31 @@ class PolicyModel(nn.Module):
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
-               prefix_lens: list[int] | None = None) -> dict:
+               prefix_lens: list[int] | None = None, packed: bool = False) -> dict:
     """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]};
-    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler."""
+    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler.
+    packed: no padding, the sequences side by side in one row: input_ids, attention_mask, position_ids [1, T]
+    (restarting at 0 per sequence), token_index [B, R], the row position that predicts each response token."""
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
-    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), P + R), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, P - len(p):P + len(r)] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "response_mask": attn[:, P:].to(device)}
+    mask = (torch.arange(R)[None, :] < torch.tensor([len(r) for r in responses])[:, None]).long()  # [B, R]
+    if packed:
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        starts = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+        ids = torch.tensor([t for s in seqs for t in s])[None]  # [1, T]
+        index = torch.stack([starts[i] + len(p) - 1 + torch.arange(R) for i, p in enumerate(prompts)])  # [B, R]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": mask,
+                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None], "token_index": index * mask}
+    else:
+        ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), P + R), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            attn[i, P - len(p):P + len(r)] = 1
+        batch = {"input_ids": ids, "attention_mask": attn, "response_mask": mask}
     if prefix_lens is not None:
-        batch["prefix_mask"] = (torch.arange(R)[None, :] < torch.tensor(prefix_lens)[:, None]).long().to(device)
-    return batch
+        batch["prefix_mask"] = (torch.arange(R)[None, :] < torch.tensor(prefix_lens)[:, None]).long()
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -832,8 +925,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attn
 
 
-def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
-    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
+def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes (packed: all five)
+    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask", "position_ids", "token_index")
+            if k in mb}
 
 
 def check_tokenizer(model_path: str):

@@ -21,7 +21,7 @@ def test_prefix_mask_by_hand():
 def test_minibatches_keep_order_and_slice_per_sample_tensors():
     samples = [_sample([9, i], [1] * (i % 2), [2, 3]) for i in range(6)]
     adv = torch.arange(6.0)
-    mbs = common.minibatches(samples, {"advantages": adv}, n_minibatches=2, micro_batch_size=2, pad_id=0,
+    mbs = common.minibatches(samples, {"advantages": adv}, n_minibatches=2, micro=2, pad_id=0,
                              device="cpu")
     assert [len(m) for m in mbs] == [2, 2]  # 3 samples per optimizer step: micro-batches of 2 and 1
     flat = [mb for m in mbs for mb in m]
