@@ -80,7 +80,8 @@ def spread(s, digits=2, unit=""):
 
 def source(info):
     """Where a bench JSON's numbers come from."""
-    return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {info['threads']} threads)"
+    threads = f"{info['threads']} thread{'s' * (info['threads'] != 1)}"
+    return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {threads})"
 
 
 def lab(res, heads, cells):
