@@ -5,10 +5,10 @@ every trainer needs. Equation numbers refer to ./METHODS.md, the project's metho
 
 Contents, in the order a reader of grpo.py meets them (each section starts with a ==== banner):
 
-  1. Config -> CLI     BaseConfig, parse_config (--variant, given_flags), laptop_defaults (against a
-                       trainer's GPU_RUN), fail (every refusal before training: one "error: ..." line)
-  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches,
-                       demo_batches, old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
+  1. Config -> CLI     BaseConfig; parse_config (--variant), given_flags, laptop_defaults (against a trainer's
+                       GPU_RUN), from cli.py; fail (every refusal before training: one "error: ..." line)
+  2. Step mechanics    what a loss reader needs: step_normaliser, aggregate (Eq. 6-8), minibatches, demo_batches
+                       (cut by sequences or tokens), old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
   4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
@@ -21,10 +21,10 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        demonstration_sample (y* + EOS as a whole response)
   9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
 
-Six side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
-imports this file: lm_head.py (Eq. 1-2 in chunks, with their gradient written out), builtin_task.py (the
-built-in task: tiny tokenizer and model, problems, the pre-trained base; only for --data / --model /
---eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
+Seven side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
+imports this file: cli.py (a Config as command-line flags), lm_head.py (Eq. 1-2 in chunks, with their gradient
+written out), builtin_task.py (the built-in task: tiny tokenizer and model, problems, the pre-trained base; only
+for --data / --model / --eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
 the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
 checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
 answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a human grader reads,
@@ -32,8 +32,8 @@ math-verify's verdict) and rollout_debug.py (--rollout_debug's sampler wrapper, 
 """
 from __future__ import annotations
 
-import argparse, atexit, contextlib, dataclasses, datetime, difflib, importlib.util, inspect, logging, math
-import multiprocessing as mp, os, random, re, signal, sys, threading, time, typing, warnings, zlib
+import atexit, contextlib, datetime, importlib.util, logging, math
+import multiprocessing as mp, os, random, re, signal, sys, threading, time, warnings, zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 # script) to fork its workers from, and at the top transformers took 1.8 of its 3.3 s, which every run's first grade
 # waited for on a 2-core machine.
 
+from cli import given_flags, laptop_defaults, parse_config  # noqa: F401 (the trainers' common.parse_config)
 import builtin_task  # --data / --model / --eval_data builtin: SETTINGS, rows, build_base_model, steps_correct
 import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup asks run_dir.claim
 import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
@@ -112,6 +113,8 @@ class BaseConfig:
     vllm_gpu_memory_utilization: float = 0.0  # GPU fraction for vLLM; 0 = auto from the memory arithmetic (docs/gpu.md)
     vllm_sleep: bool = True  # free vLLM's weights and KV cache while training (sleep mode)
     vllm_max_num_batched_tokens: int = 8192  # tokens per vLLM engine step (prefill chunk): bounds its activations
+    vllm_enforce_eager: bool = False  # GPU engines without torch.compile and CUDA graphs (CPU engines always are):
+    # slower decoding, no graph memory, the code path CI runs (docs/gpu.md, "Eager or CUDA graphs")
     vllm_verbose: bool = False  # show the vLLM engine's own start-up log (default: one line; the log goes to
     # output_dir/vllm-rank<r>.log)
     rollout_debug: bool = False  # debug: rollout_debug.jsonl, log-prob gap, probes, memory (scripts/gpu/smoke.sh)
@@ -120,7 +123,13 @@ class BaseConfig:
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare
     # --- systems ----------------------------------------------------------------------------
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below that)
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation below it) when cut by sequences
+    micro_batching: Literal["auto", "sequences", "tokens"] = "auto"  # how a step's samples are cut into micro-batches:
+    # sequences = --micro_batch_size at a time in rollout order, each padded to its longest; tokens = sorted by length
+    # and grouped under --micro_batch_tokens (less padding, the same loss; docs/performance.md); auto = tokens on GPU,
+    # sequences on CPU
+    micro_batch_tokens: int = 0  # token budget of a micro-batch under --micro_batching tokens (prompt + response,
+    # padded); 0 = micro_batch_size x (max_prompt_len + max_response_len), the most a fixed-size one can hold
     compile: bool = True  # torch.compile the log-prob / entropy kernel
     gradient_checkpointing: bool = False  # recompute decoder activations in backward
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
@@ -129,104 +138,6 @@ class BaseConfig:
 
 # The papers' budgets (METHODS.md 0.4) for file data; the builtin task has its own (builtin_task.SETTINGS)
 FILE_DATA_SETTINGS = {"max_prompt_len": 1024, "max_response_len": 8192}
-
-
-def parse_config(cls, argv=None, variants: dict | None = None):
-    """A dataclass as `--field value` flags, each field's trailing comment its help; a `list[str]` field
-    takes several values. The flags given are kept (`given_flags`). variants: {name: {field: value}} for a
-    Config with a `variant` field; the chosen one sets its fields except those given on the command line."""
-    helps = {}
-    for klass in cls.__mro__:
-        if dataclasses.is_dataclass(klass):
-            name = None
-            for line in inspect.getsource(klass).splitlines():
-                m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-                more = re.match(r"\s+#(?!\s*---)\s*(.+)$", line)  # continues the help above; a "# ---" banner does not
-                if m:
-                    name = m.group(1) if m.group(1) not in helps else None
-                    helps.setdefault(m.group(1), m.group(2))
-                elif more and name:
-                    helps[name] += " " + more.group(1)
-                else:
-                    name = None
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]  # its first paragraph
-    parser = _Parser(description=" ".join(doc.split()) or None, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        defaults[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        kw = {"default": defaults[f.name], "help": helps.get(f.name, " ")}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            kw.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
-        elif typing.get_origin(tp) is list:  # no argparse default: "extend" would add to a non-empty one
-            kw.update(type=typing.get_args(tp)[0], nargs="+", action="extend", default=argparse.SUPPRESS,
-                      help=kw["help"] + f" (default: {' '.join(defaults[f.name]) or 'none'})")
-        else:
-            kw["type"] = tp
-        parser.add_argument(f"--{f.name}", **kw)
-    args = {**defaults, **vars(parser.parse_args(argv))}
-    negative = [f"--{k} {v}" for k, v in args.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and v < 0]
-    if negative:  # every count, size, rate and coefficient here is >= 0
-        parser.error(f"{', '.join(negative)}: must be at least 0")
-    cfg = cls(**args)
-    given = set()
-    for token in sys.argv[1:] if argv is None else argv:
-        name = token[2:].split("=")[0] if token.startswith("--") else ""
-        given.add(name[3:] if name.startswith("no-") and name[3:] in args else name)
-    cfg._given = frozenset(given & set(args))  # not a field: config.json and asdict() leave it out
-    for name, value in ((variants or {}).get(getattr(cfg, "variant", None)) or {}).items():
-        if name not in cfg._given:
-            setattr(cfg, name, value)
-    if hasattr(cfg, "output_dir") and not cfg.output_dir:
-        cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run")
-    return cfg
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with one line per mistake instead of the whole usage: an unknown flag gets the
-    closest known ones ("did you mean --lr?")."""
-
-    def error(self, message):
-        unknown = re.match(r"unrecognized arguments: (.+)", message)
-        if unknown:
-            known = [a for action in self._actions for a in action.option_strings]
-            tokens = unknown.group(1).split()
-            hints = []
-            for token in [t for t in tokens if t.startswith("-")] or tokens:  # the flags, not their values
-                close = difflib.get_close_matches(token.split("=")[0], known, n=2)
-                hints.append(f"{token}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-            message = f"unrecognized argument{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def given_flags(cfg) -> frozenset:
-    """Names of the fields set on the command line (empty for a config built in code)."""
-    return getattr(cfg, "_given", frozenset())
-
-
-def _flag_text(value) -> str:  # a setting as the command line writes it: 1e-06 -> "1e-6"
-    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:g}") if isinstance(value, float) else str(value)
-
-
-def laptop_defaults(cfg, gpu_run: dict) -> list[str]:
-    """"--flag value (paper: value)" for every setting of `gpu_run` (the trainer's GPU_RUN, its docstring's
-    8-GPU command with the paper's settings) that the user did not give and that differs: the laptop defaults
-    still in force."""
-    given, out = given_flags(cfg), []
-    for name, value in gpu_run.items():
-        current = getattr(cfg, name)
-        if name in given or current == value:
-            continue
-        if isinstance(current, bool):
-            out.append(f"--{'' if current else 'no-'}{name} (paper: --{'' if value else 'no-'}{name})")
-        else:
-            out.append(f"--{name} {_flag_text(current)} (paper: {_flag_text(value)})")
-    return out
 
 
 def fail(message: str):
@@ -268,33 +179,99 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
     return (per_token * mask).sum() / normaliser  # Eq. (6) / Eq. (8)
 
 
-def demo_batches(rows: list[dict], micro_batch_size: int, pad_id: int, device) -> list[dict]:
+def demo_batches(rows: list[dict], micro, pad_id: int, device) -> list[dict]:
     """Micro-batches of (prompt, demonstration) rows with the demonstration as the response: the batches
-    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24)."""
-    n = micro_batch_size
-    return [make_batch([r["prompt_ids"] for r in rows[s:s + n]], [r["demo_ids"] for r in rows[s:s + n]], pad_id,
-                       device) for s in range(0, len(rows), n)]
+    of SFT, Eq. (13), and of ReLIFT's fine-tuning step, Eq. (24); one optimizer step, cut as micro_batch_groups."""
+    [groups] = micro_batch_groups([[(len(r["prompt_ids"]), len(r["demo_ids"])) for r in rows]], micro, device)
+    return [make_batch([rows[i]["prompt_ids"] for i in g], [rows[i]["demo_ids"] for i in g], pad_id, device)
+            for g in groups]
 
 
-def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro_batch_size: int, pad_id: int,
-                device) -> list[list[dict]]:
-    """This rank's samples, in order, as n_minibatches optimizer steps of micro-batches (METHODS 0.3
-    step 4). A micro-batch is make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its
-    slice of every per-sample tensor in `per_sample` ({name: [N]} -> {name: [b_micro]})."""
+def minibatches(samples: list, per_sample: dict, n_minibatches: int, micro, pad_id: int, device) -> list[list[dict]]:
+    """This rank's samples as n_minibatches optimizer steps (step m: the m-th run of N / n_minibatches samples
+    in order; METHODS 0.3 step 4), each cut into micro-batches as micro_batch_groups says. A micro-batch is
+    make_batch of its samples (prefix_mask marks Sample.prefix_ids) plus its rows of every per-sample tensor in
+    `per_sample` ({name: [N]} -> {name: [b_micro]}): whatever the grouping, each row follows its sample."""
     if len(samples) % n_minibatches:
         raise ValueError(f"{len(samples)} samples do not split into {n_minibatches} mini-batches")
     per = len(samples) // n_minibatches
+    lengths = [(len(s.prompt_ids), len(s.response_ids)) for s in samples]
+    steps = micro_batch_groups([lengths[m:m + per] for m in range(0, len(samples), per)], micro, device)
     out = []
-    for m in range(0, len(samples), per):
+    for m, groups in zip(range(0, len(samples), per), steps):
         minibatch = []
-        for s in range(m, m + per, micro_batch_size):
-            idx = list(range(s, min(s + micro_batch_size, m + per)))
+        for g in groups:
+            idx = [m + i for i in g]
             mb = make_batch([samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx], pad_id,
                             device, prefix_lens=[len(samples[i].prefix_ids) for i in idx])
             mb.update({k: v[idx].to(device) for k, v in per_sample.items()})
             minibatch.append(mb)
         out.append(minibatch)
     return out
+
+
+def micro_batch_groups(steps: list[list[tuple[int, int]]], micro, device) -> list[list[list[int]]]:
+    """Each optimizer step's micro-batches as positions into its (prompt, response) lengths; `micro` is the run's
+    config (micro_batch_plan) or a number of sequences. sequences: that many at a time in rollout order (every rank
+    holds as many samples, so as many micro-batches). tokens: token_groups under the budget, then as many on every
+    rank as on the rank with the most (FSDP2 runs collectives in every forward and backward: unequal counts
+    deadlock), halving the largest. The loss is the same: its normalisers are per optimizer step (step_normaliser)."""
+    size, budget = micro_batch_plan(micro, device)
+    if not budget:
+        return [[list(range(s, min(s + size, len(ls)))) for s in range(0, len(ls), size)] for ls in steps]
+    out = [token_groups(ls, budget) for ls in steps]
+    for ls, groups, n in zip(steps, out, agreed_counts([len(g) for g in out])):
+        while len(groups) < n:  # halve the one with the most padded tokens; halves stay in length order
+            big = max((g for g in groups if len(g) > 1), key=lambda g: batch_tokens([ls[i] for i in g]), default=None)
+            if big is None:
+                raise ValueError(f"{n} micro-batches agreed over ranks, but this rank has only {len(ls)} samples")
+            k = groups.index(big)
+            groups[k:k + 1] = [big[:len(big) // 2], big[len(big) // 2:]]
+    return out
+
+
+def micro_batch_plan(micro, device) -> tuple[int, int]:
+    """(sequences, token budget) of a micro-batch, budget 0 for --micro_batching sequences. auto: tokens on a GPU
+    (the same FLOPs for less padding), sequences on CPU (where the default runs stay as they were)."""
+    if isinstance(micro, int):
+        return micro, 0
+    if micro.micro_batching == "sequences" or micro.micro_batching == "auto" and torch.device(device).type != "cuda":
+        return micro.micro_batch_size, 0
+    return micro.micro_batch_size, micro.micro_batch_tokens or micro.micro_batch_size * (micro.max_prompt_len +
+                                                                                         micro.max_response_len)
+
+
+def agreed_counts(counts: list[int]) -> list[int]:
+    """Per optimizer step, the most micro-batches any rank has (one all-reduce for all steps)."""
+    return [int(c) for c in all_reduce(counts, op=dist.ReduceOp.MAX)]
+
+
+def token_groups(lengths: list[tuple[int, int]], budget: int, packed: bool = False) -> list[list[int]]:
+    """Positions of (prompt, response) lengths, sorted longest first and cut into consecutive runs of at most
+    `budget` tokens as make_batch lays them out (batch_tokens; a sequence over the budget alone): the fewest runs
+    (each micro-batch costs FSDP2 its all-gathers), of those the fewest padded tokens (dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))  # equal lengths keep rollout order
+    best = [(0, 0, 0)] + [None] * len(order)  # best[j] for order[:j]: (runs, tokens, -start of its last run)
+    for j in range(1, len(order) + 1):
+        P = R = T = 0
+        for i in range(j - 1, -1, -1):  # the last run is order[i:j]
+            p, r = lengths[order[i]]
+            P, R, T = max(P, p), max(R, r, 1), T + p + r
+            tokens = T if packed else (j - i) * (P + R)
+            if tokens > budget and i < j - 1:
+                break
+            best[j] = min(best[j] or (math.inf,), (best[i][0] + 1, best[i][1] + tokens, -i))  # ties: fuller first
+    groups, j = [], len(order)
+    while j:
+        groups.insert(0, order[-best[j][2]:j])
+        j = -best[j][2]
+    return groups
+
+
+def batch_tokens(lengths: list[tuple[int, int]], packed: bool = False) -> int:
+    """Token positions make_batch computes for these (prompt, response) lengths: padded B x (P + R), packed the sum."""
+    P, R = max(p for p, _ in lengths), max(1, max(r for _, r in lengths))
+    return sum(p + r for p, r in lengths) if packed else len(lengths) * (P + R)
 
 
 @torch.no_grad()
@@ -331,30 +308,55 @@ def step_metrics(terms: list[dict], rollouts: list, rewards: torch.Tensor, micro
     its share of its optimizer step's detached loss terms (summed, averaged over ranks and steps);
     rollouts, rewards: what the policy sampled (not demonstrations); entropy: token-mean of Eq. (2) under
     pi_old over the sampled (non-prefix) tokens; grad_norms: optimizer_step's, a non-finite one a skipped
-    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none).
-    t0-t1 rollout, t1-t2 training, in seconds."""
+    update (skipped_updates); demo_tokens: the demonstration tokens the step used, all ranks (0: none);
+    padding_frac: the share of the micro-batches' token positions that are padding. t0-t1 rollout, t1-t2 training."""
     keys = sorted(terms[0])
     sampled = [mb["response_mask"] * (1 - mb.get("prefix_mask", torch.zeros_like(mb["response_mask"]))) for mb in micro]
     sums = all_reduce([sum(float(t[k]) for t in terms) for k in keys] + [
         float(rewards.sum()), float((rewards == 1).sum()), len(rollouts),
         sum(len(s.response_ids) for s in rollouts), sum(not s.finished for s in rollouts),
         sum(float((mb["old_entropy"] * m).sum()) for mb, m in zip(micro, sampled)),
-        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro)])
-    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens = sums
+        sum(float(m.sum()) for m in sampled), sum(float(mb["attention_mask"].sum()) for mb in micro),
+        sum(mb["input_ids"].numel() for mb in micro)])
+    *term_sums, r_sum, correct, n_seq, n_resp, n_cut, ent_sum, n_sampled, n_tokens, n_positions = sums
     metrics = {k: v / world_size() / len(grad_norms) for k, v in zip(keys, term_sums)}
     metrics.update(reward=r_sum / max(n_seq, 1), accuracy=correct / max(n_seq, 1),
                    entropy=ent_sum / max(n_sampled, 1), response_length=n_resp / max(n_seq, 1),
                    generated_tokens=n_sampled, truncated_frac=n_cut / max(n_seq, 1),
                    grad_norm=sum(grad_norms) / len(grad_norms), lr=lr,
                    time_rollout=t1 - t0, time_train=t2 - t1, tokens_per_second=n_tokens / (t2 - t0),
+                   padding_frac=1 - n_tokens / max(n_positions, 1),
                    demo_tokens=demo_tokens, skipped_updates=sum(not math.isfinite(n) for n in grad_norms))
     return metrics
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                             weight_decay=weight_decay)
+    """AdamW over the trainable parameters, betas (0.9, 0.999) (METHODS 0.3 step 5), its state created now."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
+                            weight_decay=weight_decay)
+    init_adam_state(opt)
+    return opt
+
+
+def init_adam_state(opt: torch.optim.Adam):
+    """Adam(W)'s state as its first step would create it (torch/optim/adam.py, Adam._init_group): step 0 (a CPU
+    scalar unless capturable or fused) and zero moments like each parameter (a DTensor's are DTensors). Created
+    before the vLLM engine measures free GPU memory, the moments are counted there, in the segments they will
+    keep (docs/gpu.md, "GPU memory"). _init_group fills only empty state and a first step from step 0 and zero
+    moments is the lazy start itself: runs are the same, bit for bit (tests/test_step_mechanics.py, test_fsdp.py)."""
+    from torch.optim.optimizer import _get_scalar_dtype  # torch's own choice of the step's dtype
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state:
+                continue
+            on_device = group["capturable"] or group["fused"]
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device) \
+                if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            for name in names:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def make_optimizer(model: nn.Module, cfg: BaseConfig, total_steps: int):
@@ -685,17 +687,17 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
     model_path = os.path.join(ckpt, "model") if ckpt else base_path
     model = load_policy(model_path, d, cfg.compile, cfg.gradient_checkpointing)
     ref_model = load_policy(base_path, d, cfg.compile, train=False) if reference_model else None
-    sampler = make_sampler(cfg, d, tokenizer, model_path, model,  # before optimiser state fills the GPU
-                           optimizers=1 + len(extra_optimizers or {}))
+    # the AdamWs' state exists from here (init_adam_state), so the engine's free-memory measurement counts it
+    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
+    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
+    assert "main" not in extra, "'main' names the trainer's own optimizer"
+    sampler = make_sampler(cfg, d, tokenizer, model_path, model)
     if cfg.rollout_debug:  # a debugging wrapper (rollout_debug.py)
         from rollout_debug import RolloutDebug
 
         probe = train_rows[0]["prompt_ids"][:max(1, len(train_rows[0]["prompt_ids"]) // 2)]  # cut mid-problem
         sampler = RolloutDebug(sampler, d, os.path.join(cfg.output_dir, "rollout_debug.jsonl"), probe,
                                tokenizer.pad_token_id, make_batch)
-    optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps * optimizer_steps_per_step)
-    extra = {name: adamw(model, lr, cfg.weight_decay) for name, lr in (extra_optimizers or {}).items()}
-    assert "main" not in extra, "'main' names the trainer's own optimizer"
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
               eval_sets, stream, logger=None, extra_optimizers=extra,
@@ -874,22 +876,30 @@ def strip_think_prefix(prompt_text: str, demo: str) -> str:
 class PolicyModel(nn.Module):
     """A causal LM returning per-token log-probs and entropies [B, R] of the response tokens (the c_{i,t} /
     m_{i,t} grid). Prompts left-padded to P, responses right-padded (`make_batch`): token t sits at column
-    P + t, predicted from P + t - 1. The LM head runs on masked positions only, in chunks (lm_head.LMHead:
-    no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2 root, so its hooks cover the head."""
+    P + t, predicted from P + t - 1 (packed rows: token_index says where). The LM head runs on masked positions
+    only, in chunks (lm_head.LMHead: no [B, T, V] logits, its gradient written out). This wrapper is the FSDP2
+    root, so its hooks cover the head."""
 
     def __init__(self, lm: nn.Module, compile: bool = True, chunk_size: int = 1024):
         super().__init__()
         self.lm, self.chunk_size, self.compile_head = lm, chunk_size, compile
 
-    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False):
-        R = response_mask.shape[1]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, -R - 1:-1]  # [B, R, H]: the positions that predict the response tokens
-        labels = input_ids[:, -R:]  # [B, R]
+    def forward(self, input_ids, attention_mask, response_mask, temperature: float = 1.0, with_entropy: bool = False,
+                position_ids=None, token_index=None):
         mask = response_mask.bool()
-        h, y = hidden[mask], labels[mask]  # [N, H], [N]
+        if token_index is None:  # padded
+            R = response_mask.shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = hidden[:, -R - 1:-1]  # [B, R, H]: the positions that predict the response tokens
+            labels = input_ids[:, -R:]  # [B, R]
+            h, y = hidden[mask], labels[mask]  # [N, H], [N]
+        else:  # packed: no 2-D mask, so transformers keeps the sequences apart by position_ids restarting at 0
+            hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                           use_cache=False).last_hidden_state  # [1, T, H]
+            at = token_index[mask]  # [N]: the row positions that predict the response tokens
+            h, y = hidden[0, at], input_ids[0, at + 1]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
         rows = rows_per_chunk(weight.shape[0], weight.dtype, self.chunk_size)  # at most 256 MiB of logits a chunk
         lp, en = LMHead.apply(h, weight, y, temperature, with_entropy, rows, self.compile_head)  # [N]
@@ -899,20 +909,31 @@ class PolicyModel(nn.Module):
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
-               prefix_lens: list[int] | None = None) -> dict:
+               prefix_lens: list[int] | None = None, packed: bool = False) -> dict:
     """Left-pad prompts, right-pad responses: {input_ids, attention_mask [B, P+R], response_mask [B, R]};
-    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler."""
+    with prefix_lens also prefix_mask [B, R], 1 on the response tokens given (not sampled) to the sampler.
+    packed: no padding, the sequences side by side in one row: input_ids, attention_mask, position_ids [1, T]
+    (restarting at 0 per sequence), token_index [B, R], the row position that predicts each response token."""
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
-    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), P + R), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, P - len(p):P + len(r)] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "response_mask": attn[:, P:].to(device)}
+    mask = (torch.arange(R)[None, :] < torch.tensor([len(r) for r in responses])[:, None]).long()  # [B, R]
+    if packed:
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        starts = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+        ids = torch.tensor([t for s in seqs for t in s])[None]  # [1, T]
+        index = torch.stack([starts[i] + len(p) - 1 + torch.arange(R) for i, p in enumerate(prompts)])  # [B, R]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": mask,
+                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None], "token_index": index * mask}
+    else:
+        ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), P + R), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            attn[i, P - len(p):P + len(r)] = 1
+        batch = {"input_ids": ids, "attention_mask": attn, "response_mask": mask}
     if prefix_lens is not None:
-        batch["prefix_mask"] = (torch.arange(R)[None, :] < torch.tensor(prefix_lens)[:, None]).long().to(device)
-    return batch
+        batch["prefix_mask"] = (torch.arange(R)[None, :] < torch.tensor(prefix_lens)[:, None]).long()
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -925,8 +946,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attn
 
 
-def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes
-    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask")}
+def model_inputs(mb: dict) -> dict:  # the keys of a (micro-)batch that PolicyModel.forward takes (packed: all five)
+    return {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask", "position_ids", "token_index")
+            if k in mb}
 
 
 def check_tokenizer(model_path: str):
@@ -1450,14 +1472,15 @@ def engine_dtype(device: torch.device) -> torch.dtype:
 class VLLMSampler:
     """A colocated vLLM 0.32 engine in every rank's training process (`external_launcher`, tensor parallel
     1, seed --seed + rank; docs/gpu.md, "How the GPU path works"). A rollout: sync_weights(model), generate(...)
-    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws
-    use the process's torch generator, seeded and checkpointed by the trainer, so a resumed run draws what
-    the uninterrupted one drew."""
+    as often as the step needs, release() (sleep level 2 on GPUs: the GPU is training's). Unseeded draws come
+    from the process's generators, seeded per rank and checkpointed by the trainer, so a resumed run draws what
+    the uninterrupted one drew: on CPU (the V1 model runner) torch's, on GPUs (the V2 runner, vLLM's default
+    with Triton) each request's seed from numpy's (v1/worker/gpu/sample/states.py:54-58)."""
 
     def __init__(self, tokenizer, model_path: str, rank: int, seed: int, max_model_len: int, device: torch.device,
                  stop_ids: list[int], max_num_batched_tokens: int, gpu_memory_utilization: float = 0.0,
                  sleep: bool = False, kv_cache_bytes: int = 0, logprobs: bool = False, verbose: bool = False,
-                 log_dir: str | None = None, dtype: torch.dtype | None = None):
+                 log_dir: str | None = None, dtype: torch.dtype | None = None, enforce_eager: bool = False):
         self.tokenizer, self.rank, self.stop_ids, self.logprobs = tokenizer, rank, list(stop_ids), logprobs
         self.sleep = sleep and device.type == "cuda"
         self.dtype = dtype or engine_dtype(device)
@@ -1478,8 +1501,9 @@ class VLLMSampler:
                 lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
             # logprobs_mode: the log-probs of the distribution sampled from (after temperature), as the trainer's
             extra = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
-            if device.type == "cuda":
-                extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
+            if device.type == "cuda":  # eager: no torch.compile, no CUDA graphs (config/vllm.py:1691-1693)
+                extra.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep,
+                             enforce_eager=enforce_eager)
             else:  # no CUDA graphs to capture, no compilation worth its start-up time on a CPU
                 extra.update(kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True)
             # vLLM's workers reseed the RNGs, set torch's thread count to 1 and on CPU replace
@@ -1504,7 +1528,11 @@ class VLLMSampler:
         weights = full_state_dict(model, dtype=self.dtype)  # every rank gathers: a collective, one tensor at a time
         # the worker's in-place reload: vLLM 0.32's update path on every backend, into the engine's own storage
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        # cached KV blocks were computed with the old weights; vLLM keeps them when a request still holds one
+        # (v1/core/block_pool.py:837-844) and says so only by returning False
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight push (a request still holds "
+                               "KV blocks), so generation would reuse KV computed with the old weights")
         if not self.awake:
             self.llm.wake_up(tags=["kv_cache"])
             self.awake = True
@@ -1518,7 +1546,7 @@ class VLLMSampler:
     def generate(self, prompts, n, temperature, top_p, max_tokens, prefixes=None,
                  seed: int | None = None) -> list[list[Sample]]:
         """As TorchSampler.generate; with `seed` each request gets its own (`request_seeds`), so the same
-        call draws the same samples (evaluation); without, the process's torch generator drives them."""
+        call draws the same samples (evaluation); without, the process's generators drive them (class doc)."""
         if not self.awake:
             raise RuntimeError("the vLLM engine is asleep: call sync_weights() before generate() (and release() "
                                "only after the rollout's or the evaluation's last generate())")
@@ -1528,7 +1556,8 @@ class VLLMSampler:
                                       max_tokens=max(1, max_tokens - len(pre)), stop_token_ids=self.stop_ids,
                                       logprobs=0 if self.logprobs else None, detokenize=False)
                   for pre, s in zip(prefixes, seeds)]
-        # vLLM draws a batch's noise from torch's generator before redrawing seeded rows: put it back
+        # V1 (CPU) draws a batch's noise from torch's generator before redrawing seeded rows: put it back (V2
+        # draws nothing for a seeded request: states.py:56-57)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext():
             outs = self.llm.generate([{"prompt_token_ids": p + pre} for p, pre in zip(prompts, prefixes)],
@@ -1554,9 +1583,19 @@ class VLLMSampler:
         return Sample(prompt, list(prefix), ids, text, finished, logprobs)
 
     def close(self):
-        """Shut the engine down while the process groups it uses still exist (`shutdown` calls this)."""
+        """Shut the engine down while the process groups it uses still exist (`shutdown` calls this). A sleeping
+        engine is woken first: shutdown frees its KV cache and weights, and vLLM 0.32 unmaps a sleeping
+        allocation a second time (device_allocator/cumem.py:204-231 guards only ROCm), a CUDA error on every
+        rank (vllm-project/vllm#36651). Awake it holds what it held in every rollout."""
         if self in _live_engines:
             _live_engines.remove(self)
+            if not self.awake:
+                try:
+                    torch.cuda.empty_cache()
+                    self.llm.wake_up()
+                    self.awake = True
+                except Exception as e:  # shut down anyway (vLLM then prints its CUDA errors)
+                    print(f"warning: waking the vLLM engine before its shutdown failed: {e}", file=sys.stderr)
             self.llm.llm_engine.engine_core.shutdown()
             del self.llm
 
@@ -1605,14 +1644,26 @@ def request_seeds(seed: int, rank: int, count: int) -> list[int]:
 GiB = 2 ** 30
 
 
-def vllm_memory_fraction(free: int, total: int, param_bytes: int, sleep: bool, optimizers: int = 1,
-                         headroom: int = 3 * GiB) -> float:
-    """Default --vllm_gpu_memory_utilization (docs/gpu.md, "GPU memory": the arithmetic). `free` excludes
-    the fp32 shards already loaded; AdamW's moments (2 x `param_bytes` per optimizer) and `headroom` (NCCL,
-    the gathered root, fragmentation) are still to come. Without sleep mode: half of what is left after
-    the gradients too."""
-    spare = free - 2 * optimizers * param_bytes - headroom
-    return math.floor(1000 * (spare if sleep else (spare - param_bytes) / 2) / total) / 1000  # rounded down
+# docs/gpu.md, "GPU memory": what lands after the engine measures free memory and is not the engine's (NCCL's
+# later buffers, CUDA context growth, pinned small blocks); and two estimates of what vLLM takes from its share
+# before the KV cache (its log prints the real ones): the activation peak, and CUDA graphs unless eager
+VLLM_HEADROOM, VLLM_ACTIVATIONS, VLLM_CUDA_GRAPHS = 3 * GiB, 2 * GiB, GiB
+
+
+def vllm_memory_fraction(free: int, total: int, grad_bytes: int, sleep: bool, headroom: int = VLLM_HEADROOM) -> float:
+    """Default --vllm_gpu_memory_utilization (docs/gpu.md, "GPU memory": the arithmetic). `free` is measured
+    with the model shards and every AdamW's state on the GPU (setup creates it first: init_adam_state), less
+    `headroom`. Without sleep mode: half of what is left after the gradients (`grad_bytes`) too."""
+    spare = free - headroom
+    return math.floor(1000 * (spare if sleep else (spare - grad_bytes) / 2) / total) / 1000  # rounded down
+
+
+def vllm_engine_floor(weight_bytes: int, kv_one_sequence: int, eager: bool) -> int:
+    """The least a GPU engine starts in: its bf16 weights; its activation peak and CUDA graphs, both taken from
+    its share before the KV cache (v1/worker/gpu_worker.py:698-745; the graphs are not in the sleep pool and stay
+    through sleep: config/vllm.py:688-699); and the KV cache of one full-length sequence, without which vLLM
+    refuses to start (v1/core/kv_cache_utils.py:1003-1040)."""
+    return weight_bytes + VLLM_ACTIVATIONS + (0 if eager else VLLM_CUDA_GRAPHS) + kv_one_sequence
 
 
 def sampler_kind(cfg) -> str:
@@ -1635,22 +1686,28 @@ def check_sampler(cfg):
                f"for the engine's own allocations, training's keep it")
 
 
-def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
-    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
-    of available memory. Per token: layers x 2 (K, V) x KV heads x head size x dtype."""
-    import psutil
+def kv_bytes_per_token(model_path: str, dtype: torch.dtype) -> int:
+    """A token's KV cache: layers x 2 (K, V) x KV heads x head size x dtype."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_path)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * \
+    return c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * \
         dtype.itemsize
+
+
+def vllm_kv_cache_bytes(model_path: str, max_model_len: int, dtype: torch.dtype, sequences: int = 256) -> int:
+    """CPU engines: KV cache for `sequences` (vLLM's max_num_seqs) full-length sequences, at most a quarter
+    of available memory."""
+    import psutil
+
+    per_token = kv_bytes_per_token(model_path, dtype)
     return int(min(sequences * max_model_len * per_token, psutil.virtual_memory().available // 4))
 
 
-def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None, optimizers: int = 1):
-    """The run's sampler, after the policy (and reference) model and before the `optimizers` AdamWs whose
-    state the GPU budget counts; model None: vLLM with a fixed memory fraction (evaluate.py)."""
+def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | None):
+    """The run's sampler, after the policy (and reference) model and the AdamWs' state, which the GPU budget
+    measures; model None: vLLM with a fixed memory fraction (evaluate.py)."""
     from transformers import GenerationConfig
 
     generation_config = model.lm.generation_config if model is not None else None  # the checkpoint's (load_policy)
@@ -1660,7 +1717,7 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if sampler_kind(cfg) == "vllm":
         max_model_len = cfg.max_prompt_len + cfg.max_response_len
-        fraction, kv_bytes = cfg.vllm_gpu_memory_utilization, 0
+        fraction, kv_bytes, eager = cfg.vllm_gpu_memory_utilization, 0, getattr(cfg, "vllm_enforce_eager", False)
         if d.device.type != "cuda":
             kv_bytes = vllm_kv_cache_bytes(model_path, max_model_len, engine_dtype(d.device))
         elif fraction <= 0:
@@ -1671,20 +1728,24 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
             # the fullest GPU decides for every rank: one fraction, and a refusal that rank 0 prints (a GPU
             # that another process holds memory on is seldom rank 0's)
             free, shard = all_reduce([free], dist.ReduceOp.MIN)[0], all_reduce([shard], dist.ReduceOp.MAX)[0]
-            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep, optimizers)
+            fraction = vllm_memory_fraction(free, total, shard, cfg.vllm_sleep)
             weights = 2 * sum(p.numel() for p in model.parameters())  # the engine's bf16 copy
+            kv_one = kv_bytes_per_token(model_path, engine_dtype(d.device)) * max_model_len
             print0(f"vLLM memory: {fraction:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free now on the "
-                   f"fullest GPU, {2 * optimizers * shard / GiB:.1f} GiB of optimizer state to come, sleep mode "
+                   f"fullest GPU with the optimizer state, {VLLM_HEADROOM / GiB:.0f} GiB kept back, sleep mode "
                    f"{cfg.vllm_sleep})")
-            if fraction * total < weights + 2 * GiB:
-                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside "
-                      f"the training state, not enough for its {weights / GiB:.1f} GiB of weights and a KV cache. "
-                      f"Use more GPUs (smaller shards), a smaller model, or set --vllm_gpu_memory_utilization.")
+            if fraction * total < vllm_engine_floor(weights, kv_one, eager):
+                fail(f"only {max(fraction, 0) * total / GiB:.1f} GiB of GPU memory would be left for vLLM beside the "
+                     f"training state, not enough for its {weights / GiB:.1f} GiB of weights, about "
+                     f"{VLLM_ACTIVATIONS / GiB:.0f} GiB of activations" + ("" if eager else
+                     f", about {VLLM_CUDA_GRAPHS / GiB:.0f} GiB of CUDA graphs (none with --vllm_enforce_eager)") +
+                     f" and the KV cache of one full-length sequence ({kv_one / GiB:.2f} GiB). Use more GPUs "
+                     f"(smaller shards), a smaller model or budgets, or set --vllm_gpu_memory_utilization.")
         sampler = VLLMSampler(tokenizer, model_path, d.rank, seed=cfg.seed + d.rank, max_model_len=max_model_len,
                               device=d.device, stop_ids=stop_ids, sleep=cfg.vllm_sleep, kv_cache_bytes=kv_bytes,
                               max_num_batched_tokens=cfg.vllm_max_num_batched_tokens, gpu_memory_utilization=fraction,
                               logprobs=getattr(cfg, "rollout_debug", False), verbose=cfg.vllm_verbose,
-                              log_dir=cfg.output_dir or None)
+                              log_dir=cfg.output_dir or None, enforce_eager=eager)
         kv = f"{kv_bytes / GiB:.2f} GiB KV cache" if kv_bytes else f"{fraction:.3f} of the GPU"
         print0(f"vLLM {sampler.version} engine on every rank: {str(sampler.dtype).removeprefix('torch.')}, {kv}, "
                f"started in {sampler.start_seconds:.1f} s" +

@@ -58,6 +58,7 @@ class Config:
     sampler: Literal["auto", "torch", "vllm"] = "auto"  # auto = vllm on GPU, torch on CPU (docs/vllm-cpu.md)
     vllm_gpu_memory_utilization: float = 0.8  # fraction of GPU memory the vLLM engine may take
     vllm_max_num_batched_tokens: int = 8192  # vLLM's token budget per engine step (bounds its activations)
+    vllm_enforce_eager: bool = False  # a GPU engine without torch.compile and CUDA graphs (docs/gpu.md)
     require_think: bool = True  # reward 0 unless the response closes </think>; grade the text after it
     verifier_workers: int = 2  # grading processes with math-verify (0 = main thread, no hard time bound)
     verifier_timeout: float = 2.0  # seconds per math-verify parse/compare

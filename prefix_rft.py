@@ -20,7 +20,8 @@ a whole optimizer step (all micro-batches and ranks) it is fixed before the step
 first mini-batch the weights are pi_old's, so the entropies stored with the old log-probs are exactly it;
 later mini-batches take one extra no-grad forward at the current weights.
 
-Paper vs official code (METHODS.md 8, "paper vs code"); --variant official sets --unit microbatch:
+Paper vs official code (METHODS.md 8, "paper vs code"); --variant official sets --unit microbatch (with
+--micro_batching sequences: a unit is then the code's micro-batch of --micro_batch_size sequences):
   1. Eq. (46): the code pools the top-k prefix tokens per micro-batch, not per optimizer step.
   2. Eq. (48): the code divides each micro-batch's sum by L_max and by the micro-batches per rank and FSDP
      averages the D ranks: C = D * n_micro * L_max (paper [D]: C = |U| L_max); also Eq. (12): its entropy
@@ -84,7 +85,7 @@ class Config(common.BaseConfig):
     min_prefix_len: int = 1  # L_min of Eq. (43), in tokens
 
 
-OFFICIAL = {"unit": "microbatch"}  # METHODS.md 8, paper vs code item 2 and Eq. (48)
+OFFICIAL = {"unit": "microbatch", "micro_batching": "sequences"}  # METHODS.md 8, paper vs code item 2 and Eq. (48)
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
            "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
@@ -254,6 +255,9 @@ def main():
         common.fail("--loss_constant must be >= 0 (0 = the default C of Eq. 8)")
     if cfg.adv_std and cfg.advantage != "dr_grpo":
         common.fail("--adv_std applies to --advantage dr_grpo only; drop one")
+    if cfg.unit == "microbatch" and cfg.micro_batching != "sequences":
+        common.fail("--unit microbatch makes each micro-batch a unit of Eq. (46) and (48), so the loss depends on how "
+                    "a step is cut: give --micro_batching sequences (--variant official does)")
     run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
                        need_demo=True)
     model, eos = run.model, run.tokenizer.eos_token_id
@@ -285,7 +289,7 @@ def main():
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad; prefix too ---
         minibatches = common.minibatches(samples, {"advantages": advantages.view(-1),
                                                    "prefix_advantages": prefix_advantages.view(-1)}, B // b,
-                                         cfg.micro_batch_size, run.tokenizer.pad_token_id, run.dist.device)
+                                         cfg, run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)
 

@@ -181,7 +181,7 @@ FT_NONE = {"ft_loss": 0.0, "sft_loss": 0.0, "entropy_demo": 0.0, "ft_grad_norm":
 def fine_tune(model, optimizer, rows: list[dict], cfg: Config, pad_id: int, device) -> dict:
     """One step of the FT optimizer (its own AdamW) on this rank's share of the popped (x, y*) rows,
     Eq. (24) at temperature 1. Returns the FT terms, reduced over ranks."""
-    micro = common.demo_batches(rows, cfg.micro_batch_size, pad_id, device)
+    micro = common.demo_batches(rows, cfg, pad_id, device)
     norm = common.step_normaliser([mb["response_mask"] for mb in micro], "token-mean")  # global token count
     sums = dict.fromkeys(("ft_loss", "sft_loss", "entropy_demo"), 0.0)
     for mb in micro:
@@ -238,7 +238,7 @@ def main():
         t1 = time.time()
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
-        minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
+        minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg,
                                          run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)

@@ -3,6 +3,7 @@ common.setup imports it only when the flag is set, and hands it what it needs of
 file imports nothing of the trainers' code."""
 import json
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -23,13 +24,16 @@ class RolloutDebug:
                    the sampler returns them: equal while the weights stay equal, different after an update
                    reached the sampler
       first        at the first call only, an unseeded draw of the same prompt from each rank's own
-                   generator: equal across ranks would mean equal sampling seeds
+                   generators: equal across ranks would mean equal sampling seeds
+      again        the same unseeded draw from the same generator state: equal to `first`, or the engine's
+                   unseeded draws do not follow the generators the trainer seeds and checkpoints (on CPU
+                   torch's, on GPUs numpy's, which seeds each request of vLLM's V2 runner)
       memory       GPU memory (GiB) after each phase: training peak, before the weight push, engine
                    awake, after generation
 
     Every rank calls generate() equally often, so the gathers and the trainer forward line up. The
-    probes leave torch's generator (which both samplers draw from) untouched: a debug run draws the
-    rollouts that a run without it draws."""
+    probes leave torch's and numpy's generators (which the samplers draw from) untouched: a debug run draws
+    the rollouts that a run without it draws."""
 
     PROBE_SEED = 1234
 
@@ -54,7 +58,9 @@ class RolloutDebug:
         self.record["weights"] = self._sum_over_ranks(local)
         self.sampler.sync_weights(model)
         self._memory("engine_awake")
-        for key, seed in ([("first", None)] if self.calls == 0 else []) + [("probe", self.PROBE_SEED)]:
+        # the seeded probe first: it puts the prompt in vLLM's prefix cache, so that `first` and `again` both
+        # run on the cached prefix, the same computation
+        for key, seed in [("probe", self.PROBE_SEED)] + ([("first", None), ("again", None)] if self.calls == 0 else []):
             self.record[key] = [[s.generated_ids, s.logprobs or []] for s in self._draw(seed)]
 
     def release(self):
@@ -77,9 +83,12 @@ class RolloutDebug:
         return groups
 
     def _draw(self, seed):
-        """n=4 samples of the probe prompt; they leave the torch generator where it was."""
+        """n=4 samples of the probe prompt; they leave torch's and numpy's generators where they were."""
+        numpy_state = np.random.get_state()
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            return self.sampler.generate([self.probe_prompt], 4, 1.0, 1.0, 16, seed=seed)[0]
+            samples = self.sampler.generate([self.probe_prompt], 4, 1.0, 1.0, 16, seed=seed)[0]
+        np.random.set_state(numpy_state)
+        return samples
 
     @torch.no_grad()
     def _logprob_gap(self, samples: list, temperature: float) -> dict | None:

@@ -264,10 +264,11 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, optimizers: di
                     keep: int = 2):
     """checkpoint-<step>/ {model/ (HF), optim/ (DCP shards), rng-rank<r>.pt, trainer_state.pt}, written to
     a .tmp directory and renamed (a crash leaves the previous one intact; multi-node: a shared
-    filesystem). An unstepped optimizer is left out: get_optimizer_state_dict would take a zero-lr step,
-    and its first real step would count as the second in Adam's bias correction. A write that fails (a
-    full disk, a lost mount) stops the run with one line from the rank it failed on; the earlier checkpoints
-    are untouched. model: the trainer's common.PolicyModel (its .lm is the HF model), FSDP2-sharded or not."""
+    filesystem). An unstepped optimizer is left out (`stepped`): its state is zeros, or, never created,
+    get_optimizer_state_dict would take a zero-lr step and its first real step would count as the second in
+    Adam's bias correction. A write that fails (a full disk, a lost mount) stops the run with one line from the
+    rank it failed on; the earlier checkpoints are untouched. model: the trainer's common.PolicyModel (its .lm
+    is the HF model), FSDP2-sharded or not."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     r = _rank()
@@ -327,7 +328,7 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model, tokenizer, optimize
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    optimizers = {k: o for k, o in optimizers.items() if o.state}  # stepped ones (same on every rank)
+    optimizers = {k: o for k, o in optimizers.items() if stepped(o)}  # the same on every rank
     with _together():
         _barrier()
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -343,6 +344,11 @@ def _write_checkpoint(tmp: str, rank: int, step: int, model, tokenizer, optimize
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
     with _together():
         _barrier()
+
+
+def stepped(optimizer) -> bool:
+    """Has this optimizer taken a step? Its state may exist before (common.init_adam_state), at step 0."""
+    return any(float(s.get("step", 1)) > 0 for s in optimizer.state.values())
 
 
 def load_checkpoint(path: str, model, optimizers: dict, schedulers: dict) -> dict:

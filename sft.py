@@ -72,7 +72,7 @@ def main():
     for step in run.progress():
         t0 = time.time()
         rows = run.next_prompts(cfg.batch_size)  # this rank's share of the batch
-        micro = common.demo_batches(rows, cfg.micro_batch_size, tok.pad_token_id, run.dist.device)
+        micro = common.demo_batches(rows, cfg, tok.pad_token_id, run.dist.device)
         norm = common.step_normaliser([mb["response_mask"] for mb in micro], cfg.loss_agg)  # global count
         loss_sum, entropy_sum = 0.0, 0.0
         for mb in micro:
@@ -85,16 +85,16 @@ def main():
         t1 = time.time()
 
         n_tok = sum(float(mb["response_mask"].sum()) for mb in micro)
-        loss_sum, entropy_sum, n_tok, n_seq, n_cut, all_tok = common.all_reduce(
+        loss_sum, entropy_sum, n_tok, n_seq, n_cut, all_tok, positions = common.all_reduce(
             [loss_sum, entropy_sum, n_tok, len(rows), sum(not r["demo_finished"] for r in rows),
-             sum(float(mb["attention_mask"].sum()) for mb in micro)])
+             sum(float(mb["attention_mask"].sum()) for mb in micro), sum(mb["input_ids"].numel() for mb in micro)])
         # reward / accuracy: SFT samples nothing during training, so they are None (see eval_accuracy)
         metrics = dict(loss=loss_sum / run.dist.world_size, sft_loss=loss_sum / run.dist.world_size, reward=None,
                        accuracy=None, entropy=entropy_sum / n_tok, response_length=n_tok / n_seq,
                        truncated_frac=n_cut / n_seq,  # demonstrations cut at the response budget
                        demo_tokens=n_tok,  # demonstration tokens trained on (all ranks)
                        grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], time_rollout=0.0,
-                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0),
+                       time_train=t1 - t0, tokens_per_second=all_tok / (t1 - t0), padding_frac=1 - all_tok / positions,
                        skipped_updates=int(not math.isfinite(grad_norm)))  # optimizer_step skipped the update
         run.end_step(step + 1, metrics)
     common.shutdown()

@@ -219,7 +219,7 @@ def main():
         t1 = time.time()
 
         # ---- 2. B/b mini-batches of micro-batches; log-probs of pi_old (and pi_ref), no grad ----
-        minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg.micro_batch_size,
+        minibatches = common.minibatches(samples, {"advantages": advantages}, B // b, cfg,
                                          run.tokenizer.pad_token_id, run.dist.device)
         micro = [mb for minibatch in minibatches for mb in minibatch]
         common.old_logprobs(run, micro, cfg.temperature)

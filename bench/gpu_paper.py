@@ -1,6 +1,6 @@
 """One LUFFY-sized step on 8 GPUs, on paper: generation, training FLOPs, weight sync (docs/gpu.md).
 
-    python bench/gpu_paper.py [--gpus 8] [--mfu 0.4] [--response_mean 3000] [--json bench/gpu_paper.json]
+    python bench/gpu_paper.py [--gpus 8] [--mfu 0.4] [--response_mean 3000] [--micro_batching tokens] [--json FILE]
 
 Nothing here is measured: every figure is arithmetic on the inputs printed first (model shape from its
 config.json, the GPU's datasheet, the batch of LUFFY's 8-GPU command, stated mean lengths), so a reader can
@@ -10,7 +10,12 @@ same arithmetic common.py's vLLM memory check does).
 import argparse
 import json
 import math
+import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402  (the trainers' micro-batch grouping, common.token_groups)
 
 # Qwen2.5-Math-7B's config.json (the LUFFY and ReLIFT 16k-think variants differ only in RoPE theta and positions)
 QWEN25_MATH_7B = dict(vocab=152064, hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128,
@@ -46,14 +51,29 @@ def train_flops_per_token(m: dict, context: float, passes: float) -> float:
     return passes * (2 * param_count(m)["matmul"] + 4 * m["layers"] * m["heads"] * m["head_dim"] * context)
 
 
-def padding_factor(lengths: list[int], micro_batch: int, seed=0) -> float:
-    """Tokens a right-padded micro-batch computes over the tokens it holds, for micro-batches drawn at
-    random from `lengths` (common.make_batch pads each micro-batch to its longest response; verl packs)."""
+def padding_factor(lengths: list[int], micro_batch: int, prompt: int = 0, seed=0) -> float:
+    """Token positions a micro-batch computes over the tokens it holds (`prompt` + response each), for micro-batches
+    of `micro_batch` drawn at random from `lengths`, each padded to its longest (--micro_batching sequences)."""
     rng = random.Random(seed)
     xs = lengths[:]
     rng.shuffle(xs)
     batches = [xs[i:i + micro_batch] for i in range(0, len(xs) - micro_batch + 1, micro_batch)]
-    return sum(len(b) * max(b) for b in batches) / sum(sum(b) for b in batches)
+    return sum(len(b) * (prompt + max(b)) for b in batches) / sum(prompt * len(b) + sum(b) for b in batches)
+
+
+def budget_padding_factor(lengths: list[int], per_step: int, budget: int, prompt: int = 0, seed=0) -> float:
+    """The same for --micro_batching tokens: each rank's optimizer step (`per_step` samples drawn at random from
+    `lengths`) grouped under `budget` tokens by common.token_groups, as common.minibatches does. The ranks'
+    agreement on a count only halves micro-batches, which never adds padding: this is the most it can be."""
+    rng = random.Random(seed)
+    xs = lengths[:]
+    rng.shuffle(xs)
+    positions = tokens = 0
+    for i in range(0, len(xs) - per_step + 1, per_step):
+        step = [(prompt, r) for r in xs[i:i + per_step]]
+        positions += sum(common.batch_tokens([step[j] for j in g]) for g in common.token_groups(step, budget))
+        tokens += sum(p + r for p, r in step)
+    return positions / tokens
 
 
 def draw_lengths(n: int, mean: float, cap: int, seed: int) -> list[int]:
@@ -73,6 +93,9 @@ def main():
     p.add_argument("--demo_mean", type=float, default=5000)  # R1 demonstrations kept under 8k (assumed)
     p.add_argument("--max_response", type=int, default=8192)
     p.add_argument("--micro_batch", type=int, default=4)  # the 8-GPU command of docs/gpu.md
+    p.add_argument("--prompts_per_minibatch", type=int, default=64)  # LUFFY: 64 prompts an optimizer step
+    p.add_argument("--max_prompt", type=int, default=1024)
+    p.add_argument("--micro_batching", choices=["tokens", "sequences"], default="tokens")  # the GPU default: tokens
     p.add_argument("--mfu", type=float, default=0.4)  # training model-FLOPs utilisation (assumed)
     p.add_argument("--hbm_efficiency", type=float, default=0.7)  # achieved / peak bandwidth in decode (assumed)
     p.add_argument("--steps", type=int, default=500)
@@ -108,16 +131,24 @@ def main():
     # --- training: old log-probs (1 forward) + update (forward, recompute, backward = 4) --------------
     lengths = responses + demos
     tokens = sum(lengths) + (rollouts + a.prompts) * a.prompt_mean
-    pad = padding_factor(lengths, a.micro_batch)
+    prompt = round(a.prompt_mean)
+    pad_fixed = padding_factor(lengths, a.micro_batch, prompt)
+    budget = a.micro_batch * (a.max_prompt + a.max_response)  # --micro_batch_tokens 0: the fixed size's most
+    per_step = a.prompts_per_minibatch * a.group // a.gpus  # one rank's samples in one optimizer step
+    pad_tokens = budget_padding_factor(lengths, per_step, budget, prompt)
+    pad = pad_tokens if a.micro_batching == "tokens" else pad_fixed
     ctx = a.prompt_mean + sum(x * x / 2 for x in lengths) / sum(lengths)  # mean context a token attends to
     flops = tokens * train_flops_per_token(m, ctx, passes=1 + 4)
-    t_train = flops * pad / (a.gpus * g["bf16_flops"] * a.mfu)
+    t_train, t_fixed = (flops * f / (a.gpus * g["bf16_flops"] * a.mfu) for f in (pad, pad_fixed))
     row("tokens trained a step", f"{tokens / 1e6:.2f}M", f"{rollouts + a.prompts} sequences, prompts included")
     row("training FLOPs", f"{flops:.2e}", f"5 forward-equivalents x (2 x {n['matmul'] / 1e9:.2f}B + attention over "
         f"~{ctx:.0f} tokens) a token")
-    row("padding factor", f"{pad:.2f}x", f"micro-batches of {a.micro_batch} padded to their longest response")
-    row("training time", f"{t_train:.0f} s", f"FLOPs x padding / ({a.gpus} x {g['bf16_flops'] / 1e12:.0f} TFLOP/s x "
-        f"MFU {a.mfu})")
+    row("padding factor, fixed-size micro-batches", f"{pad_fixed:.2f}x", f"`--micro_batching sequences`: "
+        f"{a.micro_batch} sequences in rollout order, each padded to its longest")
+    row("padding factor, micro-batches by tokens", f"{pad_tokens:.2f}x", f"`--micro_batching tokens`: a rank's "
+        f"{per_step} samples an optimizer step sorted by length, at most {budget:,} tokens a micro-batch")
+    row("training time", f"{t_train:.0f} s", f"FLOPs x padding ({a.micro_batching}) / ({a.gpus} x "
+        f"{g['bf16_flops'] / 1e12:.0f} TFLOP/s x MFU {a.mfu}); fixed-size micro-batches: {t_fixed:.0f} s")
 
     # --- weight sync: every rank gathers each fp32 parameter (all-gather), casts, reloads its engine ----
     gathered = 4 * n["total"] * (a.gpus - 1) / a.gpus  # bytes each rank receives
@@ -127,8 +158,9 @@ def main():
 
     step = t_gen + t_train + t_sync
     row("one step", f"{step:.0f} s", "generation + training + sync (grading on the CPU overlaps nothing here)")
-    row(f"{a.steps} steps", f"{step * a.steps / 3600:.1f} h on {a.gpus} GPUs", f"{step * a.steps * a.gpus / 3600:.0f} "
-        f"GPU-hours")
+    hours = {k: (t_gen + t + t_sync) * a.steps / 3600 for k, t in (("now", t_train), ("fixed", t_fixed))}
+    row(f"{a.steps} steps", f"{hours['now']:.1f} h on {a.gpus} GPUs", f"{hours['now'] * a.gpus:.0f} GPU-hours; with "
+        f"fixed-size micro-batches {hours['fixed']:.1f} h")
     print(f"{g['name']} x {a.gpus}, Qwen2.5-Math-7B ({n['total'] / 1e9:.2f}B parameters), "
           f"{a.prompts} prompts x {a.group}, responses mean {a.response_mean:.0f} / max {a.max_response}")
     print("| quantity | value | how |\n|---|---|---|")
@@ -137,7 +169,10 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"inputs": vars(a), "model": m, "gpu": g, "rows": rows,
-                       "seconds": {"generation": t_gen, "training": t_train, "sync": t_sync, "step": step}}, f, indent=1)
+                       "padding": {"sequences": pad_fixed, "tokens": pad_tokens, "budget": budget,
+                                   "per_step": per_step},
+                       "seconds": {"generation": t_gen, "training": t_train, "training_fixed": t_fixed, "sync": t_sync,
+                                   "step": step}}, f, indent=1)
 
 
 if __name__ == "__main__":

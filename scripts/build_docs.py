@@ -81,7 +81,8 @@ def spread(s, digits=2, unit=""):
 
 def source(info):
     """Where a bench JSON's numbers come from."""
-    return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {info['threads']} threads)"
+    threads = f"{info['threads']} thread{'s' * (info['threads'] != 1)}"
+    return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {threads})"
 
 
 def lab(res, heads, cells):
@@ -280,6 +281,29 @@ def bench_scaling():
             f"time at 1,024 tokens and {ratio[2048]:.2f}x at 2,048."]
 
 
+def bench_microbatch():
+    """docs/performance.md: fixed-size against token-budget micro-batches against packed rows, one training step."""
+    d = load("bench/microbatch.json")
+    i, m, load_avg = d["inputs"], d["model"], d["info"]["load_average"]
+    names = {"fixed": f"fixed: `--micro_batching sequences --micro_batch_size {i['micro_batch_size']}`",
+             "tokens": f"by tokens: `--micro_batching tokens` ({i['budget']:,}-token budget)",
+             "packed": "packed rows, the same budget (sdpa, block-diagonal mask)"}
+    rows = [(names[k], v["micro_batches"], f"{v['padding_share']:.1%} ({v['full_scale']['padding_share']:.1%})",
+             spread(v["seconds"], 2, " s"), spread(v["time_ratio_to_fixed"], 2, "x"), f"{v['grad_rel_diff']:.0e}")
+            for k, v in d["sides"].items()]
+    t, f, pk = d["sides"]["tokens"], d["sides"]["fixed"], d["sides"]["packed"]
+    return [f"{source(d['info'])}, load average {load_avg['before']:.2f} before and {load_avg['after']:.2f} after: "
+            f"{i['samples']} samples, lengths / {i['scale']}; a {m['params'] / 1e6:.1f}M-parameter Qwen2 (hidden "
+            f"{m['hidden']}, {m['layers']} layers), float32:", ""] + table(
+        ["micro-batches", "count", "padding share (at full scale)", "training phase", "time / fixed (same repeat)",
+         "gradient's largest difference from fixed (relative)"], rows) + [
+        "", f"By tokens the step computes {t['positions'] / f['positions']:.2f}x the token positions of fixed-size "
+            f"micro-batches and takes {t['time_ratio_to_fixed']['median']:.2f}x their time; packed rows compute no "
+            f"padding and take {pk['time_ratio_to_fixed']['median']:.2f}x. Responses: median {i['response_median']:,} "
+            f"tokens, sigma {i['response_sigma']}, cut at {i['response_cap']:,} ({i['capped_share']:.0%} of the draw "
+            f"reach it; mean {i['response_mean']:,.0f}); prompts {i['prompt_range'][0]}-{i['prompt_range'][1]} tokens."]
+
+
 def gpu_paper():
     """docs/gpu.md: one LUFFY step on 8 GPUs, worked out on paper by bench/gpu_paper.py."""
     h, a = load("bench/gpu_paper_h100.json"), load("bench/gpu_paper_a100.json")
@@ -293,7 +317,7 @@ BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab
           "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "base": base,
           "lab-strata": lab_strata, "bench-logprob": bench_logprob,
           "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
-          "bench-scaling": bench_scaling, "gpu-paper": gpu_paper}
+          "bench-scaling": bench_scaling, "bench-microbatch": bench_microbatch, "gpu-paper": gpu_paper}
 
 
 def build(text, path):

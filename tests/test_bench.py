@@ -37,6 +37,18 @@ def test_padding_factor():
     assert gpu_paper.padding_factor(lengths, micro_batch=4) == pytest.approx(4 * 3 / 8)
     equal = [5] * 8
     assert gpu_paper.padding_factor(equal, micro_batch=4) == 1.0
+    assert gpu_paper.padding_factor(lengths, micro_batch=4, prompt=2) == pytest.approx(4 * (2 + 3) / (4 * 2 + 8))
+
+
+def test_budget_padding_factor_groups_as_the_trainers_do():
+    """common.token_groups on one step of [1, 3, 2, 2]: sorted 3, 2, 2, 1; with a budget of 6 the fewest micro-
+    batches are two, and of the two-way cuts [3] + [2, 2, 1] pads least: 3 + 3 x 2 = 9 positions for 8 tokens."""
+    lengths = [1, 3, 2, 2]
+    assert gpu_paper.budget_padding_factor(lengths, per_step=4, budget=6) == pytest.approx(9 / 8)
+    assert gpu_paper.budget_padding_factor(lengths, per_step=4, budget=1000) == pytest.approx(4 * 3 / 8)
+    assert gpu_paper.budget_padding_factor(lengths, per_step=4, budget=1) == 1.0  # one sequence each: no padding
+    xs = gpu_paper.draw_lengths(1024, mean=3000, cap=8192, seed=0)  # the 8-GPU step: fixed-size pads far more
+    assert gpu_paper.budget_padding_factor(xs, 64, 4 * 9216, 200) < gpu_paper.padding_factor(xs, 4, 200) - 0.5
 
 
 def test_draw_lengths_respects_the_cap_and_mean():
@@ -174,3 +186,19 @@ def test_sampler_hand_loop_draws_what_generate_draws():
         lengths |= {len(x) for x in sampler.cut(drawn, stop)}
     assert len(lengths) > 1  # some rows stopped early, so the stop handling was exercised
     assert sampler.cut(torch.tensor([[5, 2, 0], [1, 1, 1]]), [2]) == [[5, 2], [1, 1, 1]]
+
+
+def test_microbatch_bench_sides_agree_and_pad_less():
+    """bench/microbatch.py on a tiny model: the three sides hold the same tokens and leave the same gradient (float32
+    rounding), fixed-size micro-batches pad the most, packed rows not at all, and the full-scale draw pads like the
+    scaled one (the share depends on lengths relative to each other)."""
+    import microbatch
+
+    r = microbatch.main(["--samples", "16", "--scale", "64", "--hidden", "64", "--layers", "1", "--repeats", "1"])
+    s = r["sides"]
+    assert s["fixed"]["tokens"] == s["tokens"]["tokens"] == s["packed"]["tokens"]
+    assert all(v["grad_rel_diff"] < 1e-4 for v in s.values()), {k: v["grad_rel_diff"] for k, v in s.items()}
+    assert s["packed"]["padding_share"] == 0 < s["tokens"]["padding_share"] < s["fixed"]["padding_share"]
+    for v in s.values():
+        assert abs(v["padding_share"] - v["full_scale"]["padding_share"]) < 0.03
+    assert 0 < r["inputs"]["capped_share"] < 0.2 and r["inputs"]["budget"] == 4 * 9216 // 64

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_KEYS = {"step", "loss", "reward", "accuracy", "entropy", "response_length", "truncated_frac", "grad_norm",
              "lr", "time_rollout", "time_train", "tokens_per_second", "demo_tokens", "verifier_timeout_share",
-             "skipped_updates"}
+             "skipped_updates", "padding_frac"}
 TIMING = {"time_rollout", "time_train", "tokens_per_second"}
 
 

@@ -39,6 +39,8 @@ def test_two_rank_fsdp_equals_single_process(tmp_path):
     for a, b in zip(single["grad_norms"], fsdp["grad_norms"]):
         assert abs(a - b) < 1e-5 * max(1.0, a), (single["grad_norms"], fsdp["grad_norms"])
     assert single["losses"][0] != single["losses"][1]  # the first step changed the weights
+    # AdamW's state created up front (common.init_adam_state) is the state its first step creates: bit for bit
+    assert single["prefilled_equal"] and fsdp["prefilled_equal"]
     assert set(single["weights"]) == set(fsdp["weights"])
     # AdamW steps every weight by ~lr = 1e-2 whatever its gradient's size, so where a gradient is tiny (the k_proj
     # biases) its float32 rounding moves the step: 5e-6 seen (MKL_CBWR=AVX); a rank that trained wrong is off by ~lr

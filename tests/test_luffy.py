@@ -83,7 +83,7 @@ def test_mixed_groups_layout_and_masks():
     assert demo.text == "30 31"  # decoded without the EOS: what the verifier grades
     assert samples[1] is rollouts[0][0] and samples[2] is rollouts[0][1] and samples[4] is rollouts[1][0]
     assert samples[3].response_ids == [40, 2] and samples[3].prefix_ids == [40, 2]
-    mbs = common.minibatches(samples, {"advantages": torch.arange(6.0)}, n_minibatches=2, micro_batch_size=3,
+    mbs = common.minibatches(samples, {"advantages": torch.arange(6.0)}, n_minibatches=2, micro=3,
                              pad_id=0, device="cpu")
     first = mbs[0][0]  # prompt 0's group: demo, then its two rollouts
     assert first["response_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]

@@ -407,6 +407,7 @@ def test_prefix_rft_smoke(tiny_model_dir, small_eval_file, tmp_path):
 def test_official_variant_settings():
     c = common.parse_config(prefix_rft.Config, ["--variant", "official"], {"official": prefix_rft.OFFICIAL})
     assert c.unit == "microbatch" and c.advantage == "dr_grpo" and c.dual_clip == 3.0 and c.loss_constant == 0
+    assert c.micro_batching == "sequences"  # the official unit: a micro-batch of --micro_batch_size sequences
     c = common.parse_config(prefix_rft.Config, ["--variant", "official", "--unit", "minibatch"],
                             {"official": prefix_rft.OFFICIAL})
     assert c.unit == "minibatch"  # the command line wins over the variant
@@ -418,6 +419,8 @@ def test_official_variant_settings():
     (["--prefix_low_start", "0.99"], "--prefix_high"),
     (["--dual_clip", "0.5"], "--dual_clip"),
     (["--advantage", "dr_grpo_prefix", "--adv_std"], "--adv_std"),
+    (["--unit", "microbatch"], "--micro_batching sequences"),  # its unit is the micro-batch: cut by sequences
+    (["--variant", "official", "--micro_batching", "tokens"], "--micro_batching sequences"),
 ])
 def test_bad_settings_are_refused_before_setup(monkeypatch, flags, message):
     def setup(*args, **kwargs):

@@ -252,9 +252,10 @@ def test_fine_tune_steps_its_own_optimizer_only(tiny_model_dir):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_unstepped_optimizer_stays_out_of_the_checkpoint(tiny_model_dir, tmp_path):
-    """Saving must not initialise a never-stepped optimizer (torch's get_optimizer_state_dict would
-    take a zero-lr step, so the first FT step would count as Adam's second), nor must loading.
-    Once the FT optimizer has stepped, both are saved and restored."""
+    """A never-stepped optimizer (its state created at step 0 by common.init_adam_state) is left out of the
+    checkpoint, and neither saving nor loading steps it (were its state empty, torch's get_optimizer_state_dict
+    would take a zero-lr step, so the first FT step would count as Adam's second). Once the FT optimizer has
+    stepped, both are saved and restored."""
     model, tok, rows = _model_and_rows(tiny_model_dir)
     main_opt, ft_opt = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
     mb = common.make_batch([r["prompt_ids"] for r in rows], [r["demo_ids"] for r in rows], tok.pad_token_id, "cpu")
@@ -266,12 +267,13 @@ def test_unstepped_optimizer_stays_out_of_the_checkpoint(tiny_model_dir, tmp_pat
 
     step(main_opt)
     run_dir.save_checkpoint(str(tmp_path), 1, model, tok, {"main": main_opt, "ft": ft_opt}, {}, {"buffer": [3, 1]})
-    assert not ft_opt.state  # saving left the unstepped optimizer alone
+    assert not run_dir.stepped(ft_opt)  # saving left the unstepped optimizer alone
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in ft_opt.state.values())
     state = torch.load(tmp_path / "checkpoint-000001" / "trainer_state.pt", weights_only=False)
     assert state["optimizers"] == ["main"] and state["buffer"] == [3, 1]
     fresh_main, fresh_ft = common.adamw(model, 1e-3, 0.01), common.adamw(model, 1e-3, 0.01)
     run_dir.load_checkpoint(str(tmp_path / "checkpoint-000001"), model, {"main": fresh_main, "ft": fresh_ft}, {})
-    assert fresh_main.state and not fresh_ft.state  # loading does not initialise it either
+    assert run_dir.stepped(fresh_main) and not run_dir.stepped(fresh_ft)  # loading does not step it either
 
     step(ft_opt)
     step(main_opt)

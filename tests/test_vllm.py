@@ -189,7 +189,8 @@ def test_plain_python_trainer_run(tiny_model_dir, small_eval_file, tmp_path):
 def test_trainer_two_steps_on_two_ranks(script, tiny_model_dir, small_eval_file, level1_file, tmp_path):
     """Each RL trainer, 2 steps, 2 ranks, the vLLM sampler: its metrics, and from --rollout_debug: the
     engine's log-probs equal the trainer's at every call, the ranks draw different samples from the same
-    prompt, and an update reaches the engine (the seeded probe changes with the weights)."""
+    prompt and the same samples again from the same generator state, and an update reaches the engine (the
+    seeded probe changes with the weights)."""
     out = tmp_path / "run"
     data = ["--data", level1_file] if script in ("bread.py", "uft.py") else []
     evals = ["--eval_data", "none"]
@@ -211,6 +212,7 @@ def test_trainer_two_steps_on_two_ranks(script, tiny_model_dir, small_eval_file,
     assert worst < 1e-3, worst
     first = [r["first"] for r in calls[0]["ranks"]]
     assert first[0] != first[1]  # engines seeded --seed + rank
+    assert all(r["again"] == r["first"] for r in calls[0]["ranks"])  # the same generator state, the same draws
     changed = [(a, b) for prev, cur in zip(calls, calls[1:]) for a, b in zip(prev["ranks"], cur["ranks"])
                if a["weights"] != b["weights"]]
     assert changed and all(a["probe"] != b["probe"] for a, b in changed)

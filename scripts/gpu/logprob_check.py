@@ -1,13 +1,15 @@
 """PolicyModel's log-probs and entropies (METHODS.md Eq. 1-2) on a CUDA GPU, against float64.
 
-    python scripts/gpu/logprob_check.py [--vocab 151936] [--hidden 896] [--tokens 4096]
+    python scripts/gpu/logprob_check.py [--vocab 151936] [--hidden 896] [--tokens 4096] [--json OUT.json]
 
 A 2-layer Qwen2 with Qwen2.5's vocabulary, built from a config (nothing downloaded). For float32 and
 bfloat16 weights, eager and compiled kernel: the largest error of the log-probs, entropies and the LM
 head's gradient against a float64 reference from the full [N, V] logits; then time and peak memory of
 forward + backward against the naive form (full logits, log_softmax, gather, full-softmax entropy), both in
-bfloat16, median of 5 after a warm-up. CPU only with --device cpu (slow at this vocabulary)."""
+bfloat16, median of 5 after a warm-up. CPU only with --device cpu (slow at this vocabulary). --json writes the
+numbers too (scripts/gpu/check.py)."""
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -105,7 +107,10 @@ def main():
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--json", default="")
     a = p.parse_args()
+    results = {"torch": torch.__version__, "vocab": a.vocab, "hidden": a.hidden, "tokens": a.tokens,
+               "accuracy": [], "speed": []}
     device = torch.device(a.device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"V={a.vocab} H={a.hidden} N~{a.tokens} response tokens")
@@ -116,10 +121,11 @@ def main():
         batch = batch_for(a.vocab, a.tokens, device)
         for compile in (False, True):
             r = compare(lm, batch, compile)
+            results["accuracy"].append({"weights": str(dtype)[6:], "compiled": compile, **r})
             print(f"{str(dtype)[6:]:8s} {'compiled' if compile else 'eager':8s} {r['logp_max_abs']:13.2e} "
                   f"{r['logp_rel']:9.1e} {r['entropy_max_abs']:11.2e} {r['entropy_rel']:9.1e} {r['head_grad_rel']:11.1e}")
     if device.type != "cuda":
-        return
+        return write(a.json, results)
     lm = build(a.vocab, a.hidden, device, torch.bfloat16)
     batch = batch_for(a.vocab, a.tokens, device)
     model = common.PolicyModel(lm, compile=True)
@@ -130,6 +136,15 @@ def main():
     for name, fn in rows.items():
         med, lo, hi, peak = timed(fn, device)
         print(f"  {name:32s} {med * 1e3:7.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f})  {peak:6.2f} GiB")
+        results["speed"].append({"form": name, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
+                                 "extra_peak_gib": peak})
+    write(a.json, results)
+
+
+def write(path: str, results: dict):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -74,13 +74,18 @@ def check_run(run: str, world: int, max_gap: float):
     check(changed > 0, f"the weights changed between {changed} pairs of calls (needs an update with a large lr)")
     print(f"  note: with unchanged weights the seeded probe repeated {same} time(s) (repeatability, informational)")
 
-    # 3. Different seeds per rank: the first unseeded draw of the same prompt differs across ranks.
+    # 3. Seeds: the first unseeded draw of the same prompt differs across ranks, and the same generator state
+    # draws it again (on GPUs vLLM's V2 runner seeds each request from numpy's generator, on CPU its V1 runner
+    # draws from torch's: both are the trainer's, seeded per rank and checkpointed)
     first = [r["first"] for r in calls[0]["ranks"]]
     if world > 1:
         check(all(first[i] != first[j] for i in range(world) for j in range(i + 1, world)),
               "ranks drew different samples from the same prompt (different sampling seeds)")
     else:
         print("  ranks: one rank, nothing to compare")
+    if all("again" in r for r in calls[0]["ranks"]):
+        check(all(r["again"] == r["first"] for r in calls[0]["ranks"]),
+              "the same generator state drew the same unseeded samples again, on every rank")
 
     # 4. GPU memory after each phase.
     mems = [c["ranks"][0]["memory"] for c in calls if c["ranks"][0].get("memory")]

@@ -14,12 +14,14 @@
 # 1. the log-prob / entropy kernel on the GPU against float64, and its time and memory against the naive form
 #    (scripts/gpu/logprob_check.py);
 # 2. grpo.py for a few steps with vLLM sleep mode on (KL to a reference model, gradient checkpointing,
-#    checkpoints) and off, each with --rollout_debug and a large learning rate; 1 GPU: plain `python grpo.py`
-#    (the one-rank group), 2 or more: torchrun on 2 (FSDP2: bf16 compute, fp32 master weights). Then
+#    checkpoints) and off, both with vLLM's torch.compile and CUDA graphs (the default), and once more in eager
+#    mode (--vllm_enforce_eager, GPU only), each with --rollout_debug and a large learning rate; 1 GPU: plain
+#    `python grpo.py` (the one-rank group), 2 or more: torchrun on 2 (FSDP2: bf16 compute, fp32 master weights). Then
 #    scripts/gpu/smoke.py checks and prints:
 #      - the sampler's log-probs of the sampled tokens against the trainer's recomputed ones (the gap; vLLM),
 #      - that a seeded probe draw changes whenever an update changed the weights (no stale weights),
-#      - that ranks draw different samples from the same prompt (different engine seeds),
+#      - that ranks draw different samples from the same prompt, and the same generator state the same ones
+#        again (vLLM's unseeded draws follow the generators the trainer seeds and checkpoints),
 #      - GPU memory after each phase (training peak, before the push, engine awake, after generation),
 #      - that a run cut after its step-2 checkpoint resumes to step 4 (--cpu: identical metrics);
 # 3. every trainer on the builtin task for 4 steps (checkpoints at 2 and 4, evaluations at 0, 2, 4), ReLIFT (a
@@ -103,6 +105,12 @@ python scripts/gpu/smoke.py check "$OUT/sleep" --world "$NPROC" --max_gap "$MAX_
 echo "== 2/3 grpo.py, sleep mode off: 2 steps"
 launch "${COMMON[@]}" --max_steps 2 --no-vllm_sleep --output_dir "$OUT/nosleep"
 python scripts/gpu/smoke.py check "$OUT/nosleep" --world "$NPROC" --max_gap "$MAX_GAP"
+
+if [ "$SAMPLER" = vllm ] && [ "$CPU" = 0 ]; then  # CPU engines are always eager
+    echo "== 2/3 grpo.py, sleep mode on, --vllm_enforce_eager (no torch.compile, no CUDA graphs in vLLM): 2 steps"
+    launch "${COMMON[@]}" --max_steps 2 --vllm_enforce_eager --output_dir "$OUT/eager"
+    python scripts/gpu/smoke.py check "$OUT/eager" --world "$NPROC" --max_gap "$MAX_GAP"
+fi
 
 echo "== 2/3 grpo.py, resume: run 1 cut after its step-2 checkpoint, resumed to step 4"
 python scripts/gpu/smoke.py cut "$OUT/sleep" "$OUT/resumed"
