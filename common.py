@@ -19,10 +19,12 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        started by setup with start_in_background while the model loads
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
-  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9; pass_at_k, Eq. 58), evaluate_sets
+  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets; demo_probabilities and
+                       measure_probe (how likely the model finds the demonstrations; the built-in probe)
 
-Seven side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
-imports this file: cli.py (a Config as command-line flags), lm_head.py (Eq. 1-2 in chunks, with their gradient
+Eight side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
+imports this file: cli.py (a Config as command-line flags), eval_sets.py (--eval_data sets, a row's level and
+stratum groups, pass@k, the evaluation's one-line summary), lm_head.py (Eq. 1-2 in chunks, with their gradient
 written out), builtin_task.py (the built-in task: tiny tokenizer and model, problems, the pre-trained base; only
 for --data / --model / --eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
 the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
@@ -55,6 +57,7 @@ import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup
 import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
 from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify  # noqa: F401 (uft.py)
 from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
+from eval_sets import PASS_K, EvalSet, format_eval, group_order, groups_of, parse_eval_sets, pass_at_k  # noqa: F401
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
 from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
@@ -545,7 +548,10 @@ def resolve_settings(cfg: BaseConfig, gpu_run: dict | None = None) -> tuple[list
         if not builtin:
             print0("no evaluation: file data has no held-out set of its own; name one or more with --eval_data "
                    "FILE[:k] (k samples per problem), e.g. --eval_data aime24.parquet:32 math500.jsonl")
-    sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
+    try:
+        sets = parse_eval_sets(cfg.eval_data, cfg.eval_samples)
+    except ValueError as e:
+        fail(str(e))
     if not builtin and (laptop := laptop_defaults(cfg, gpu_run or {})):
         script = os.path.basename(sys.modules[type(cfg).__module__].__file__ or "the trainer")
         print0(f"file data with laptop defaults you did not set: {', '.join(laptop)}; the papers' settings are "
@@ -1763,65 +1769,11 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
 # ======================================================================================
 
 
-@dataclass
-class EvalSet:
-    name: str  # its metrics: eval_accuracy_<name>, eval_accuracy_<name>_level<level>
-    source: str  # a data file, or "builtin" (the held-out problems of the builtin task)
-    k: int  # samples per problem
-    rows: list = field(default_factory=list)  # encoded rows (encode_rows), filled in by the caller
-
-
-def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
-    """["aime24.parquet:32", "math500.jsonl", "builtin"] -> EvalSets (no rows), named by file stem; k from
-    FILE:k, else --eval_samples (0: 1 for a file, the builtin task's k for builtin)."""
-    default_k, builtin_k = eval_samples or 1, eval_samples or builtin_task.SETTINGS["eval_samples"]
-    sets = []
-    for entry in entries:
-        if entry in ("none", ""):
-            continue
-        m = re.fullmatch(r"(.+):(\d+)", entry)
-        source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
-        if k == 0:
-            fail(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
-        name = "builtin" if source == "builtin" else \
-            re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
-        if any(s.name == name for s in sets):
-            fail(f"--eval_data: two sets would both log as eval_accuracy_{name}; give the files different names")
-        sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
-    return sets
-
-
-def _level_key(level) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(level)).strip("_")
-
-
-def _groups(row: dict) -> list[str]:
-    """The metric suffixes a row is counted under besides its set: level<L>, and stratum_<S> for the built-in
-    task's levels 3-4 (builtin_task.STRATA: the base's prior on the problem's fact)."""
-    return ([f"level{_level_key(row['level'])}"] if row["level"] is not None else []) + \
-        ([f"stratum_{row['stratum']}"] if row.get("stratum") else [])
-
-
-def _group_order(group: str):  # levels first, numerically, then strata
-    return (not group.startswith("level"), not group[5:].isdigit(), int(group[5:]) if group[5:].isdigit() else 0, group)
-
-
-PASS_K = (1, 2, 4, 8, 16, 32, 64)  # the k of --eval_pass_k, each up to the set's samples per problem
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """METHODS.md Eq. (58): the unbiased pass@k of a problem with c correct among n samples (arXiv 2107.03374),
-    1 - C(n-c, k) / C(n, k), as 1 - prod_{i=n-c+1..n} (1 - k / i): no binomial is ever formed."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
                   max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False) -> dict:
     """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
     1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
-    averaged over k, then over problems (and per level and stratum, `_groups`); eval_accuracy over sets. pass_k:
+    averaged over k, then over problems (and per level and stratum, `groups_of`); eval_accuracy over sets. pass_k:
     also eval_pass@<k>_<set>[_<group>], Eq. (58), for k in PASS_K up to the set's k. `records`: rank 0 appends
     every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
@@ -1833,11 +1785,11 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                                   max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
-        groups = sorted({g for r in s.rows for g in _groups(r)}, key=_group_order)
+        groups = sorted({g for r in s.rows for g in groups_of(r)}, key=group_order)
         sums = [0.0] * (2 + 2 * len(groups))  # [score sum, problems] overall, then per group
         for i, r in enumerate(rows):
             score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
-            for j in [0] + [2 + 2 * groups.index(g) for g in _groups(r)]:
+            for j in [0] + [2 + 2 * groups.index(g) for g in groups_of(r)]:
                 sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
         if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
             right = [(rows[i // s.k]["problem"], x.text) for i, (x, (r, _)) in enumerate(zip(samples, graded))
@@ -1853,7 +1805,7 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
         at_k = [0.0] * (len(ks) * (1 + len(groups)))  # per k: overall, then per group
         for i, r in enumerate(rows):
             c = sum(reward == 1 for reward, _ in graded[i * s.k:(i + 1) * s.k])
-            for u in [0] + [1 + groups.index(g) for g in _groups(r)]:
+            for u in [0] + [1 + groups.index(g) for g in groups_of(r)]:
                 for j, k in enumerate(ks):
                     at_k[u * len(ks) + j] += pass_at_k(s.k, c, k)
         at_k = all_reduce(at_k) if ks else []
@@ -1902,7 +1854,7 @@ def teacher_forced(model: PolicyModel, prompts: list, responses: list, pad_id: i
 
 
 def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> dict:
-    """How likely the model finds a set's demonstrations (teacher-forced, T = 1), per group of `_groups` and
+    """How likely the model finds a set's demonstrations (teacher-forced, T = 1), per group of `groups_of` and
     overall: demo_key_logp_<set>[_<group>], the mean log-prob of the key tokens (the built-in task's fact
     digits, builtin_task.key_tokens; every token for file data); demo_min_p_..., the median over demonstrations
     of their least likely token's probability (the regime's x-axis, docs/lab.md); demo_low_p_share_..., the
@@ -1916,14 +1868,14 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
     for r, (logp, _) in zip(rows, forced):
         key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) if s.source == "builtin" \
             else [True] * len(logp)
-        mine.append((_groups(r), [x for x, k in zip(logp, key) if k], min(logp), sum(x < math.log(0.01) for x in logp),
+        mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), sum(x < math.log(0.01) for x in logp),
                      len(logp)))
     if dist.is_initialized():
         everyone = [None] * d.world_size
         dist.all_gather_object(everyone, mine)
         mine = [x for part in everyone for x in part]
     metrics = {}
-    for group in [None] + sorted({g for gs, *_ in mine for g in gs}, key=_group_order):
+    for group in [None] + sorted({g for gs, *_ in mine for g in gs}, key=group_order):
         part = [x for x in mine if group is None or group in x[0]]
         suffix = s.name + (f"_{group}" if group else "")
         keys, mins = [v for x in part for v in x[1]], sorted(x[2] for x in part)
@@ -1946,16 +1898,3 @@ def measure_probe(model: PolicyModel, probe: dict, pad_id: int, device) -> tuple
     entropy = [h for _, en in forced for h in en]
     return ({"probe_kl_base": sum(base) / len(base), "probe_demo_nll": sum(demo) / len(demo),
              "probe_entropy": sum(entropy) / len(entropy)}, [lp for lp, _ in forced])
-
-
-def format_eval(metrics: dict, sets: list[EvalSet]) -> str:
-    """One line: "builtin 0.338 (level 1 0.757, 2 0.550, ...) | math500 0.412"."""
-    parts = []
-    for s in sets:
-        prefix = f"eval_accuracy_{s.name}_"
-        groups = [(k.removeprefix(prefix), v) for k, v in metrics.items() if k.startswith(prefix)]
-        levels = ", ".join(f"{g.removeprefix('level')} {v:.3f}" for g, v in groups if g.startswith("level"))
-        strata = ", ".join(f"{g.removeprefix('stratum_')} {v:.3f}" for g, v in groups if g.startswith("stratum_"))
-        parts.append(f"{s.name} {metrics[f'eval_accuracy_{s.name}']:.3f}" + (f" (level {levels}" if levels else "")
-                     + (f"; {strata}" if strata else "") + (")" if levels else ""))
-    return " | ".join(parts)

@@ -91,7 +91,10 @@ def main():
     for key in ("max_prompt_len", "max_response_len"):
         if getattr(cfg, key) <= 0:
             setattr(cfg, key, settings[key])
-    sets = common.parse_eval_sets(cfg.data, cfg.eval_samples)
+    try:
+        sets = common.parse_eval_sets(cfg.data, cfg.eval_samples)
+    except ValueError as err:
+        common.fail(str(err))
     raw = {s.name: common.read_rows(cfg, s.source, "eval", need_answer=cfg.sample, need_demo=cfg.demo_probs)
            for s in sets}  # every row checked before a model loads
     if "output_dir" not in common.given_flags(cfg):
