@@ -323,7 +323,8 @@ def _build_probe(model, tokenizer, seed) -> dict:
             tokens = [tokenizer.decode([t]) for t in response]
             items.append({"kind": kind, "group": r["stratum"] or f"level{r['level']}", "problem": r["problem"],
                           "prompt_ids": prompt, "response_ids": response, "tokens": tokens,
-                          "base_logp": logp.tolist(), "key": key_tokens(tokens) if kind == "demo" else [False] * len(response)})
+                          "base_logp": logp.tolist(),
+                          "key": key_tokens(tokens) if kind == "demo" else [False] * len(response)})
     return {"task_version": TASK_VERSION, "items": items}
 
 

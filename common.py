@@ -26,9 +26,9 @@ Eight side modules hold what setup(), Run, PolicyModel and the Verifier call and
 imports this file: cli.py (a Config as command-line flags), eval_sets.py (--eval_data sets, a row's level and
 stratum groups, pass@k, the evaluation's one-line summary), lm_head.py (Eq. 1-2 in chunks, with their gradient
 written out), builtin_task.py (the built-in task: tiny tokenizer and model, problems, the pre-trained base; only
-for --data / --model / --eval_data builtin), data_files.py (load_rows: reading a data file and validating every row; PromptStream,
-the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and its
-checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
+for --data / --model / --eval_data builtin), data_files.py (load_rows: reading a data file and validating every
+row; PromptStream, the rows' order), run_dir.py (a run's output_dir rules, its metrics.jsonl, Ctrl-C / SIGTERM, and
+its checkpoints: save_checkpoint / load_checkpoint, atomic, optimizers, RNG, trainer state, read as data only),
 answers.py (one answer against its gold: which boxes stand, normalize_answer, the forms a human grader reads,
 math-verify's verdict) and rollout_debug.py (--rollout_debug's sampler wrapper, imported only with the flag).
 """
@@ -473,14 +473,14 @@ class Run:
         Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (run_dir.Interrupts)."""
         cfg = self.cfg
         last = step == cfg.max_steps
-        if self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0 or last):
+        evaluating = bool(self.eval_sets) and (cfg.eval_every and step % cfg.eval_every == 0 or last)
+        if evaluating:
             metrics.update(evaluate(self))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
             elif self.dist.main:  # above the progress bar, which stays where it is
                 tqdm.write(f"eval at step {step}: {format_eval(metrics, self.eval_sets)}")
-        metrics.update(self.measure_probe(step, evaluated=self.eval_sets and (cfg.eval_every and step % cfg.eval_every == 0
-                                                                              or last)))
+        metrics.update(self.measure_probe(step, evaluated=evaluating))
         metrics.update(self.timeout_share(step))
         self.check_updates(step, int(metrics.get("skipped_updates", 0)))
         self.logger.log(step, metrics)
@@ -594,7 +594,7 @@ def encode_rows(rows: list[dict], tokenizer, system_prompt: str | None, max_prom
             demo_ids = demo_ids[:max_response_len]
         out.append({"problem": r["prompt"], "prompt_text": text, "prompt_ids": prompt_ids, "answer": r["answer"],
                     "demo_ids": demo_ids, "demo_finished": finished, "level": r["level"],
-                    "stratum": r.get("stratum"), "row": n})  # its row number in the file (load_rows keeps them all, in order)
+                    "stratum": r.get("stratum"), "row": n})  # its row number in the file (load_rows keeps every row)
     if too_long:
         print0(f"{name}: dropped {too_long} of {len(rows)} prompts longer than --max_prompt_len {max_prompt_len} "
                "tokens")
@@ -1849,7 +1849,7 @@ def teacher_forced(model: PolicyModel, prompts: list, responses: list, pad_id: i
     for s in range(0, len(prompts), batch):
         mb = make_batch(prompts[s:s + batch], responses[s:s + batch], pad_id, device)
         logp, entropy = model(**mb, with_entropy=with_entropy)
-        out += [(lp[:len(r)].tolist(), en[:len(r)].tolist()) for lp, en, r in zip(logp, entropy, responses[s:s + batch])]
+        out += [(lp[:len(y)].tolist(), h[:len(y)].tolist()) for lp, h, y in zip(logp, entropy, responses[s:s + batch])]
     return out
 
 
@@ -1868,8 +1868,8 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
     for r, (logp, _) in zip(rows, forced):
         key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) if s.source == "builtin" \
             else [True] * len(logp)
-        mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), sum(x < math.log(0.01) for x in logp),
-                     len(logp)))
+        low = sum(x < math.log(0.01) for x in logp)
+        mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), low, len(logp)))
     if dist.is_initialized():
         everyone = [None] * d.world_size
         dist.all_gather_object(everyone, mine)

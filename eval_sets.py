@@ -29,7 +29,8 @@ def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
         m = re.fullmatch(r"(.+):(\d+)", entry)
         source, k = (m.group(1), int(m.group(2))) if m and not os.path.exists(entry) else (entry, None)
         if k == 0:
-            raise ValueError(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at least 1")
+            raise ValueError(f"--eval_data {entry}: k (after the colon) is the number of samples per problem, at "
+                             "least 1")
         name = "builtin" if source == "builtin" else \
             re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(source))[0])
         if any(s.name == name for s in sets):

@@ -72,7 +72,8 @@ VARIANTS = {"dft": ("sft.py", ("--token_loss", "dft"))}
 METHODS = TRAINERS + list(VARIANTS) + list(TWO_STAGE) + list(FORKS)
 GROUPS_OF_METHODS = {"trainers": TRAINERS + list(VARIANTS) + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # a group
 PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
-LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT", "uft": "UFT",
+LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT",
+          "uft": "UFT",
           "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
           "grpo_then_sft": "GRPO then SFT", "nsr": "NSR (fork)", "psr": "PSR (fork)",
           "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)", "chord": "CHORD (fork)",
@@ -136,7 +137,8 @@ def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
 def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, model: str, eval_file: str | None):
     """The flags of one trainer run under the lab's budget (trainer defaults for everything else)."""
     args = ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps), "--eval_every", str(budget.eval_every),
-            "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1", "--probe_every", str(budget.probe_every)]
+            "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1",
+            "--probe_every", str(budget.probe_every)]
     if trainer == "sft":
         args += ["--batch_size", str(budget.prompts)]
     else:
@@ -172,8 +174,8 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
             if m in TRAINERS or m in FORKS or m in VARIANTS:
                 script, extra = {**VARIANTS, **FORKS}.get(m, (f"{m}.py", ()))
                 kind = m if m in TRAINERS else os.path.basename(script)[:-3]  # sft.py's flags for DFT
-                jobs.append(Job(f"{m}-s{seed}", script,
-                                trainer_args(kind, budget, seed, budget.steps, out, budget.model, eval_file) + list(extra),
+                args = trainer_args(kind, budget, seed, budget.steps, out, budget.model, eval_file) + list(extra)
+                jobs.append(Job(f"{m}-s{seed}", script, args,
                                 out, budget.steps))
                 if passk_file and m in PASSK:
                     final = os.path.join(out, f"checkpoint-{budget.steps:06d}")
@@ -941,8 +943,8 @@ def verdicts(res: dict) -> list[dict]:
     parts = {}
     for key in ["out_of_reach"] + (["needle"] if base.get("needle") else []):
         c = compare(acc("sft", key), base.get(key), FLOOR["accuracy"])
-        parts[key.replace("_", " ")] = (directional(c, "above"), f"{key.replace('_', ' ')}: base {fmt(base.get(key))} -> "
-                                                                 f"{fmt(acc('sft', key))} ({c['side']})")
+        name = key.replace("_", " ")
+        parts[name] = (directional(c, "above"), f"{name}: base {fmt(base.get(key))} -> {fmt(acc('sft', key))} ({c['side']})")
     out.append((2, combine({k: v for k, (v, _) in parts.items()}), "SFT, " + "; ".join(t for _, t in parts.values()) +
                 "." + absent(["sft"])))
 
@@ -1064,7 +1066,8 @@ def regime_verdicts(res: dict, summ, acc, absent) -> list[tuple]:
     # 12. learning dynamics on the probe: KL from the base at the end
     kl = {m: summ(m)["probe_final"]["kl_base"] if summ(m) else None for m in ("sft", "grpo", "sft_then_grpo", "srft")}
     parts = {"SFT farther than GRPO": directional(compare(kl["sft"], kl["grpo"], FLOOR["kl"]), "above"),
-             "SFT then GRPO closer than SFT": directional(compare(kl["sft_then_grpo"], kl["sft"], FLOOR["kl"]), "below"),
+             "SFT then GRPO closer than SFT": directional(compare(kl["sft_then_grpo"], kl["sft"], FLOOR["kl"]),
+                                                          "below"),
              "SFT then GRPO higher than SFT": directional(compare(acc("sft_then_grpo"), acc("sft"), FLOOR["accuracy"]),
                                                           "above"),
              "SRFT closer than SFT": directional(compare(kl["srft"], kl["sft"], FLOOR["kl"]), "below")}
@@ -1080,10 +1083,10 @@ def regime_verdicts(res: dict, summ, acc, absent) -> list[tuple]:
                                                      "above"),
              "accuracy drop at the switch": directional(compare(drop, {"mean": 0, "min": 0, "max": 0, "range": 0,
                                                                        "n": 2}, FLOOR["accuracy"]), "above")}
-    out.append((13, combine(parts), f"Probe entropy from the last measurement before the switch (step {half}) to the "
-                                    f"first after: GRPO then SFT {fmt(rise['grpo_then_sft'], 4)}; SFT from step 0 to its "
-                                    f"first: {fmt(rise['sft'], 4)} nats; all-level accuracy from step {half} to the next "
-                                    f"evaluation falls by {fmt(drop)}." + absent(["grpo_then_sft", "sft"])))
+    out.append((13, combine(parts), f"Probe entropy from the last measurement before the switch (step {half}) to "
+                                    f"the first after: GRPO then SFT {fmt(rise['grpo_then_sft'], 4)}; SFT from step 0 "
+                                    f"to its first: {fmt(rise['sft'], 4)} nats; all-level accuracy from step {half} to "
+                                    f"the next evaluation falls by {fmt(drop)}." + absent(["grpo_then_sft", "sft"])))
     return out
 
 

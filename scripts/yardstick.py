@@ -117,7 +117,8 @@ def main():
           f"({args.seeds} seeds), pass@8 at T=1.0; {seconds:.0f} s of sampling")
     print(f"{'group':>14} {'pass@1 per seed':>24} {'sd':>6} {'pass@8':>7} {'pass@' + str(args.k_large):>8} "
           f"{'min p':>8} {'key':>7} {'wrong_steps':>17} {'right = steps + k + other':>27}")
-    groups = [(f"level{lv}", [i for i, r in enumerate(rows) if r["level"] == lv]) for lv in sorted({r["level"] for r in rows})]
+    groups = [(f"level{lv}", [i for i, r in enumerate(rows) if r["level"] == lv])
+              for lv in sorted({r["level"] for r in rows})]
     groups += [(f"stratum_{s}", [i for i, r in enumerate(rows) if r["stratum"] == s])
                for s in sorted({r["stratum"] for r in rows if r["stratum"]})]
     for level, idx in groups:
@@ -132,7 +133,8 @@ def main():
         split.append(len(rewarded) / samples - sum(split))
         big = sum(large[i] for i in idx) / len(idx) if large and all(i in large for i in idx) else None
         min_p, key = demo.get(f"demo_min_p_builtin_{level}"), demo.get(f"demo_key_logp_builtin_{level}")
-        print(f"{level.removeprefix('stratum_'):>14} {' '.join(f'{a:.3f}' for a in per_seed):>24} {sd:6.3f} {pass8:7.3f} "
+        seeds = " ".join(f"{a:.3f}" for a in per_seed)
+        print(f"{level.removeprefix('stratum_'):>14} {seeds:>24} {sd:6.3f} {pass8:7.3f} "
               f"{'' if big is None else f'{big:.3f}':>8} {min_p:8.2g} {'' if key is None else f'{key:.3f}':>7} "
               f"{wrong:>5}/{len(rewarded):<5} {wrong / max(len(rewarded), 1):5.3f} "
               f"{len(rewarded) / samples:6.3f} = {' + '.join(f'{v:.3f}' for v in split)}")

@@ -170,7 +170,8 @@ def test_strata_of_the_facts():
     """Levels 3-4 fall into strata by their fact (the base's prior, builtin_task.STRATA), a fact and its mirror
     share one, a held-out fact is the generalisation stratum, and no training demonstration shows it."""
     assert set(builtin_task.STRATA) == set(builtin_task.FACTS)
-    assert all(builtin_task.STRATA[(k, t)] == s for (t, k), s in builtin_task.STRATA.items() if (k, t) in builtin_task.STRATA)
+    strata = builtin_task.STRATA
+    assert all(strata[(k, t)] == s for (t, k), s in strata.items() if (k, t) in strata)  # mirrors share a stratum
     assert builtin_task.stratum([5, 1, 2]) is None
     assert builtin_task.stratum([(7, 3), 1, 2]) == "moderate" and builtin_task.stratum([4, (4, 4), 2]) == "weak"
     assert builtin_task.stratum([(5, 5), 1, 2]) == "needle" and builtin_task.stratum([(3, 5), 1, 2]) == "moderate"
@@ -220,7 +221,8 @@ def test_evaluation_reports_each_stratum():
     rows = [{"problem": "7+6+3+9=?", "prompt_ids": [1], "answer": "25", "level": 2, "stratum": None, "prompt_text": ""},
             {"problem": "6*3+2+4=?", "prompt_ids": [2], "answer": "24", "level": 3, "stratum": "moderate",
              "prompt_text": ""},
-            {"problem": "3*5+2+4=?", "prompt_ids": [3], "answer": "21", "level": 4, "stratum": "needle", "prompt_text": ""}]
+            {"problem": "5*5+2+4=?", "prompt_ids": [3], "answer": "31", "level": 4, "stratum": "needle",
+             "prompt_text": ""}]
     texts = {1: "7+6=13\n13+3=16\n16+9=25\n</think>\n\\boxed{25}", 2: "6*3=18\n18+2=20\n20+4=24\n</think>\n\\boxed{24}",
              3: "3*1=3\n3+2=5\n5+4=9\n</think>\n\\boxed{9}"}
 

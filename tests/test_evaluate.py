@@ -127,8 +127,8 @@ def test_demo_probabilities_against_a_plain_forward(tiny_model_dir):
     rows = [{"prompt_ids": tok(common.format_prompt(tok, r["problem"], None), add_special_tokens=False)["input_ids"],
              "demo_ids": tok(r["demo"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
              "level": r["level"], "stratum": r["stratum"]} for r in raw]
-    got = common.demo_probabilities(common.PolicyModel(lm, compile=False), common.EvalSet("builtin", "builtin", 1, rows),
-                                    tok, common.Dist())
+    demo_set = common.EvalSet("builtin", "builtin", 1, rows)
+    got = common.demo_probabilities(common.PolicyModel(lm, compile=False), demo_set, tok, common.Dist())
     plain = []
     for r in rows:
         with torch.no_grad():
