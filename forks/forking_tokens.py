@@ -121,6 +121,15 @@ def forking_gates(entropies: list, masks: list, top_frac: float, unit: str = "mi
     return gates
 
 
+def step_unit(entropies: list, masks: list, cfg: Config, constant: float):
+    """--unit minibatch (the paper's batch): Eq. (51) over the whole optimizer step (all micro-batches, all ranks),
+    ranked by pi_old's entropies, and the step's Agg denominators (Eq. 6-8) over the tokens cfg.gate_norm names.
+    Returns (gates, norm, token_norm) for forking_tokens_loss."""
+    gates = forking_gates(entropies, masks, cfg.top_entropy_frac)
+    agg = [m * g for m, g in zip(masks, gates)] if cfg.gate_norm == "selected" else masks  # the tokens Agg counts
+    return gates, common.step_normaliser(agg, cfg.loss_agg, constant), common.step_normaliser(masks, "token-mean")
+
+
 def microbatch_unit(entropy, mask, cfg: Config, constant: float, n_micro: int):
     """--unit microbatch (the official code): Eq. (51) on this micro-batch alone, ranked by the entropies [B, R] of its
     training forward (the current policy), and Agg's denominators with the micro-batch as the unit (its tokens, its
@@ -209,10 +218,7 @@ def main():
         for minibatch in minibatches:
             masks = [mb["response_mask"] for mb in minibatch]
             if cfg.unit == "minibatch":  # Eq. (51) over the step's tokens, all ranks, by pi_old's entropies
-                gates = forking_gates([mb["old_entropy"] for mb in minibatch], masks, cfg.top_entropy_frac)
-                agg = [m * g for m, g in zip(masks, gates)] if cfg.gate_norm == "selected" else masks
-                norm = common.step_normaliser(agg, cfg.loss_agg, constant)  # this step's Agg denominator
-                token_norm = common.step_normaliser(masks, "token-mean")
+                gates, norm, token_norm = step_unit([mb["old_entropy"] for mb in minibatch], masks, cfg, constant)
             for i, mb in enumerate(minibatch):
                 logp, entropy = model(**common.model_inputs(mb), temperature=cfg.temperature,
                                       with_entropy=cfg.entropy_coef > 0 or cfg.unit == "microbatch")  # [b_micro, R]
