@@ -22,7 +22,8 @@ The B*G sequences of one iteration are split into B/b mini-batches, one optimize
 Gated tokens stay in Agg's denominator (the paper's 1 / sum |o_i|) but give no gradient. H is pi_old's, stored
 with the old log-probs: the training forward's on the first mini-batch, [D] on later ones (METHODS.md 11).
 
-Paper vs official code (METHODS.md 11); `--variant official` sets all three (a flag written on the command line wins):
+Paper vs official code (METHODS.md 11); `--variant official` sets all three, and with item 2 the code's cut of a step
+by tokens, --micro_batching tokens (verl's dynamic batch size; a flag written on the command line wins):
     1. Eq. (52): Agg counts the gated tokens only, about 1/rho_H = 5x the paper's gradient  (--gate_norm selected)
     2. Eq. (51), (6)-(8): each micro-batch is its own unit: its tokens ranked alone by the entropies of its training
        forward (the current policy), its own Agg denominator, weighted 1/n_micro             (--unit microbatch)
@@ -78,7 +79,7 @@ class Config(common.BaseConfig):
 
 
 # What the official code (Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR, recipe/rlvr_with_high_entropy_tokens_only) does.
-OFFICIAL = {"gate_norm": "selected", "unit": "microbatch", "dual_clip": 10.0}
+OFFICIAL = {"gate_norm": "selected", "unit": "microbatch", "dual_clip": 10.0, "micro_batching": "tokens"}
 
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
@@ -130,15 +131,16 @@ def step_unit(entropies: list, masks: list, cfg: Config, constant: float):
     return gates, common.step_normaliser(agg, cfg.loss_agg, constant), common.step_normaliser(masks, "token-mean")
 
 
-def microbatch_unit(entropy, mask, cfg: Config, constant: float, n_micro: int):
+def microbatch_unit(entropy, mask, cfg: Config, constant: float, scale: float):
     """--unit microbatch (the official code): Eq. (51) on this micro-batch alone, ranked by the entropies [B, R] of its
     training forward (the current policy), and Agg's denominators with the micro-batch as the unit (its tokens, its
-    sequences or C, Eq. 6-8), times this rank's n_micro micro-batches per step; FSDP averages the ranks.
+    sequences or C, Eq. 6-8), times `scale`, the rank's sequences in the step over the micro-batch's (the code's
+    loss_scale_factor; n_micro when the micro-batches are equal); FSDP averages the ranks.
     Returns (gate [B, R], norm, token_norm) for forking_tokens_loss."""
     gate = forking_gates([entropy.detach()], [mask], cfg.top_entropy_frac, "microbatch")[0]
     agg = mask * gate if cfg.gate_norm == "selected" else mask  # [B, R]: the tokens Agg counts
     size = {"token-mean": float(agg.sum()), "seq-mean": float(mask.shape[0]), "constant": constant}[cfg.loss_agg]
-    return gate, n_micro * max(size, 1.0), n_micro * max(float(mask.sum()), 1.0)
+    return gate, scale * max(size, 1.0), scale * max(float(mask.sum()), 1.0)
 
 
 def forking_tokens_loss(logp, old_logp, advantages, mask, gate, cfg: Config, norm: float, token_norm: float,
@@ -224,7 +226,7 @@ def main():
                                       with_entropy=cfg.entropy_coef > 0 or cfg.unit == "microbatch")  # [b_micro, R]
                 if cfg.unit == "microbatch":  # official: Eq. (51) on this micro-batch, by its current entropies
                     gate, norm, token_norm = microbatch_unit(entropy, mb["response_mask"], cfg, constant,
-                                                             len(minibatch))
+                                                             sum(m.shape[0] for m in masks) / masks[i].shape[0])
                 else:
                     gate = gates[i]
                 loss, mb_terms = forking_tokens_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], gate,
