@@ -10,6 +10,7 @@ Objective, per rollout batch of B prompts x (G responses + the prompt's demonstr
     phi(p) = p (1 - p) (--no-phi: 1);  mu(t): warm-up to mu_peak, cosine decay to mu_valley       Eq. (55)
     L_GRPO = Agg_{i,t}[ -min(rho_{i,t} A_i, clip(rho_{i,t}, 1-eps_low, 1+eps_high) A_i) ]
                + beta_KL * KL(pi_theta || pi_ref) - beta_H * H(pi_theta)
+    --dual_clip kappa > 0: where A_i < 0, the loss in [ ] is capped at -kappa A_i (no gradient there)    Eq. (5)
 
     rho = exp(logp_theta - logp_old)             Eq. (3), logp_old recomputed by the trainer
     A_i = (r_i - mean_g r) / (std_g r + 1e-6)    Eq. (9); Eq. (10) with --no-adv_std (Dr.GRPO)
@@ -17,6 +18,11 @@ Objective, per rollout batch of B prompts x (G responses + the prompt's demonstr
 
 The B*G sequences of one iteration are split into B/b mini-batches, one optimizer step each
 (METHODS 0.3): rho = 1 on the first, rho != 1 on the later ones, where the clip matters.
+
+Paper vs official code (METHODS.md 12); `--variant official` sets (a flag written on the command line wins):
+    1. L_GRPO of Eq. (53): the current mix_chord loss (Trinity-RFT's PPO loss) adds the dual clip of Eq. (5) with
+       kappa = 3 on rollout tokens with A < 0                                             (--dual_clip 3)
+    Not switched: its expert batches and per-micro-batch weights (METHODS.md 12, items 1-2).
 
 Launch (GPU commands: a 16k-position model, since prompt + response budgets must fit its positions):
     python forks/chord.py                               # laptop: tiny model, builtin task, CPU, minutes
@@ -47,6 +53,7 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
+    variant: Literal["paper", "official"] = "paper"  # official: every official-code setting in OFFICIAL below
     lr: float = 2e-4  # peak learning rate (the papers' runs: 1e-6)
     prompts_per_step: int = 16  # B: prompts per rollout batch (global, all ranks)
     prompts_per_minibatch: int = 8  # b: prompts per optimizer step; B/b optimizer steps per iteration
@@ -59,11 +66,16 @@ class Config(common.BaseConfig):
     entropy_coef: float = 0.0  # beta_H of the entropy bonus, Eq. (12)
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
+    dual_clip: float = 0.0  # kappa of Eq. (5), a cap of -kappa A on the loss of A < 0 tokens (0 = off; official 3)
     mu_peak: float = 0.5  # mu of Eq. (53) after the warm-up (CHORD-mu 0.9, CHORD-phi 0.1)
     mu_valley: float = 0.02  # mu after the decay, Eq. (55) (CHORD-mu 0.05, CHORD-phi 0.1)
     mu_warmup_steps: int = 0  # iterations of linear rise from 0 to mu_peak, Eq. (55) (both variants: 0)
     mu_decay_steps: int = 40  # iterations of cosine decay to mu_valley, Eq. (55) (CHORD-mu 200, CHORD-phi 0)
     phi: bool = True  # Eq. (54): token weight p (1 - p) on demonstration tokens; --no-phi: plain NLL (CHORD-mu)
+
+
+# What the official code (Trinity-RFT, trinity/algorithm/policy_loss_fn/chord_policy_loss.py) does now.
+OFFICIAL = {"dual_clip": 3.0}
 
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
@@ -112,6 +124,9 @@ def chord_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Conf
     unclipped = -ratio * adv  # [B, R]
     clipped = -torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv if cfg.clip else unclipped
     per_token = torch.maximum(unclipped, clipped)  # Eq. (4): -min(rho A, clip(rho) A); --no-clip: -rho A
+    cap = -cfg.dual_clip * adv  # [B, 1]
+    dual = (adv < 0) & (per_token > cap) if cfg.dual_clip > 0 else torch.zeros_like(mask, dtype=torch.bool)
+    per_token = torch.where(dual, cap, per_token)  # Eq. (5): min(c, -kappa A) where A < 0, no gradient there
     pg_loss = common.aggregate(per_token, mask, cfg.loss_agg, norm)  # Eq. (6)/(7)/(8)
     prob = torch.exp(logp.detach())  # [B, R]: p_t, the weight carries no gradient
     phi = prob * (1 - prob) if cfg.phi else torch.ones_like(prob)  # Eq. (54): sg(phi(p_t))
@@ -120,6 +135,8 @@ def chord_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Conf
     terms = {"pg_loss": pg_loss.detach(), "sft_loss": sft_loss.detach(),
              "phi_weight": common.aggregate(phi, demo_mask, "token-mean", demo_norm),
              "clip_frac": common.aggregate((clipped > unclipped).float(), mask, "token-mean", token_norm)}
+    if cfg.dual_clip > 0:
+        terms["dual_clip_frac"] = common.aggregate(dual.float(), mask, "token-mean", token_norm)
     if ref_logp is not None:  # Eq. (11): k3 estimator of KL(pi_theta || pi_ref), clamped
         log_r = ref_logp - logp
         kl = common.aggregate((torch.exp(log_r) - log_r - 1).clamp(-10, 10), mask, "token-mean", token_norm)
@@ -139,10 +156,12 @@ def chord_loss(logp, old_logp, advantages, mask, demo_mask, mu: float, cfg: Conf
 
 
 def main():
-    cfg = common.parse_config(Config)
+    cfg = common.parse_config(Config, variants={"official": OFFICIAL})
     B, b, G = cfg.prompts_per_step, cfg.prompts_per_minibatch, cfg.group_size
     if B % b:
         common.fail("--prompts_per_step must be a multiple of --prompts_per_minibatch")
+    if 0 < cfg.dual_clip <= 1:
+        common.fail("--dual_clip (kappa of Eq. 5) must be > 1, or 0 for none")
     run = common.setup(cfg, GPU_RUN, optimizer_steps_per_step=B // b, reference_model=cfg.kl_coef > 0, global_batch=b,
                        need_demo=True, whole_demos="a demonstration is trained as a whole response")
     model = run.model

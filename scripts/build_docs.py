@@ -33,9 +33,11 @@ FORKS = [  # file, idea, the flags that set it, paper
     ("forks/nsr.py", "NSR / PSR / W-REINFORCE: the reward's sign as the advantage, one half kept or down-weighted, "
      "Eq. (49)-(50)", "`--objective nsr \\| psr \\| w_reinforce`, `--positive_weight 0.1`", "arXiv 2506.01347"),
     ("forks/forking_tokens.py", "policy gradient on each step's 20% highest-entropy response tokens only, "
-     "Eq. (51)-(52)", "`--top_entropy_frac 0.2`", "arXiv 2506.01939"),
+     "Eq. (51)-(52)", "`--top_entropy_frac 0.2`; `--variant official`: `--gate_norm selected --unit microbatch "
+     "--dual_clip 10`", "arXiv 2506.01939"),
     ("forks/chord.py", "GRPO + an SFT term on the demonstrations, (1 - mu) / mu with mu decaying, token weight "
-     "p(1-p), Eq. (53)-(55)", "`--mu_peak --mu_valley --mu_warmup_steps --mu_decay_steps --phi`", "arXiv 2508.11408"),
+     "p(1-p), Eq. (53)-(55)", "`--mu_peak --mu_valley --mu_warmup_steps --mu_decay_steps --phi`; "
+     "`--variant official`: `--dual_clip 3`", "arXiv 2508.11408"),
     ("forks/hpt.py", "per question: SFT on the demonstration when the rollouts' accuracy is <= gamma, GRPO "
      "otherwise, Eq. (56)-(57)", "`--sft_gate 0 --sft_coef 1`", "arXiv 2509.04419")]
 HEADLINE = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft"]

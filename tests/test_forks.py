@@ -91,8 +91,8 @@ def test_nsr_loss_off_policy_against_float64_reference(objective):
 
 
 def test_forking_gates_by_hand_across_micro_batches():
-    """Two micro-batches, 10 response tokens in all (padding has the largest entropies and must not count):
-    ceil(0.2 * 10) = 2 tokens, the two highest entropies of the whole step: 2.5 (micro-batch 0) and 3.0
+    """Two micro-batches, 9 response tokens in all (padding has the largest entropies and must not count):
+    ceil(0.2 * 9) = 2 tokens, the two highest entropies of the whole step: 2.5 (micro-batch 0) and 3.0
     (micro-batch 1) - not the top 20% of each micro-batch separately, which would keep 2.5 and 1.9 too."""
     e1 = torch.tensor([[0.1, 2.5, 0.3, 9.0], [1.9, 0.2, 9.0, 9.0]])
     m1 = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -130,9 +130,14 @@ def test_forking_gates_against_a_plain_sort(seed, frac):
     assert all(torch.all(gt[m == 0] == 0) for gt, m in zip(gates, masks))  # never a padding token
 
 
-def _gate_worker(rank, store, ents, masks, out):
+def _gate_worker(rank, store, ents, masks, out, unit="minibatch"):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.save(forking_tokens.forking_gates(ents[rank], masks[rank], 0.2), f"{out}.{rank}")
+    if unit == "minibatch":
+        gates = forking_tokens.forking_gates(ents[rank], masks[rank], 0.2)
+    else:  # official: one micro-batch at a time, as the training loop calls it, no pooling with the other rank
+        c = forking_tokens.Config(unit=unit)
+        gates = [forking_tokens.microbatch_unit(e, m, c, 0.0, 2)[0] for e, m in zip(ents[rank], masks[rank])]
+    torch.save(gates, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -154,6 +159,20 @@ def test_forking_gates_pool_the_step_across_ranks(tmp_path):
     assert [g.tolist() for g in got[1]] == [[[1, 1, 0]], [[0, 1, 0]]]
 
 
+def test_forking_gates_per_micro_batch_do_not_pool_ranks(tmp_path):
+    """--unit microbatch (official): each micro-batch on each rank keeps ceil(0.2 n) of its own n tokens, so rank 0,
+    which holds only low entropies, keeps one token per micro-batch: 0.3 (3 tokens) and 0.25 (3 tokens); rank 1
+    keeps 2.0 (2 tokens) and 3.0 (3 tokens). Pooled (above), rank 0 kept nothing."""
+    ents = [[torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([[0.15, 0.25, 0.05]])],
+            [torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[1.0, 3.0, 0.5]])]]
+    masks = [[torch.ones(1, 3), torch.ones(1, 3)], [torch.tensor([[1, 1, 0]]), torch.ones(1, 3)]]
+    mp.start_processes(_gate_worker, args=(str(tmp_path / "store"), ents, masks, str(tmp_path / "gates"),
+                                           "microbatch"), nprocs=2, start_method="fork")
+    got = [torch.load(tmp_path / f"gates.{r}") for r in range(2)]
+    assert [g.tolist() for g in got[0]] == [[[0, 0, 1]], [[0, 1, 0]]]
+    assert [g.tolist() for g in got[1]] == [[[1, 0, 0]], [[0, 1, 0]]]
+
+
 def test_forking_loss_only_gated_tokens_get_gradient():
     """Eq. (52), rho = 1, A = (+1, -2): gated tokens give neither loss nor gradient but still count in the
     token-mean denominator N = 5 (the paper's 1 / sum |o_i|). Kept: (0, 1) with A = 1 and (1, 0) with A = -2:
@@ -169,6 +188,123 @@ def test_forking_loss_only_gated_tokens_get_gradient():
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0, -0.2, 0], [0.4, 0, 0]], dtype=torch.float64),
                                rtol=0, atol=1e-15)
+
+
+E1 = torch.tensor([[0.1, 2.5, 0.3, 0.7, 0.2, 9.0], [1.9, 0.2, 0.05, 0.4, 0.6, 9.0]])  # last column: padding
+M1 = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])  # 10 response tokens
+
+
+@pytest.mark.parametrize("gate_norm, unit, norm", [("all", "minibatch", 10.0), ("selected", "minibatch", 2.0),
+                                                   ("all", "microbatch", 30.0), ("selected", "microbatch", 6.0)])
+def test_forking_unit_gates_and_selected_normaliser_by_hand(gate_norm, unit, norm):
+    """10 response tokens, rho_H = 0.2: both units keep ceil(2) = 2 tokens, 2.5 at (0, 1) and 1.9 at (1, 0); the
+    padding's 9.0 never counts. Agg's token-mean denominator: the paper's all 10 tokens, the official code's 2 gated
+    ones (--gate_norm selected); with the micro-batch as the unit (official) it is multiplied by the rank's
+    micro-batches per step, here 3, as verl's loss_scale_factor 1/3 does. The entropy-bonus/KL count stays 10 (x 3)."""
+    c = forking_tokens.Config(gate_norm=gate_norm, unit=unit)
+    if unit == "minibatch":
+        gates, got, token_norm = forking_tokens.step_unit([E1], [M1], c, 0.0)
+        gate = gates[0]
+    else:
+        gate, got, token_norm = forking_tokens.microbatch_unit(E1.clone().requires_grad_(), M1, c, 0.0, 3)
+    assert gate.tolist() == [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert (got, token_norm) == (norm, 10.0 if unit == "minibatch" else 30.0)
+
+
+def test_forking_gate_per_micro_batch_is_not_the_step_gate():
+    """Two micro-batches of one step, 5 + 4 response tokens: pooled (paper), the step keeps ceil(0.2 * 9) = 2, 3.0
+    and 2.8, both in micro-batch 1; per micro-batch (official), each keeps ceil(1.0) = ceil(0.8) = 1 of its own:
+    0.5 in micro-batch 0, however low, and 3.0 in micro-batch 1."""
+    e1, m1 = torch.tensor([[0.1, 0.5, 0.3, 9.0], [0.4, 0.2, 9.0, 9.0]]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    e2, m2 = torch.tensor([[3.0, 2.5, 2.8, 0.05]]), torch.tensor([[1, 1, 1, 1]])
+    c = forking_tokens.Config(unit="microbatch")
+    g1 = forking_tokens.microbatch_unit(e1, m1, c, 0.0, 2)[0]
+    g2 = forking_tokens.microbatch_unit(e2, m2, c, 0.0, 2)[0]
+    assert g1.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]] and g2.tolist() == [[1, 0, 0, 0]]
+    step = forking_tokens.step_unit([e1, e2], [m1, m2], forking_tokens.Config(), 0.0)[0]
+    assert step[0].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]] and step[1].tolist() == [[1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("gate_norm, loss_agg, norm, want", [
+    ("all", "token-mean", 10.0, 1 / 10), ("selected", "token-mean", 2.0, 1 / 2),  # 5x: 1 / rho_H
+    ("all", "seq-mean", 2.0, (-1 / 5 + 2 / 5) / 2), ("selected", "seq-mean", 2.0, (-1 / 1 + 2 / 1) / 2)])
+def test_forking_loss_selected_normaliser_by_hand(gate_norm, loss_agg, norm, want):
+    """Eq. (52) on E1/M1's gate, rho = 1, A = (+1, -2): the two kept tokens give -1 and +2, sum 1. Token-mean: / 10
+    (paper) or / 2 (official: the gated tokens), five times the loss and the gradient. Seq-mean: each row's token
+    mean over its 5 tokens or its 1 gated token, then / 2 rows. Gradient -A / (norm * row count) on kept tokens."""
+    logp = -torch.rand(2, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.1
+    logp.requires_grad_()
+    gate = torch.tensor([[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    c = forking_tokens.Config(gate_norm=gate_norm, loss_agg=loss_agg)
+    loss, _ = forking_tokens.forking_tokens_loss(logp, logp.detach(), adv, M1, gate, c, norm, 10.0)
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    loss.backward()
+    per_row = 1.0 if gate_norm == "selected" else 5.0  # the tokens each row's seq-mean divides by
+    scale = norm if loss_agg == "token-mean" else norm * per_row
+    want_grad = torch.zeros(2, 6, dtype=torch.float64)
+    want_grad[0, 1], want_grad[1, 0] = -1.0 / scale, 2.0 / scale
+    torch.testing.assert_close(logp.grad, want_grad, rtol=0, atol=1e-15)
+
+
+# Rows: A = -1 with rho = (12, 5, 0.5), A = +1 with rho = (12, 1, 0.5); eps = 0.2; 6 tokens, token-mean.
+# Eq. (4): row 0 -> (12, 5, 0.8), row 1 -> (-1.2, -1, -0.5); Eq. (5) caps row 0 at -kappa A = kappa:
+# kappa 10 caps only the 12 (12 -> 10), kappa 3 also the 5 (-> 3); row 1 (A > 0) is never capped. Without the
+# dual clip the rho = 12 token of row 0 is not clipped by Eq. (4) at all: gradient -A rho = 12.
+DUAL = {0.0: ([12, 5, 0.8, -1.2, -1, -0.5], [12, 5, 0, 0, -1, -0.5], 0),
+        10.0: ([10, 5, 0.8, -1.2, -1, -0.5], [0, 5, 0, 0, -1, -0.5], 1),
+        3.0: ([3, 3, 0.8, -1.2, -1, -0.5], [0, 0, 0, 0, -1, -0.5], 2)}
+
+
+def dual_batch():
+    rho = torch.tensor([[12.0, 5.0, 0.5], [12.0, 1.0, 0.5]], dtype=torch.float64)
+    logp = torch.tensor([[-0.7, -1.3, -2.0], [-0.4, -0.9, -3.1]], dtype=torch.float64, requires_grad=True)
+    return logp, logp.detach() - torch.log(rho), torch.tensor([-1.0, 1.0], dtype=torch.float64), torch.ones(2, 3)
+
+
+@pytest.mark.parametrize("fork", ["forking_tokens", "chord"])
+@pytest.mark.parametrize("kappa", [0.0, 10.0, 3.0])
+def test_dual_clip_by_hand(fork, kappa):
+    """Eq. (5) in both forks (official: kappa = 10 in forking tokens, 3 in CHORD; 0 = off, the paper): the loss of a
+    token with A < 0 is min(c, -kappa A), and a capped token gets no gradient; d c / d logp = -A rho where Eq. (4)
+    leaves rho unclipped. CHORD with mu = 0 and no demonstration is its GRPO term; forking tokens with every gate 1."""
+    logp, old, adv, mask = dual_batch()
+    per_token, grad, n_capped = DUAL[kappa]
+    if fork == "chord":
+        c = chord.Config(dual_clip=kappa)
+        loss, terms = chord.chord_loss(logp, old, adv, mask, torch.zeros(2, 3), 0.0, c, 6.0, 6.0, 1.0)
+    else:
+        c = forking_tokens.Config(dual_clip=kappa)
+        loss, terms = forking_tokens.forking_tokens_loss(logp, old, adv, mask, torch.ones(2, 3, dtype=torch.float64),
+                                                         c, 6.0, 6.0)
+    assert loss.item() == pytest.approx(sum(per_token) / 6, abs=1e-12)
+    assert terms.get("dual_clip_frac", torch.tensor(0.0)).item() == pytest.approx(n_capped / 6, abs=1e-7)  # float32
+    assert ("dual_clip_frac" in terms) == (kappa > 0)  # the paper variant logs exactly the keys it logged before
+    loss.backward()
+    torch.testing.assert_close(logp.grad.flatten(), torch.tensor(grad, dtype=torch.float64) / 6, rtol=0, atol=1e-12)
+
+
+def test_official_variants_set_their_fields_and_flags_win():
+    """--variant official sets every documented official behaviour; a flag on the command line wins over it."""
+    ft, official = forking_tokens.Config, {"official": forking_tokens.OFFICIAL}
+    paper = common.parse_config(ft, [], official)
+    assert (paper.gate_norm, paper.unit, paper.dual_clip) == ("all", "minibatch", 0.0)
+    off = common.parse_config(ft, ["--variant", "official"], official)
+    assert (off.gate_norm, off.unit, off.dual_clip) == ("selected", "microbatch", 10.0)
+    mixed = common.parse_config(ft, ["--variant", "official", "--dual_clip", "0", "--unit", "minibatch"], official)
+    assert (mixed.gate_norm, mixed.unit, mixed.dual_clip) == ("selected", "minibatch", 0.0)
+    official = {"official": chord.OFFICIAL}
+    assert common.parse_config(chord.Config, [], official).dual_clip == 0.0
+    assert common.parse_config(chord.Config, ["--variant", "official"], official).dual_clip == 3.0
+    assert common.parse_config(chord.Config, ["--variant", "official", "--dual_clip", "0"], official).dual_clip == 0.0
+
+
+@pytest.mark.parametrize("fork", [forking_tokens, chord])
+def test_forks_refuse_a_dual_clip_at_or_below_one(fork, monkeypatch, tmp_path):
+    """kappa <= 1 would cap the loss of A < 0 tokens below the unclipped -A at rho = 1: refused before setup."""
+    monkeypatch.setattr(sys, "argv", ["fork.py", "--dual_clip", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--dual_clip"):
+        fork.main()
 
 
 # =============================================================================================
@@ -309,15 +445,17 @@ DEMO = ["--max_response_len", "48"]  # level-4 demonstrations need 46 tokens wit
     ("nsr", ["--objective", "nsr"], {"pg_loss", "clip_frac"}),
     ("nsr", ["--objective", "w_reinforce"], {"pg_loss", "clip_frac"}),
     ("forking_tokens", [], {"pg_loss", "forking_frac"}),
+    ("forking_tokens", ["--variant", "official"], {"pg_loss", "forking_frac", "dual_clip_frac"}),
     ("chord", DEMO, {"pg_loss", "sft_loss", "phi_weight", "mu"}),
-])
+    ("chord", [*DEMO, "--variant", "official"], {"pg_loss", "sft_loss", "phi_weight", "mu", "dual_clip_frac"}),
+], ids=["nsr", "w_reinforce", "forking_tokens", "forking_tokens-official", "chord", "chord-official"])
 def test_fork_smoke(script, extra, keys, tiny_model_dir, tmp_path):
     out = tmp_path / script
     run(f"forks/{script}.py", *small(tiny_model_dir, None, out, *SMOKE, *extra))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]
     for m in lines[1:]:
-        assert CORE_KEYS | keys <= set(m), set(m)
+        assert CORE_KEYS | keys <= set(m) and ("dual_clip_frac" in m) == ("dual_clip_frac" in keys), set(m)
         assert 0 <= m["accuracy"] <= 1
         # a random model solves next to nothing: GRPO's advantages (forking_tokens) are then all 0, NSR's and
         # CHORD's terms are not
