@@ -10,6 +10,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _inductor_cache_dir() -> str:
+    """The suite compiles into its own torch.compile cache, one per torch version, CPU and ATEN_CPU_CAPABILITY,
+    under the checkout (.cache/, ignored by git). The machine-wide default (/tmp/torchinductor_$USER) holds
+    whatever other runs left there: on this project's machines a kernel cached there by another run aborted
+    the whole suite (SIGABRT inside a compiled backward, CI exit 134), while the same test passed from an
+    empty cache. A user's TORCHINDUCTOR_CACHE_DIR is left alone."""
+    import hashlib
+    from importlib.metadata import version
+
+    with open("/proc/cpuinfo") as f:
+        cpu = "".join(line for line in f if line.startswith(("model name", "flags"))).encode()
+    key = f"{version('torch')}|{os.environ.get('ATEN_CPU_CAPABILITY', '')}|".encode() + cpu
+    return os.path.join(ROOT, ".cache", "inductor-" + hashlib.sha256(key).hexdigest()[:12])
+
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and os.path.exists("/proc/cpuinfo"):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir()  # before torch is imported; trainers inherit it
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised tiny Qwen2 + the builtin tokenizer, saved in HF format (no download)."""
@@ -85,11 +104,17 @@ def leaves_the_process_as_it_found_it(request):
 
 
 def _lives_on(thread) -> bool:
-    """tqdm's monitor thread: one per process, started by the first progress bar, meant to outlive it; and a
-    thread a test abandons on purpose and says so (`thread.abandoned = True`)."""
+    """tqdm's monitor thread: one per process, started by the first progress bar, meant to outlive it;
+    torch.compile's compile pool, started by the first compile that misses the cache and kept for the process;
+    and a thread a test abandons on purpose and says so (`thread.abandoned = True`)."""
     from tqdm._monitor import TMonitor
 
-    return isinstance(thread, TMonitor) or getattr(thread, "abandoned", False)
+    if isinstance(thread, TMonitor) or getattr(thread, "abandoned", False):
+        return True
+    inductor = sys.modules.get("torch._inductor.async_compile")
+    if inductor is None or inductor.AsyncCompile.pool.cache_info().currsize == 0:
+        return False
+    return thread in getattr(inductor.AsyncCompile.pool(), "_threads", ())
 
 
 @pytest.fixture

@@ -316,13 +316,13 @@ def test_luffy_smoke_paper(tiny_model_dir, small_eval_file, tmp_path):
 def test_luffy_smoke_official_sft_baseline(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "luffy_sft"
     run("luffy.py", *small(tiny_model_dir, small_eval_file, out, *LUFFY, "--eval_data", "", "--variant", "official",
-                           "--demo_loss", "sft"))
+                           "--demo_loss", "sft", "--kl_coef", "0.001"))  # grpo.py's shared --kl_coef too
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]  # step 0: the data counts (no evaluation asked for)
     lines = lines[1:]
     for m in lines:
         assert CORE_KEYS | {"pg_loss", "sft_loss", "entropy_bonus", "demo_prob", "demo_reward"} <= set(m), set(m)
-        assert m["clip_frac"] == 0.0 and m["sft_loss"] > 0 and "off_policy_loss" not in m
+        assert m["clip_frac"] == 0.0 and m["sft_loss"] > 0 and "off_policy_loss" not in m and m["kl"] >= 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["clip"], saved["adv_std"], saved["loss_agg"], saved["entropy_coef"]) == \
         (False, False, "constant", 0.001)

@@ -392,11 +392,13 @@ def test_prefix_rft_smoke(tiny_model_dir, small_eval_file, tmp_path):
     """Two steps of the default (paper) run; the official variant's code paths (micro-batch unit of the gate
     and of the normalisers) are checked above on hand-made tensors, its settings below."""
     out = tmp_path / "paper"
-    run("prefix_rft.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "2", "--eval_every", "0", *PRFT))
+    run("prefix_rft.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "2", "--eval_every", "0", *PRFT,
+                                "--kl_coef", "0.001"))  # grpo.py's shared --kl_coef, with its reference model
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]
     for m in lines[1:]:
         assert KEYS <= set(m), KEYS - set(m)
+        assert m["kl"] >= 0
         assert 0 < m["prefix_ratio"] < 1 and 0 <= m["reward_hybrid"] <= 1 and m["reward_plain"] == m["reward"]
         assert 0.2 <= m["gate_kept_frac"] <= 1
         assert m["demo_tokens"] == int(m["demo_tokens"]) and 4 <= m["demo_tokens"] < 4 * 24  # 4 prefixes, never whole

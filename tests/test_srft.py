@@ -317,12 +317,14 @@ KEYS = CORE_KEYS | {"sft_loss", "off_policy_loss", "pg_loss", "w_sft", "w_rl", "
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_srft_smoke(variant, tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / variant
-    run("srft.py", *small(tiny_model_dir, small_eval_file, out, *SRFT, "--eval_data", "", "--variant", variant))
+    kl = ["--kl_coef", "0.001"] if variant == "official" else []  # grpo.py's shared --kl_coef
+    run("srft.py", *small(tiny_model_dir, small_eval_file, out, *SRFT, "--eval_data", "", "--variant", variant, *kl))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2]  # step 0: the data counts (no evaluation asked for)
     lines = lines[1:]
     for m in lines:
         assert KEYS <= set(m), set(m)
+        assert ("kl" in m) == bool(kl) and m.get("kl", 0) >= 0
         assert m["demo_reward"] == 1.0 and m["sft_loss"] > 0 and m["off_policy_loss"] != 0
         assert m["demo_tokens"] == int(m["demo_tokens"]) and 4 * 10 < m["demo_tokens"] <= 4 * 48  # 4 whole demos
         # the mean of a convex function of H is at least the function of the mean H (Jensen), per step and
