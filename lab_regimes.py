@@ -124,19 +124,24 @@ def figures(res: dict, results: str, labels: dict, probe: dict | None, colors) -
     points = regime_points(res, labels)
     if points:  # regimes.png: accuracy against the prior, and the predicted weight against p
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
-        for label, pts in points.items():
-            order = sorted(pts.values())
-            xs, ms, lo, hi = zip(*order)
+        for label, pts in points.items():  # the trained facts as a line along the prior; the unseen fact apart
+            xs, ms, lo, hi = zip(*sorted(v for s, v in pts.items() if s != "generalisation"))
             ax.plot(xs, ms, "o-", color=colors.get(label), label=label, lw=1.4, ms=3)
             ax.fill_between(xs, lo, hi, color=colors.get(label), alpha=0.12, lw=0)
+            if "generalisation" in pts:
+                x, m, lo, hi = pts["generalisation"]
+                ax.plot([x], [m], "x", color=colors.get(label), ms=6)  # its seed range: the table's
         for s in STRATA:
             xs = [p[s][0] for p in points.values() if s in p]
             if xs:
-                ax.annotate(s, (xs[0], 1.0), fontsize=7, ha="center", va="bottom", rotation=30)
+                if s == "generalisation":
+                    ax.annotate("x: the unseen fact", (xs[0] * 1.15, 0.3), fontsize=7, rotation=90, va="bottom")
+                else:
+                    ax.annotate(s, (xs[0], 1.0), fontsize=7, ha="center", va="bottom", rotation=30)
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.08)
         ax.set_xlabel("the base's prior on the demonstration (median least-likely token probability, step 0)")
-        ax.set_ylabel("held-out pass@1 on the stratum, final")
+        ax.set_ylabel("held-out pass@1 on the stratum, final (x: the unseen fact)")
         ax.set_title("where each method works", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -40,8 +40,10 @@ FORKS = [  # file, idea, the flags that set it, paper
      "`--variant official`: `--dual_clip 3`", "arXiv 2508.11408"),
     ("forks/hpt.py", "per question: SFT on the demonstration when the rollouts' accuracy is <= gamma, GRPO "
      "otherwise, Eq. (56)-(57)", "`--sft_gate 0 --sft_coef 1`", "arXiv 2509.04419")]
-HEADLINE = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft"]
-GROUPS = ("all", "reachable", "out_of_reach")
+HEADLINE = ["sft", "dft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft"]
+GROUPS = {"all": "all levels", "reachable": "reachable (levels 1-2)", "out_of_reach": "levels 3-4"}
+# levels 3-4 by the base's prior on their fact (docs/task.md)
+STRATA = {"moderate": "moderate fact", "weak": "weak fact", "needle": "needle fact", "generalisation": "unseen fact"}
 
 
 def load(path):
@@ -87,16 +89,25 @@ def source(info):
     return f"`{info['command']}` ({info['date'][:10]}, {info['cores']} cores, {threads})"
 
 
-def lab(res, heads, cells):
+def spent(lab):
+    """What the lab's runs cost: the invocation's wall time, or, when it reused runs of earlier invocations, the
+    trainer processes' own time summed over all runs."""
+    if not lab.get("reused"):
+        return f"{lab['runs']} jobs in {lab['wall_min']:.0f} min"
+    return (f"{lab['runs']} jobs, {lab['reused']} of them finished by an earlier invocation: the runs took "
+            f"{lab['runs_wall_min']:.0f} min of trainer processes, {lab['jobs']} at a time")
+
+
+def lab(res, heads, cells, groups=GROUPS):
     """The lab's table: the base, then each method in `res` (cells(method) -> its cells after the accuracies)."""
     lab = res["lab"]
-    rows = [("base model (step 0)", *(fmt(res["base"][g]) for g in GROUPS), *["-"] * (len(heads) - 3))]
-    rows += [(m["label"], *(fmt(m["summary"]["final"][g]) for g in GROUPS), *cells(m)) for m in res["methods"].values()]
+    cell = lambda acc, g: fmt(acc[g]) if g in acc else "-"  # noqa: E731 (a lab before task version 4: no strata)
+    rows = [("base model (step 0)", *(cell(res["base"], g) for g in groups), *["-"] * len(heads))]
+    rows += [(m["label"], *(cell(m["summary"]["final"], g) for g in groups), *cells(m)) for m in res["methods"].values()]
     return [f"From `lab_results/results.json`: `{lab['command']}` on {lab['date'][:10]}, {lab['machine']['cpu']} with "
-            f"{lab['machine']['cores']} cores, {lab['runs']} jobs in {lab['wall_min']:.0f} min. Held-out pass@1 at "
+            f"{lab['machine']['cores']} cores, {spent(lab)}. Held-out pass@1 at "
             f"step {lab['budget']['steps']}, mean (min-max) over seeds {', '.join(map(str, lab['budget']['seeds']))}.",
-            ""] + table(
-        ["method", "all levels", "reachable (levels 1-2)", "out of reach (levels 3-4)", *heads[3:]], rows)
+            ""] + table(["method", *groups.values(), *heads], rows)
 
 
 # ---- the blocks -------------------------------------------------------------------------------------------------
@@ -119,8 +130,9 @@ def lab_headline():
     """README: the lab's accuracy by level group, the trainers and the two-stage baselines, and its figure."""
     res = load("lab_results/results.json")
     res["methods"] = {m: res["methods"][m] for m in HEADLINE}
-    return lab(res, GROUPS, lambda m: ()) + [
-        "", "![held-out accuracy against the training step, one line per method](lab_results/accuracy.png)"]
+    return lab(res, [], lambda m: (), {"all": "all levels", "reachable": "levels 1-2", **STRATA}) + [
+        "", "![final accuracy per stratum against the base's probability of its demonstrations, one line per method]"
+            "(lab_results/regimes.png)"]
 
 
 def lab_table():
@@ -132,7 +144,7 @@ def lab_table():
         on_demos = " (on demos)" if m["trainers"][-1] == "sft" else ""  # SFT's entropy is on what it trains on
         return (f"{s['wrong_steps_final']:.3f}", f"{s['entropy_final']:.3f}{on_demos}", tokens(s["generated_tokens"]),
                 tokens(s["demo_tokens"]))
-    return lab(res, [*GROUPS, "wrong steps", f"entropy (last {window} steps)", "generated tokens", "demo tokens"],
+    return lab(res, ["wrong steps", f"entropy (last {window} steps)", "generated tokens", "demo tokens"],
                cells)
 
 
@@ -176,15 +188,35 @@ def lab_strata():
     return lab.regime_table(load("lab_results/results.json"), figures=False)  # the page places the figures
 
 
+def stratum_steps():
+    """docs/lab.md: levels 3-4 of the lab's final models by stratum, graded and with right steps
+    (`python scripts/stratum_steps.py lab_results`)."""
+    sys.path.insert(0, ROOT)
+    import lab
+
+    runs = load("lab_results/stratum_steps.json")
+    strata = ("needle", "weak", "moderate", "generalisation")
+    rows = []
+    for m in lab.METHODS:
+        got = [v for k, v in runs.items() if k.rsplit("-s", 1)[0] == m]
+        if got:
+            mean = lambda key, s: sum(v[s][key] for v in got) / len(got)  # noqa: E731
+            rows.append((lab.LABELS[m], len(got), *(f"{mean('pass', s):.3f} / {mean('right_steps', s):.3f}"
+                                                    for s in strata)))
+    return table(["method", "seeds", *(f"{s}: graded / right steps" for s in strata)], rows)
+
+
 def fusion_runs():
-    """docs/task.md: every seed of GRPO and the six fusion trainers (scripts/check_readme_rows.py reruns them)."""
+    """docs/task.md: every seed of the eight trainers on the lab's budget (scripts/check_readme_rows.py reruns them)."""
     res = load("lab_results/results.json")
-    rows = [(f"`{m}.py`", r["seed"], *(f"{r['final'][k]:.3f}" for k in "1234"), f"{r['wrong_steps_final']:.3f}",
-             tokens(r["generated_tokens"]), tokens(r["demo_tokens"]), f"{r['wall_s']:.0f} s")
-            for m in ("grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread")
+    strata = ("needle", "weak", "moderate", "generalisation")
+    rows = [(f"`{m}.py`", r["seed"], *(f"{r['final'][k]:.3f}" for k in "1234"),
+             *(f"{r['final'][k]:.3f}" if k in r["final"] else "-" for k in strata), f"{r['wrong_steps_final']:.3f}",
+             tokens(r["generated_tokens"] or 0), tokens(r["demo_tokens"]), f"{r['wall_s']:.0f} s")
+            for m in ("sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread")
             for r in res["methods"][m]["runs"]]
-    return table(["trainer", "seed", "level 1", "level 2", "level 3", "level 4", "wrong steps", "generated tokens",
-                  "demo tokens", "wall"], rows)
+    return table(["trainer", "seed", "level 1", "level 2", "level 3", "level 4", *strata, "wrong steps",
+                  "generated tokens", "demo tokens", "wall"], rows)
 
 
 def bench_logprob():
@@ -317,7 +349,7 @@ def gpu_paper():
 
 BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
           "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "base": base,
-          "lab-strata": lab_strata, "bench-logprob": bench_logprob,
+          "lab-strata": lab_strata, "stratum-steps": stratum_steps, "bench-logprob": bench_logprob,
           "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
           "bench-scaling": bench_scaling, "bench-microbatch": bench_microbatch, "gpu-paper": gpu_paper}
 

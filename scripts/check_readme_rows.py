@@ -1,14 +1,12 @@
-"""Rerun the default-run rows of docs/task.md and compare the held-out pass@1 of a fresh run with the page's.
+"""Rerun the per-seed rows of docs/task.md and compare the held-out pass@1 of a fresh run with the page's.
 
     python scripts/check_readme_rows.py --list                        # the rows found, and their commands
     python scripts/check_readme_rows.py --only sft,grpo --seeds 0     # rerun those rows, compare
     python scripts/check_readme_rows.py --only sft --seeds 0 --runs_dir /tmp/rows --reuse   # compare runs kept there
 
-Two tables of docs/task.md are checked: "Measured: the base, SFT and GRPO" (each row is `python <trainer>.py
---seed S`) and "Measured: the six fusion trainers" (the lab's runs, written into the page from
-lab_results/results.json by scripts/build_docs.py: each row is that command with the flags `python lab.py` adds,
-which only repeat the defaults: lab.trainer_args). The base row comes from scripts/yardstick.py and is
-not rerun. Per row, the final evaluation's pass@1 per level (and the wrong-steps share where the table
+The table of docs/task.md "Measured: every trainer on the lab's budget" is checked: the lab's runs, written into the
+page from lab_results/results.json by scripts/build_docs.py; each row is `python <trainer>.py --seed S` with the
+flags `python lab.py` adds (lab.trainer_args: the budget, the evaluation and checkpoint schedule, the probe). Per row, the final evaluation's pass@1 per level (and the wrong-steps share where the table
 has the column) is printed with the table's three decimals and compared exactly: a CPU run repeats bit
 for bit on one machine with one thread count (OMP_NUM_THREADS), so any difference is a change in the
 code, the base model, the machine or the thread count. Exit status 1 when a row differs.
@@ -29,8 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TABLES = {  # the page's section heading -> how its rows are run
-    "Measured: the base, SFT and GRPO": "plain",
-    "Measured: the six fusion trainers": "lab",
+    "Measured: every trainer on the lab's budget": "lab",
 }
 LEVELS = ("level 1", "level 2", "level 3", "level 4")
 

@@ -12,52 +12,46 @@ import check_readme_rows as rows  # noqa: E402
 
 SAMPLE = """# Title
 
-### Measured: the base, SFT and GRPO
+### Measured: every trainer on the lab's budget
 
 Some text.
 
-| run | seed | level 1 | level 2 | level 3 | level 4 | wall time |
-|---|---|---|---|---|---|---|
-| base | | 0.616 / 0.645 | 0.405 | 0.000 | 0.000 | built in 88 s |
-| `sft.py` | 0 | 0.998 | 0.984 | 0.969 | 0.560 | 4 min |
-| `grpo.py` | 1 | 0.945 | 0.924 | 0.000 | 0.000 | 69 s |
-
-After the table.
-
-### Measured: the six fusion trainers
-
 | trainer | seed | level 1 | level 2 | level 3 | level 4 | wrong steps | wall |
 |---|---|---|---|---|---|---|---|
+| base | | 0.616 | 0.405 | 0.000 | 0.000 | | |
+| `sft.py` | 0 | 0.998 | 0.984 | 0.969 | 0.560 | 0.010 | 47 s |
+| `grpo.py` | 1 | 0.945 | 0.924 | 0.000 | 0.000 | 0.000 | 69 s |
 | `srft.py` | 2 | 0.991 | 0.983 | 0.621 | 0.440 | 0.033 | 93 s |
+
+After the table.
 """
 
 
 def test_parse_tables_reads_the_trainer_rows():
     found = rows.parse_tables(SAMPLE)
     assert [(r.trainer, r.seed, r.levels, r.wrong_steps) for r in found] == [
-        ("sft", 0, ("0.998", "0.984", "0.969", "0.560"), None),
-        ("grpo", 1, ("0.945", "0.924", "0.000", "0.000"), None),
+        ("sft", 0, ("0.998", "0.984", "0.969", "0.560"), "0.010"),
+        ("grpo", 1, ("0.945", "0.924", "0.000", "0.000"), "0.000"),
         ("srft", 2, ("0.991", "0.983", "0.621", "0.440"), "0.033"),
     ]  # the base row (no trainer, no seed) is skipped
     assert SAMPLE.splitlines()[found[0].line - 1].startswith("| `sft.py` | 0 |")
-    assert [rows.TABLES[r.table] for r in found] == ["plain", "plain", "lab"]
+    assert [rows.TABLES[r.table] for r in found] == ["lab"] * 3
 
 
 def test_parse_tables_names_what_is_missing():
     with pytest.raises(ValueError, match="no section"):
-        rows.parse_tables(SAMPLE.replace("### Measured: the six fusion trainers", "### Other"))
+        rows.parse_tables(SAMPLE.replace("### Measured: every trainer on the lab's budget", "### Other"))
     with pytest.raises(ValueError, match="no column level 4"):
         rows.parse_tables(SAMPLE.replace("| level 4 | wrong steps", "| L4 | wrong steps"))
 
 
 def test_the_docs_page_parses():
-    """docs/task.md keeps both tables in a form this script reads: every trainer's seeds."""
+    """docs/task.md keeps its table in a form this script reads: every trainer's seeds."""
     with open(os.path.join(ROOT, "docs", "task.md"), encoding="utf-8") as f:
         found = rows.parse_tables(f.read())
-    plain = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "plain"}
-    lab = {(r.trainer, r.seed) for r in found if rows.TABLES[r.table] == "lab"}
-    assert {("sft", 0), ("sft", 1), ("grpo", 0), ("grpo", 1)} <= plain
-    assert {(t, s) for t in ("grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread") for s in (0, 1, 2)} <= lab
+    lab = {(r.trainer, r.seed) for r in found}
+    assert {(t, s) for t in ("sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread")
+            for s in (0, 1, 2)} <= lab
     assert all(len(r.levels) == 4 and all(v.count(".") == 1 for v in r.levels) for r in found)
 
 
@@ -85,8 +79,8 @@ def test_commands_and_selection():
     found = rows.parse_tables(SAMPLE)
     assert [(r.trainer, r.seed) for r in rows.select(found, "sft.py,srft", None)] == [("sft", 0), ("srft", 2)]
     assert [(r.trainer, r.seed) for r in rows.select(found, None, "1,2")] == [("grpo", 1), ("srft", 2)]
-    plain = rows.command(found[0], "/out")
-    assert plain[1].endswith("sft.py") and plain[2:] == ["--seed", "0", "--output_dir", "/out"]
+    sft = rows.command(found[0], "/out")
+    assert sft[1].endswith("sft.py") and sft[sft.index("--batch_size") + 1] == "16"  # the lab's prompts per step
     lab = rows.command(found[2], "/out")  # the lab's flags, which repeat the trainer's defaults
     assert lab[1].endswith("srft.py") and lab[2:6] == ["--seed", "2", "--output_dir", "/out"]
     assert "--keep_checkpoints" in lab and lab[lab.index("--max_steps") + 1] == "80"
