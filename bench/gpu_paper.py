@@ -9,7 +9,6 @@ same arithmetic common.py's vLLM memory check does).
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys

@@ -106,8 +106,7 @@ def main(out_file, mode):
     rows = sorted([r for r in rows if r["demo_finished"]], key=lambda r: len(r["demo_ids"]))  # whole ones only
     rows = rows[:6] + rows[-6:]  # short demonstrations for rank 0, long ones for rank 1
     record = {}
-    real_step, real_agree, real_setup, real_shutdown = (common.optimizer_step, common.agreed_counts, common.setup,
-                                                        common.shutdown)
+    real_step, real_agree, real_shutdown = common.optimizer_step, common.agreed_counts, common.shutdown
 
     def optimizer_step(model, optimizer, scheduler, max_grad_norm):
         grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()
