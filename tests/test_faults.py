@@ -76,7 +76,8 @@ def test_a_non_finite_gradient_skips_the_update():
 def skipped(grad_norms: list[float]) -> int:
     """skipped_updates as step_metrics logs it for a step whose optimizer steps returned grad_norms."""
     mask = torch.ones(1, 2)
-    micro = [{"response_mask": mask, "old_entropy": torch.zeros(1, 2), "attention_mask": mask}]
+    micro = [{"response_mask": mask, "old_entropy": torch.zeros(1, 2), "attention_mask": mask,
+              "input_ids": torch.zeros(1, 2, dtype=torch.long)}]
     metrics = common.step_metrics([{"loss": torch.tensor(0.0)}], [], torch.zeros(0), micro, grad_norms, 1e-3,
                                   0.0, 1.0, 2.0)
     return metrics["skipped_updates"]
@@ -184,7 +185,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(one_ste
     assert line == (f"error: writing checkpoint-000002 failed: No space left on device "
                     f"({out / 'checkpoint-000002.tmp' / 'trainer_state.pt'}); the previous checkpoint {ckpt} is "
                     "intact: fix the cause and continue with --resume")
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "config.json", "metrics.jsonl", "probe.jsonl"]
     assert {f: (ckpt / f).read_bytes() for f in before} == before  # byte for byte, nothing rotated away
     p = plain_run("grpo.py", *args, "--max_steps", "3", "--resume")
     assert p.returncode == 0 and f"resumed from {ckpt} (step 1)" in p.stdout, p.stderr[-3000:]
