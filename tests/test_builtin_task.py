@@ -105,6 +105,7 @@ def test_held_out_problems_never_train():
 
 def test_base_cache_key_has_the_task_version(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin_task, "_pretrain", lambda *a, **k: None)
+    monkeypatch.setattr(builtin_task, "_build_probe", lambda *a, **k: {})  # sampling it is 9 s a build
     path = builtin_task.build_base_model(str(tmp_path))
     assert path.endswith(f"-v{builtin_task.TASK_VERSION}-seed0")
     monkeypatch.setattr(builtin_task, "TASK_VERSION", builtin_task.TASK_VERSION + 1)
