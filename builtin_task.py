@@ -82,6 +82,11 @@ def _problem(terms) -> str:
     return "+".join(f"{t[0]}*{t[1]}" if isinstance(t, tuple) else str(t) for t in terms) + "=?"
 
 
+def parse_problem(problem: str) -> list:
+    """"5+7*3=?" -> [5, (7, 3)]: the inverse of _problem."""
+    return [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
+
+
 def _value(terms) -> int:
     return sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
 
@@ -142,8 +147,7 @@ def _level_problems(level: int) -> list:
 def steps_correct(problem: str, response: str) -> bool:
     """Whether a response's worked steps (the text before </think>) are exactly the right running sums
     of `problem`: what the answer-only verifier cannot see (a right answer for wrong reasons)."""
-    terms = [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
-    return response.split("</think>")[0].strip() == _demo(terms).split("</think>")[0].strip()
+    return response.split("</think>")[0].strip() == _demo(parse_problem(problem)).split("</think>")[0].strip()
 
 
 def make_task(n_per_level, seed, levels=(1, 2, 3, 4), exclude=frozenset(), without_facts=frozenset()):

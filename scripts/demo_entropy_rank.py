@@ -12,6 +12,7 @@ with confidence; the lab found Prefix-RFT learning the needle. This prints what 
 """
 import argparse
 import collections
+import math
 import os
 import statistics
 import sys
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import builtin_task  # noqa: E402
-from common import BaseConfig  # noqa: E402
+import common  # noqa: E402
 
 TOP = 0.2  # prefix_rft.py --entropy_top_k: the share of a unit's prefix tokens whose loss is kept (Eq. 46)
 
@@ -29,25 +30,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="an HF model directory; default: the cached built-in base")
     args = p.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = args.model or builtin_task.build_base_model(os.path.expanduser(BaseConfig.cache_dir))
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    path = args.model or builtin_task.build_base_model(os.path.expanduser(common.BaseConfig.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    settings = builtin_task.SETTINGS
+    rows, _ = common.encode_rows([r for r in builtin_task.rows("eval") if r["stratum"]], tokenizer, None,
+                                 settings["max_prompt_len"], settings["max_response_len"], "builtin")
+    policy = common.load_policy(path, common.Dist(), compile=False, train=False)
+    with torch.no_grad():  # as the trainers measure the demonstrations (common.demo_probabilities)
+        forced = common.teacher_forced(policy, [r["prompt_ids"] for r in rows], [r["demo_ids"] for r in rows],
+                                       tokenizer.pad_token_id, "cpu", with_entropy=True)
     seen = collections.defaultdict(list)
-    for row in builtin_task.rows("eval"):
-        if row["stratum"] is None:
-            continue
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                         add_generation_prompt=True)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        d_ids = tok(row["demo"], add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = model(torch.tensor([p_ids + d_ids])).logits[0, len(p_ids) - 1:-1].float().log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # [demo tokens]
-        probs = logp.gather(1, torch.tensor(d_ids)[:, None])[:, 0].exp()
-        i = int(probs.argmin())
-        seen[row["stratum"]].append((tok.convert_ids_to_tokens(d_ids[i]), probs[i].item(), entropy[i].item(),
-                                     (entropy > entropy[i]).float().mean().item() < TOP, entropy.mean().item()))
+    for r, (logp, entropy) in zip(rows, forced):
+        i = min(range(len(logp)), key=logp.__getitem__)  # the least likely demonstration token
+        higher = sum(h > entropy[i] for h in entropy) / len(entropy)
+        seen[r["stratum"]].append((tokenizer.convert_ids_to_tokens(r["demo_ids"][i]), math.exp(logp[i]),
+                                   entropy[i], higher < TOP, statistics.mean(entropy)))
     print(f"{'stratum':15} {'n':>4}  least likely token  {'p (median)':>10}  {'H there':>7}  {'mean H':>6}  "
           f"in the top {TOP:.0%} by entropy")
     for stratum, v in sorted(seen.items()):

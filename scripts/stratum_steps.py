@@ -32,10 +32,10 @@ def score(records) -> dict:
         if r["level"] < 3:
             continue
         problem = r["prompt"].split("user\n", 1)[1].split("<|im_end|>", 1)[0]
-        t, k = map(int, re.search(r"(\d)\*(\d)", problem).groups())
+        terms = builtin_task.parse_problem(problem)
+        t, k = next(x for x in terms if isinstance(x, tuple))  # the product of a level-3/4 problem
         right = r["reward"] > 0 and builtin_task.steps_correct(problem, r["response"])
-        stratum = "generalisation" if (t, k) in builtin_task.GENERALISATION_FACTS else builtin_task.STRATA[(t, k)]
-        for key in (f"{t}*{k}", stratum):
+        for key in (f"{t}*{k}", builtin_task.stratum(terms)):
             out[key]["n"] += 1
             out[key]["pass"] += r["reward"]
             out[key]["right_steps"] += right
