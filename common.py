@@ -57,7 +57,8 @@ import run_dir  # the run-directory rules (a lock, --overwrite, --resume): setup
 import answers  # one answer against its gold: the Verifier's fast path and math-verify's verdict
 from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify  # noqa: F401 (uft.py)
 from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
-from eval_sets import PASS_K, EvalSet, format_eval, group_order, groups_of, parse_eval_sets, pass_at_k  # noqa: F401
+from eval_sets import (PASS_K, EvalSet, format_eval, group_order, groups_of, parse_eval_sets,  # noqa: F401
+                       pass_at_k, problems_digest, set_metrics)
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
 from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
@@ -415,6 +416,7 @@ class Run:
     bad_steps: int = 0  # steps in a row with a skipped update (non-finite loss or gradient)
     probe: dict | None = None  # the built-in task's probe (builtin_task.probe), measured by Run.measure_probe
     probe_log: run_dir.MetricsLogger | None = None  # probe.jsonl: the probe's token log-probs at each evaluation
+    problem_log: run_dir.MetricsLogger | None = None  # eval_problems.jsonl: every problem's counts at each evaluation
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -440,7 +442,7 @@ class Run:
             return
         metrics = dict(self.data_stats)
         if self.eval_sets:
-            metrics.update(evaluate(self))
+            metrics.update(evaluate(self, 0))
             print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.measure_probe(0, evaluated=True))
         metrics.update(self.timeout_share(0))
@@ -475,7 +477,7 @@ class Run:
         last = step == cfg.max_steps
         evaluating = bool(self.eval_sets) and (cfg.eval_every and step % cfg.eval_every == 0 or last)
         if evaluating:
-            metrics.update(evaluate(self))
+            metrics.update(evaluate(self, step))
             if last:
                 print0(f"eval after training:  {format_eval(metrics, self.eval_sets)}")
             elif self.dist.main:  # above the progress bar, which stays where it is
@@ -715,6 +717,7 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
         run.bad_steps = run.state.get("bad_steps", 0)
         print0(f"resumed from {ckpt} (step {run.start_step})")
     run.logger = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main)
+    run.problem_log = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main, name="eval_problems.jsonl")
     if cfg.data == "builtin":  # the probe of the built-in base (docs/lab.md), whatever --model starts from
         run.probe = builtin_task.probe(os.path.expanduser(cfg.cache_dir))
         run.probe_log = run_dir.MetricsLogger(cfg, run.start_step if ckpt else None, d.main, name="probe.jsonl")
@@ -1770,12 +1773,14 @@ def make_sampler(cfg, d: Dist, tokenizer, model_path: str, model: PolicyModel | 
 
 
 def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, temperature: float,
-                  max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False) -> dict:
+                  max_tokens: int, seed: int, records: list | None = None, pass_k: bool = False,
+                  per_problem: dict | None = None) -> dict:
     """METHODS.md 9, for the trainers and evaluate.py: per set, k samples per problem at `temperature` (top-p
-    1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; pass@1
-    averaged over k, then over problems (and per level and stratum, `groups_of`); eval_accuracy over sets. pass_k:
-    also eval_pass@<k>_<set>[_<group>], Eq. (58), for k in PASS_K up to the set's k. `records`: rank 0 appends
-    every sample of all ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
+    1), problems split over ranks, draws seeded by (seed, set, rank), graded by the training verifier; the metrics
+    from the per-problem counts (eval_sets.set_metrics: accuracy per set, level and stratum, wrong steps, pass@k),
+    eval_accuracy over sets. `per_problem`: filled with {set: {k, problems (a digest), correct, right_steps}}, the
+    counts of every problem in order (the lab's paired statistics); `records`: rank 0 appends every sample of all
+    ranks with its response, graded answer and reward (evaluate.py's records.jsonl)."""
     metrics = {}
     for s in sets:
         index = list(range(d.rank, len(s.rows), d.world_size))
@@ -1785,56 +1790,48 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                                   max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
-        groups = sorted({g for r in s.rows for g in groups_of(r)}, key=group_order)
-        sums = [0.0] * (2 + 2 * len(groups))  # [score sum, problems] overall, then per group
-        for i, r in enumerate(rows):
-            score = sum(reward for reward, _ in graded[i * s.k:(i + 1) * s.k]) / s.k
-            for j in [0] + [2 + 2 * groups.index(g) for g in groups_of(r)]:
-                sums[j], sums[j + 1] = sums[j] + score, sums[j + 1] + 1
-        if s.source == "builtin":  # rewarded samples, and those of them whose worked steps are wrong
-            right = [(rows[i // s.k]["problem"], x.text) for i, (x, (r, _)) in enumerate(zip(samples, graded))
-                     if r == 1]
-            sums += [len(right), sum(not builtin_task.steps_correct(p, t) for p, t in right)]
-        sums = all_reduce(sums)
-        metrics[f"eval_accuracy_{s.name}"] = sums[0] / max(sums[1], 1)
-        for j, group in enumerate(groups):
-            metrics[f"eval_accuracy_{s.name}_{group}"] = sums[2 + 2 * j] / max(sums[3 + 2 * j], 1)
-        if s.source == "builtin":  # right answers for wrong reasons, which the answer-only verifier cannot see
-            metrics[f"eval_wrong_steps_{s.name}"] = sums[-1] / max(sums[-2], 1)
-        ks = [k for k in PASS_K if pass_k and k <= s.k]  # [] unless asked
-        at_k = [0.0] * (len(ks) * (1 + len(groups)))  # per k: overall, then per group
-        for i, r in enumerate(rows):
-            c = sum(reward == 1 for reward, _ in graded[i * s.k:(i + 1) * s.k])
-            for u in [0] + [1 + groups.index(g) for g in groups_of(r)]:
-                for j, k in enumerate(ks):
-                    at_k[u * len(ks) + j] += pass_at_k(s.k, c, k)
-        at_k = all_reduce(at_k) if ks else []
-        for j, k in enumerate(ks):
-            metrics[f"eval_pass@{k}_{s.name}"] = at_k[j] / max(sums[1], 1)
-            for u, group in enumerate(groups, 1):
-                metrics[f"eval_pass@{k}_{s.name}_{group}"] = at_k[u * len(ks) + j] / max(sums[1 + 2 * u], 1)
+        builtin = s.source == "builtin"  # its worked steps can be checked: right answers for wrong reasons
+        mine = [(index[i], sum(g == 1 for g, _ in graded[i * s.k:(i + 1) * s.k]),
+                 sum(g == 1 and builtin_task.steps_correct(r["problem"], x.text) for x, (g, _) in
+                     zip(samples[i * s.k:(i + 1) * s.k], graded[i * s.k:(i + 1) * s.k])) if builtin else None)
+                for i, r in enumerate(rows)]
+        counts = sorted(gather(mine, d))  # every rank: every problem's counts, in the set's order
+        correct, right = [c for _, c, _ in counts], [r for _, _, r in counts] if builtin else None
+        metrics.update(set_metrics(s, correct, right, pass_k))
+        if per_problem is not None:
+            per_problem[s.name] = {"k": s.k, "problems": problems_digest(s.rows), "correct": correct,
+                                   "right_steps": right}
         if records is not None:
-            mine = [{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
-                     "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
-                     "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
-                    for i, (x, (reward, answer)) in enumerate(zip(samples, graded))]
-            if dist.is_initialized():
-                everyone = [None] * d.world_size
-                dist.all_gather_object(everyone, mine)
-                mine = [r for part in everyone for r in part]
+            every = gather([{"set": s.name, "index": index[i // s.k], "prompt": rows[i // s.k]["prompt_text"],
+                             "gold": rows[i // s.k]["answer"], "level": rows[i // s.k]["level"], "sample": i % s.k,
+                             "response": x.text, "answer": answer, "reward": reward, "finished": x.finished}
+                            for i, (x, (reward, answer)) in enumerate(zip(samples, graded))], d)
             if d.main:
-                records += sorted(mine, key=lambda r: (r["index"], r["sample"]))
+                records += sorted(every, key=lambda r: (r["index"], r["sample"]))
     accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
     return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
 
 
-def evaluate(run: "Run") -> dict:
+def gather(mine: list, d: Dist) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (a collective; one process: `mine`)."""
+    if not dist.is_initialized():
+        return mine
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
+    return [x for part in everyone for x in part]
+
+
+def evaluate(run: "Run", step: int) -> dict:
     """Held-out accuracy of the current policy on the run's evaluation sets (METHODS 9), and the probability it
-    gives the held-out demonstrations of the sets that have them (the built-in task's)."""
+    gives the held-out demonstrations of the sets that have them (the built-in task's); every problem's counts go
+    to eval_problems.jsonl, one line per evaluation."""
     run.sampler.sync_weights(run.model)
+    per_problem = {}
     metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, temperature=run.cfg.eval_temperature,
-                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k)
+                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k,
+                            per_problem=per_problem)
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
+    run.problem_log.log_raw({"step": step, **per_problem})
     for s in run.eval_sets:
         if all(r["demo_ids"] for r in s.rows):
             metrics.update(demo_probabilities(run.model, s, run.tokenizer, run.dist))
@@ -1870,11 +1867,7 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
             else [True] * len(logp)
         low = sum(x < math.log(0.01) for x in logp)
         mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), low, len(logp)))
-    if dist.is_initialized():
-        everyone = [None] * d.world_size
-        dist.all_gather_object(everyone, mine)
-        mine = [x for part in everyone for x in part]
-    metrics = {}
+    mine, metrics = gather(mine, d), {}
     for group in [None] + sorted({g for gs, *_ in mine for g in gs}, key=group_order):
         part = [x for x in mine if group is None or group in x[0]]
         suffix = s.name + (f"_{group}" if group else "")

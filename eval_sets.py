@@ -1,7 +1,9 @@
 """Evaluation sets and their bookkeeping (METHODS.md 9), for common.evaluate_sets and evaluate.py: an --eval_data
 entry as an EvalSet, the groups a row is counted under (its level, and the built-in task's stratum), the unbiased
-pass@k of Eq. (58), and the one-line summary of an evaluation. This module imports nothing of common.
+pass@k of Eq. (58), an evaluation's metrics from its per-problem counts (set_metrics), and the one-line summary of
+an evaluation. This module imports nothing of common.
 """
+import hashlib
 import math
 import os
 import re
@@ -64,6 +66,32 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def set_metrics(s: EvalSet, correct: list[int], right_steps: list[int] | None, pass_k: bool = False) -> dict:
+    """METHODS.md 9 from per-problem counts (one per row of s.rows, in order): `correct`, the samples of k rewarded 1;
+    `right_steps` (the built-in task), those of them whose worked steps are right too. eval_accuracy_<set>: pass@1
+    averaged over k, then over problems, and per group (groups_of); eval_wrong_steps_<set>: the rewarded samples
+    whose steps are wrong (a right answer for wrong reasons); with pass_k, eval_pass@<k>_<set>[_<group>], Eq. (58),
+    for k in PASS_K up to s.k."""
+    members = {None: list(range(len(s.rows)))}  # None: the whole set
+    for i, r in enumerate(s.rows):
+        for g in groups_of(r):
+            members.setdefault(g, []).append(i)
+    metrics = {}
+    for g in sorted(members, key=lambda g: (g is not None, g and group_order(g))):
+        suffix, rows = s.name + (f"_{g}" if g else ""), members[g]
+        metrics[f"eval_accuracy_{suffix}"] = sum(correct[i] for i in rows) / s.k / max(len(rows), 1)
+        for k in [k for k in PASS_K if pass_k and k <= s.k]:
+            metrics[f"eval_pass@{k}_{suffix}"] = sum(pass_at_k(s.k, correct[i], k) for i in rows) / max(len(rows), 1)
+    if right_steps is not None:
+        metrics[f"eval_wrong_steps_{s.name}"] = (sum(correct) - sum(right_steps)) / max(sum(correct), 1)
+    return metrics
+
+
+def problems_digest(rows: list[dict]) -> str:
+    """A short hash of a set's problems, in order: two runs' per-problem counts pair up only where it is equal."""
+    return hashlib.sha1("\n".join(str(r["problem"]) for r in rows).encode()).hexdigest()[:12]
 
 
 def format_eval(metrics: dict, sets: list[EvalSet]) -> str:

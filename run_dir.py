@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 # What a trainer writes in its output_dir: a fresh start there (--overwrite, or --resume without a
 # checkpoint) removes these and nothing else.
-_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|config\.json|rollout_debug\.jsonl|vllm-rank\d+\.log")
+_RUN_FILE = re.compile(r"checkpoint-\d+(\.tmp)?|metrics\.jsonl|eval_problems\.jsonl|probe\.jsonl|config\.json|"
+                       r"rollout_debug\.jsonl|vllm-rank\d+\.log")
 # The settings a resumed run may change: how far it runs, how often it saves and evaluates, how it is
 # watched. Any other change would make it another run than the one its checkpoint continues.
 RESUME_MAY_CHANGE = {"max_steps", "probe_every", "save_every", "keep_checkpoints", "eval_every", "eval_data", "eval_samples",

@@ -145,10 +145,15 @@ def test_evaluation_measures_right_answers_for_wrong_reasons():
             return [[common.Sample(p, [], [], t, True) for t in texts[p[0]][:n]] for p in prompts]
 
     sets = [common.EvalSet("builtin", "builtin", 2, rows)]
+    per_problem = {}
     m = common.evaluate_sets(sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6,
-                             max_tokens=48, seed=0)
+                             max_tokens=48, seed=0, per_problem=per_problem)
     assert m["eval_accuracy_builtin"] == 0.75 and m["eval_accuracy_builtin_level3"] == 0.5
     assert m["eval_wrong_steps_builtin"] == 1 / 3
+    # every problem's counts, in the set's order: 2 and 1 rewarded of 2 samples; 1 and 1 of them with right steps
+    assert per_problem["builtin"] == {"k": 2, "problems": common.problems_digest(rows), "correct": [2, 1],
+                                      "right_steps": [1, 1]}
+    assert common.problems_digest(rows) != common.problems_digest(rows[::-1])
     sets = [common.EvalSet("other", "other.jsonl", 2, rows)]  # file data: no worked steps to check
     assert "eval_wrong_steps_other" not in common.evaluate_sets(
         sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6, max_tokens=48, seed=0)

@@ -107,8 +107,9 @@ def test_killed_run_resumes_to_identical_metrics(tiny_model_dir, small_eval_file
     shutil.copytree(full, cut)  # the cut run wrote exactly what the full run wrote until its crash...
     shutil.rmtree(cut / "checkpoint-000004")
     os.makedirs(cut / "checkpoint-000004.tmp" / "model")  # ...died while writing the step-4 checkpoint
-    with open(cut / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")  # and logged past its checkpoint
+    for name in ("metrics.jsonl", "eval_problems.jsonl"):
+        with open(cut / name, "a") as f:
+            f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")  # and logged past its checkpoint
     p = run("grpo.py", *small(tiny_model_dir, small_eval_file, cut, *args, "--resume"))
     assert "resumed from" in p.stdout + p.stderr
     a, b = metrics(full), metrics(cut)
@@ -118,6 +119,13 @@ def test_killed_run_resumes_to_identical_metrics(tiny_model_dir, small_eval_file
     assert a[-1]["loss"] != a[-2]["loss"]  # the steps are not trivially equal to each other
     assert "kl" in a[-1] and "entropy_bonus" in a[-1]
     assert not os.path.exists(cut / "checkpoint-000004.tmp")
+    # every evaluation's per-problem counts (steps 0, 2, 4), cut back and written again alike
+    problems = [json.loads(x) for x in (full / "eval_problems.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in problems] == [0, 2, 4] and (cut / "eval_problems.jsonl").read_text() == \
+        (full / "eval_problems.jsonl").read_text()
+    for p, m in zip(problems, a[::2]):
+        (name, counts), = [(k, v) for k, v in p.items() if k != "step"]  # the one evaluation set
+        assert sum(counts["correct"]) / counts["k"] / len(counts["correct"]) == pytest.approx(m[f"eval_accuracy_{name}"])
 
 
 def test_existing_run_is_not_overwritten(tiny_model_dir, small_eval_file, tmp_path):
