@@ -58,7 +58,7 @@ import answers  # one answer against its gold: the Verifier's fast path and math
 from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math_verify  # noqa: F401 (uft.py)
 from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
 from eval_sets import (PASS_K, EvalSet, format_eval, group_order, groups_of, parse_eval_sets,  # noqa: F401
-                       pass_at_k, problems_digest, set_metrics)
+                       pass_at_k, problems_digest, set_metrics, validation_split)
 from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
 from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
@@ -100,6 +100,8 @@ class BaseConfig:
     eval_temperature: float = 0.6  # METHODS 9: temperature 0.6 for evaluation
     probe_every: int = 0  # built-in task: also measure the probe (probe_* metrics: KL from the base, the held-out
     # demonstrations' NLL, entropy; docs/lab.md) every N steps; it is measured at every evaluation anyway
+    val_rows: int = 0  # hold out N training rows (fixed pick) as the set "val": eval_accuracy_val, demo_nll_val (the
+    # demonstrations' NLL) at every evaluation, apart from eval_accuracy; to choose an lr or SFT's switch step on
     eval_pass_k: bool = False  # also log unbiased pass@k (Eq. 58) for k = 1, 2, 4, ... up to a set's samples
     # per problem (at most 64) as eval_pass@<k>_<set>: give the sets that many samples (builtin:64), they cost time
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
@@ -358,8 +360,7 @@ def init_adam_state(opt: torch.optim.Adam):
             on_device = group["capturable"] or group["fused"]
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device) \
                 if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-            names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-            for name in names:
+            for name in ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else []):
                 state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
@@ -417,6 +418,7 @@ class Run:
     probe: dict | None = None  # the built-in task's probe (builtin_task.probe), measured by Run.measure_probe
     probe_log: run_dir.MetricsLogger | None = None  # probe.jsonl: the probe's token log-probs at each evaluation
     problem_log: run_dir.MetricsLogger | None = None  # eval_problems.jsonl: every problem's counts at each evaluation
+    val_set: EvalSet | None = None  # --val_rows: training rows held out, evaluated beside eval_sets
 
     def next_prompts(self, global_batch: int) -> list[dict]:
         """This rank's share of the next `global_batch` prompts (same draw on every rank)."""
@@ -441,7 +443,7 @@ class Run:
         if self.start_step:
             return
         metrics = dict(self.data_stats)
-        if self.eval_sets:
+        if self.eval_sets or self.val_set:
             metrics.update(evaluate(self, 0))
             print0(f"eval before training: {format_eval(metrics, self.eval_sets)}")
         metrics.update(self.measure_probe(0, evaluated=True))
@@ -475,7 +477,7 @@ class Run:
         Ctrl-C or SIGTERM on any rank, every rank saves here and the run exits (run_dir.Interrupts)."""
         cfg = self.cfg
         last = step == cfg.max_steps
-        evaluating = bool(self.eval_sets) and (cfg.eval_every and step % cfg.eval_every == 0 or last)
+        evaluating = bool(self.eval_sets or self.val_set) and (cfg.eval_every and step % cfg.eval_every == 0 or last)
         if evaluating:
             metrics.update(evaluate(self, step))
             if last:
@@ -657,6 +659,7 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
     eval_sets, builtin = resolve_settings(cfg, gpu_run)
     train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
+    train_raw, val_set = validation_split(train_raw, cfg.val_rows, cfg.data) if cfg.val_rows else (train_raw, None)
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)
@@ -687,6 +690,8 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
                                      "training data" if builtin else os.path.basename(cfg.data))
     if whole_demos:
         require_whole_demonstrations(train_rows, cfg.max_response_len, whole_demos)
+    if val_set:  # encoded as the training rows are: held-out training problems
+        val_set.rows, _ = encode_rows(val_set.rows, tokenizer, system, cfg.max_prompt_len, cfg.max_response_len, "val")
     for s in eval_sets:  # METHODS 9: evaluation prompts carry no training system message
         s.rows, _ = encode_rows(s.rows, tokenizer, None, cfg.max_prompt_len, cfg.max_response_len, s.name)
     print0(f"data: {len(train_rows)} training prompts; evaluation: " +
@@ -708,7 +713,7 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
                                tokenizer.pad_token_id, make_batch)
     stream = PromptStream(len(train_rows), cfg.seed)
     run = Run(cfg, d, tokenizer, model, ref_model, sampler, verifier, optimizer, scheduler, train_rows,
-              eval_sets, stream, logger=None, extra_optimizers=extra,
+              eval_sets, stream, logger=None, extra_optimizers=extra, val_set=val_set,
               data_stats={f"train_{k}": v for k, v in counts.items()})
     if ckpt:
         run.state = run_dir.load_checkpoint(ckpt, model, {"main": optimizer, **extra}, {"main": scheduler})
@@ -1827,12 +1832,15 @@ def evaluate(run: "Run", step: int) -> dict:
     to eval_problems.jsonl, one line per evaluation."""
     run.sampler.sync_weights(run.model)
     per_problem = {}
-    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, temperature=run.cfg.eval_temperature,
-                            max_tokens=run.cfg.max_response_len, seed=run.cfg.seed, pass_k=run.cfg.eval_pass_k,
-                            per_problem=per_problem)
+    kw = dict(temperature=run.cfg.eval_temperature, max_tokens=run.cfg.max_response_len, seed=run.cfg.seed,
+              per_problem=per_problem)
+    metrics = evaluate_sets(run.eval_sets, run.sampler, run.verifier, run.dist, pass_k=run.cfg.eval_pass_k, **kw)
+    if run.val_set:  # --val_rows: its own metrics, outside eval_accuracy (the held-out sets' mean)
+        val = evaluate_sets([run.val_set], run.sampler, run.verifier, run.dist, **kw)
+        metrics.update({k: v for k, v in val.items() if k != "eval_accuracy"})
     run.sampler.release()  # after the last set: a sleeping engine gives the GPU back to training
     run.problem_log.log_raw({"step": step, **per_problem})
-    for s in run.eval_sets:
+    for s in run.eval_sets + [run.val_set] * bool(run.val_set):
         if all(r["demo_ids"] for r in s.rows):
             metrics.update(demo_probabilities(run.model, s, run.tokenizer, run.dist))
     return metrics
@@ -1855,8 +1863,9 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
     overall: demo_key_logp_<set>[_<group>], the mean log-prob of the key tokens (the built-in task's fact
     digits, builtin_task.key_tokens; every token for file data); demo_min_p_..., the median over demonstrations
     of their least likely token's probability (the regime's x-axis, docs/lab.md); demo_low_p_share_..., the
-    share of demonstration tokens below probability 0.01. Rows split over ranks, as many on each (a sharded
-    forward is a collective: a short rank repeats a row, then drops it), gathered."""
+    share of demonstration tokens below probability 0.01; demo_nll_..., their NLL per token (SFT's loss). Rows
+    split over ranks, as many on each (a sharded forward is a collective: a short rank repeats a row, then drops
+    it), gathered."""
     rows, per = s.rows[d.rank::d.world_size], -(-len(s.rows) // d.world_size)
     padded = rows + s.rows[:1] * (per - len(rows))
     forced = teacher_forced(model, [r["prompt_ids"] for r in padded], [r["demo_ids"] for r in padded],
@@ -1866,7 +1875,7 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
         key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) if s.source == "builtin" \
             else [True] * len(logp)
         low = sum(x < math.log(0.01) for x in logp)
-        mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), low, len(logp)))
+        mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), low, len(logp), -sum(logp)))
     mine, metrics = gather(mine, d), {}
     for group in [None] + sorted({g for gs, *_ in mine for g in gs}, key=group_order):
         part = [x for x in mine if group is None or group in x[0]]
@@ -1875,6 +1884,7 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
         metrics[f"demo_key_logp_{suffix}"] = sum(keys) / len(keys) if keys else None
         metrics[f"demo_min_p_{suffix}"] = math.exp(mins[len(mins) // 2])
         metrics[f"demo_low_p_share_{suffix}"] = sum(x[3] for x in part) / sum(x[4] for x in part)
+        metrics[f"demo_nll_{suffix}"] = sum(x[5] for x in part) / sum(x[4] for x in part)
     return metrics
 
 

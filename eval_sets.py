@@ -6,6 +6,7 @@ an evaluation. This module imports nothing of common.
 import hashlib
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -40,6 +41,16 @@ def parse_eval_sets(entries: list[str], eval_samples: int) -> list[EvalSet]:
                              "names")
         sets.append(EvalSet(name, source, k or (builtin_k if source == "builtin" else default_k)))
     return sets
+
+
+def validation_split(rows: list[dict], n: int, source: str) -> tuple[list[dict], EvalSet]:
+    """--val_rows: `n` of the training rows, picked by a fixed seed (the same split for every run and seed on the
+    same data), become the set "val" (1 sample per problem), never trained on; the rest stay in their order."""
+    if not 0 < n < len(rows):  # before a run directory is claimed: nothing is lost
+        raise SystemExit(f"error: --val_rows {n}: the training data has {len(rows)} rows; hold out between 1 and "
+                         f"{len(rows) - 1}")
+    pick = set(random.Random(0).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in pick], EvalSet("val", source, 1, [rows[i] for i in sorted(pick)])
 
 
 def level_key(level) -> str:

@@ -84,9 +84,14 @@ def test_sft_smoke(tiny_model_dir, small_eval_file, tmp_path):
     out = tmp_path / "sft"
     run("sft.py", *small(tiny_model_dir, small_eval_file, out, "--max_steps", "3", "--batch_size", "4",
                          "--micro_batch_size", "3", "--lr", "1e-3", "--eval_every", "0",
-                         "--gradient_checkpointing"))
+                         "--gradient_checkpointing", "--val_rows", "6"))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
+    # --val_rows 6: six training rows held out (1000 built-in ones), evaluated apart from eval_accuracy
+    assert lines[0]["train_rows"] == 994 and lines[0]["eval_accuracy"] == lines[0]["eval_accuracy_eval"]
+    assert 0 <= lines[3]["eval_accuracy_val"] <= 1 and lines[3]["demo_nll_val"] < lines[0]["demo_nll_val"]
+    evals = [json.loads(x) for x in (out / "eval_problems.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3] and len(evals[0]["val"]["correct"]) == 6
     assert 0 < lines[0]["train_demos_truncated"] < lines[0]["train_rows"]  # level 3-4 demos exceed 24 tokens
     for m in lines[1:]:
         assert CORE_KEYS | {"sft_loss"} <= set(m) and m["reward"] is None and m["time_rollout"] == 0

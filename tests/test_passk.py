@@ -60,3 +60,18 @@ def test_eval_pass_k_flag():
     import grpo
     assert common.parse_config(grpo.Config, ["--eval_pass_k"]).eval_pass_k is True
     assert common.parse_config(grpo.Config, []).eval_pass_k is False
+
+
+def test_validation_split_holds_out_a_fixed_pick():
+    """--val_rows: n rows leave the training rows (their order kept) for the set "val"; the pick is the same on
+    every call (every run and seed); n outside 1..len-1 is refused in one line."""
+    rows = [{"problem": str(i)} for i in range(50)]
+    train, val = common.validation_split(rows, 10, "builtin")
+    assert len(train) == 40 and len(val.rows) == 10 and (val.name, val.k) == ("val", 1)
+    assert sorted(train + val.rows, key=lambda r: int(r["problem"])) == rows
+    assert [int(r["problem"]) for r in train] == sorted(int(r["problem"]) for r in train)
+    assert common.validation_split(rows, 10, "builtin")[1].rows == val.rows
+    assert val.rows != rows[-10:]  # not the last rows (the built-in data are ordered by level)
+    for n in (0, 50):
+        with pytest.raises(SystemExit, match=f"--val_rows {n}: the training data has 50 rows"):
+            common.validation_split(rows, n, "builtin")
