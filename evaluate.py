@@ -3,7 +3,8 @@
 The same verifier, prompt format and evaluation code as the trainers' --eval_data (common.evaluate_sets):
 the chat template without the training system message, the answer graded after </think>, k samples
 per problem at temperature 0.6, accuracy per file and per level (rows with a `level` field).
-Writes metrics.json and one JSON record per sample (prompt, response, extracted answer, reward) to
+Writes metrics.json (with every problem's counts: samples rewarded, and of them with right worked steps on the
+built-in task) and one JSON record per sample (prompt, response, extracted answer, reward) to
 records.jsonl in --output_dir.
 
     python evaluate.py --model runs/grpo/checkpoint-000040 --data builtin          # CPU, torch sampler
@@ -118,12 +119,12 @@ def main():
                   + f" with at most {cfg.max_response_len} response tokens")
     vllm = cfg.sample and common.sampler_kind(cfg) == "vllm"  # the vLLM engine loads the weights itself
     policy = common.load_policy(path, d, compile=False, train=False) if cfg.demo_probs or not vllm else None
-    records, metrics = [], {}
+    records, metrics, per_problem = [], {}, {}
     if cfg.sample:
         sampler = common.make_sampler(cfg, d, tokenizer, path, None if vllm else policy)
         metrics = common.evaluate_sets(sets, sampler, verifier, d, temperature=cfg.temperature,
                                        max_tokens=cfg.max_response_len, seed=cfg.seed, records=records,
-                                       pass_k=cfg.pass_k)
+                                       pass_k=cfg.pass_k, per_problem=per_problem)
     for s in sets if cfg.demo_probs else []:
         metrics.update(common.demo_probabilities(policy, s, tokenizer, d))
     verifier.close()
@@ -132,7 +133,8 @@ def main():
         with open(os.path.join(cfg.output_dir, "records.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "model_path": path, "metrics": metrics}, f, indent=1)
+            json.dump({"config": dataclasses.asdict(cfg), "model_path": path, "metrics": metrics,
+                       "per_problem": per_problem}, f, indent=1)
         if cfg.sample:
             common.print0(common.format_eval(metrics, sets))
         for s in sets if cfg.demo_probs else []:

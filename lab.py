@@ -52,6 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import lab_regimes
+from lab_claims import RULES, print_verdicts, verdicts
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,7 +62,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 TRAINERS = ["sft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # table order
 FUSION = ["luffy", "srft", "relift", "uft", "prefix_rft", "bread"]  # single-stage fusion (claim 3)
-TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft")}
+TWO_STAGE = {"sft_then_grpo": ("sft", "grpo"), "grpo_then_sft": ("grpo", "sft"),
+             "sft_then_grpo_vmin": ("sft", "grpo")}
+# Switching at the first stage's validation-loss minimum (arXiv 2512.11470; claim 14), not at half the steps
+AT_VAL_MIN = {"sft_then_grpo_vmin"}
 # The forks of forks/ (docs/forks.md): script and the flags that pick the idea; nsr.py runs three objectives
 FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py", ("--objective", "psr")),
          "w_reinforce": ("forks/nsr.py", ("--objective", "w_reinforce")),
@@ -69,15 +73,30 @@ FORKS = {"nsr": ("forks/nsr.py", ("--objective", "nsr")), "psr": ("forks/nsr.py"
          "hpt": ("forks/hpt.py", ())}
 # A trainer's switch that is a method of its own: script and flags (DFT, docs/lab.md "Regimes"; METHODS.md 14)
 VARIANTS = {"dft": ("sft.py", ("--token_loss", "dft"))}
+# Each method's own knob (--methods sweeps, 3 seeds): is its result here the regime or its tuning? The defaults
+# (LUFFY gamma 0.1, UFT's hint weight tied to beta = 0.001, Prefix-RFT top-k share 0.2) are the methods' own runs.
+SWEEPS = {"luffy_gamma0.01": ("luffy.py", ("--shaping_gamma", "0.01")),
+          "luffy_gamma0.001": ("luffy.py", ("--shaping_gamma", "0.001")),
+          "uft_hint0.1": ("uft.py", ("--hint_coef", "0.1")), "uft_hint1": ("uft.py", ("--hint_coef", "1")),
+          "prefix_rft_topk0.5": ("prefix_rft.py", ("--entropy_top_k", "0.5")),
+          "prefix_rft_topk1": ("prefix_rft.py", ("--entropy_top_k", "1"))}
+# The learning-rate grid of each family around its default (--methods lr), judged on the validation split
+LR_GRID = {"sft_lr2.5e-4": ("sft.py", ("--lr", "2.5e-4")), "sft_lr1e-3": ("sft.py", ("--lr", "1e-3")),
+           "grpo_lr1e-4": ("grpo.py", ("--lr", "1e-4")), "grpo_lr4e-4": ("grpo.py", ("--lr", "4e-4"))}
+LABELS_OF = {"luffy.py": "LUFFY", "uft.py": "UFT", "prefix_rft.py": "Prefix-RFT", "sft.py": "SFT", "grpo.py": "GRPO"}
+VARIANTS.update(SWEEPS)
+VARIANTS.update(LR_GRID)
 METHODS = TRAINERS + list(VARIANTS) + list(TWO_STAGE) + list(FORKS)
-GROUPS_OF_METHODS = {"trainers": TRAINERS + list(VARIANTS) + list(TWO_STAGE), "forks": ["grpo", *FORKS]}  # a group
+GROUPS_OF_METHODS = {"trainers": TRAINERS + ["dft"] + list(TWO_STAGE), "forks": ["grpo", *FORKS],
+                     "sweeps": ["luffy", "uft", "prefix_rft", *SWEEPS], "lr": ["sft", "grpo", *LR_GRID]}
+DEFAULT_GROUPS = ("trainers", "forks")  # --methods all
 PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
 LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT",
-          "uft": "UFT",
-          "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
-          "grpo_then_sft": "GRPO then SFT", "nsr": "NSR (fork)", "psr": "PSR (fork)",
-          "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)", "chord": "CHORD (fork)",
-          "hpt": "HPT (fork)"}
+          "uft": "UFT", "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
+          "grpo_then_sft": "GRPO then SFT", "sft_then_grpo_vmin": "SFT then GRPO (val. min)", "nsr": "NSR (fork)",
+          "psr": "PSR (fork)", "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)",
+          "chord": "CHORD (fork)", "hpt": "HPT (fork)",
+          **{m: f"{LABELS_OF[s]} {' '.join(f)[2:].replace('_', ' ')}" for m, (s, f) in {**SWEEPS, **LR_GRID}.items()}}
 GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task: levels 3-4 need a times-table fact
 STRATA = lab_regimes.STRATA  # levels 3-4 by the base's prior on the fact (builtin_task.STRATA, GENERALISATION_FACTS)
 GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)"}
@@ -97,14 +116,15 @@ BUDGET_TEXT = (
 class Budget:
     steps: int = 80  # training steps of every method (a two-stage baseline: steps // 2 + the rest)
     prompts: int = 16  # prompts per step (RL: --prompts_per_step, mini-batches of half; SFT: --batch_size)
-    eval_every: int = 20  # held-out evaluation every N steps (and at 0 and at the end)
-    eval_per_level: int = 200  # held-out problems per level; 200 = the whole built-in held-out set
-    seeds: tuple = (0, 1, 2)
+    eval_every: int = 10  # held-out evaluation every N steps (and at 0 and at the end); a run's score: the last 3
+    eval_per_level: int = 100  # held-out problems per level (the first of each level; 200 = the whole set)
+    val_rows: int = 200  # training problems held out by every run (--val_rows): SFT's switch step, lr choice
+    seeds: tuple = (0, 1, 2, 3, 4)
     model: str = "builtin"  # the base of every method (tests pass a tiny random model)
     trainer_flags: tuple = ()  # extra flags of common.BaseConfig, given to every trainer
     probe_every: int = 4  # the probe (docs/lab.md) every N steps besides the evaluations: entropy after a switch
-    passk_samples: int = 64  # samples per problem of the final pass@k evaluation (PASSK and the base); 0 = none
-    passk_per_level: int = 10  # held-out problems per level in it (the first of each level)
+    passk_samples: int = 32  # samples per problem of the final pass@k evaluation (PASSK and the base); 0 = none
+    passk_per_level: int = 100  # reachable held-out problems per level in it (levels 1-2, the first of each)
 
 
 @dataclass
@@ -115,6 +135,7 @@ class Job:
     out: str  # its output directory
     last_step: int
     after: str | None = None  # the job that must finish first (a second stage's first stage)
+    at_val_min: bool = False  # a second stage that starts at its first stage's validation-loss minimum (resolve)
 
 
 def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
@@ -139,6 +160,7 @@ def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, 
     args = ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps), "--eval_every", str(budget.eval_every),
             "--save_every", str(max(1, steps // 2)), "--keep_checkpoints", "1",
             "--probe_every", str(budget.probe_every)]
+    args += ["--val_rows", str(budget.val_rows)] if budget.val_rows else []
     if trainer == "sft":
         args += ["--batch_size", str(budget.prompts)]
     else:
@@ -151,7 +173,7 @@ def trainer_args(trainer: str, budget: Budget, seed: int, steps: int, out: str, 
 
 
 def passk_job(name: str, model: str, out: str, seed: int, budget: Budget, passk_file: str, after: str | None) -> Job:
-    """evaluate.py --pass_k on the first passk_per_level held-out problems of each level, passk_samples each."""
+    """evaluate.py --pass_k on the first passk_per_level held-out problems of levels 1-2, passk_samples each."""
     import builtin_task  # the built-in budgets (torch and transformers: only when pass@k is planned)
 
     return Job(name, "evaluate.py", ["--model", model, "--data", f"{passk_file}:{budget.passk_samples}",
@@ -184,25 +206,59 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
                 continue
             (first, second), half = TWO_STAGE[m], budget.steps // 2
             s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
-            start = os.path.join(s1, f"checkpoint-{half:06d}", "model")
-            jobs.append(Job(f"{m}-s{seed}/stage1", f"{first}.py",
-                            trainer_args(first, budget, seed, half, s1, budget.model, eval_file), s1, half))
+            if m in AT_VAL_MIN:  # the first stage runs the whole budget and keeps a checkpoint at every evaluation
+                args = trainer_args(first, budget, seed, budget.steps, s1, budget.model, eval_file)
+                args[args.index("--save_every") + 1], args[args.index("--keep_checkpoints") + 1] = \
+                    str(budget.eval_every), "0"
+                jobs.append(Job(f"{m}-s{seed}/stage1", f"{first}.py", args, s1, budget.steps))
+            else:
+                jobs.append(Job(f"{m}-s{seed}/stage1", f"{first}.py",
+                                trainer_args(first, budget, seed, half, s1, budget.model, eval_file), s1, half))
+            start = os.path.join(s1, f"checkpoint-{half:06d}", "model")  # at_val_min: resolve() sets it
             jobs.append(Job(f"{m}-s{seed}/stage2", f"{second}.py",
                             trainer_args(second, budget, seed, budget.steps - half, s2, start, eval_file), s2,
-                            budget.steps - half, after=f"{m}-s{seed}/stage1"))
+                            budget.steps - half, after=f"{m}-s{seed}/stage1", at_val_min=m in AT_VAL_MIN))
     return jobs
 
 
-def heldout_file(results: str, per_level: int) -> str | None:
-    """A .jsonl of the first `per_level` built-in held-out problems of each level (None: use all 200)."""
+def val_min_step(first_out: str) -> int | None:
+    """The first stage's switch step (arXiv 2512.11470): its evaluation step with the lowest validation loss
+    (demo_nll_val, the NLL of the held-out training demonstrations), the earliest of equal ones, step 0 excluded
+    (the base); None before the first stage has finished."""
+    losses = {r["step"]: r["demo_nll_val"] for r in read_metrics(first_out) if r.get("demo_nll_val") is not None}
+    losses.pop(0, None)
+    return min(losses, key=lambda s: (losses[s], s)) if losses else None
+
+
+def resolve(job: Job, first: Job) -> None:
+    """A second stage at its first stage's validation-loss minimum: start from that checkpoint and run the rest of
+    the budget, which the first stage ran whole (0 steps when the loss fell to the end: the first stage alone)."""
+    switch = val_min_step(first.out)
+    if switch is None:
+        sys.exit(f"lab: {job.name}: {first.out} logged no validation loss (demo_nll_val): it needs --val_rows")
+    job.last_step = first.last_step - switch
+    job.args[job.args.index("--max_steps") + 1] = str(job.last_step)
+    job.args[job.args.index("--save_every") + 1] = str(max(1, job.last_step // 2))
+    model = os.path.join(first.out, f"checkpoint-{switch:06d}", "model")
+    if "--model" in job.args:
+        job.args[job.args.index("--model") + 1] = model
+    else:
+        job.args += ["--model", model]
+
+
+def heldout_file(results: str, per_level: int, levels: tuple = (1, 2, 3, 4)) -> str | None:
+    """A .jsonl of the first `per_level` built-in held-out problems of each of `levels` (None: all of them, the
+    built-in set itself)."""
     import builtin_task  # torch and transformers: only when a subset is asked for
 
-    if per_level >= builtin_task.HELDOUT_PER_LEVEL:
+    if per_level >= builtin_task.HELDOUT_PER_LEVEL and levels == (1, 2, 3, 4):
         return None
-    path = os.path.join(results, f"heldout-{per_level}-per-level.jsonl")
+    which = "" if levels == (1, 2, 3, 4) else "-levels-" + "".join(map(str, levels))
+    path = os.path.join(results, f"heldout-{per_level}-per-level{which}.jsonl")
     os.makedirs(results, exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED))
+        f.writelines(json.dumps(r) + "\n" for r in builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED,
+                                                                         levels=levels))
     return path
 
 
@@ -211,8 +267,9 @@ def heldout_file(results: str, per_level: int) -> str | None:
 # ======================================================================================
 
 
-def read_metrics(out: str) -> list[dict]:
-    path = os.path.join(out, "metrics.jsonl")
+def read_metrics(out: str, name: str = "metrics.jsonl") -> list[dict]:
+    """A run's metrics.jsonl (or eval_problems.jsonl) as records; [] where the file does not exist."""
+    path = os.path.join(out, name)
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -309,6 +366,8 @@ def run_jobs(jobs: list[Job], results: str, n_jobs: int, threads: int, say=print
     status, order = {}, {j.name: j for j in jobs}
     for j in jobs:
         first = order.get(j.after)
+        if j.at_val_min and complete(first):
+            resolve(j, first)
         if finished(j, results, first) and (first is None or status.get(j.after) == "reused"):
             status[j.name] = "reused"
     todo = [j for j in jobs if j.name not in status]
@@ -326,6 +385,12 @@ def run_jobs(jobs: list[Job], results: str, n_jobs: int, threads: int, say=print
                     todo.remove(j)
                 elif j.after is None or status.get(j.after) in ("done", "reused"):
                     todo.remove(j)  # a second stage after a first stage that ran now starts afresh
+                    if j.at_val_min:
+                        resolve(j, order[j.after])
+                        if j.last_step == 0:  # the validation loss fell to the end: no second stage
+                            status[j.name] = "done"
+                            say(f"  none   {j.name}: {j.after} switches at its last step")
+                            continue
                     running[j.name] = (start(j, results, threads, fresh=status.get(j.after) == "done",
                                              first=order.get(j.after)), time.time())
                     say(f"  start  {j.name}")
@@ -362,8 +427,8 @@ def stitch(stages: list[list[dict]]) -> list[dict]:
     return out
 
 
-LEVEL_KEY = re.compile(r"eval_accuracy_.+_level(\w+)")  # eval_accuracy_<set>_level<L> (one evaluation set)
-STRATUM_KEY = re.compile(r"eval_accuracy_.+_stratum_(\w+)")  # eval_accuracy_<set>_stratum_<S>
+LEVEL_KEY = re.compile(r"eval_accuracy_(?!val_).+_level(\w+)")  # eval_accuracy_<set>_level<L>, not --val_rows
+STRATUM_KEY = re.compile(r"eval_accuracy_(?!val_).+_stratum_(\w+)")  # eval_accuracy_<set>_stratum_<S>
 
 
 def eval_levels(records: list[dict]) -> list[str]:
@@ -425,6 +490,19 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
         "demo_probs": lab_regimes.demo_probs(records), "probe": lab_regimes.probe_series(records),
         "wall_s": wall_s,
     }
+
+
+def problem_arrays(records: list[dict]) -> dict | None:
+    """eval_problems.jsonl's records (stitched) -> {k, problems, steps, correct, right} of the held-out set (the
+    one set that is not --val_rows' "val"): per evaluation step, every problem's right samples (right: answer and
+    worked steps right, built-in task only). None for a run without per-problem counts."""
+    sets = sorted({k for r in records for k in r if k not in ("step", "val")})
+    if len(sets) != 1:
+        return None
+    main = [(r["step"], r[sets[0]]) for r in records if sets[0] in r]
+    return {"k": main[0][1]["k"], "problems": main[0][1]["problems"], "steps": [s for s, _ in main],
+            "correct": [x["correct"] for _, x in main], "right": [x["right_steps"] for _, x in main]
+            if all(x["right_steps"] is not None for _, x in main) else None}
 
 
 def stats(values: list) -> dict | None:
@@ -515,9 +593,14 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
             if all(s in ("done", "reused") for s in states):
                 walls = [sum(a["wall_s"] or 0 for a in attempts(by_name[n]))
                          for n in names]
-                records = stitch([[dict(r, trainer=t) for r in read_metrics(by_name[n].out)]
-                                  for t, n in zip(trainers, names)])
-                run.update(status="ok", **summarize_run(records, sum(walls)))
+                upto = [val_min_step(by_name[names[0]].out) if m in AT_VAL_MIN else None, None]  # stage 1's switch
+                records = stitch([[dict(r, trainer=t) for r in read_metrics(by_name[n].out)
+                                   if c is None or r["step"] <= c] for t, n, c in zip(trainers, names, upto)])
+                problems = stitch([[r for r in read_metrics(by_name[n].out, "eval_problems.jsonl")
+                                    if c is None or r["step"] <= c] for n, c in zip(names, upto)])
+                run.update(status="ok", **summarize_run(records, sum(walls)), problems=problem_arrays(problems))
+                if m in AT_VAL_MIN:
+                    run["switch_step"] = upto[0]
                 run["token_shift"] = lab_regimes.token_shift(by_name[names[-1]].out, probe)
             else:
                 bad = [n for n, s in zip(names, states) if s not in ("done", "reused")]
@@ -527,6 +610,7 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
             passk = f"{m}-s{seed}/passk"
             if run["status"] == "ok" and status.get(passk) in ("done", "reused"):
                 run["passk"] = read_passk(by_name[passk].out)
+                run["passk_counts"] = read_passk_counts(by_name[passk].out)
             runs.append(run)
         out["methods"][m] = {"label": LABELS[m], "trainers": trainers, "runs": runs, "summary": summarize_method(runs)}
         if any(r.get("passk") for r in runs):
@@ -543,7 +627,37 @@ def collect(jobs: list[Job], status: dict, methods: list[str], missing: dict, bu
                   if status.get(n) in ("done", "reused")]
     if base_passk:
         out["base_passk"] = passk_stats(base_passk)
+    out["base_passk_counts"] = {seed: c for seed in budget.seeds if status.get(f"base-s{seed}/passk") in
+                                ("done", "reused") and (c := read_passk_counts(by_name[f"base-s{seed}/passk"].out))}
+    out["problem_groups"], digest = heldout_groups(budget.eval_per_level)
+    for r in (r for x in out["methods"].values() for r in x["runs"] if r.get("problems")):
+        if r["problems"]["problems"] != digest:  # another held-out set: its counts pair with nothing here
+            print(f"lab: {r['dir']}: its evaluation's problems are not the lab's held-out set; left out of the claims")
+            r["problems"] = None
     return out
+
+
+def heldout_groups(per_level: int) -> tuple[list[list[str]], str]:
+    """The groups (level<L>, stratum_<S>) of each held-out problem the runs evaluate, in their order, and the
+    digest of that order (eval_sets.problems_digest, which every run's eval_problems.jsonl carries)."""
+    import builtin_task  # torch: only when results are collected
+    import eval_sets
+
+    rows = builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED)
+    return [eval_sets.groups_of(r) for r in rows], eval_sets.problems_digest(rows)
+
+
+def read_passk_counts(out: str) -> dict | None:
+    """A pass@k evaluation's per-problem counts (evaluate.py's metrics.json): {n samples, correct per problem}."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        per_problem = json.load(f).get("per_problem") or {}
+    if len(per_problem) != 1:
+        return None
+    (counts,) = per_problem.values()
+    return {"n": counts["k"], "correct": counts["correct"]}
 
 
 # ======================================================================================
@@ -813,310 +927,6 @@ def write_results(res: dict, results: str, say=print) -> None:
 
 
 # ======================================================================================
-# Verdicts: the claims (CLAIMS, docs/lab.md), decided by explicit rules from results.json
-# ======================================================================================
-
-FLOOR = {"accuracy": 0.02, "entropy": 0.01, "tokens": 0.0, "share": 0.02, "kl": 0.01}
-RULES = [
-    "Comparing a number X of two methods (or a method and the base): d = mean over seeds of X for the first "
-    "minus the second; margin = the larger of the two seed ranges (max - min), and at least a floor: 0.02 for "
-    "accuracy (about the evaluation's sampling noise on 800 samples per level), 0.01 nats for entropy, 0 for "
-    "token counts. \"above\" if d > margin, \"below\" if d < -margin, else \"within\".",
-    "A claim that X is larger (or smaller): agrees if X is above (below); disagrees if it is on the other "
-    "side; within the margin it disagrees when both seed ranges are under the floor (the lab resolves a "
-    "difference of the floor and saw none) and cannot tell otherwise. Fewer than 2 finished seeds on either "
-    "side: cannot tell.",
-    "\"Matches or beats\" (claim 3): agrees unless below. A claim over several methods agrees when every "
-    "comparison agrees, disagrees when every one disagrees, and is mixed otherwise (each listed); missing "
-    "or failed methods are named and left out.",
-    "Claim 1: GRPO's final accuracy against the base (step 0) on the reachable levels (must be above) and the "
-    "out-of-reach levels (must not be above). Claim 2: SFT's out-of-reach accuracy against the base. Claims "
-    "3-4: accuracy on all levels at the final step. Claim 5: entropy fall = mean entropy of the first 10% "
-    "of training steps minus that of the last 10%, GRPO's against LUFFY's and SRFT's. Claim 6: for each "
-    "method that always uses the whole demonstration (SFT, LUFFY, SRFT), the first evaluation step at which "
-    "its seed-mean accuracy on all levels reaches BREAD's final one, and the demonstration tokens it used "
-    "until then; BREAD's total must be fewer. If it never reaches BREAD's accuracy, BREAD agrees when its "
-    "total is below that method's whole-run total, and it cannot tell otherwise.",
-    "Claims 7-9 (the forks; pass@k from the final models' pass@k evaluation, Eq. 58, largest k measured): claim 7 "
-    "agrees unless GRPO's pass@k on the reachable levels is above the base's (\"no higher\"); claim 8 agrees unless "
-    "NSR's pass@k on all levels is below GRPO's (\"at least\"); claim 9: PSR's entropy fall (as in claim 5) must be "
-    "above GRPO's, NSR's and W-REINFORCE's, each comparison by rule 2, combined by rule 3.",
-    "Claims 10-13 (task version 4's strata and the probe, docs/lab.md): claim 10, per method (LUFFY, UFT, BREAD, "
-    "Prefix-RFT), agrees when its final accuracy on the moderate stratum is above the base's and on the needle "
-    "stratum not above GRPO's (rule 1), combined by rule 3; claim 11, the share of probe tokens whose probability "
-    "moved by more than 0.1 from the base's, SFT's above GRPO's (floor 0.02); claim 12, the final per-token KL(base "
-    "|| model) on the base's own probe responses (floor 0.01): SFT's above GRPO's, SFT then GRPO's below SFT's with "
-    "its all-level accuracy above SFT's, SRFT's below SFT's, combined by rule 3; claim 13, GRPO then SFT's probe "
-    "entropy rise from its switch to the next probe measurement above SFT's from step 0 to its first, and its "
-    "all-level accuracy lower at the first evaluation after the switch than at the switch (floors 0.01 nats, 0.02).",
-]
-CLAIMS = {
-    1: "GRPO from a weak base improves the levels it can sometimes solve, not the facts it never saw (the needle "
-       "stratum).",
-    2: "SFT on demonstrations moves the out-of-reach levels, the needle stratum included.",
-    3: "Single-stage fusion (LUFFY, SRFT, ReLIFT, UFT, Prefix-RFT, BREAD) matches or beats both, and SFT then GRPO.",
-    4: "GRPO then SFT ends worse than SFT then GRPO (SRFT's Table 4 on the order of the stages).",
-    5: "GRPO's entropy falls faster than SRFT's and LUFFY's.",
-    6: "BREAD reaches its accuracy with fewer demonstration tokens than the methods that always use the whole "
-       "demonstration.",
-    7: "RL raises pass@1 but not pass@k at large k: GRPO's pass@64 on the reachable levels is no higher than the "
-       "base's.",
-    8: "NSR keeps pass@k: NSR's pass@k at large k is at least GRPO's.",
-    9: "PSR's entropy falls fastest (faster than GRPO's, NSR's and W-REINFORCE's).",
-    10: "Where the base gives the demonstration's fact some probability, the methods that weigh it by that "
-        "probability or keep it out of the loss (LUFFY, UFT, BREAD, Prefix-RFT) move levels 3-4; where it gives "
-        "it none (the needle), they do not move them beyond GRPO.",
-    11: "SFT changes the probability of many more response tokens than RL does (SRFT, arXiv 2506.19767: over 50% "
-        "against under 2%).",
-    12: "SFT moves farther from the base than GRPO; SFT then GRPO ends closer to the base than SFT alone while "
-        "scoring higher; SRFT stays closer to the base than SFT.",
-    13: "Switching from GRPO to SFT raises the entropy sharply and drops accuracy at the switch; SFT from the base "
-        "raises it less.",
-}
-
-
-def compare(a: dict | None, b: dict | None, floor: float) -> dict:
-    """a, b: stats over seeds -> {side: above | below | within | too few seeds, d, margin, resolved}."""
-    if not a or not b or a["n"] < 2 or b["n"] < 2:
-        return {"side": "too few seeds", "d": None, "margin": None, "resolved": False}
-    d, margin = a["mean"] - b["mean"], max(a["range"], b["range"], floor)
-    side = "above" if d > margin else "below" if d < -margin else "within"
-    return {"side": side, "d": d, "margin": margin, "resolved": max(a["range"], b["range"]) < floor}
-
-
-def directional(c: dict, want: str) -> str:
-    """The verdict on a claim that the first number is `want` (above / below) the second (RULES 2)."""
-    if c["side"] == "too few seeds":
-        return "cannot tell"
-    if c["side"] == want:
-        return "agrees"
-    if c["side"] != "within":
-        return "disagrees"
-    return "disagrees" if c["resolved"] else "cannot tell"
-
-
-def combine(parts: dict[str, str]) -> str:
-    """Verdicts of several comparisons -> one (RULES 3)."""
-    if not parts:
-        return "cannot tell"
-    kinds = set(parts.values())
-    if len(kinds) == 1:
-        return kinds.pop()
-    return "mixed: " + "; ".join(f"{v} for {k}" for v, k in sorted((v, k) for k, v in parts.items()))
-
-
-def verdicts(res: dict) -> list[dict]:
-    """One {claim, text, measured, verdict} per claim, by the rules in RULES."""
-    methods, base = res["methods"], res.get("base") or {}
-
-    def summ(m):
-        x = methods.get(m)
-        return x["summary"] if x and any(r["status"] == "ok" for r in x["runs"]) else None
-
-    def acc(m, key="all"):
-        s = summ(m)
-        return s["final"].get(key) if s else None
-
-    def absent(names):
-        gone = [LABELS[n] for n in names if summ(n) is None]
-        return f" Not measured (missing or failed): {', '.join(gone)}." if gone else ""
-
-    out = []
-
-    # 1. GRPO: reachable above the base, the needle stratum not above it (out of reach for task versions without strata)
-    never = "needle" if base.get("needle") else "out_of_reach"
-    r = compare(acc("grpo", "reachable"), base.get("reachable"), FLOOR["accuracy"])
-    o = compare(acc("grpo", never), base.get(never), FLOOR["accuracy"])
-    if "too few seeds" in (r["side"], o["side"]):
-        v1 = "cannot tell"
-    elif o["side"] == "above" or r["side"] == "below":
-        v1 = "disagrees"
-    elif r["side"] == "above":
-        v1 = "agrees"
-    else:
-        v1 = "disagrees" if r["resolved"] else "cannot tell"
-    out.append((1, v1, f"GRPO, reachable levels: base {fmt(base.get('reachable'))} -> {fmt(acc('grpo', 'reachable'))}"
-                       f" ({r['side']}); {never.replace('_', ' ')}: base {fmt(base.get(never))} -> "
-                       f"{fmt(acc('grpo', never))} ({o['side']})." + absent(["grpo"])))
-
-    # 2. SFT: out of reach above the base, and the needle stratum
-    parts = {}
-    for key in ["out_of_reach"] + (["needle"] if base.get("needle") else []):
-        c = compare(acc("sft", key), base.get(key), FLOOR["accuracy"])
-        name = key.replace("_", " ")
-        parts[name] = (directional(c, "above"), f"{name}: base {fmt(base.get(key))} -> {fmt(acc('sft', key))} ({c['side']})")
-    out.append((2, combine({k: v for k, (v, _) in parts.items()}), "SFT, " + "; ".join(t for _, t in parts.values()) +
-                "." + absent(["sft"])))
-
-    # 3. each fusion method: not below SFT, GRPO, SFT then GRPO (all levels)
-    comparators = ["sft", "grpo", "sft_then_grpo"]
-    parts, notes = {}, []
-    for f in [f for f in FUSION if summ(f)]:
-        sides = {c: compare(acc(f), acc(c), FLOOR["accuracy"]) for c in comparators if summ(c)}
-        if not sides or any(s["side"] == "too few seeds" for s in sides.values()):
-            parts[LABELS[f]] = "cannot tell"
-        else:
-            parts[LABELS[f]] = "disagrees" if any(s["side"] == "below" for s in sides.values()) else "agrees"
-        few = any(s["side"] == "too few seeds" for s in sides.values())
-        notes.append(f"{LABELS[f]} {fmt(acc(f))} (" + ("too few seeds" if few else ", ".join(
-            f"{s['side']} {LABELS[c]}" for c, s in sides.items())) + ")")
-    ref = ", ".join(f"{LABELS[c]} {fmt(acc(c))}" for c in comparators)
-    out.append((3, combine(parts), f"All levels, final: {ref}" + "".join("; " + n for n in notes) + "." +
-                absent(FUSION + comparators)))
-
-    # 4. GRPO then SFT below SFT then GRPO
-    c = compare(acc("grpo_then_sft"), acc("sft_then_grpo"), FLOOR["accuracy"])
-    out.append((4, directional(c, "below"), f"All levels, final: GRPO then SFT {fmt(acc('grpo_then_sft'))}, SFT then "
-                                            f"GRPO {fmt(acc('sft_then_grpo'))} ({c['side']})." +
-                absent(["grpo_then_sft", "sft_then_grpo"])))
-
-    # 5. GRPO's entropy fall above LUFFY's and SRFT's
-    fall = {m: summ(m)["entropy_fall"] if summ(m) else None for m in ("grpo", "luffy", "srft")}
-    parts = {LABELS[m]: directional(compare(fall["grpo"], fall[m], FLOOR["entropy"]), "above")
-             for m in ("luffy", "srft") if fall[m] and fall["grpo"]}
-    out.append((5, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
-                ", ".join(f"{LABELS[m]} {fmt(fall[m], 3)}" for m in fall) + "." + absent(["grpo", "luffy", "srft"])))
-
-    # 6. BREAD's demonstration tokens against what whole-demonstration methods used to reach its accuracy
-    parts, notes = {}, []
-    bread, target = summ("bread"), acc("bread")
-    for m in [m for m in ("sft", "luffy", "srft") if summ(m)]:
-        if not bread or not target or not bread["demo_tokens"] or not summ(m)["demo_tokens"]:
-            parts[LABELS[m]] = "cannot tell"
-            notes.append(f"{LABELS[m]}: no demo_tokens logged")
-            continue
-        ok = [r for r in methods[m]["runs"] if r["status"] == "ok"]
-        curve = series({"methods": {m: methods[m]}}, "all").get(LABELS[m], {"steps": [], "mean": []})
-        reach = next((s for s, a in zip(curve["steps"], curve["mean"]) if a >= target["mean"]), None)
-        if reach is None:
-            used = summ(m)["demo_tokens"]
-            c = compare(bread["demo_tokens"], used, FLOOR["tokens"])
-            parts[LABELS[m]] = "agrees" if c["side"] == "below" else "cannot tell"
-            notes.append(f"{LABELS[m]} never reaches it ({fmt_tokens(used)} demo tokens in all)")
-        else:
-            used = stats([r["demo_tokens_at"].get(str(reach)) for r in ok])
-            c = compare(bread["demo_tokens"], used, FLOOR["tokens"])
-            parts[LABELS[m]] = directional(c, "below")
-            notes.append(f"{LABELS[m]} reaches it at step {reach} with {fmt_tokens(used)} demo tokens")
-    tokens = fmt_tokens(bread and bread["demo_tokens"])
-    out.append((6, combine(parts), f"BREAD: all levels {fmt(target)} with {tokens} demo tokens (anchors of its "
-                                   "trained groups)" + "".join("; " + n for n in notes) + "." +
-                absent(["bread", "sft", "luffy", "srft"])))
-    # 7-9: the forks' claims on pass@k and entropy
-    def at_k(stats_by_group, group):
-        by_k = (stats_by_group or {}).get(group) or {}
-        k = max((int(k) for k, s in by_k.items() if s), default=None)
-        return (k, by_k[str(k)]) if k else (None, None)
-
-    base_pk = res.get("base_passk")
-    grpo_pk = summ("grpo").get("passk") if summ("grpo") else None
-    k_g, g_reach = at_k(grpo_pk, "reachable")
-    k_b, b_reach = at_k(base_pk, "reachable")
-    c = compare(g_reach, b_reach, FLOOR["accuracy"]) if k_g and k_g == k_b else compare(None, None, 0)
-    v7 = "cannot tell" if c["side"] == "too few seeds" else "disagrees" if c["side"] == "above" else "agrees"
-    out.append((7, v7, f"Reachable levels, pass@{k_g or '?'}: base {fmt(b_reach)}, GRPO {fmt(g_reach)} ({c['side']})."
-                + ("" if base_pk else " No pass@k evaluation of the base.") + absent(["grpo"])))
-    nsr_pk = summ("nsr").get("passk") if summ("nsr") else None
-    k_n, n_all = at_k(nsr_pk, "all")
-    k_g, g_all = at_k(grpo_pk, "all")
-    c = compare(n_all, g_all, FLOOR["accuracy"]) if k_n and k_n == k_g else compare(None, None, 0)
-    v8 = "cannot tell" if c["side"] == "too few seeds" else "disagrees" if c["side"] == "below" else "agrees"
-    out.append((8, v8, f"All levels, pass@{k_n or '?'}: GRPO {fmt(g_all)}, NSR {fmt(n_all)} ({c['side']})." +
-                absent(["grpo", "nsr"])))
-    fall = {m: summ(m)["entropy_fall"] if summ(m) else None for m in ("psr", "grpo", "nsr", "w_reinforce")}
-    parts = {LABELS[m]: directional(compare(fall["psr"], fall[m], FLOOR["entropy"]), "above")
-             for m in ("grpo", "nsr", "w_reinforce") if fall[m] and fall["psr"]}
-    out.append((9, combine(parts), "Entropy fall (first minus last 10% of steps, nats): " +
-                ", ".join(f"{LABELS[m]} {fmt(fall[m], 3)}" for m in fall) + "." +
-                absent(["psr", "grpo", "nsr", "w_reinforce"])))
-    out += regime_verdicts(res, summ, acc, absent)
-    return [{"claim": n, "text": CLAIMS[n], "verdict": v, "measured": text} for n, v, text in out]
-
-
-def regime_verdicts(res: dict, summ, acc, absent) -> list[tuple]:
-    """Claims 10-13 (the regimes and the SRFT paper's analyses), by RULES 1-3 on the strata and the probe."""
-    base, out = res.get("base") or {}, []
-    # 10. per method: moderate above the base; needle not above GRPO's
-    parts, notes = {}, []
-    for m in [m for m in ("luffy", "uft", "bread", "prefix_rft") if summ(m)]:
-        mod = compare(acc(m, "moderate"), base.get("moderate"), FLOOR["accuracy"])
-        ndl = compare(acc(m, "needle"), acc("grpo", "needle"), FLOOR["accuracy"])
-        if "too few seeds" in (mod["side"], ndl["side"]):
-            parts[LABELS[m]] = "cannot tell"
-        elif mod["side"] == "below" or ndl["side"] == "above":
-            parts[LABELS[m]] = "disagrees"
-        else:
-            parts[LABELS[m]] = "agrees" if mod["side"] == "above" else "disagrees" if mod["resolved"] else "cannot tell"
-        notes.append(f"{LABELS[m]}: moderate {fmt(acc(m, 'moderate'))} ({mod['side']} the base), weak "
-                     f"{fmt(acc(m, 'weak'))}, needle {fmt(acc(m, 'needle'))} ({ndl['side']} GRPO)")
-    out.append((10, combine(parts), f"Base: moderate {fmt(base.get('moderate'))}, weak {fmt(base.get('weak'))}, needle "
-                                    f"{fmt(base.get('needle'))}; GRPO: moderate {fmt(acc('grpo', 'moderate'))}, needle "
-                                    f"{fmt(acc('grpo', 'needle'))}; " + "; ".join(notes) + "." +
-                absent(["grpo", "luffy", "uft", "bread", "prefix_rft"])))
-
-    # 11. token shift: SFT's moved share of the probe's tokens above GRPO's
-    shift = {m: summ(m)["token_shift"]["all"] if summ(m) else None for m in ("sft", "grpo")}
-    c = compare(shift["sft"], shift["grpo"], FLOOR["share"])
-    by_kind = {m: ", ".join(f"{k} {fmt(summ(m)['token_shift'][k])}" for k in ("base", "demo")) if summ(m) else "n/a"
-               for m in ("sft", "grpo")}
-    out.append((11, directional(c, "above"), f"Share of probe tokens moved by more than {lab_regimes.SHIFT}: SFT "
-                                            f"{fmt(shift['sft'])} ({by_kind['sft']}), GRPO {fmt(shift['grpo'])} "
-                                            f"({by_kind['grpo']}) ({c['side']})." + absent(["sft", "grpo"])))
-
-    # 12. learning dynamics on the probe: KL from the base at the end
-    kl = {m: summ(m)["probe_final"]["kl_base"] if summ(m) else None for m in ("sft", "grpo", "sft_then_grpo", "srft")}
-    parts = {"SFT farther than GRPO": directional(compare(kl["sft"], kl["grpo"], FLOOR["kl"]), "above"),
-             "SFT then GRPO closer than SFT": directional(compare(kl["sft_then_grpo"], kl["sft"], FLOOR["kl"]),
-                                                          "below"),
-             "SFT then GRPO higher than SFT": directional(compare(acc("sft_then_grpo"), acc("sft"), FLOOR["accuracy"]),
-                                                          "above"),
-             "SRFT closer than SFT": directional(compare(kl["srft"], kl["sft"], FLOOR["kl"]), "below")}
-    out.append((12, combine(parts), "Final KL(base || model) per token on the probe: " +
-                ", ".join(f"{LABELS[m]} {fmt(kl[m])}" for m in kl) + f"; all levels: SFT {fmt(acc('sft'))}, SFT then "
-                f"GRPO {fmt(acc('sft_then_grpo'))}." + absent(list(kl))))
-
-    # 13. the probe's entropy at a switch: GRPO then SFT's rise at its SFT stage against SFT's rise at its start
-    half = res.get("lab", {}).get("budget", {}).get("steps", 0) // 2  # the two-stage baselines' switch
-    rise = {"grpo_then_sft": stats(_rises(res, "grpo_then_sft", half)), "sft": stats(_rises(res, "sft", 0))}
-    drop = stats(_drops(res, "grpo_then_sft", half))
-    parts = {"entropy rise above SFT's": directional(compare(rise["grpo_then_sft"], rise["sft"], FLOOR["entropy"]),
-                                                     "above"),
-             "accuracy drop at the switch": directional(compare(drop, {"mean": 0, "min": 0, "max": 0, "range": 0,
-                                                                       "n": 2}, FLOOR["accuracy"]), "above")}
-    out.append((13, combine(parts), f"Probe entropy from the last measurement before the switch (step {half}) to "
-                                    f"the first after: GRPO then SFT {fmt(rise['grpo_then_sft'], 4)}; SFT from step 0 "
-                                    f"to its first: {fmt(rise['sft'], 4)} nats; all-level accuracy from step {half} to "
-                                    f"the next evaluation falls by {fmt(drop)}." + absent(["grpo_then_sft", "sft"])))
-    return out
-
-
-def _rises(res: dict, method: str, at: int) -> list:
-    """Per seed: the probe entropy at the first measurement after step `at` minus the one at `at`."""
-    out = []
-    for r in (res["methods"].get(method) or {}).get("runs", []):
-        points = {p[0]: p[3] for p in r.get("probe") or []}
-        after = min((s for s in points if s > at), default=None)
-        out.append(points[after] - points[at] if after is not None and at in points else None)
-    return out
-
-
-def _drops(res: dict, method: str, at: int) -> list:
-    """Per seed: all-level accuracy at step `at` minus at the next evaluation (a drop is positive)."""
-    out = []
-    for r in (res["methods"].get(method) or {}).get("runs", []):
-        evals = {int(s): a["all"] for s, a in (r.get("evals") or {}).items()}
-        after = min((s for s in evals if s > at), default=None)
-        out.append(evals[at] - evals[after] if after is not None and at in evals else None)
-    return out
-
-
-def print_verdicts(claims: list[dict]) -> None:
-    for v in claims:
-        print(f"{v['claim']}. {v['text']}\n   measured: {v['measured']}\n   verdict:  {v['verdict']}\n")
-    print("Decision rules:\n" + "\n".join(f"  - {r}" for r in RULES))
-
-
-# ======================================================================================
 # Main
 # ======================================================================================
 
@@ -1166,20 +976,24 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each trainer (default cores / jobs; 1 on "
                    "a machine busy with other work, where spinning OpenMP threads slow everything down)")
     p.add_argument("--methods", default="all", help="comma-separated subset of " + ", ".join(METHODS) + ", or a "
-                   "group: trainers (the eight and the two-stage baselines), forks (GRPO and the forks)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
+                   "group: trainers (the eight, DFT and the two-stage baselines), forks (GRPO and the forks), sweeps "
+                   "(LUFFY's gamma, UFT's hint weight, Prefix-RFT's top-k share), lr (each family's lr grid); all = "
+                   "trainers and forks")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0-4; sweeps and lr 0-2; --quick 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default 80; --quick 4)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (even)")
-    p.add_argument("--eval_every", type=int, default=None, help="evaluation interval (default 20; --quick 2)")
-    p.add_argument("--eval_per_level", type=int, default=None, help="held-out problems per level (default 200; "
+    p.add_argument("--eval_every", type=int, default=None, help="evaluation interval (default 10; --quick 2)")
+    p.add_argument("--eval_per_level", type=int, default=None, help="held-out problems per level (default 100; "
                    "--quick 10)")
+    p.add_argument("--val_rows", type=int, default=None, help="training problems every run holds out as its "
+                   "validation split (default 200; --quick 20; 0 = none)")
     p.add_argument("--model", default="builtin", help="base model of every method (default: the built-in one)")
     p.add_argument("--trainer_flags", default="", help="extra common flags for every trainer, e.g. "
                    "\"--eval_samples 8\" (--quick adds --eval_samples 2)")
     p.add_argument("--passk_samples", type=int, default=None, help="samples per problem of the final pass@k "
-                   "evaluation of the base, GRPO, NSR, PSR and W-REINFORCE (default 64; --quick 4; 0 = none)")
-    p.add_argument("--passk_per_level", type=int, default=None, help="held-out problems per level in it "
-                   "(default 10; --quick 2)")
+                   "evaluation of the base, GRPO, NSR, PSR and W-REINFORCE (default 32; --quick 4; 0 = none)")
+    p.add_argument("--passk_per_level", type=int, default=None, help="reachable held-out problems per level (1-2) "
+                   "in it (default 100; --quick 2)")
     p.add_argument("--verdicts", metavar="RESULTS_JSON", help="print the claim-by-claim verdicts of results.json, "
                    "run nothing")
     a = p.parse_args(argv)
@@ -1195,32 +1009,37 @@ def main(argv=None):
             print_verdicts(verdicts(json.load(f)))
         return
     q = a.quick
-    seeds = tuple(int(s) for s in (a.seeds or ("0" if q else "0,1,2")).split(","))
+    few = a.methods in ("sweeps", "lr")  # a knob's sweep: 3 seeds unless told otherwise
+    seeds = tuple(int(s) for s in (a.seeds or ("0" if q else "0,1,2" if few else "0,1,2,3,4")).split(","))
     steps = a.steps or (4 if q else 80)
-    budget = Budget(steps=steps, prompts=a.prompts, eval_every=a.eval_every or (2 if q else 20),
-                    eval_per_level=a.eval_per_level or (10 if q else 200), seeds=seeds, model=a.model,
+    budget = Budget(steps=steps, prompts=a.prompts, eval_every=a.eval_every or (2 if q else 10),
+                    eval_per_level=a.eval_per_level or (10 if q else 100), seeds=seeds, model=a.model,
+                    val_rows=20 if q and a.val_rows is None else 200 if a.val_rows is None else a.val_rows,
                     trainer_flags=tuple((["--eval_samples", "2"] if q else []) + shlex.split(a.trainer_flags)),
-                    passk_samples=(4 if q else 64) if a.passk_samples is None else a.passk_samples,
-                    passk_per_level=a.passk_per_level or (2 if q else 10))
+                    passk_samples=(4 if q else 32) if a.passk_samples is None else a.passk_samples,
+                    passk_per_level=a.passk_per_level or (2 if q else 100))
     if budget.steps < 2:
         sys.exit("--steps must be at least 2 (a two-stage baseline needs a step per stage)")
     results = os.path.abspath(a.out or ("lab_results_quick" if q else "lab_results"))
     have, missing = available_methods()
-    wanted = METHODS if a.methods == "all" else \
-        [m for x in a.methods.split(",") for m in GROUPS_OF_METHODS.get(x.strip(), [x.strip()])]
+    wanted = [m for x in (DEFAULT_GROUPS if a.methods == "all" else a.methods.split(","))
+              for m in GROUPS_OF_METHODS.get(x.strip(), [x.strip()])]
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         sys.exit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     methods = [m for m in METHODS if m in wanted and m in have]
     missing = {m: why for m, why in missing.items() if m in wanted}
-    missing.update({m: "not selected with --methods" for m in METHODS if m not in wanted})
+    missing.update({m: "not selected with --methods" for g in DEFAULT_GROUPS for m in GROUPS_OF_METHODS[g]
+                    if m not in wanted})  # the sweeps and grids are groups of their own, not missing from a lab
+    if any(m in AT_VAL_MIN for m in methods) and not budget.val_rows:
+        sys.exit("--val_rows 0: SFT then GRPO (val. min) switches on the validation loss; hold out rows or drop it")
     n_jobs = a.jobs if a.jobs > 0 else min(4, os.cpu_count() or 1)
     threads = a.threads or max(1, (os.cpu_count() or 1) // n_jobs)
     info = {"command": "python lab.py " + shlex.join(sys.argv[1:] if argv is None else argv), "date": now(),
             "commit": git_commit(), "machine": machine(), "jobs": n_jobs, "threads": threads,
             "budget": asdict(budget)}
     eval_file = heldout_file(results, budget.eval_per_level)
-    passk_file = (heldout_file(results, budget.passk_per_level) or "builtin") if budget.passk_samples else None
+    passk_file = heldout_file(results, budget.passk_per_level, (1, 2)) if budget.passk_samples else None
     jobs = plan(budget, methods, results, eval_file, passk_file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_jobs stops its trainers
     t0 = time.time()

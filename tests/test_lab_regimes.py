@@ -46,9 +46,9 @@ def method(name, runs):
               generated_tokens=None, demo_tokens=None, wall_s=None, base=None) for r in runs])}
 
 
-def test_regime_claims_by_hand():
-    """Claim 10 agrees for a method above the base on the moderate stratum and not above GRPO on the needle;
-    claim 11 compares token shifts; 12 the final KL; 13 the entropy rise at a switch and the accuracy drop."""
+def test_base_prior_from_the_step_0_demonstration_probabilities():
+    """The base's prior per stratum (the regime's x-axis) from the runs' step-0 demo probabilities (claims 10-13
+    are tested in tests/test_lab_claims.py)."""
     prior = {"needle": 1e-4, "weak": 0.15, "moderate": 0.4}
     acc = lambda mod, ndl, allv=0.5: {"moderate": mod, "needle": ndl, "weak": 0.3, "all": allv}  # noqa: E731
     path = lambda kl, ent=(0.2, 0.2, 0.2): [[0, 0.0, 0.5, ent[0]], [40, kl / 2, 0.4, ent[1]], [44, kl, 0.3, ent[2]],  # noqa
@@ -72,17 +72,3 @@ def test_regime_claims_by_hand():
                "grpo_then_sft": method("grpo_then_sft", [run(s, acc(0.8, 0.5), path(0.4, (0.2, 0.2, 0.3)), None,
                                                              evals(0.5, 0.4)) for s in (0, 1)])}}
     assert lab_regimes.base_prior(res) == pytest.approx(prior)
-    verdicts = {n: (v, text) for n, v, text in lab.regime_verdicts(res, lambda m: res["methods"][m]["summary"]
-                                                                  if m in res["methods"] else None,
-                                                                  lambda m, k="all": res["methods"][m]["summary"]["final"]
-                                                                  .get(k) if m in res["methods"] else None,
-                                                                  lambda names: "")}
-    # 10: LUFFY 0.75 > base 0.1 on moderate, needle 0.01 within GRPO's 0.0 (floor 0.02): agrees; BREAD 0.1 is not
-    # above the base's 0.1 (within, both ranges 0 < floor: resolved) -> disagrees
-    assert verdicts[10][0] == "mixed: agrees for LUFFY; disagrees for BREAD"
-    assert verdicts[11][0] == "agrees"  # 0.6 against 0.01
-    # 12: SFT 0.5 > GRPO 0.05; SFT then GRPO 0.3 < 0.5 and 0.7 > 0.5 on all levels; SRFT 0.2 < 0.5
-    assert verdicts[12][0] == "agrees"
-    # 13: GRPO then SFT's probe entropy 0.2 -> 0.3 at the switch (+0.1) against SFT's 0.2 -> 0.21 at its start
-    # (+0.01); its accuracy 0.5 at step 40 -> 0.4 at step 60: a drop of 0.1
-    assert verdicts[13][0] == "agrees" and "falls by 0.100" in verdicts[13][1]
