@@ -3,7 +3,8 @@ lab.py calls write_results at the end of a lab; this module imports no lab (lab 
 lab_regimes, whose figures (regimes.png, dynamics.png, token_shift.png) it draws beside its own.
 
 results.md: the budget, the main table (accuracy per level and group, entropy, tokens, wall time: mean (min-max)
-over seeds), levels 3-4 by stratum beside the probe, the final pass@k, and the claims with their decision rules.
+over seeds), levels 3-4 by stratum beside the probe, the final pass@k, every seed's own value behind each of those
+means (so that a reader can recompute any mean), and the claims with their decision rules.
 
 The figures are small multiples: one column of panels per family of methods (FAMILIES), the baselines SFT and
 GRPO drawn thin in every column, one colour per method in every figure (COLORS), a line for the mean over seeds
@@ -76,6 +77,11 @@ def fmt_tokens(s: dict | None) -> str:
     if top >= 1e6:
         return fmt(s, 2, 1e6, "M")
     return fmt(s, 0, 1e3, "k") if top >= 1e4 else fmt(s, 1, 1e3, "k") if top >= 1e3 else fmt(s, 0)
+
+
+def one(v: float | None) -> dict | None:
+    """A single run's value as stats of one seed, so that fmt and fmt_tokens print it as they print a mean."""
+    return None if v is None else {"mean": v, "min": v, "max": v}
 
 
 def t975(df: int) -> float:
@@ -224,8 +230,67 @@ def passk_table(res: dict) -> list[str]:
     return lines + ["", "![pass@k against k](passk.png)", ""]
 
 
+def base_runs(res: dict) -> list[dict]:
+    """Each seed's base as a run: its step-0 evaluation (the same model and draws in every run of the seed: the
+    first finished run that has one) and its probe at step 0 (KL 0, no token moved)."""
+    out = {}
+    for m in res["methods"].values():
+        for r in m["runs"]:
+            if r["status"] == "ok" and r.get("base") and r["seed"] not in out:
+                at0 = next((p for p in r.get("probe") or [] if p[0] == 0), None)
+                out[r["seed"]] = {"seed": r["seed"], "status": "ok", "final": r["base"], "token_shift": {"all": 0.0},
+                                  "probe": at0 and [[0, 0.0, at0[2], at0[3]]]}
+    return [out[s] for s in sorted(out)]
+
+
+def run_view(r: dict) -> dict:
+    """A run with its last probe measurement as probe_final, the summary's name for it (so one path reads both)."""
+    last = (r.get("probe") or [None])[-1]
+    return dict(r, probe_final=last and {"kl_base": last[1], "demo_nll": last[2], "entropy": last[3]})
+
+
+def seed_table(res: dict, cols: list[tuple]) -> list[str]:
+    """One row per run (the base's first, one per seed) with the columns `cols`: the values the means are of."""
+    lines = header(["method", "seed", *(h for h, _, _ in cols)])
+    rows = [("base model (step 0)", r) for r in base_runs(res)]
+    rows += [(m["label"], r) for m in res["methods"].values() for r in m["runs"]]
+    exact = [(h, p, (lambda s: fmt(s, 0)) if f is fmt_tokens else f) for h, p, f in cols]  # tokens: every digit
+    for label, r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {label} | {r['seed']} | failed: {r['why']} |" + " |" * (len(cols) - 1))
+            continue
+        lines.append(f"| {label} | {r['seed']} | " + " | ".join(f(one(get(run_view(r), p))) for _, p, f in exact)
+                     + " |")
+    return lines
+
+
+def passk_seed_table(res: dict) -> list[str]:
+    """Each run's final pass@k, reachable / out-of-reach levels (the base's per seed is not in results.json)."""
+    rows = [(m["label"], r) for m in res["methods"].values() for r in m["runs"] if r.get("passk")]
+    if not rows:
+        return []
+    ks = sorted({k for _, r in rows for g in GROUPS for k in r["passk"].get(g, {})}, key=int)
+    lines = ["Final pass@k, reachable / out-of-reach levels (the base's is kept as mean and spread only):", "",
+             *header(["method", "seed", *(f"pass@{k}" for k in ks)])]
+    for label, r in rows:
+        cells = [" / ".join(fmt(one(get(r["passk"], (g, k)))) for g in GROUPS) for k in ks]
+        lines.append(f"| {label} | {r['seed']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def seed_section(res: dict) -> list[str]:
+    """Every seed's value behind the means of the tables above, in the same columns."""
+    lines = ["## Every seed", "",
+             "The value of each run behind each mean (min-max) above, in the same columns: the mean of a method's "
+             "rows is its cell there (a failed run counts in none). The base's rows are each seed's step-0 "
+             "evaluation.", "", *seed_table(res, main_columns(res)), ""]
+    if strata_of(res):
+        lines += ["Levels 3-4 by stratum and the probe:", "", *seed_table(res, regime_columns(res)), ""]
+    return lines + passk_seed_table(res)
+
+
 def results_markdown(res: dict, rules: list[str]) -> str:
-    """results.md: the lab's command, machine and budget, the tables, the figures, the claims
+    """results.md: the lab's command, machine and budget, the tables, the figures, every seed, the claims
     (res["verdicts"]) and the decision rules they were computed by."""
     lab, b = res["lab"], res["lab"]["budget"]
     steps, w = b["steps"], max(1, b["steps"] // 10)  # lab.window: the entropy's last 10% of steps
@@ -251,7 +316,7 @@ def results_markdown(res: dict, rules: list[str]) -> str:
         f"Accuracy: held-out pass@1 at step {steps} (mean over the samples of each problem at the evaluation "
         f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
         "is the mean of its levels. Each cell: mean over seeds, (min-max) over seeds (no range: all seeds "
-        "equal). The base row is the step-0 evaluation (one "
+        "equal); every seed's value is in [Every seed](#every-seed). The base row is the step-0 evaluation (one "
         "per seed: the seeds differ only in the evaluation's sampling, so its spread is the evaluation noise). "
         "Wrong steps: at the final evaluation, "
         "the share of rewarded samples whose worked steps differ from the task's (`eval_wrong_steps_builtin`): "
@@ -276,6 +341,7 @@ def results_markdown(res: dict, rules: list[str]) -> str:
         "every method, T = 1), for every method.", "",
         "![rollout entropy and probe entropy against step](entropy.png)", "",
         *passk_table(res),
+        *seed_section(res),
         "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]
     for v in res.get("verdicts", []):
         text += [f"{v['claim']}. **{v['text']}** Verdict: **{v['verdict']}**. {v['measured']}", ""]

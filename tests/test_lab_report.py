@@ -1,6 +1,6 @@
-"""lab_report.py: one colour and one family per method, the 95% band, and the figures' files, on a small results
-dict written by hand (two seeds each of SFT, GRPO, SFT then GRPO and NSR, NSR's second seed failed; GRPO with
-pass@k)."""
+"""lab_report.py: every seed's value in results.md, one colour and one family per method, the 95% band, and the
+figures' files, on a small results dict written by hand (two seeds each of SFT, GRPO, SFT then GRPO and NSR, NSR's
+second seed failed; GRPO with pass@k)."""
 import itertools
 import math
 import os
@@ -68,6 +68,48 @@ def test_t_interval():
         assert rep.t975(df) == pytest.approx(t, abs=2e-4)
     assert rep.t_interval(0.5, 0.1, 4) == pytest.approx((0.5 - 3.182 * 0.05, 0.5 + 3.182 * 0.05))
     assert rep.t_interval(0.5, None, 1) == (0.5, 0.5)
+
+
+def rows_of(md, label):
+    """The cells of results.md's per-seed rows of `label`, by seed, first table only."""
+    part = md[md.index("## Every seed"):]
+    head, lines = None, {}
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| method | seed"):
+            if head:
+                break
+            head = cells
+        elif line.startswith(f"| {label} |"):
+            lines[cells[1]] = dict(zip(head, cells))
+    return lines
+
+
+def test_every_seed_is_listed_behind_each_mean(res):
+    md = rep.results_markdown(res, ["a rule"])
+    for name, m in res["methods"].items():
+        rows = rows_of(md, m["label"])
+        assert sorted(rows) == [str(r["seed"]) for r in m["runs"]], name
+        for r in m["runs"]:
+            row = rows[str(r["seed"])]
+            if r["status"] != "ok":
+                assert row["all levels"] == "failed: nsr-s1: failed"
+                continue
+            assert row["all levels"] == f"{r['final']['all']:.3f}" and row["level 3"] == f"{r['final']['3']:.3f}"
+            assert row["out of reach (3-4)"] == f"{r['final']['out_of_reach']:.3f}"
+            assert row["entropy"] == f"{r['entropy_final']:.3f}" and row["wall time (s)"] == f"{r['wall_s']:.0f}"
+            assert row["generated tokens"] == f"{r['generated_tokens']:.0f}"  # every digit: the mean rounds them
+    sft = rows_of(md, "SFT")
+    assert [sft[s]["all levels"] for s in ("0", "1")] == ["0.675", "0.525"]  # 0.75 x 0.9 and 0.75 x 0.7
+    assert "| SFT | 2/2 | 0.600 (0.525-0.675) |" in md  # the main table's mean of those two
+    assert [sft[s]["generated tokens"] for s in ("0", "1")] == ["12345", "24690"]  # the main table: 19k (12k-25k)
+    base = rows_of(md, "base model (step 0)")
+    assert sorted(base) == ["0", "1"] and base["0"]["all levels"] == "0.150"
+    # the stratum table's seeds: the probe's last KL and the token shift of each run; the base's KL 0
+    strata = md[md.index("Levels 3-4 by stratum and the probe:"):]
+    assert "| GRPO | 1 | 0.225 | 0.450 | 0.300 | 0.110 | 0.400 |" in strata
+    assert "| base model (step 0) | 0 | 0.050 | 0.100 | 0.000 | 0.000 | 0.500 |" in strata
+    assert "| GRPO | 1 | 0.600 / 0.600 | 0.800 / 0.800 |" in md  # pass@1, pass@4 per seed
 
 
 def test_series_keep_rollout_entropy_apart_from_sft_steps(res):
