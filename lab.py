@@ -15,7 +15,7 @@ per seed for the base) a pass@k evaluation of its final model (evaluate.py --pas
 own command line, `python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console
 in lab.log there.
 
-Budget matching (BUDGET_TEXT, also written into results.md):
+Budget matching (lab_report.BUDGET_TEXT, also written into results.md):
   - the same base (the built-in one) and the same prompts: 80 steps x 16 prompts = 1280, drawn in the same
     seeded order; sft.py with --batch_size 16 --max_steps 80; a two-stage baseline 40 + 40 steps of 16
     (the second stage restarts the seeded order: it sees the first stage's 640 prompts again, since no
@@ -33,8 +33,11 @@ two-stage baseline whose first stage ran again. A failed run stays in the table 
 of its log in <results>/failures/.
 
 Verdicts: `verdicts()` turns results.json into one verdict per claim with the decision rules
-written in its docstring (and in RULES); nothing is hand-written. matplotlib is needed for the figures
-only (optional: without it the lab says so and writes everything else); the trainers never import it.
+written in its docstring (and in RULES); nothing is hand-written.
+
+Report: lab_report.py writes results.json, results.md (with every seed's value behind each mean) and the
+figures. matplotlib is needed for the figures only (optional: without it the lab says so and writes
+everything else); the trainers never import it.
 """
 import argparse
 import datetime
@@ -53,6 +56,7 @@ from dataclasses import asdict, dataclass
 
 import lab_regimes
 from lab_claims import RULES, print_verdicts, verdicts
+from lab_report import GROUPS, LABELS, write_results
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,7 +87,6 @@ SWEEPS = {"luffy_gamma0.01": ("luffy.py", ("--shaping_gamma", "0.01")),
 # The learning-rate grid of each family around its default (--methods lr), judged on the validation split
 LR_GRID = {"sft_lr2.5e-4": ("sft.py", ("--lr", "2.5e-4")), "sft_lr1e-3": ("sft.py", ("--lr", "1e-3")),
            "grpo_lr1e-4": ("grpo.py", ("--lr", "1e-4")), "grpo_lr4e-4": ("grpo.py", ("--lr", "4e-4"))}
-LABELS_OF = {"luffy.py": "LUFFY", "uft.py": "UFT", "prefix_rft.py": "Prefix-RFT", "sft.py": "SFT", "grpo.py": "GRPO"}
 VARIANTS.update(SWEEPS)
 VARIANTS.update(LR_GRID)
 METHODS = TRAINERS + list(VARIANTS) + list(TWO_STAGE) + list(FORKS)
@@ -91,25 +94,7 @@ GROUPS_OF_METHODS = {"trainers": TRAINERS + ["dft"] + list(TWO_STAGE), "forks": 
                      "sweeps": ["luffy", "uft", "prefix_rft", *SWEEPS], "lr": ["sft", "grpo", *LR_GRID]}
 DEFAULT_GROUPS = ("trainers", "forks")  # --methods all
 PASSK = ["grpo", "nsr", "psr", "w_reinforce"]  # final models evaluated for pass@k, with the base (claims 7-9)
-LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT",
-          "uft": "UFT", "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
-          "grpo_then_sft": "GRPO then SFT", "sft_then_grpo_vmin": "SFT then GRPO (val. min)", "nsr": "NSR (fork)",
-          "psr": "PSR (fork)", "w_reinforce": "W-REINFORCE (fork)", "forking_tokens": "Forking tokens (fork)",
-          "chord": "CHORD (fork)", "hpt": "HPT (fork)",
-          **{m: f"{LABELS_OF[s]} {' '.join(f)[2:].replace('_', ' ')}" for m, (s, f) in {**SWEEPS, **LR_GRID}.items()}}
-GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task: levels 3-4 need a times-table fact
 STRATA = lab_regimes.STRATA  # levels 3-4 by the base's prior on the fact (builtin_task.STRATA, GENERALISATION_FACTS)
-GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)"}
-
-BUDGET_TEXT = (
-    "Budget matching: every method starts from the same built-in base and sees the same {prompts_total} "
-    "training prompts ({steps} steps x {prompts} prompts, the same seeded order); sft.py runs "
-    "`--batch_size {prompts} --max_steps {steps}`, a two-stage baseline {half} + {rest} steps of {prompts} (its "
-    "second stage restarts the seeded order, so it sees the first stage's prompts again: fewer distinct ones). "
-    "Each family uses its trainer's default lr (RL 2e-4, SFT 5e-4) and every other default. Not matched, "
-    "and therefore reported: generated tokens (sum over steps of `generated_tokens`, the sampling cost; "
-    "sft.py samples nothing while training: 0) and demonstration tokens (sum of `demo_tokens`: the "
-    "demonstration tokens a step put before the model as training target or as context, once per prompt).")
 
 
 @dataclass
@@ -661,272 +646,6 @@ def read_passk_counts(out: str) -> dict | None:
 
 
 # ======================================================================================
-# Writing: results.md (table), figures (PNG), results.json
-# ======================================================================================
-
-
-def fmt(s: dict | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
-    """stats -> "mean (min-max)"; one seed or no spread: "mean"; none: "n/a"."""
-    if s is None:
-        return "n/a"
-    f = (lambda v: f"{v / scale:.{digits}f}{unit}")
-    return f(s["mean"]) if s["min"] == s["max"] else f"{f(s['mean'])} ({f(s['min'])}-{f(s['max'])})"
-
-
-def fmt_tokens(s: dict | None) -> str:
-    """Token counts in one unit per cell, chosen by the largest seed: 950, 9.5k, 95k, 9.50M."""
-    if s is None:
-        return "n/a"
-    top = s["max"]
-    if top >= 1e6:
-        return fmt(s, 2, 1e6, "M")
-    return fmt(s, 0, 1e3, "k") if top >= 1e4 else fmt(s, 1, 1e3, "k") if top >= 1e3 else fmt(s, 0)
-
-
-def table(res: dict) -> list[str]:
-    """The Markdown table: one row per method (and the base), accuracy at the final step."""
-    levels = sorted({k for m in res["methods"].values() for k in m["summary"]["final"]
-                     if k not in ("all", *GROUPS, *STRATA)}) or ["1", "2", "3", "4"]
-    acc_keys = ["all", *levels, *GROUPS]
-    head = ["method", "seeds ok", "all levels", *[f"level {lv}" for lv in levels], "reachable (1-2)",
-            "out of reach (3-4)", "wrong steps", "entropy", "response length", "generated tokens", "demo tokens", "wall time (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = res.get("base") or {}
-    if base:
-        lines.append("| base model (step 0) | " + str((base.get("all") or {}).get("n", 0)) + " | " +
-                     " | ".join(fmt(base.get(k)) for k in acc_keys) + " | - | - | - | - | - | - |")
-    for name, m in res["methods"].items():
-        s, runs = m["summary"], m["runs"]
-        ok = sum(r["status"] == "ok" for r in runs)
-        failed = [f"seed {r['seed']} FAILED: " + (", ".join(r["logs"]) or r["why"])
-                  for r in runs if r["status"] != "ok"]
-        label = m["label"] + (f" **({'; '.join(failed)})**" if failed else "")
-        if not ok:
-            lines.append(f"| {label} | 0/{len(runs)} | " + " | ".join(["failed"] * (len(head) - 2)) + " |")
-            continue
-        lines.append(f"| {label} | {ok}/{len(runs)} | " + " | ".join(fmt(s["final"].get(k)) for k in acc_keys) +
-                     f" | {fmt(s['wrong_steps_final'])} | {fmt(s['entropy_final'])} | {fmt(s['response_length_final'], 1)} | "
-                     f"{fmt_tokens(s['generated_tokens'])} | {fmt_tokens(s['demo_tokens'])} | {fmt(s['wall_s'], 0)} |")
-    for name, why in res.get("missing", {}).items():
-        lines.append(f"| {LABELS.get(name, name)} | not run: {why} |" + " |" * (len(head) - 2))
-    return lines
-
-
-def regime_table(res: dict, figures: bool = True) -> list[str]:
-    """Levels 3-4 per stratum (the base's prior on the fact) at the final step, beside what each method did to
-    the probe: the share of its tokens moved by more than lab_regimes.SHIFT, and the final KL from the base and
-    NLL of the held-out demonstrations."""
-    strata = [s for s in STRATA if any(s in m["summary"]["final"] for m in res["methods"].values())]
-    if not strata:
-        return []
-    prior = lab_regimes.base_prior(res)
-    head = ["method", *[f"{s} (prior {prior[s]:.2g})" if s in prior else s for s in strata],
-            "probe tokens moved", "KL from base", "demo NLL"]
-    lines = ["Levels 3-4 by stratum (the base's prior on the fact: the median least-likely demonstration token "
-             "probability at step 0), final held-out pass@1; the probe (docs/lab.md): the share of its tokens whose "
-             f"probability moved by more than {lab_regimes.SHIFT} from the base's, the per-token KL(base || model) on "
-             "the base's own responses and the per-token NLL of the held-out demonstrations, at the end:", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = res.get("base") or {}
-    if base:
-        at0 = lab_regimes.base_probe(res)
-        lines.append("| base model (step 0) | " + " | ".join(fmt(base.get(s)) for s in strata) + " | 0 | 0 | " +
-                     (f"{at0[2]:.3f}" if at0 else "n/a") + " |")
-    for name, m in res["methods"].items():
-        s = m["summary"]
-        if not any(r["status"] == "ok" for r in m["runs"]):
-            continue
-        lines.append(f"| {m['label']} | " + " | ".join(fmt(s["final"].get(k)) for k in strata) + " | " +
-                     " | ".join(fmt(x) for x in (s["token_shift"]["all"], s["probe_final"]["kl_base"],
-                                                  s["probe_final"]["demo_nll"])) + " |")
-    return lines + (["", "![accuracy per stratum against the base's prior](regimes.png)", "",
-                     "![learning dynamics and probe entropy](dynamics.png)", "",
-                     "![token shift of one demonstration](token_shift.png)", ""] if figures else [])
-
-
-def forks_counter(res: dict) -> str:
-    """One line: how many fork runs finished, apart from the trainers' count (the forks are not reference trainers)."""
-    forks = [m for m in FORKS if m in res["methods"]]
-    runs = [r for m in forks for r in res["methods"][m]["runs"]]
-    if not forks:
-        return "Forks (forks/): none in this lab."
-    return (f"Forks (forks/, rows marked \"(fork)\"): {sum(r['status'] == 'ok' for r in runs)} of {len(runs)} runs "
-            f"finished ({', '.join(LABELS[m] for m in forks)}); the trainers and baselines: "
-            f"{sum(r['status'] == 'ok' for m, x in res['methods'].items() if m not in FORKS for r in x['runs'])} of "
-            f"{sum(len(x['runs']) for m, x in res['methods'].items() if m not in FORKS)}.")
-
-
-def passk_table(res: dict) -> list[str]:
-    """The final pass@k of the base and the PASSK methods, reachable / out-of-reach levels (mean over seeds)."""
-    curves = passk_series(res)
-    if not curves:
-        return []
-    ks = sorted({k for c in curves.values() for g in c.values() for k in g["steps"]})
-    lines = ["Final pass@k (unbiased, METHODS.md Eq. 58; mean over seeds), reachable / out-of-reach levels:", "",
-             "| method | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]
-    for label, c in curves.items():
-        cell = {g: dict(zip(c[g]["steps"], c[g]["mean"])) for g in c}
-        lines.append(f"| {label} | " + " | ".join(" / ".join(f"{cell[g][k]:.3f}" if k in cell.get(g, {}) else "n/a"
-                                                             for g in GROUPS) for k in ks) + " |")
-    return lines + ["", "![pass@k against k](passk.png)", ""]
-
-
-def results_markdown(res: dict) -> str:
-    lab, b = res["lab"], res["lab"]["budget"]
-    steps, w = b["steps"], window(b["steps"])
-    missing = ", ".join(f"{LABELS.get(k, k)} ({v})" for k, v in res.get("missing", {}).items()) or "none"
-    text = [
-        "# Laptop lab results", "",
-        f"Command: `{lab['command']}`  ",
-        f"Machine: {lab['machine']['cpu']}, {lab['machine']['cores']} cores, load average "
-        f"{lab['machine']['load_start']} at the start and {lab['machine']['load_end']} at the end; "
-        f"{lab['jobs']} run(s) at a time with OMP_NUM_THREADS={lab['threads']}  ",
-        f"Date: {lab['date']} (this invocation {lab['wall_min']:.1f} min, {lab.get('reused', 0)} of "
-        f"{lab.get('runs', '?')} runs reused from earlier ones; the trainer processes ran "
-        f"{lab.get('runs_wall_min', 0):.1f} min in all, started between {lab.get('first_started')} and "
-        f"{lab.get('last_started')})  ",
-        f"Git commit: {lab['commit']}  ",
-        f"Seeds: {', '.join(map(str, b['seeds']))}; methods missing: {missing}", "",
-        BUDGET_TEXT.format(prompts_total=steps * b["prompts"], steps=steps, prompts=b["prompts"], half=steps // 2,
-                           rest=steps - steps // 2), "",
-        *table(res), "",
-        *regime_table(res),
-        forks_counter(res), "",
-        f"Accuracy: held-out pass@1 at step {steps} (mean over the samples of each problem at the evaluation "
-        f"temperature), {b['eval_per_level']} problems per level; \"all levels\" pools every problem, a group "
-        "is the mean of its levels. Each cell: mean over seeds, (min-max) over seeds (no range: all seeds "
-        "equal). The base row is the step-0 evaluation (one per seed: the seeds differ only in the "
-        "evaluation's sampling, so its spread is the evaluation noise). Wrong steps: at the final evaluation, "
-        "the share of rewarded samples whose worked steps differ from the task's (`eval_wrong_steps_builtin`): "
-        "right answers for wrong reasons, which the answer-only verifier rewards. Entropy and response length: mean "
-        f"of the core keys `entropy` and `response_length` over the last {w} training steps; for SFT (and a "
-        "run ending with an SFT stage) "
-        "they are measured on the demonstrations it trains on, not on its own samples. Generated and "
-        "demonstration tokens: sums over all training steps (BREAD's demo tokens count the anchors of the "
-        "groups it trained on, not the longer anchors its search tried). Wall time: the trainer processes "
-        "(two stages summed), start-up and evaluation included, with the other runs of the lab beside them "
-        "when it ran more than one at a time.", "",
-        "![held-out accuracy against step](accuracy.png)", "",
-        "![entropy against step](entropy.png)", "",
-        *passk_table(res),
-        "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]
-    for v in res.get("verdicts", []):
-        text += [f"{v['claim']}. **{v['text']}** Verdict: **{v['verdict']}**. {v['measured']}", ""]
-    text += ["Decision rules:", "", *[f"- {r}" for r in RULES], ""]
-    return "\n".join(text)
-
-
-def series(res: dict, metric: str) -> dict:
-    """{method label: {steps, mean, lo, hi}} of one metric against the step, over the seeds that finished:
-    metric "entropy" (every training step) or an accuracy key ("all", a level, "reachable", "out_of_reach";
-    the evaluation steps). lo / hi: min / max over seeds, at steps every seed has."""
-    out = {}
-    for m in res["methods"].values():
-        ok = [r for r in m["runs"] if r["status"] == "ok"]
-        if not ok:
-            continue
-        if metric == "entropy":
-            per_seed = [{s: v for s, v in r["entropy_curve"] if v is not None} for r in ok]
-        else:
-            per_seed = [{int(s): a[metric] for s, a in r["evals"].items() if metric in a} for r in ok]
-        steps = sorted(set.intersection(*(set(p) for p in per_seed)))
-        if steps:
-            values = [[p[s] for p in per_seed] for s in steps]
-            out[m["label"]] = {"steps": steps, "mean": [sum(v) / len(v) for v in values],
-                               "lo": [min(v) for v in values], "hi": [max(v) for v in values]}
-    return out
-
-
-def figures(res: dict, results: str) -> list[str]:
-    """accuracy.png (reachable and out-of-reach levels) and entropy.png; raises ImportError without matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {LABELS[m]: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(METHODS)}  # forks: dash-dot
-    colors["base model"] = "black"
-
-    def draw(ax, data, title, ylabel):
-        for label, s in data.items():
-            style = "--" if label in {LABELS[m] for m in TWO_STAGE} else "-." if label in {LABELS[m] for m in FORKS} \
-                else "-"
-            ax.plot(s["steps"], s["mean"], style, color=colors.get(label), label=label, lw=1.5)
-            ax.fill_between(s["steps"], s["lo"], s["hi"], color=colors.get(label), alpha=0.15, lw=0)
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-
-    seeds = res["lab"]["budget"]["seeds"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, group in zip(axes, GROUPS):
-        draw(ax, series(res, group), f"held-out accuracy, {GROUP_TEXT[group]}", "pass@1")
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: never over a curve
-    fig.suptitle(f"line: mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; band: min-max "
-                 "over seeds", fontsize=9)
-    fig.tight_layout()
-    paths = [os.path.join(results, "accuracy.png"), os.path.join(results, "entropy.png")]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    draw(ax, series(res, "entropy"), "token entropy of the training batch (SFT: on its demonstrations)",
-         "mean entropy (nats)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    curves = passk_series(res)
-    if curves:  # passk.png: pass@k against k, one curve per method, reachable and out-of-reach levels apart
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, group in zip(axes, GROUPS):
-            draw(ax, {label: c[group] for label, c in curves.items() if group in c},
-                 f"final pass@k, {GROUP_TEXT[group]}", "pass@k (unbiased, Eq. 58)")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("k (samples per problem)")
-        axes[0].set_ylim(-0.02, 1.02)
-        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
-        fig.tight_layout()
-        paths.append(os.path.join(results, "passk.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    probe = builtin_probe(Budget(model=res["lab"]["budget"]["model"]))
-    return paths + lab_regimes.figures(res, results, LABELS, probe, colors)
-
-
-def passk_series(res: dict) -> dict:
-    """{label: {group: {steps (= the k), mean, lo, hi}}} of the final pass@k curves: the base and PASSK methods."""
-    sources = {"base model": res.get("base_passk")}
-    sources.update({m["label"]: m["summary"].get("passk") for m in res["methods"].values()})
-    out = {}
-    for label, groups in sources.items():
-        for group, by_k in (groups or {}).items():
-            ks = [k for k, s in by_k.items() if s]
-            if group in GROUPS and ks:
-                out.setdefault(label, {})[group] = {"steps": [int(k) for k in ks],
-                                                    "mean": [by_k[k]["mean"] for k in ks],
-                                                    "lo": [by_k[k]["min"] for k in ks],
-                                                    "hi": [by_k[k]["max"] for k in ks]}
-    return out
-
-
-def write_results(res: dict, results: str, say=print) -> None:
-    """results.json, results.md and the figures (the figures only where matplotlib is installed)."""
-    res["verdicts"] = verdicts(res)
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(results, "results.md"), "w") as f:
-        f.write(results_markdown(res))
-    try:
-        figures(res, results)
-    except ImportError:
-        say("lab: matplotlib is not installed, so no figures (pip install matplotlib; training never needs it). "
-            "Then `python lab.py` again redraws them from the finished runs in seconds.")
-
-
-# ======================================================================================
 # Main
 # ======================================================================================
 
@@ -1048,7 +767,8 @@ def main(argv=None):
                 runs=len(jobs), **run_times(jobs))
     info["machine"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     res = {"lab": info, **collect(jobs, status, methods, missing, budget, results)}
-    write_results(res, results)
+    res["verdicts"] = verdicts(res)
+    write_results(res, results, RULES, builtin_probe(budget))
     print(f"lab: {results}/results.md ({info['wall_min']:.1f} min)\n")
     print_verdicts(res["verdicts"])
     failed = sorted(n for n, s in status.items() if s in ("failed", "blocked"))

@@ -183,9 +183,9 @@ def base():
 def lab_strata():
     """docs/lab.md: levels 3-4 by stratum for every method, beside its token shift and probe distances."""
     sys.path.insert(0, ROOT)
-    import lab  # lab.py imports only the standard library and lab_regimes at its top
+    import lab_report  # imports only the standard library and lab_regimes at its top
 
-    return lab.regime_table(load("lab_results/results.json"), figures=False)  # the page places the figures
+    return lab_report.regime_table(load("lab_results/results.json"), figures=False)  # the page places the figures
 
 
 def stratum_steps():
@@ -193,6 +193,7 @@ def stratum_steps():
     (`python scripts/stratum_steps.py lab_results`)."""
     sys.path.insert(0, ROOT)
     import lab
+    import lab_report
 
     runs = load("lab_results/stratum_steps.json")
     strata = ("needle", "weak", "moderate", "generalisation")
@@ -201,7 +202,7 @@ def stratum_steps():
         got = [v for k, v in runs.items() if k.rsplit("-s", 1)[0] == m]
         if got:
             mean = lambda key, s: sum(v[s][key] for v in got) / len(got)  # noqa: E731
-            rows.append((lab.LABELS[m], len(got), *(f"{mean('pass', s):.3f} / {mean('right_steps', s):.3f}"
+            rows.append((lab_report.LABELS[m], len(got), *(f"{mean('pass', s):.3f} / {mean('right_steps', s):.3f}"
                                                     for s in strata)))
     return table(["method", "seeds", *(f"{s}: graded / right steps" for s in strata)], rows)
 

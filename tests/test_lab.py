@@ -13,6 +13,7 @@ import pytest
 
 import lab
 import lab_claims
+import lab_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,8 +283,9 @@ def test_collect_means_spreads_tokens_and_failures(fabricated):
 def test_table_lists_every_method_with_numbers(fabricated):
     data, _ = fabricated
     data["verdicts"] = lab_claims.verdicts(data)
-    md = lab.results_markdown(data)
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    md = lab_report.results_markdown(data, lab_claims.RULES)
+    lines = md[:md.index("## Every seed")].splitlines()  # the main table, not the seeds' rows
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     for label in ("SFT", "GRPO", "LUFFY", "BREAD", "SFT then GRPO", "SRFT", "base model (step 0)"):
         assert label in rows, label
     cells = [c.strip() for c in rows["GRPO"].strip("|").split("|")]
@@ -302,26 +304,32 @@ def test_table_lists_every_method_with_numbers(fabricated):
 
 def test_series_for_the_figures(fabricated):
     data, _ = fabricated
-    reach = lab.series(data, "reachable")
+    reach = lab_report.series(data, "reachable")
     assert set(reach) == {"SFT", "GRPO", "LUFFY", "BREAD", "SFT then GRPO", "GRPO then SFT"}
     g = reach["GRPO"]
     assert g["steps"] == [0, 2, 4]
     assert g["mean"] == pytest.approx([0.51, (0.51 + 0.935) / 2, 0.935])
-    assert g["lo"][2] == pytest.approx(0.925) and g["hi"][2] == pytest.approx(0.945)
+    # 95% t-interval of 0.925, 0.935, 0.945: 0.935 +- 4.303 x 0.01 / sqrt(3) = 0.935 +- 0.024843
+    assert (g["lo"][2], g["hi"][2]) == (pytest.approx(0.910157, abs=1e-6), pytest.approx(0.959843, abs=1e-6))
     assert reach["SFT then GRPO"]["steps"] == [0, 2, 4]  # stage 2's own step 0 dropped, its step 2 is step 4
     assert reach["SFT then GRPO"]["mean"][2] == pytest.approx(0.985)
     assert reach["GRPO then SFT"]["mean"][2] == pytest.approx(0.85)  # seeds 0 and 1 only
-    ent = lab.series(data, "entropy")["GRPO"]
-    assert ent["steps"] == [1, 2, 3, 4] and ent["mean"] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    ent = lab_report.series(data, "rollout_entropy")
+    assert ent["GRPO"]["steps"] == [1, 2, 3, 4] and ent["GRPO"]["mean"] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    assert "SFT" not in ent and ent["SFT then GRPO"]["steps"] == [3, 4]  # sft.py's steps: teacher-forced, left out
+    assert ent["GRPO then SFT"]["steps"] == [1, 2]
 
 
 def test_figures_are_pngs(fabricated):
     pytest.importorskip("matplotlib")
     data, res = fabricated
-    for path, width in zip(lab.figures(data, res), (12 * 120, 7 * 120)):
+    paths = lab_report.figures(data, res)
+    assert [os.path.basename(p) for p in paths[:2]] == ["accuracy.png", "entropy.png"]  # no strata, no pass@k
+    for path in paths:
         with open(path, "rb") as f:
             head = f.read(24)
-        assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", head[16:20])[0] == width
+        width, height = struct.unpack(">II", head[16:24])
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and width > height > 300
 
 
 def test_verdicts_cli_reads_results_json(fabricated, tmp_path, capsys):
@@ -362,18 +370,18 @@ def test_forks_and_passk_are_collected(tmp_path):
     data = lab.collect(jobs, status, methods, {}, budget, res)
     approx_stats(data["base_passk"]["reachable"]["4"], 0.91, 0.90, 0.92)
     approx_stats(data["methods"]["nsr"]["summary"]["passk"]["all"]["4"], 0.535, 0.535, 0.535)
-    curves = lab.passk_series(data)
+    curves = lab_report.passk_series(data)
     assert set(curves) == {"base model", "GRPO", "NSR (fork)", "PSR (fork)", "W-REINFORCE (fork)"}
     assert curves["GRPO"]["reachable"]["steps"] == [1, 2, 4]
     assert curves["GRPO"]["reachable"]["mean"] == pytest.approx([0.86, 0.89, 0.90])
     data["lab"] = {"command": "python lab.py --test", "date": "today", "commit": "abc", "jobs": 1, "threads": 2,
                    "wall_min": 1.0, "budget": lab.asdict(budget),
                    "machine": {"cpu": "Test CPU", "cores": 2, "load_start": "0.1", "load_end": "0.2"}}
-    md = lab.results_markdown(data)
+    md = lab_report.results_markdown(data, lab.RULES)
     assert "Forks (forks/, rows marked \"(fork)\"): 9 of 9 runs finished" in md and "trainers and baselines: 3 of 3" in md
     assert "| NSR (fork) | 0.800 / 0.000 | 0.900 / 0.050 | 0.970 / 0.100 |" in md and "passk.png" in md
     if importlib.util.find_spec("matplotlib"):
-        assert os.path.exists(lab.figures(data, res)[-1]) and lab.figures(data, res)[-1].endswith("passk.png")
+        assert os.path.join(res, "passk.png") in lab_report.figures(data, res)
 
 
 # =============================================================================================
