@@ -458,9 +458,15 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
         return sum(values) / len(values) if values else None
 
     cumulative, running = {0: 0.0}, 0.0  # demonstration tokens used up to each evaluation step
+    compute, spent = {0: [0.0, 0.0]}, [0.0, 0.0]  # generated + trained tokens, training seconds, up to each step
     for r in train:
         running = None if running is None or r.get("demo_tokens") is None else running + r["demo_tokens"]
         cumulative[r["step"]] = running
+        seconds = (r.get("time_rollout") or 0.0) + (r.get("time_train") or 0.0)  # the step's, evaluation apart
+        rate, generated = r.get("tokens_per_second"), value(r, "generated_tokens")  # trained: rate x seconds
+        tokens = None if rate is None or generated is None or spent[0] is None else generated + rate * seconds
+        spent = [None if tokens is None else spent[0] + tokens, spent[1] + seconds]
+        compute[r["step"]] = list(spent)
     wrong = [v for k, v in next(r for r in records if r["step"] == last and "eval_accuracy" in r).items()
              if k.startswith("eval_wrong_steps_")]  # builtin sets only: right answers, wrong worked steps
     return {
@@ -471,6 +477,8 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
         "response_length_final": mean(train[-w:], "response_length"),
         "generated_tokens": total("generated_tokens"), "demo_tokens": total("demo_tokens"),
         "demo_tokens_at": {str(s): cumulative.get(s) for s in sorted(evals)},
+        "compute_at": {str(s): compute.get(s) for s in sorted(evals)},  # [tokens, seconds] (compute.png)
+        "val_score": last_three([r["eval_accuracy_val"] for r in records if r.get("eval_accuracy_val") is not None]),
         "entropy_curve": [[r["step"], r.get("entropy")] for r in train],
         "demo_probs": lab_regimes.demo_probs(records), "probe": lab_regimes.probe_series(records),
         "wall_s": wall_s,
@@ -490,6 +498,11 @@ def problem_arrays(records: list[dict]) -> dict | None:
             if all(x["right_steps"] is not None for _, x in main) else None}
 
 
+def last_three(values: list) -> float | None:
+    """The mean of a run's last three evaluations (lab_stats.LAST): its score on the validation split."""
+    return sum(values[-3:]) / len(values[-3:]) if values else None
+
+
 def stats(values: list) -> dict | None:
     """Mean and spread over seeds: min, max, range and the sample std (None with one seed)."""
     values = [v for v in values if v is not None]
@@ -501,8 +514,8 @@ def stats(values: list) -> dict | None:
             "n": len(values)}
 
 
-SUMMARY_KEYS = ["entropy_start", "entropy_final", "response_length_final", "wrong_steps_final", "generated_tokens",
-                "demo_tokens", "wall_s"]
+SUMMARY_KEYS = ["val_score", "entropy_start", "entropy_final", "response_length_final", "wrong_steps_final",
+                "generated_tokens", "demo_tokens", "wall_s"]
 
 
 def summarize_method(runs: list[dict]) -> dict:

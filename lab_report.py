@@ -212,6 +212,30 @@ def regime_table(res: dict, figures: bool = True) -> list[str]:
                      "![token shift of one demonstration](token_shift.png)", ""] if figures else [])
 
 
+LR_FAMILIES = {"SFT": ("sft", "sft_lr2.5e-4", "sft_lr1e-3"), "GRPO": ("grpo", "grpo_lr1e-4", "grpo_lr4e-4")}
+
+
+def lr_table(res: dict) -> list[str]:
+    """--methods lr: each family's learning rates by their score on the validation split (held-out training
+    problems, never the held-out set: the mean of the last three evaluations), and which won."""
+    lines = []
+    for family, members in LR_FAMILIES.items():
+        have = [m for m in members if m in res["methods"] and res["methods"][m]["summary"].get("val_score")]
+        if len(have) < 2:
+            continue
+        score = {m: res["methods"][m]["summary"]["val_score"] for m in have}
+        best = max(have, key=lambda m: score[m]["mean"])
+        lines += [f"| {LABELS[m]}{' (default)' if m == members[0] else ''} | {fmt(score[m])} | "
+                  f"{fmt(res['methods'][m]['summary']['final'].get('all'))} | {'**best**' if m == best else ''} |"
+                  for m in have]
+    if not lines:
+        return []
+    return ["Learning rates (`--methods lr`), chosen on the validation split: the score is the mean of the last "
+            "three evaluations on the 200 training problems every run holds out (`--val_rows`); the held-out "
+            "column is shown, never used to choose:", "", *header(["run", "validation score", "held-out, all levels",
+                                                                     "best"]), *lines, ""]
+
+
 def forks_counter(res: dict) -> str:
     """One line: how many fork runs finished, apart from the trainers' count (the forks are not reference trainers)."""
     forks = [m for m in FAMILIES["forks"] if m in res["methods"]]
@@ -350,7 +374,12 @@ def results_markdown(res: dict, rules: list[str]) -> str:
         "demonstration, not comparable); the bottom row is the entropy on the fixed probe (the same prompts for "
         "every method, T = 1), for every method.", "",
         "![rollout entropy and probe entropy against step](entropy.png)", "",
+        "Compute: held-out pass@1 on all levels against the generated + trained tokens (sampled tokens, and the "
+        "real tokens of the training micro-batches) and the training seconds (rollouts and updates; evaluation "
+        "apart) each method had spent by each evaluation, means over seeds.", "",
+        "![accuracy against tokens and seconds spent](compute.png)", "",
         *passk_table(res),
+        *lr_table(res),
         *seed_section(res),
         "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]
     for v in res.get("verdicts", []):
@@ -477,9 +506,35 @@ def passk_figure(plt, curves: dict, title: str):
     return fig
 
 
+def compute_figure(plt, res: dict, title: str):
+    """Held-out pass@1 (all levels) against what a method spent to get there: generated + trained tokens, and
+    training seconds (rollouts and updates, evaluation apart), both summed up to each evaluation; one line per
+    method, the means over its seeds of both coordinates."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for key, m in res["methods"].items():
+        ok = [r for r in m["runs"] if r["status"] == "ok" and r.get("compute_at")]
+        steps = sorted(set.intersection(*(set(r["compute_at"]) for r in ok)), key=int) if ok else []
+        points = [(s, [r["compute_at"][s] for r in ok], [r["evals"][s]["all"] for r in ok]) for s in steps
+                  if all(r["compute_at"][s] and r["compute_at"][s][0] is not None and s in r["evals"] for r in ok)]
+        for i, ax in enumerate(axes):
+            xs = [sum(c[i] for c in cs) / len(cs) for _, cs, _ in points]
+            ax.plot(xs, [sum(a) / len(a) for _, _, a in points], "-o", ms=2.5, lw=1.3, color=COLORS.get(key),
+                    label=m["label"])
+    for ax, name in zip(axes, ("generated + trained tokens", "training seconds (evaluation apart)")):
+        ax.set_xscale("symlog", linthresh=1e3 if "tokens" in name else 1.0)
+        ax.set_xlabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("held-out pass@1, all levels", fontsize=8)
+    axes[1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def figures(res: dict, results: str, probe: dict | None = None) -> list[str]:
-    """accuracy.png, accuracy_strata.png (results with strata), entropy.png, passk.png (with pass@k evaluations)
-    and lab_regimes' figures (token_shift.png needs the base's probe); raises ImportError without matplotlib."""
+    """accuracy.png, accuracy_strata.png (results with strata), entropy.png, passk.png (with pass@k evaluations),
+    compute.png (accuracy against tokens and seconds) and lab_regimes' figures (token_shift.png needs the base's probe); raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,6 +563,8 @@ def figures(res: dict, results: str, probe: dict | None = None) -> list[str]:
     curves = passk_series(res)
     if curves:
         save("passk.png", passk_figure(plt, curves, band))
+    if any(r.get("compute_at") for m in res["methods"].values() for r in m["runs"]):
+        save("compute.png", compute_figure(plt, res, "means over seeds " + ", ".join(map(str, budget["seeds"]))))
     return paths + lab_regimes.figures(res, results, LABELS, probe, label_colors())
 
 

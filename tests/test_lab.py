@@ -459,3 +459,16 @@ def test_run_times_sum_every_attempt(fabricated):
     t = lab.run_times(jobs)
     assert t["runs_wall_min"] == pytest.approx((60 + 15 + 21 + 27 + 21 + 12 + 12) / 60)
     assert t["first_started"] is None  # the fabricated attempts carry no start time
+
+
+def test_compute_spent_up_to_each_evaluation():
+    """compute_at (compute.png): generated tokens plus the trained tokens (the logged rate x the step's rollout and
+    training seconds), and those seconds, summed up to each evaluation; sft.py generates nothing."""
+    records = [{"step": 0, "trainer": "grpo", **evaluation(BASE)}] + [
+        {"step": s, "trainer": "grpo", "loss": 0.1, "generated_tokens": 100, "time_rollout": 1.0, "time_train": 3.0,
+         "tokens_per_second": 50.0, **(evaluation(BASE) if s == 2 else {})} for s in (1, 2)]
+    assert lab.summarize_run(records, None)["compute_at"] == {"0": [0.0, 0.0], "2": [2 * (100 + 50 * 4), 8.0]}
+    sft = [dict(r, trainer="sft", time_rollout=0.0) for r in records]
+    for r in sft[1:]:
+        del r["generated_tokens"]
+    assert lab.summarize_run(sft, None)["compute_at"]["2"] == [2 * 50 * 3, 6.0]

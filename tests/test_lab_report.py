@@ -142,3 +142,15 @@ def test_write_results_without_matplotlib(res, tmp_path, monkeypatch):
     rep.write_results(res, str(tmp_path), ["a rule"], say=said.append)
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
     assert "matplotlib is not installed" in said[0] and "- a rule" in (tmp_path / "results.md").read_text()
+
+
+def test_lr_table_names_the_best_rate_on_the_validation_split():
+    def method(key, val, held):
+        return {"label": rep.LABELS[key], "runs": [], "summary": {"val_score": {"mean": val, "min": val, "max": val},
+                                                                 "final": {"all": {"mean": held, "min": held,
+                                                                                   "max": held}}}}
+    res = {"methods": {"sft": method("sft", 0.60, 0.9), "sft_lr1e-3": method("sft_lr1e-3", 0.70, 0.5),
+                       "grpo": method("grpo", 0.5, 0.5)}}
+    lines = rep.lr_table(res)
+    assert "| SFT (default) | 0.600 | 0.900 |  |" in lines and "| SFT lr 1e-3 | 0.700 | 0.500 | **best** |" in lines
+    assert not any("GRPO" in x for x in lines)  # one rate of GRPO: nothing to choose between
