@@ -521,7 +521,7 @@ SUMMARY_KEYS = ["val_score", "entropy_start", "entropy_final", "response_length_
 def summarize_method(runs: list[dict]) -> dict:
     """Per-method stats over the runs that finished; accuracy keys as final.<key>, base.<key>."""
     ok = [r for r in runs if r["status"] == "ok"]
-    out = {k: stats([r[k] for r in ok]) for k in SUMMARY_KEYS}
+    out = {k: stats([r.get(k) for r in ok]) for k in SUMMARY_KEYS}
     out["entropy_fall"] = stats([r["entropy_start"] - r["entropy_final"] for r in ok
                                  if r["entropy_start"] is not None and r["entropy_final"] is not None])
     for part in ("final", "base"):
