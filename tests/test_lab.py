@@ -472,3 +472,24 @@ def test_compute_spent_up_to_each_evaluation():
     for r in sft[1:]:
         del r["generated_tokens"]
     assert lab.summarize_run(sft, None)["compute_at"]["2"] == [2 * 50 * 3, 6.0]
+
+
+def test_run_jobs_starts_a_second_stage_at_the_validation_minimum(tmp_path, monkeypatch):
+    """A stand-in first stage whose validation loss is lowest at step 2 of 4: the second stage runs 2 steps from
+    checkpoint-000002; a rerun reuses both."""
+    (tmp_path / "fake.py").write_text(FAKE.replace('{"step": s, "loss": 0.0}', '{"step": s, "loss": 0.0, '
+                                                   '"demo_nll_val": (s - 2) ** 2 + 1}'))
+    monkeypatch.setattr(lab, "ROOT", str(tmp_path))
+    res = str(tmp_path / "res")
+    jobs = lab.plan(lab.Budget(steps=4, eval_every=2, seeds=(0,)), ["sft_then_grpo_vmin"], res)
+    for j in jobs:
+        j.script = "fake.py"
+    assert lab.run_jobs(jobs, res, n_jobs=1, threads=1, say=print) == {"sft_then_grpo_vmin-s0/stage1": "done",
+                                                                         "sft_then_grpo_vmin-s0/stage2": "done"}
+    second = dict(zip(jobs[1].args[::2], jobs[1].args[1::2]))
+    assert second["--max_steps"] == "2" and second["--model"].endswith(os.path.join("stage1", "checkpoint-000002",
+                                                                                     "model"))
+    jobs = lab.plan(lab.Budget(steps=4, eval_every=2, seeds=(0,)), ["sft_then_grpo_vmin"], res)
+    for j in jobs:
+        j.script = "fake.py"
+    assert set(lab.run_jobs(jobs, res, n_jobs=1, threads=1, say=print).values()) == {"reused"}
