@@ -1,39 +1,47 @@
-"""The laptop lab: every trainer on the built-in task with one budget, three seeds each, and the papers'
+"""The laptop lab: every trainer on the built-in task with one budget, five seeds each, and the papers'
 claims put to the test. One command, one results folder:
 
-    python lab.py                     # the full lab into lab_results/ (2 idle cores: see docs/lab.md)
+    python lab.py                     # trainers and forks into lab_results/ (2 idle cores: see docs/lab.md)
+    python lab.py --methods trainers  # one group: trainers, forks, sweeps (each method's own knob), lr (lr grid)
     python lab.py --jobs 4            # 4 trainers at a time, each with OMP_NUM_THREADS = cores / 4
     python lab.py --quick             # smoke run into lab_results_quick/: 1 seed, 4 steps, 10 problems per level
     python lab.py --verdicts lab_results/results.json    # the claim-by-claim verdicts of a finished lab
 
 What runs. Every trainer of TRAINERS whose file exists next to this one (one that does not, e.g. srft.py
-on a branch without it, is listed as missing in the results), with seeds 0, 1, 2, plus the two-stage
-baselines SFT then GRPO and GRPO then SFT, whose second stage starts from the first stage's final
-checkpoint, plus the forks of FORKS (forks/, with the RL budget), and after each run of PASSK (and once
-per seed for the base) a pass@k evaluation of its final model (evaluate.py --pass_k, METHODS.md Eq. 58).
-`--methods trainers` or `--methods forks` runs one group alone. Each run is a subprocess of the trainer's
-own command line, `python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console
-in lab.log there.
+on a branch without it, is listed as missing in the results), with seeds 0-4, plus DFT (a switch of sft.py),
+the two-stage baselines SFT then GRPO and GRPO then SFT (switch at half the steps: the naive split) and SFT then
+GRPO done right (the switch at SFT's validation-loss minimum, arXiv 2512.11470: its first stage runs the whole
+budget keeping a checkpoint at every evaluation, its second starts from the lowest validation loss's and runs
+the rest), plus the forks of FORKS (forks/, with the RL budget), and after each run of PASSK (and once per seed
+for the base) a pass@k evaluation of its final model on the reachable problems (evaluate.py --pass_k, METHODS.md
+Eq. 58). The groups `sweeps` and `lr` (3 seeds) run each method's own knob and each family's learning rates;
+they are not part of the default lab. Each run is a subprocess of the trainer's own command line,
+`python <trainer>.py --seed S --output_dir <results>/runs/<method>-s<S> ...`, its console in lab.log there.
 
 Budget matching (lab_report.BUDGET_TEXT, also written into results.md):
   - the same base (the built-in one) and the same prompts: 80 steps x 16 prompts = 1280, drawn in the same
-    seeded order; sft.py with --batch_size 16 --max_steps 80; a two-stage baseline 40 + 40 steps of 16
-    (the second stage restarts the seeded order: it sees the first stage's 640 prompts again, since no
-    trainer flag starts the stream later; the same seed keeps the evaluation's draws those of the others);
-  - the same lr per family: the trainers' defaults (RL 2e-4, SFT 5e-4), and every other default too;
+    seeded order from the same 800 training problems (every run holds out the same 200 as its validation split,
+    --val_rows); sft.py with --batch_size 16 --max_steps 80; a two-stage baseline 40 + 40 steps of 16 (the second
+    stage restarts the seeded order: it sees the first stage's prompts again, since no trainer flag starts the
+    stream later; the same seed keeps the evaluation's draws those of the others);
+  - the same lr per family: the trainers' defaults (RL 2e-4, SFT 5e-4; `--methods lr` tests the grid around
+    them on the validation split), and every other default too;
   - what cannot be matched is reported: generated tokens (sum over steps of the core key generated_tokens,
-    the sampling cost) and demonstration tokens (sum of demo_tokens: the demonstration tokens a step put
-    before the model as training target or as context, once per prompt, all ranks).
+    the sampling cost), demonstration tokens (sum of demo_tokens: the demonstration tokens a step put before the
+    model as training target or as context, once per prompt, all ranks), and compute.png's tokens and seconds.
+
+Evaluation. Every 10 steps on the first 100 held-out problems of each level, 4 samples each; every problem's
+counts go to the run's eval_problems.jsonl, so the claims pair methods problem by problem (lab_claims.py).
 
 Reruns. A run is finished when its metrics.jsonl reaches its last step and its final checkpoint exists;
 a rerun of the lab reuses it if its command is unchanged (lab_job.json holds the command). An unfinished
 run with the same command is resumed (--resume: from its newest checkpoint, or from scratch if it has
 none); a run whose command changed is deleted and started afresh, and so is the second stage of a
 two-stage baseline whose first stage ran again. A failed run stays in the table as failed, with the tail
-of its log in <results>/failures/.
+of its log in <results>/failures/. Seeds added later (--seeds 0,1,2,3,4 after 0,1,2) reuse the runs there.
 
-Verdicts: `verdicts()` turns results.json into one verdict per claim with the decision rules
-written in its docstring (and in RULES); nothing is hand-written.
+Verdicts: lab_claims.py turns results.json into one verdict per claim, each claim a small function, by paired
+statistics and minimum effects fixed in advance (lab_claims.RULES); nothing is hand-written.
 
 Report: lab_report.py writes results.json, results.md (with every seed's value behind each mean) and the
 figures. matplotlib is needed for the figures only (optional: without it the lab says so and writes

@@ -57,8 +57,11 @@ BUDGET_TEXT = (
     "Budget matching: every method starts from the same built-in base and sees the same {prompts_total} "
     "training prompts ({steps} steps x {prompts} prompts, the same seeded order); sft.py runs "
     "`--batch_size {prompts} --max_steps {steps}`, a two-stage baseline {half} + {rest} steps of {prompts} (its "
-    "second stage restarts the seeded order, so it sees the first stage's prompts again: fewer distinct ones). "
-    "Each family uses its trainer's default lr (RL 2e-4, SFT 5e-4) and every other default. Not matched, "
+    "second stage restarts the seeded order, so it sees the first stage's prompts again: fewer distinct ones); "
+    "SFT then GRPO (val. min) switches at the evaluation step where SFT's loss on the validation split is "
+    "lowest and gives GRPO the rest of the {steps} steps. Every run holds out the same training problems as its "
+    "validation split (`--val_rows`). Each family uses its trainer's default lr (RL 2e-4, SFT 5e-4) and every "
+    "other default. Not matched, "
     "and therefore reported: generated tokens (sum over steps of `generated_tokens`, the sampling cost; "
     "sft.py samples nothing while training: 0) and demonstration tokens (sum of `demo_tokens`: the "
     "demonstration tokens a step put before the model as training target or as context, once per prompt).")
