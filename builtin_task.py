@@ -87,6 +87,12 @@ def parse_problem(problem: str) -> list:
     return [(int(t), int(k)) if k else int(t) for t, k in re.findall(r"(\d)(?:\*(\d))?", problem.removesuffix("=?"))]
 
 
+def is_task_problem(problem: str) -> bool:
+    """Whether a problem string is one of this task's ("5+7*3=?"): its worked steps can be checked
+    (steps_correct), also when its rows come from a file (the lab's held-out subsets)."""
+    return re.fullmatch(r"\d(\*\d)?(\+\d(\*\d)?)*=\?", problem) is not None
+
+
 def _value(terms) -> int:
     return sum(t[0] * t[1] if isinstance(t, tuple) else t for t in terms)
 

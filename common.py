@@ -1795,7 +1795,7 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                                   max_tokens=max_tokens, seed=set_seed) if rows else []
         samples = [x for g in groups for x in g]  # problem-major: sample j of problem i at i*k + j
         graded = verifier.grade([x.text for x in samples], [r["answer"] for r in rows for _ in range(s.k)])
-        builtin = s.source == "builtin"  # its worked steps can be checked: right answers for wrong reasons
+        builtin = all(builtin_task.is_task_problem(r["problem"]) for r in s.rows)  # worked steps checkable
         mine = [(index[i], sum(g == 1 for g, _ in graded[i * s.k:(i + 1) * s.k]),
                  sum(g == 1 and builtin_task.steps_correct(r["problem"], x.text) for x, (g, _) in
                      zip(samples[i * s.k:(i + 1) * s.k], graded[i * s.k:(i + 1) * s.k])) if builtin else None)
@@ -1872,8 +1872,8 @@ def demo_probabilities(model: PolicyModel, s: EvalSet, tokenizer, d: Dist) -> di
                             tokenizer.pad_token_id, d.device)[:len(rows)]
     mine = []
     for r, (logp, _) in zip(rows, forced):
-        key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) if s.source == "builtin" \
-            else [True] * len(logp)
+        key = builtin_task.key_tokens([tokenizer.decode([t]) for t in r["demo_ids"]]) \
+            if builtin_task.is_task_problem(r["problem"]) else [True] * len(logp)
         low = sum(x < math.log(0.01) for x in logp)
         mine.append((groups_of(r), [x for x, k in zip(logp, key) if k], min(logp), low, len(logp), -sum(logp)))
     mine, metrics = gather(mine, d), {}

@@ -93,15 +93,17 @@ class Evidence:
         return np.array([i for i, g in enumerate(self.groups) if want is None or g & want], dtype=int)
 
     @staticmethod
-    def _shares(p: dict, i: int, right: bool) -> np.ndarray:
-        return np.asarray(p["right" if right and p.get("right") else "correct"][i], dtype=float) / p["k"]
+    def _shares(p: dict, i: int, right: bool) -> np.ndarray | None:
+        """Evaluation i's per-problem shares; right-steps ones where asked (None: the run has no such counts)."""
+        counts = p.get("right") if right else p["correct"]
+        return None if counts is None else np.asarray(counts[i], dtype=float) / p["k"]
 
     def scores(self, method: str, group: str = "all", right: bool = True) -> dict:
         idx = self.members(group)
         out = {}
         for r in self.runs(method):
             p = r.get("problems")
-            if p and len(idx):
+            if p and len(idx) and (not right or p.get("right")):  # a run without right-steps counts: left out
                 evals = [(s, self._shares(p, i, right)) for i, s in enumerate(p["steps"])]
                 out[r["seed"]] = lab_stats.problem_scores(evals)[idx]
         return out
@@ -111,7 +113,7 @@ class Evidence:
         idx, out = self.members(group), {}
         for r in self.runs(method):
             p = r.get("problems")
-            if p and step in p["steps"]:
+            if p and step in p["steps"] and (not right or p.get("right")):
                 out[r["seed"]] = self._shares(p, p["steps"].index(step), right)[idx]
         return out
 

@@ -190,6 +190,40 @@ def table(res: dict) -> list[str]:
     return lines
 
 
+def problem_score(run: dict, members: list[int], key: str) -> float | None:
+    """A run's share of right samples (key "correct": graded right; "right": graded right with right worked steps)
+    over the problems `members`, averaged over its last three evaluations (lab_claims' score); None without counts."""
+    p = run.get("problems")
+    if not p or not p.get(key) or not members:
+        return None
+    last = p[key][-3:]
+    return sum(sum(e[i] for i in members) for e in last) / (len(last) * len(members) * p["k"])
+
+
+def right_steps_table(res: dict) -> list[str]:
+    """Levels 1-2 and each stratum of levels 3-4, graded and with right worked steps, from every run's own
+    per-problem counts (the score of the claims: the mean of the last three evaluations), mean over seeds."""
+    groups = res.get("problem_groups") or []
+    parts = {"levels 1-2": {"level1", "level2"}, **{s: {f"stratum_{s}"} for s in STRATA}}
+    members = {name: [i for i, g in enumerate(groups) if want & set(g)] for name, want in parts.items()}
+    members = {name: idx for name, idx in members.items() if idx}
+    rows = []
+    for m in res["methods"].values():
+        ok = [r for r in m["runs"] if r["status"] == "ok" and r.get("problems")]
+        if not ok:
+            continue
+        cells = []
+        for idx in members.values():
+            graded = [problem_score(r, idx, "correct") for r in ok]
+            right = [problem_score(r, idx, "right") for r in ok]
+            cells.append(f"{sum(graded) / len(ok):.3f} / {sum(right) / len(ok):.3f}" if None not in graded + right
+                         else "n/a")
+        rows.append(f"| {m['label']} | {len(ok)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return header(["method", "seeds", *(f"{name}: graded / right steps" for name in members)]) + rows
+
+
 def regime_table(res: dict, figures: bool = True) -> list[str]:
     """Levels 3-4 per stratum (the base's prior on the fact) at the final step, beside what each method did to
     the probe: the share of its tokens moved by more than lab_regimes.SHIFT, and the final KL from the base and

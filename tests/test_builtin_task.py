@@ -154,9 +154,14 @@ def test_evaluation_measures_right_answers_for_wrong_reasons():
     assert per_problem["builtin"] == {"k": 2, "problems": common.problems_digest(rows), "correct": [2, 1],
                                       "right_steps": [1, 1]}
     assert common.problems_digest(rows) != common.problems_digest(rows[::-1])
-    sets = [common.EvalSet("other", "other.jsonl", 2, rows)]  # file data: no worked steps to check
+    sets = [common.EvalSet("held", "held.jsonl", 2, rows)]  # the task's problems from a file: checked alike
+    assert common.evaluate_sets(sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6,
+                                max_tokens=48, seed=0)["eval_wrong_steps_held"] == 1 / 3
+    other = [dict(r, problem="What is " + r["problem"]) for r in rows]  # another task's problems: none to check
     assert "eval_wrong_steps_other" not in common.evaluate_sets(
-        sets, Scripted(), common.Verifier(num_workers=0), common.Dist(), temperature=0.6, max_tokens=48, seed=0)
+        [common.EvalSet("other", "other.jsonl", 2, other)], Scripted(), common.Verifier(num_workers=0), common.Dist(),
+        temperature=0.6, max_tokens=48, seed=0)
+    assert builtin_task.is_task_problem("5+7*3=?") and not builtin_task.is_task_problem("5+7*3=? ")
 
 
 def test_yardstick_tells_a_miscopied_multiplier_from_other_wrong_steps():

@@ -110,3 +110,12 @@ def test_a_lab_without_per_problem_counts_cannot_tell():
     v = lab_claims.verdicts({"methods": {}})
     assert len(v) == len(lab_claims.CLAIMS) and {x["verdict"] for x in v} == {"cannot tell"}
     assert "rerun" in v[0]["measured"]
+
+
+def test_a_run_without_right_steps_counts_is_left_out_not_scored_by_its_answers():
+    res = results({"grpo": lambda s: run(s, (1, 1, 1, 1))})
+    for r in res["methods"]["grpo"]["runs"][:2]:
+        r["problems"]["right"] = None  # e.g. a set of another task's problems: no worked steps to check
+    e = lab_claims.Evidence(res)
+    assert sorted(e.scores("grpo")) == [2, 3, 4] and sorted(e.scores("grpo", right=False)) == [0, 1, 2, 3, 4]
+    assert sorted(e.base()) == [2, 3, 4]
