@@ -200,6 +200,42 @@ def problem_score(run: dict, members: list[int], key: str) -> float | None:
     return sum(sum(e[i] for i in members) for e in last) / (len(last) * len(members) * p["k"])
 
 
+SCORE_PARTS = {"all levels": None, "levels 1-2": {"level1", "level2"}, "moderate fact": {"stratum_moderate"},
+               "weak fact": {"stratum_weak"}, "needle fact": {"stratum_needle"},
+               "unseen fact": {"stratum_generalisation"}}
+
+
+def score_table(res: dict, methods: list[str] | None = None) -> list[str]:
+    """The claims' score per group of problems (right samples with right worked steps, the mean of the last three
+    evaluations; the base: step 0), mean (min-max) over seeds, for `methods` (default: all) and the base."""
+    groups = res.get("problem_groups") or []
+    members = {name: [i for i, g in enumerate(groups) if want is None or want & set(g)]
+               for name, want in SCORE_PARTS.items()}
+    members = {name: idx for name, idx in members.items() if idx}
+    base = {}  # per seed, the step-0 evaluation of a single-stage run (the same model and draws for all of them)
+    for m in res["methods"].values():
+        for r in m["runs"]:
+            p = r.get("problems")
+            if r["status"] == "ok" and p and p.get("right") and p["steps"][0] == 0 and len(m["trainers"]) == 1:
+                base.setdefault(r["seed"], {"status": "ok", "problems": dict(p, right=p["right"][:1])})
+
+    def row(label, runs):
+        return f"| {label} | {len(runs)} | " + " | ".join(
+            fmt(stats_of([problem_score(r, idx, "right") for r in runs])) for idx in members.values()) + " |"
+
+    rows = [row("base model (step 0)", list(base.values()))] if base else []
+    for key, m in res["methods"].items():
+        ok = [r for r in m["runs"] if r["status"] == "ok" and (r.get("problems") or {}).get("right")]
+        if ok and (methods is None or key in methods):
+            rows.append(row(m["label"], ok))
+    return header(["method", "seeds", *members]) + rows if rows else []
+
+
+def stats_of(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
+
+
 def right_steps_table(res: dict) -> list[str]:
     """Levels 1-2 and each stratum of levels 3-4, graded and with right worked steps, from every run's own
     per-problem counts (the score of the claims: the mean of the last three evaluations), mean over seeds."""

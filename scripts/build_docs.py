@@ -40,7 +40,8 @@ FORKS = [  # file, idea, the flags that set it, paper
      "`--variant official`: `--dual_clip 3`", "arXiv 2508.11408"),
     ("forks/hpt.py", "per question: SFT on the demonstration when the rollouts' accuracy is <= gamma, GRPO "
      "otherwise, Eq. (56)-(57)", "`--sft_gate 0 --sft_coef 1`", "arXiv 2509.04419")]
-HEADLINE = ["sft", "dft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft"]
+HEADLINE = ["sft", "dft", "grpo", "luffy", "srft", "relift", "uft", "prefix_rft", "bread", "sft_then_grpo", "grpo_then_sft",
+            "sft_then_grpo_vmin"]
 GROUPS = {"all": "all levels", "reachable": "reachable (levels 1-2)", "out_of_reach": "levels 3-4"}
 # levels 3-4 by the base's prior on their fact (docs/task.md)
 STRATA = {"moderate": "moderate fact", "weak": "weak fact", "needle": "needle fact", "generalisation": "unseen fact"}
@@ -127,12 +128,34 @@ def forks():
 
 
 def lab_headline():
-    """README: the lab's accuracy by level group, the trainers and the two-stage baselines, and its figure."""
+    """README: the claims' score (right answers with right worked steps, the last three evaluations) by group of
+    problems, the trainers and the two-stage baselines, and the regime figure."""
+    sys.path.insert(0, ROOT)
+    import lab_report
+
     res = load("lab_results/results.json")
-    res["methods"] = {m: res["methods"][m] for m in HEADLINE}
-    return lab(res, [], lambda m: (), {"all": "all levels", "reachable": "levels 1-2", **STRATA}) + [
+    lab = res["lab"]
+    return [f"From `lab_results/results.json`: `{lab['command']}` on {lab['date'][:10]}, {lab['machine']['cpu']} with "
+            f"{lab['machine']['cores']} cores, {spent(lab)}. The share of samples right with right worked steps, "
+            f"averaged over the evaluations at steps {', '.join(lab_steps(res))}, mean (min-max) over seeds "
+            f"{', '.join(map(str, lab['budget']['seeds']))}.", ""] + lab_report.score_table(res, HEADLINE) + [
         "", "![final accuracy per stratum against the base's probability of its demonstrations, one line per method]"
             "(lab_results/regimes.png)"]
+
+
+def lab_steps(res):
+    """The evaluation steps a run's score averages: the last three of the budget's schedule."""
+    b = res["lab"]["budget"]
+    return [str(s) for s in range(0, b["steps"] + 1, b["eval_every"])][-3:]
+
+
+def lab_verdict_changes():
+    """docs/lab.md and README: each claim's verdict under the old rules (seed ranges, the last lab of 3 seeds) and
+    under paired statistics (this lab)."""
+    old = {v["claim"]: v["verdict"] for v in load("lab_results/verdicts_old_rules.json")["verdicts"]}
+    new = load("lab_results/results.json")["verdicts"]
+    return table(["#", "claim", "old rules (3 seeds, seed ranges)", "paired statistics (this lab)"],
+                 [(v["claim"], v["text"], old.get(v["claim"], "(new claim)"), v["verdict"]) for v in new])
 
 
 def lab_table():
@@ -149,14 +172,13 @@ def lab_table():
 
 
 def lab_passk():
-    """docs/lab.md: the final pass@k of the base and of the methods the lab evaluates for it."""
+    """docs/lab.md: the final pass@k on the reachable problems of the base and of the methods evaluated for it."""
     res = load("lab_results/results.json")
     rows = [("base model", res["base_passk"])] + [
         (m["label"], m["summary"]["passk"]) for m in res["methods"].values() if "passk" in m["summary"]]
-    ks = [k for k in res["base_passk"]["reachable"] if k in ("1", "4", "16", "64")]
+    ks = [k for k in res["base_passk"]["reachable"] if k in ("1", "2", "4", "8", "16", "32", "64")]
     return table(["method", *(f"pass@{k}" for k in ks)], [
-        (label, *(f"{p['reachable'][k]['mean']:.3f} / {p['out_of_reach'][k]['mean']:.3f}" for k in ks))
-        for label, p in rows])
+        (label, *(fmt(p["reachable"][k]) for k in ks)) for label, p in rows])
 
 
 def lab_claims():
@@ -189,22 +211,11 @@ def lab_strata():
 
 
 def stratum_steps():
-    """docs/lab.md: levels 3-4 of the lab's final models by stratum, graded and with right steps
-    (`python scripts/stratum_steps.py lab_results`)."""
+    """docs/lab.md: levels 1-2 and each stratum, graded and with right worked steps, from the runs' own counts."""
     sys.path.insert(0, ROOT)
-    import lab
     import lab_report
 
-    runs = load("lab_results/stratum_steps.json")
-    strata = ("needle", "weak", "moderate", "generalisation")
-    rows = []
-    for m in lab.METHODS:
-        got = [v for k, v in runs.items() if k.rsplit("-s", 1)[0] == m]
-        if got:
-            mean = lambda key, s: sum(v[s][key] for v in got) / len(got)  # noqa: E731
-            rows.append((lab_report.LABELS[m], len(got), *(f"{mean('pass', s):.3f} / {mean('right_steps', s):.3f}"
-                                                    for s in strata)))
-    return table(["method", "seeds", *(f"{s}: graded / right steps" for s in strata)], rows)
+    return lab_report.right_steps_table(load("lab_results/results.json"))
 
 
 def fusion_runs():
@@ -350,8 +361,8 @@ def gpu_paper():
 
 BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
           "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "base": base,
-          "lab-strata": lab_strata, "stratum-steps": stratum_steps, "bench-logprob": bench_logprob,
-          "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
+          "lab-strata": lab_strata, "stratum-steps": stratum_steps, "lab-verdict-changes": lab_verdict_changes,
+          "bench-logprob": bench_logprob, "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
           "bench-scaling": bench_scaling, "bench-microbatch": bench_microbatch, "gpu-paper": gpu_paper}
 
 
