@@ -91,7 +91,7 @@ class Config(common.BaseConfig):
     hint_chunks: int = 5  # most chunks a demonstration is cut into, Eq. (32)
     hint_prob_high: float = 0.95  # p_high of Eq. (33): hint probability at step 1
     hint_prob_low: float = 0.05  # p_low of Eq. (33): hint probability at step T_hint
-    hint_coef: float = -1.0  # weight of the hint term, Eq. (36); < 0: tied to beta (--kl_coef), Eq. (38)
+    hint_coef: float = 0.0  # weight of the hint term, Eq. (36); 0 = tied to beta (--kl_coef), Eq. (38)
     hint_steps: int = 0  # T_hint of Eq. (33), no hint after it; 0 = round(0.6 * max_steps) (official 300 of 500)
     reward_scale: Literal["binary", "uft"] = "binary"  # binary (METHODS 0.4) | uft: 1 correct, 0.1 wrong answer, 0 none
     answer_format: Literal["boxed", "answer_tag"] = "boxed"  # boxed: after </think> | answer_tag: UFT's <answer> tag
@@ -217,7 +217,7 @@ def uft_loss(logp, old_logp, advantages, mask, hint_mask, cfg: Config, norm: flo
         terms["entropy_bonus"] = entropy_bonus.detach()
     # Eq. (36), UFT (arXiv 2505.16984): negative log-likelihood of the hint tokens, token-mean over the step
     hint_loss = common.aggregate(-logp, hint_mask, "token-mean", hint_norm)
-    loss = loss + (cfg.kl_coef if cfg.hint_coef < 0 else cfg.hint_coef) * hint_loss  # Eq. (37)-(38): beta, tied
+    loss = loss + (cfg.hint_coef or cfg.kl_coef) * hint_loss  # Eq. (37)-(38): beta, unless --hint_coef unties it
     terms["hint_loss"] = hint_loss.detach()
     terms["loss"] = loss.detach()
     return loss, terms

@@ -284,6 +284,7 @@ def test_hint_tokens_get_only_the_hint_gradient():
     # --hint_coef 0.3 unties the hint weight from beta: -0.3 / 3 on hint tokens, generated tokens as before
     g3 = grads(uft.Config(kl_coef=0.001, entropy_coef=0.0, hint_coef=0.3), hand_batch())
     assert g3[0][0, :2].tolist() == pytest.approx([-0.1] * 2, abs=1e-15) and g3[0][0, 3] == g[0][0, 3]
+    assert common.parse_config(uft.Config, []).hint_coef == 0.0  # the default: tied to beta, every number >= 0
 
 
 def test_generated_tokens_never_get_the_hint_gradient():
