@@ -63,7 +63,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import lab_regimes
-from lab_claims import RULES, print_verdicts, verdicts
+from lab_claims import RULES, convergence, print_verdicts, verdicts
 from lab_report import GROUPS, LABELS, write_results
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -788,7 +788,7 @@ def main(argv=None):
                 runs=len(jobs), **run_times(jobs))
     info["machine"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     res = {"lab": info, **collect(jobs, status, methods, missing, budget, results)}
-    res["verdicts"] = verdicts(res)
+    res["verdicts"], res["convergence"] = verdicts(res), convergence(res)
     write_results(res, results, RULES, builtin_probe(budget))
     print(f"lab: {results}/results.md ({info['wall_min']:.1f} min)\n")
     print_verdicts(res["verdicts"])

@@ -410,6 +410,24 @@ def claim_14(e: Evidence):
     return judge(comps, dict.fromkeys(comps, "not below"))
 
 
+def convergence(res: dict) -> list[dict]:
+    """Has each method stopped moving? Per method, the all-level score (right steps) at its last evaluation minus
+    at the third-last (the span the claims' score averages), paired over seeds and problems: "flat" when shown
+    equivalent to 0 within the accuracy's minimum effect, "rising" / "falling" when above / below, else
+    "undecided"; no Holm (one question per method, not a family)."""
+    e, out = Evidence(res), []
+    for key, m in res["methods"].items():
+        steps = sorted(set.intersection(*(set(r["problems"]["steps"]) for r in e.runs(key) if r.get("problems")))
+                       ) if any(r.get("problems") for r in e.runs(key)) else []
+        if len(steps) < 3:
+            continue
+        c = paired(e.at_step(key, steps[-1]), e.at_step(key, steps[-3]), ACC)
+        side = sides({"x": c})["x"]
+        out.append({"method": key, "label": m.get("label", key), "from": steps[-3], "to": steps[-1], **c,
+                    "reading": {"above": "rising", "below": "falling", "equivalent": "flat"}.get(side, side)})
+    return out
+
+
 CLAIM_FUNCTIONS = {n: globals()[f"claim_{n}"] for n in CLAIMS}
 
 

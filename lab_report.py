@@ -285,6 +285,18 @@ def regime_table(res: dict, figures: bool = True) -> list[str]:
                      "![token shift of one demonstration](token_shift.png)", ""] if figures else [])
 
 
+def convergence_table(res: dict) -> list[str]:
+    """Has each method stopped moving (lab_claims.convergence)? Its all-level score at its last evaluation minus at
+    the third-last, with the 95% interval over seeds and problems, and the reading."""
+    rows = [f"| {c['label']} | {c['from']} -> {c['to']} | {c['estimate']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] "
+            f"| {c['reading']} |" for c in res.get("convergence") or [] if c.get("estimate") is not None]
+    if not rows:
+        return []
+    return ["Convergence: the all-level score (right steps) at the last evaluation minus at the third-last, paired "
+            "over seeds and problems; \"flat\" is shown equivalent to 0 within 0.03, \"rising\" / \"falling\" "
+            "differs by at least that:", "", *header(["method", "steps", "change [95% CI]", "reading"]), *rows, ""]
+
+
 LR_FAMILIES = {"SFT": ("sft", "sft_lr2.5e-4", "sft_lr1e-3"), "GRPO": ("grpo", "grpo_lr1e-4", "grpo_lr4e-4")}
 
 
@@ -452,6 +464,7 @@ def results_markdown(res: dict, rules: list[str]) -> str:
         "apart) each method had spent by each evaluation, means over seeds.", "",
         "![accuracy against tokens and seconds spent](compute.png)", "",
         *passk_table(res),
+        *convergence_table(res),
         *lr_table(res),
         *seed_section(res),
         "## Claims (computed by `python lab.py --verdicts <results>/results.json`)", ""]

@@ -119,3 +119,17 @@ def test_a_run_without_right_steps_counts_is_left_out_not_scored_by_its_answers(
     e = lab_claims.Evidence(res)
     assert sorted(e.scores("grpo")) == [2, 3, 4] and sorted(e.scores("grpo", right=False)) == [0, 1, 2, 3, 4]
     assert sorted(e.base()) == [2, 3, 4]
+
+
+def test_convergence_reads_flat_and_rising():
+    """A run equal at its last three evaluations is flat; one whose shares go from 2 to 3 of 4 samples (0.5 to 0.8,
+    rounded to the 4 samples) from step 10 to step 30 is rising by 0.25."""
+    def rising(s):
+        r = run(s, (0.5, 0.5, 0.5, 0.5))
+        r["problems"]["right"][3] = shares(0.8, 0.8, 0.8, 0.8, np.random.default_rng(s))
+        return r
+    res = results({"flat": lambda s: run(s, (0.9, 0.5, 0.0, 0.3)), "up": rising})
+    got = {c["method"]: c for c in lab_claims.convergence(res)}
+    assert got["flat"]["reading"] == "flat" and got["flat"]["estimate"] == 0 and (got["flat"]["from"],
+                                                                                  got["flat"]["to"]) == (10, 30)
+    assert got["up"]["reading"] == "rising" and got["up"]["estimate"] == pytest.approx(0.25)
