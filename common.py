@@ -59,7 +59,8 @@ from answers import MAX_ANSWER_CHARS, candidates, normalize_answer, warm_up_math
 from data_files import PromptStream, is_chat, load_rows  # reading a data file, validating its rows, their order
 from eval_sets import (PASS_K, EvalSet, format_eval, group_order, groups_of, parse_eval_sets,  # noqa: F401
                        pass_at_k, problems_digest, set_metrics, validation_split)
-from lm_head import LMHead, rows_per_chunk  # Eq. (1)-(2) in chunks through one [chunk, V] buffer, and their gradient
+from lm_head import LMHead, compile_cache_dir, rows_per_chunk  # Eq. (1)-(2) in chunks, their gradient written out
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir(os.path.expanduser("~/.cache/sft_rl_fusion")))
 from run_dir import latest_checkpoint, rng_state, set_rng_state  # a run's directory and checkpoints
 
 

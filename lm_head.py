@@ -14,8 +14,31 @@ ONE reused [chunk, V] buffer: the forward keeps only logsumexp and H per token, 
 logits into the buffer, turns them into dL/dz in place (one fused pass) and multiplies out d/dh and d/dW. That is
 one matmul more than naive autograd (4 against 3) and no [N, V] tensor, with no allocation per chunk (on CPU each
 fresh buffer of that size costs ~0.4 s of page faults). bench/logprob.py measures it against both alternatives.
+
+torch.compile caches what it generates (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), and on CPU
+its key leaves out the vector instruction set: a kernel generated on the AVX-512 path served to a process on the
+AVX2 one (ATEN_CPU_CAPABILITY=avx2, or another CPU sharing the directory) computed log-probs off by 1e36, and the
+other way round NaN. compile_cache_dir keys the cache by what decides the kernels; common.py points torch at it
+unless the user set TORCHINDUCTOR_CACHE_DIR.
 """
+import hashlib
+import os
+import platform
+from importlib.metadata import version
+
 import torch
+
+
+def compile_cache_dir(parent: str) -> str:
+    """<parent>/inductor-<hash of torch's version, the CPU's model and flags, ATEN_CPU_CAPABILITY and MKL's
+    instruction-set switches>: one torch.compile cache per kernel path."""
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
+    switches = "|".join(os.environ.get(k, "") for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR"))
+    key = f"{version('torch')}|{switches}|{cpu}".encode()
+    return os.path.join(parent, "inductor-" + hashlib.sha256(key).hexdigest()[:12])
 
 
 def _reduce(z, labels, temperature: float, with_entropy: bool):

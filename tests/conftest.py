@@ -10,23 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _inductor_cache_dir() -> str:
-    """The suite compiles into its own torch.compile cache, one per torch version, CPU and ATEN_CPU_CAPABILITY,
-    under the checkout (.cache/, ignored by git). The machine-wide default (/tmp/torchinductor_$USER) holds
-    whatever other runs left there: on this project's machines a kernel cached there by another run aborted
-    the whole suite (SIGABRT inside a compiled backward, CI exit 134), while the same test passed from an
-    empty cache. A user's TORCHINDUCTOR_CACHE_DIR is left alone."""
-    import hashlib
-    from importlib.metadata import version
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # The suite compiles into its own torch.compile cache under the checkout (.cache/, ignored by git), keyed by the
+    # kernel path (lm_head.compile_cache_dir): a kernel another run left in the machine-wide default aborted the
+    # whole suite once (SIGABRT inside a compiled backward, CI exit 134). The trainers the tests start inherit it.
+    from lm_head import compile_cache_dir
 
-    with open("/proc/cpuinfo") as f:
-        cpu = "".join(line for line in f if line.startswith(("model name", "flags"))).encode()
-    key = f"{version('torch')}|{os.environ.get('ATEN_CPU_CAPABILITY', '')}|".encode() + cpu
-    return os.path.join(ROOT, ".cache", "inductor-" + hashlib.sha256(key).hexdigest()[:12])
-
-
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and os.path.exists("/proc/cpuinfo"):
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir()  # before torch is imported; trainers inherit it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir(os.path.join(ROOT, ".cache"))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 (Eq. 2) of the response tokens, against a plain float64 reference built from the HF model's full
 [B, T, V] logits. Tiny Qwen2 built from a config (nothing downloaded); CPU only."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import common
 import lm_head
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOCAB = 97
 PAD = 0
@@ -282,3 +287,23 @@ def test_rows_per_chunk_by_hand():
     assert lm_head.rows_per_chunk(97, torch.float32) == 1024  # a small vocabulary: the row cap
     assert lm_head.rows_per_chunk(97, torch.float32, max_rows=3) == 3
     assert lm_head.rows_per_chunk(10 ** 9, torch.float32) == 1  # never 0 rows
+
+
+def test_compile_cache_is_keyed_by_the_kernel_path(monkeypatch, tmp_path):
+    """torch.compile's CPU cache key leaves out the vector ISA (a kernel from the AVX-512 path gave log-probs off by
+    1e36 on the AVX2 one): one directory per torch, CPU, ATEN_CPU_CAPABILITY and MKL switch; common.py points torch
+    at it unless the user chose a TORCHINDUCTOR_CACHE_DIR."""
+    for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR"):
+        monkeypatch.delenv(k, raising=False)
+    plain = lm_head.compile_cache_dir("/c")
+    assert plain.startswith("/c/inductor-") and lm_head.compile_cache_dir("/c") == plain
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    avx2 = lm_head.compile_cache_dir("/c")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert len({plain, avx2, lm_head.compile_cache_dir("/c")}) == 3
+    code = "import os, common; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT, capture_output=True,  # noqa: E731
+                                   text=True, check=True).stdout.strip()
+    assert run(dict(env, HOME=str(tmp_path))).startswith(str(tmp_path / ".cache" / "sft_rl_fusion" / "inductor-"))
+    assert run(dict(env, TORCHINDUCTOR_CACHE_DIR="/mine")) == "/mine"
