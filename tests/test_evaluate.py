@@ -126,7 +126,7 @@ def test_demo_probabilities_against_a_plain_forward(tiny_model_dir):
     raw = [r for r in builtin_task.make_task(2, seed=4)]  # 2 per level: levels 1-2 without, 3-4 with a fact line
     rows = [{"prompt_ids": tok(common.format_prompt(tok, r["problem"], None), add_special_tokens=False)["input_ids"],
              "demo_ids": tok(r["demo"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-             "level": r["level"], "stratum": r["stratum"]} for r in raw]
+             "problem": r["problem"], "level": r["level"], "stratum": r["stratum"]} for r in raw]  # as encode_rows
     demo_set = common.EvalSet("builtin", "builtin", 1, rows)
     got = common.demo_probabilities(common.PolicyModel(lm, compile=False), demo_set, tok, common.Dist())
     plain = []
@@ -149,6 +149,8 @@ def test_demo_probabilities_against_a_plain_forward(tiny_model_dir):
         assert got[f"demo_min_p_{suffix}"] == pytest.approx(math.exp(mins[len(mins) // 2]), rel=1e-4), suffix
         low = sum(x < math.log(0.01) for lp, _ in part for x in lp) / sum(len(lp) for lp, _ in part)
         assert got[f"demo_low_p_share_{suffix}"] == pytest.approx(low), suffix
+        nll = -sum(x for lp, _ in part for x in lp) / sum(len(lp) for lp, _ in part)  # per token: SFT's loss
+        assert got[f"demo_nll_{suffix}"] == pytest.approx(nll, rel=1e-5), suffix
 
 
 def test_demo_probabilities_from_the_command_line(tiny_model_dir, tmp_path):
@@ -162,7 +164,8 @@ def test_demo_probabilities_from_the_command_line(tiny_model_dir, tmp_path):
             "--demo_key", "target", "--demo_probs", "--no-sample", "--output_dir", str(out), *COMMON)
     assert "demos demonstrations: median least-likely token p = " in p.stdout
     got = json.load(open(out / "metrics.json"))["metrics"]
-    assert set(got) == {"demo_key_logp_demos", "demo_min_p_demos", "demo_low_p_share_demos"}  # no answers graded
+    assert set(got) == {"demo_key_logp_demos", "demo_min_p_demos", "demo_low_p_share_demos",
+                        "demo_nll_demos"}  # no answers graded
     assert 0 < got["demo_min_p_demos"] < 1 and got["demo_key_logp_demos"] < 0  # file data: every token is key
     assert not (out / "records.jsonl").exists() or records(str(out)) == []
     bad = run("evaluate.py", "--model", tiny_model_dir, "--data", str(data), "--no-sample", check=False)
