@@ -200,7 +200,11 @@ def describe(c: dict, side: str) -> str:
     if c["estimate"] is None:
         return f"too few seeds ({c['n']})"
     lo, hi = c["ci"]
-    return (f"{c['a']:.3f} vs {c['b']:.3f}, difference {c['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({side}; "
+    big = max(abs(c["a"]), abs(c["b"])) >= 100  # token counts: whole numbers
+
+    def f(x, sign=""):
+        return f"{x:{sign},.0f}" if big else f"{x:{sign}.3f}"
+    return (f"{f(c['a'])} vs {f(c['b'])}, difference {f(c['estimate'], '+')} [{f(lo, '+')}, {f(hi, '+')}] ({side}; "
             f"min. effect {c['min_effect']:.3g}, {c['n']} seeds)")
 
 
@@ -320,8 +324,8 @@ def crossing(e: Evidence, a: str, b: str, ks: list[int]) -> str:
         return ks[0] if curve[0] <= 0 else math.inf
 
     point, draws = cross(d.mean(axis=(1, 2))), np.array([cross(boot[:, i]) for i in range(N_BOOT)])
-    lo, hi = np.quantile(draws, [0.025, 0.975])
-    show = (lambda v: f"beyond {ks[-1]}" if math.isinf(v) else f"{v:.1f}")
+    lo, hi = np.quantile(np.minimum(draws, 2.0 * ks[-1]), [0.025, 0.975])  # "never crosses" ranks above every k
+    show = (lambda v: f"beyond {ks[-1]}" if v > ks[-1] else f"{v:.1f}")
     return f"curves cross at k = {show(point)} [{show(lo)}, {show(hi)}]"
 
 

@@ -133,3 +133,17 @@ def test_convergence_reads_flat_and_rising():
     assert got["flat"]["reading"] == "flat" and got["flat"]["estimate"] == 0 and (got["flat"]["from"],
                                                                                   got["flat"]["to"]) == (10, 30)
     assert got["up"]["reading"] == "rising" and got["up"]["estimate"] == pytest.approx(0.25)
+
+
+def test_curves_that_never_cross_say_so_with_a_finite_interval():
+    """GRPO solves every problem, the base one sample in 8: at k = 1, 2, 4 GRPO is above (1 against k / 8), so the
+    crossing (k = 8, where both reach 1) lies beyond the largest k measured, and so does its interval."""
+    n = len(GROUPS)
+    res = results({"grpo": lambda s: dict(run(s, (1, 1, 0, 0)), passk_counts=passk_counts([8] * n))},
+                  base_passk_counts={str(s): passk_counts([1] * n) for s in range(5)})
+    assert lab_claims.crossing(lab_claims.Evidence(res), "grpo", "base", [1, 2, 4]) == \
+        "curves cross at k = beyond 4 [beyond 4, beyond 4]"
+    both = lab_claims.crossing(lab_claims.Evidence(res), "grpo", "base", [1, 2, 4, 8])
+    assert both.startswith("curves cross at k = 8.0")  # both reach 1 at k = 8
+    c = lab_claims.paired({0: 500.0, 1: 600.0}, {0: 15000.0, 1: 14000.0}, 0.2, relative=True)
+    assert lab_claims.describe(c, "below").startswith("550 vs 14,500, difference -13,950 [")
