@@ -18,6 +18,7 @@ only: `figures` raises ImportError without it, and write_results then says so an
 import json
 import math
 import os
+import re
 import textwrap
 
 import lab_regimes
@@ -658,8 +659,11 @@ def write_results(res: dict, results: str, rules: list[str], probe: dict | None 
     """results.json, results.md and the figures (the figures only where matplotlib is installed). res holds its
     verdicts already; rules are the decision rules they were decided by; probe: the base's (token_shift.png)."""
     os.makedirs(results, exist_ok=True)
+    text = json.dumps(res, indent=1)  # lists of numbers (every problem's counts) on one line each: a tenth the size
+    text = re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
     with open(os.path.join(results, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        f.write(text)
     with open(os.path.join(results, "results.md"), "w") as f:
         f.write(results_markdown(res, rules))
     try:
