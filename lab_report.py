@@ -534,10 +534,13 @@ def small_multiples(plt, rows: list[tuple], unit: str, half: int, title: str, yl
     """A figure of len(rows) x len(FAMILIES) panels. rows: (name, {label: series}, note); panel (i, j) draws row
     i's curves of family j's members with their bands and of the other baselines thin and dashed, or the note
     when no member has a curve. Column j's legend sits under its bottom panel."""
-    fig, axes = plt.subplots(len(rows), len(FAMILIES), figsize=(3.1 * len(FAMILIES), 2.4 * len(rows) + 0.6),
+    families = {f: ms for f, ms in FAMILIES.items()  # the families this lab ran: a column each
+                if any(LABELS[m] in curves for _, curves, _ in rows for m in ms if m not in BASELINES or f in
+                       ("SFT-like", "RL"))}
+    fig, axes = plt.subplots(len(rows), len(families), figsize=(3.1 * len(families), 2.4 * len(rows) + 0.6),
                              sharex=True, sharey="row", squeeze=False)
     for i, (name, curves, note) in enumerate(rows):
-        for j, (family, members) in enumerate(FAMILIES.items()):
+        for j, (family, members) in enumerate(families.items()):
             ax = axes[i][j]
             for m in (b for b in BASELINES if b not in members and LABELS[b] in curves):
                 c = curves[LABELS[m]]
