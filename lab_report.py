@@ -661,13 +661,18 @@ def figures(res: dict, results: str, probe: dict | None = None) -> list[str]:
     return paths + lab_regimes.figures(res, results, LABELS, probe, label_colors())
 
 
+def compact_json(res: dict) -> str:
+    """JSON with indent 1, lists of numbers (every problem's counts) on one line each: under half the size."""
+    text = json.dumps(res, indent=1)
+    return re.sub(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]",  # real newlines: never in a string
+                  lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
+
+
 def write_results(res: dict, results: str, rules: list[str], probe: dict | None = None, say=print) -> None:
     """results.json, results.md and the figures (the figures only where matplotlib is installed). res holds its
     verdicts already; rules are the decision rules they were decided by; probe: the base's (token_shift.png)."""
     os.makedirs(results, exist_ok=True)
-    text = json.dumps(res, indent=1)  # lists of numbers (every problem's counts) on one line each: a tenth the size
-    text = re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
-                  lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
+    text = compact_json(res)
     with open(os.path.join(results, "results.json"), "w") as f:
         f.write(text)
     with open(os.path.join(results, "results.md"), "w") as f:

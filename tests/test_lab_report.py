@@ -2,6 +2,7 @@
 figures' files, on a small results dict written by hand (two seeds each of SFT, GRPO, SFT then GRPO and NSR, NSR's
 second seed failed; GRPO with pass@k)."""
 import itertools
+import json
 import math
 import os
 
@@ -154,3 +155,11 @@ def test_lr_table_names_the_best_rate_on_the_validation_split():
     lines = rep.lr_table(res)
     assert "| SFT (default) | 0.600 | 0.900 |  |" in lines and "| SFT lr 1e-3 | 0.700 | 0.500 | **best** |" in lines
     assert not any("GRPO" in x for x in lines)  # one rate of GRPO: nothing to choose between
+
+
+def test_results_json_is_compact_and_the_same_data(tmp_path):
+    """Lists of numbers go on one line; a string that looks like a list (a verdict's interval) stays as it is."""
+    res = {"lab": {}, "methods": {}, "verdicts": [{"measured": "difference -14,136 [-16,937, -12,677]"}],
+           "problems": [[1, 2, 3], [0.5, -1e-05]], "empty": []}
+    text = rep.compact_json(res)
+    assert json.loads(text) == res and "[1, 2, 3]" in text and "[-16,937, -12,677]" in text
