@@ -487,7 +487,7 @@ def summarize_run(records: list[dict], wall_s: float | None) -> dict:
         "demo_tokens_at": {str(s): cumulative.get(s) for s in sorted(evals)},
         "compute_at": {str(s): compute.get(s) for s in sorted(evals)},  # [tokens, seconds] (compute.png)
         "val_score": last_three([r["eval_accuracy_val"] for r in records if r.get("eval_accuracy_val") is not None]),
-        "entropy_curve": [[r["step"], r.get("entropy")] for r in train],
+        "entropy_curve": [[r["step"], r.get("entropy"), r["trainer"]] for r in train],  # SFT's: on demonstrations
         "demo_probs": lab_regimes.demo_probs(records), "probe": lab_regimes.probe_series(records),
         "wall_s": wall_s,
     }

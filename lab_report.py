@@ -493,7 +493,8 @@ def per_seed(m: dict, metric: str, half: int) -> list[dict]:
     every probe_every steps; else an accuracy key ("all", a level, a group, a stratum) at the evaluation steps."""
     ok = [r for r in m["runs"] if r["status"] == "ok"]
     if metric == "rollout_entropy":
-        return [{s: v for s, v in r["entropy_curve"] if v is not None and logged_by(m, s, half) != "sft"} for r in ok]
+        return [{p[0]: p[1] for p in r["entropy_curve"] if p[1] is not None and  # the trainer each step's record
+                 (p[2] if len(p) > 2 else logged_by(m, p[0], half)) != "sft"} for r in ok]  # names (older: by half)
     if metric == "probe_entropy":
         return [{p[0]: p[3] for p in r.get("probe") or []} for r in ok]
     return [{int(s): a[metric] for s, a in r["evals"].items() if metric in a} for r in ok]

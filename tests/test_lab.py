@@ -272,7 +272,8 @@ def test_collect_means_spreads_tokens_and_failures(fabricated):
     approx_stats(two["summary"]["generated_tokens"], 160, 160, 160)  # SFT stage 0 + GRPO stage 2 x 80
     approx_stats(two["summary"]["demo_tokens"], 100, 100, 100)  # SFT stage 2 x 50
     approx_stats(two["summary"]["wall_s"], 7, 7, 7)  # both stages
-    assert [s for s, _ in two["runs"][0]["entropy_curve"]] == [1, 2, 3, 4]  # stitched: stage 2 is steps 3-4
+    assert [(s, t) for s, _, t in two["runs"][0]["entropy_curve"]] == [(1, "sft"), (2, "sft"), (3, "grpo"),
+                                                                       (4, "grpo")]  # stitched: stage 2 is 3-4
     assert two["runs"][0]["demo_tokens_at"] == {"0": 0.0, "2": 100.0, "4": 100.0}
     bad = data["methods"]["grpo_then_sft"]
     assert [r["status"] for r in bad["runs"]] == ["ok", "ok", "failed"]
@@ -401,7 +402,7 @@ def test_two_stage_end_to_end(tiny_model_dir, tmp_path):
     data = json.loads((out / "results.json").read_text())
     run = data["methods"]["grpo_then_sft"]["runs"][0]
     assert run["status"] == "ok" and sorted(run["evals"]) == ["0", "1", "2"]
-    assert [s for s, _ in run["entropy_curve"]] == [1, 2]
+    assert [s for s, *_ in run["entropy_curve"]] == [1, 2]
     assert data["missing"]["grpo"] == "not selected with --methods"
     stage2 = json.loads((out / "runs" / "grpo_then_sft-s0" / "stage2" / "config.json").read_text())
     assert stage2["model"].endswith(os.path.join("stage1", "checkpoint-000001", "model")) and stage2["batch_size"] == 2

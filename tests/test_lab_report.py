@@ -118,6 +118,12 @@ def test_series_keep_rollout_entropy_apart_from_sft_steps(res):
     assert "SFT" not in rollout and rollout["GRPO"]["steps"] == [1, 2, 3, 4]
     assert rollout["SFT then GRPO"]["steps"] == [3, 4]  # the GRPO stage only
     assert rollout["NSR (fork)"]["lo"] == rollout["NSR (fork)"]["mean"]  # one finished seed: no band
+    # a run whose records name their trainer (the done-right baseline switches where its validation loss is lowest,
+    # not at half the steps): its SFT steps stay out whatever the step
+    late = dict(res["methods"]["sft_then_grpo"]["runs"][0])
+    late["entropy_curve"] = [[1, 0.5, "sft"], [2, 0.5, "sft"], [3, 0.5, "sft"], [4, 0.3, "grpo"]]
+    one = {"lab": res["lab"], "methods": {"x": dict(res["methods"]["sft_then_grpo"], runs=[late])}}
+    assert rep.series(one, "rollout_entropy")["SFT then GRPO"]["steps"] == [4]
     probe = rep.series(res, "probe_entropy")
     assert probe["SFT"]["steps"] == [0, 4] and probe["SFT"]["mean"] == pytest.approx([0.3, 0.195])
     # 0.2 and 0.19: mean 0.195, std 0.00707, t(1) = 12.706: half-width 12.706 x 0.00707 / sqrt(2) = 0.0635
