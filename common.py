@@ -11,7 +11,7 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        (cut by sequences or tokens), old_logprobs, optimizer_step, step_metrics; make_optimizer, adamw
   3. Run setup         setup(cfg, GPU_RUN, ...) -> Run: run.evaluate_base, run.progress, run.next_prompts,
                        run.end_step (evaluate, log, checkpoint, Ctrl-C); read_rows, encode_rows
-  4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, print0, shutdown
+  4. Distributed       init_distributed, Dist, rank, world_size, all_reduce, all_gather_1d, gather, print0, shutdown
   5. Data              format_prompt, MATH_SYSTEM_PROMPT, strip_think_prefix
   6. Model             PolicyModel (log-probs and entropies, Eq. 1-2), make_batch, left_pad, model_inputs, FSDP2
                        (should_shard, is_fsdp_module)
@@ -19,8 +19,8 @@ Contents, in the order a reader of grpo.py meets them (each section starts with 
                        started by setup with start_in_background while the model loads
   8. Sampling          Sample; TorchSampler and VLLMSampler: sync_weights, generate, release; make_sampler;
                        demonstration_sample (y* + EOS as a whole response)
-  9. Evaluation        evaluate (pass@1 averaged over k samples, METHODS 9), evaluate_sets; demo_probabilities and
-                       measure_probe (how likely the model finds the demonstrations; the built-in probe)
+  9. Evaluation        evaluate (METHODS 9; each problem's counts to eval_problems.jsonl, --val_rows' set apart),
+                       evaluate_sets; demo_probabilities, measure_probe (the demonstrations' probability; the probe)
 
 Eight side modules hold what setup(), Run, PolicyModel and the Verifier call and no trainer does; none of them
 imports this file: cli.py (a Config as command-line flags), eval_sets.py (--eval_data sets, a row's level and
@@ -837,6 +837,15 @@ def all_gather_1d(t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [o[:int(s)].to(t.device) for o, s in zip(out, sizes)]
+
+
+def gather(mine: list, d: Dist) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (a collective; one process: `mine`)."""
+    if not dist.is_initialized():
+        return mine
+    everyone = [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
+    return [x for part in everyone for x in part]
 
 
 def barrier():
@@ -1816,15 +1825,6 @@ def evaluate_sets(sets: list[EvalSet], sampler, verifier: Verifier, d: Dist, *, 
                 records += sorted(every, key=lambda r: (r["index"], r["sample"]))
     accuracies = [metrics[f"eval_accuracy_{s.name}"] for s in sets]
     return {"eval_accuracy": sum(accuracies) / len(accuracies), **metrics} if sets else {}
-
-
-def gather(mine: list, d: Dist) -> list:
-    """Every rank's list, concatenated in rank order, on every rank (a collective; one process: `mine`)."""
-    if not dist.is_initialized():
-        return mine
-    everyone = [None] * d.world_size
-    dist.all_gather_object(everyone, mine)
-    return [x for part in everyone for x in part]
 
 
 def evaluate(run: "Run", step: int) -> dict:

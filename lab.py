@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass
 
 import lab_regimes
 from lab_claims import RULES, convergence, print_verdicts, verdicts
+from lab_stats import LAST
 from lab_report import GROUPS, LABELS, write_results
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -507,8 +508,8 @@ def problem_arrays(records: list[dict]) -> dict | None:
 
 
 def last_three(values: list) -> float | None:
-    """The mean of a run's last three evaluations (lab_stats.LAST): its score on the validation split."""
-    return sum(values[-3:]) / len(values[-3:]) if values else None
+    """The mean of a run's last evaluations (lab_stats.LAST, the claims' span): its score on the validation split."""
+    return sum(values[-LAST:]) / len(values[-LAST:]) if values else None
 
 
 def stats(values: list) -> dict | None:

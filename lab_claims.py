@@ -290,18 +290,27 @@ def claim_6(e: Evidence):
     return verdict, "; ".join(notes + ([text] if text else [])) + "."
 
 
+PASSK_KS = (1, 2, 4, 8, 16, 32)  # the k claims 7 and 8 read, each where the evaluation drew at least k samples
+
+
+def passk_evaluations(e: Evidence, method: str) -> list[tuple[int, dict]]:
+    """(seed, {n, correct}) of each pass@k evaluation of the method's final models, or of the base ("base")."""
+    if method == "base":
+        return [(int(s), c) for s, c in (e.res.get("base_passk_counts") or {}).items() if c]
+    return [(r["seed"], r["passk_counts"]) for r in e.runs(method) if r.get("passk_counts")]
+
+
+def passk_ks(e: Evidence, method: str) -> list[int]:
+    """The k of PASSK_KS that some pass@k evaluation of the method measured."""
+    return [k for k in PASSK_KS if any(k <= c["n"] for _, c in passk_evaluations(e, method))]
+
+
 def passk_scores(e: Evidence, method: str, k: int) -> dict:
     """Per seed, each problem's unbiased pass@k (Eq. 58) of the final model's pass@k evaluation."""
     from eval_sets import pass_at_k  # the one implementation of Eq. (58)
 
-    key = "base_passk_counts" if method == "base" else None
-    runs = [{"seed": s, "passk_counts": c} for s, c in (e.res.get(key) or {}).items()] if key else e.runs(method)
-    out = {}
-    for r in runs:
-        c = r.get("passk_counts")
-        if c and k <= c["n"]:
-            out[int(r["seed"])] = np.array([pass_at_k(c["n"], x, k) for x in c["correct"]])
-    return out
+    return {seed: np.array([pass_at_k(c["n"], x, k) for x in c["correct"]])
+            for seed, c in passk_evaluations(e, method) if k <= c["n"]}
 
 
 def crossing(e: Evidence, a: str, b: str, ks: list[int]) -> str:
@@ -330,7 +339,7 @@ def crossing(e: Evidence, a: str, b: str, ks: list[int]) -> str:
 
 
 def claim_7(e: Evidence):
-    ks = [k for k in (1, 2, 4, 8, 16, 32) if passk_scores(e, "grpo", k)]
+    ks = passk_ks(e, "grpo")
     if not ks:
         return "cannot tell", "no pass@k evaluation."
     k = ks[-1]
@@ -345,7 +354,7 @@ def describe_k(e: Evidence, a: str, b: str, k: int) -> str:
 
 
 def claim_8(e: Evidence):
-    ks = [k for k in (1, 2, 4, 8, 16, 32) if passk_scores(e, "nsr", k)]
+    ks = passk_ks(e, "nsr")
     if not ks:
         return "cannot tell", "no pass@k evaluation of NSR."
     k = ks[-1]
@@ -421,8 +430,8 @@ def convergence(res: dict) -> list[dict]:
     "undecided"; no Holm (one question per method, not a family)."""
     e, out = Evidence(res), []
     for key, m in res["methods"].items():
-        steps = sorted(set.intersection(*(set(r["problems"]["steps"]) for r in e.runs(key) if r.get("problems")))
-                       ) if any(r.get("problems") for r in e.runs(key)) else []
+        problems = [r["problems"] for r in e.runs(key) if r.get("problems")]
+        steps = sorted(set.intersection(*(set(p["steps"]) for p in problems))) if problems else []
         if len(steps) < 3:
             continue
         c = paired(e.at_step(key, steps[-1]), e.at_step(key, steps[-3]), ACC)
