@@ -93,17 +93,29 @@ def test_claim_7_pass_at_k_and_where_the_curves_cross():
 
 
 def test_claim_6_tokens_to_a_target_grpo_does_not_reach():
-    """GRPO's best seed scores 0.5 on all levels by right steps: the target is 0.53. SFT reaches it at step 10
-    with 1000 demo tokens; BREAD at step 20 with 300; LUFFY never: BREAD agrees against both."""
+    """GRPO scores 0.5 on all levels by right steps in four seeds and 1.0 in the fifth: its mean is 0.6, the target
+    0.63 (a best-seed target, 1.03, could be reached by nobody, and would grow with the seeds). SFT reaches it at
+    step 10 with 1000 demo tokens; BREAD at step 20 with 300; LUFFY never: BREAD agrees against both."""
     at = {"0": 0, "10": 1000, "20": 2000, "30": 3000}
-    res = results({"grpo": lambda s: run(s, (0.5, 0.5, 0.5, 0.5)),
+    res = results({"grpo": lambda s: run(s, (1, 1, 1, 1) if s == 4 else (0.5, 0.5, 0.5, 0.5)),
                    "sft": lambda s: run(s, (1, 1, 1, 1), demo_tokens_at=at),
                    "bread": lambda s: run(s, (1, 1, 1, 1), demo_tokens_at={"0": 0, "10": 300, "20": 300, "30": 500}),
                    "luffy": lambda s: run(s, (0.4, 0.4, 0.4, 0.4), demo_tokens_at=at)})
-    assert lab_claims.tokens_to(res["methods"]["sft"]["runs"][0], 0.53) == 1000
-    assert lab_claims.tokens_to(res["methods"]["luffy"]["runs"][0], 0.53) == float("inf")
+    assert lab_claims.tokens_to(res["methods"]["sft"]["runs"][0], 0.63) == 1000
+    assert lab_claims.tokens_to(res["methods"]["luffy"]["runs"][0], 0.63) == float("inf")
     verdict, text = lab_claims.claim_6(lab_claims.Evidence(res))
-    assert verdict == "agrees" and "target 0.530" in text and "LUFFY reaches it in 0 of 5 runs" in text
+    assert verdict == "agrees" and "target 0.630 (GRPO's mean score" in text and "LUFFY reaches it in 0 of 5" in text
+
+
+def test_claim_15_the_prior_decides_which_sft_loss_wins():
+    """SFT (NLL) learns the needle (0.5), DFT leaves it at 0; on the moderate stratum both reach 0.9: NLL above
+    on the needle and DFT equivalent on the moderate agree; DFT ahead on the needle disagrees there."""
+    res = results({"sft": lambda s: run(s, (1, 0.9, 0.5, 0.5)), "dft": lambda s: run(s, (1, 0.9, 0.0, 0.5))})
+    verdict, text = lab_claims.claim_15(lab_claims.Evidence(res))
+    assert verdict == "agrees" and "needle, SFT vs DFT: 0.500 vs 0.000" in text and "(equivalent;" in text
+    res = results({"sft": lambda s: run(s, (1, 0.9, 0.0, 0.5)), "dft": lambda s: run(s, (1, 0.9, 0.5, 0.5))})
+    verdict, _ = lab_claims.claim_15(lab_claims.Evidence(res))
+    assert verdict == "mixed: agrees for moderate, DFT vs SFT; disagrees for needle, SFT vs DFT"
 
 
 def test_a_lab_without_per_problem_counts_cannot_tell():
