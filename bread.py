@@ -45,7 +45,7 @@ Launch:
         --no-require_think --max_prompt_len 1024 --max_response_len 4096 --lr 1e-6 \\
         --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM); file rows: problem, answer, solution
     torchrun --nproc_per_node 8 bread.py --model Qwen/Qwen2.5-3B-Instruct --data numina_hard.jsonl \\
-        --demo_key solution --no-require_think --eval_data valid.jsonl --lr 1e-6 \\
+        --demo_key solution --no-require_think --eval_data valid.jsonl --lr 1e-6 --lr_schedule constant \\
         --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --num_episodes 10 \\
         --max_prompt_len 1024 --max_response_len 4096 --micro_batch_size 4 --gradient_checkpointing \\
         --max_steps 500      # 8 GPUs: METHODS 7 reference [D] (G 8, B 128, lr 1e-6, L_max 4096, K 10)
@@ -89,6 +89,7 @@ class Config(common.BaseConfig):
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"require_think": False, "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
            "num_episodes": 10, "max_prompt_len": 1024, "max_response_len": 4096, "micro_batch_size": 4,
+           "lr_schedule": "constant",
            "gradient_checkpointing": True, "max_steps": 500}
 
 

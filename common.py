@@ -107,7 +107,8 @@ class BaseConfig:
     # per problem (at most 64) as eval_pass@<k>_<set>: give the sets that many samples (builtin:64), they cost time
     # --- optimiser (METHODS 0.3 step 5: AdamW, betas (0.9, 0.999), wd 0.01) -----------------
     lr: float = 1e-6  # peak learning rate
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant or cosine to 0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warm-up: constant or cosine to 0 (docs/lab.md,
+    # "Learning rates": at a constant lr the laptop runs lose learnt facts late; the papers' RL runs: constant)
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clip

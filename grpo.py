@@ -22,7 +22,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --prompt_key prompt --answer_key reward_model.ground_truth --max_prompt_len 1024 \\
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler)
     torchrun --nproc_per_node 8 grpo.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
-        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet --lr_schedule constant \\
         --lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --no-adv_std \\
         --loss_agg constant --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 8192 \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: LUFFY-family baseline
@@ -58,6 +58,7 @@ class Config(common.BaseConfig):
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "adv_std": False,
            "loss_agg": "constant", "entropy_coef": 0.001, "max_prompt_len": 1024, "max_response_len": 8192,
+           "lr_schedule": "constant",
            "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 

@@ -93,9 +93,12 @@ SWEEPS = {"luffy_gamma0.01": ("luffy.py", ("--shaping_gamma", "0.01")),
           "uft_hint0.1": ("uft.py", ("--hint_coef", "0.1")), "uft_hint1": ("uft.py", ("--hint_coef", "1")),
           "prefix_rft_topk0.5": ("prefix_rft.py", ("--entropy_top_k", "0.5")),
           "prefix_rft_topk1": ("prefix_rft.py", ("--entropy_top_k", "1"))}
-# The learning-rate grid of each family around its default (--methods lr), judged on the validation split
+# The learning-rate grid of each family around its default, and the default lr at a constant schedule (--methods
+# lr), judged on the validation split
 LR_GRID = {"sft_lr2.5e-4": ("sft.py", ("--lr", "2.5e-4")), "sft_lr1e-3": ("sft.py", ("--lr", "1e-3")),
-           "grpo_lr1e-4": ("grpo.py", ("--lr", "1e-4")), "grpo_lr4e-4": ("grpo.py", ("--lr", "4e-4"))}
+           "sft_constant": ("sft.py", ("--lr_schedule", "constant")),
+           "grpo_lr1e-4": ("grpo.py", ("--lr", "1e-4")), "grpo_lr4e-4": ("grpo.py", ("--lr", "4e-4")),
+           "grpo_constant": ("grpo.py", ("--lr_schedule", "constant"))}
 VARIANTS.update(SWEEPS)
 VARIANTS.update(LR_GRID)
 METHODS = TRAINERS + list(VARIANTS) + list(TWO_STAGE) + list(FORKS)

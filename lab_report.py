@@ -31,7 +31,8 @@ LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY",
           "luffy_gamma0.001": "LUFFY gamma 0.001", "uft_hint0.1": "UFT hint weight 0.1", "uft_hint1": "UFT hint weight 1",
           "prefix_rft_topk0.5": "Prefix-RFT top-k 0.5", "prefix_rft_topk1": "Prefix-RFT top-k 1",
           "sft_lr2.5e-4": "SFT lr 2.5e-4", "sft_lr1e-3": "SFT lr 1e-3", "grpo_lr1e-4": "GRPO lr 1e-4",
-          "grpo_lr4e-4": "GRPO lr 4e-4"}  # lab.py's SWEEPS and LR_GRID too
+          "grpo_lr4e-4": "GRPO lr 4e-4", "sft_constant": "SFT constant lr", "grpo_constant": "GRPO constant lr"}
+# (lab.py's SWEEPS and LR_GRID too)
 GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task: levels 3-4 need a times-table fact
 GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)", "all": "all levels"}
 STRATA = lab_regimes.STRATA
@@ -42,7 +43,8 @@ FAMILIES = {"SFT-like": ("sft", "dft"), "RL": ("grpo",),
             "forks": ("nsr", "psr", "w_reinforce", "forking_tokens", "chord", "hpt"),
             "knobs": ("luffy_gamma0.01", "luffy_gamma0.001", "uft_hint0.1", "uft_hint1", "prefix_rft_topk0.5",
                       "prefix_rft_topk1"),
-            "learning rates": ("sft_lr2.5e-4", "sft_lr1e-3", "grpo_lr1e-4", "grpo_lr4e-4")}
+            "learning rates": ("sft_lr2.5e-4", "sft_lr1e-3", "sft_constant", "grpo_lr1e-4", "grpo_lr4e-4",
+                               "grpo_constant")}
 BASELINES = ("sft", "grpo")
 # One colour per method in every figure, none shared (the base model: black); a family's members differ in hue
 COLORS = {"sft": "#1f77b4", "dft": "#17becf", "grpo": "#d62728", "luffy": "#2ca02c", "srft": "#9467bd",
@@ -51,7 +53,8 @@ COLORS = {"sft": "#1f77b4", "dft": "#17becf", "grpo": "#d62728", "luffy": "#2ca0
           "w_reinforce": "#b8860b", "forking_tokens": "#6a3d9a", "chord": "#7fc97f", "hpt": "#543005",
           "sft_then_grpo_vmin": "#0000ff", "luffy_gamma0.01": "#cc00ff", "luffy_gamma0.001": "#66ff00",
           "uft_hint0.1": "#00ff33", "uft_hint1": "#6600ff", "prefix_rft_topk0.5": "#66ffcc", "prefix_rft_topk1": "#6699ff",
-          "sft_lr2.5e-4": "#ff9966", "sft_lr1e-3": "#990066", "grpo_lr1e-4": "#000099", "grpo_lr4e-4": "#00ff99"}
+          "sft_lr2.5e-4": "#ff9966", "sft_lr1e-3": "#990066", "grpo_lr1e-4": "#000099", "grpo_lr4e-4": "#00ff99",
+          "sft_constant": "#3355ff", "grpo_constant": "#990000"}
 BASE_COLOR = "black"
 
 BUDGET_TEXT = (
@@ -298,7 +301,8 @@ def convergence_table(res: dict) -> list[str]:
             "differs by at least that:", "", *header(["method", "steps", "change [95% CI]", "reading"]), *rows, ""]
 
 
-LR_FAMILIES = {"SFT": ("sft", "sft_lr2.5e-4", "sft_lr1e-3"), "GRPO": ("grpo", "grpo_lr1e-4", "grpo_lr4e-4")}
+LR_FAMILIES = {"SFT": ("sft", "sft_lr2.5e-4", "sft_lr1e-3", "sft_constant"),
+               "GRPO": ("grpo", "grpo_lr1e-4", "grpo_lr4e-4", "grpo_constant")}
 
 
 def lr_table(res: dict) -> list[str]:

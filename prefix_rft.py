@@ -40,6 +40,7 @@ Launch:
     python prefix_rft.py --model Qwen/Qwen2.5-Math-1.5B --data openr1.parquet --prompt_key prompt \\
         --answer_key reward_model.ground_truth --demo_key target            # 1 GPU (vLLM sampler)
     torchrun --nproc_per_node 8 prefix_rft.py --model Elliott/Qwen2.5-Math-7B-16k-think --data openr1.parquet \\
+        --lr_schedule constant \\
         --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target --eval_data valid.parquet \\
         --lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 --entropy_top_k 0.2 \\
         --prefix_high 0.95 --prefix_low_start 0.95 --prefix_low_end 0.05 --max_prompt_len 1024 \\
@@ -89,6 +90,7 @@ OFFICIAL = {"unit": "microbatch", "micro_batching": "sequences"}  # METHODS.md 8
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8, "entropy_top_k": 0.2,
            "prefix_high": 0.95, "prefix_low_start": 0.95, "prefix_low_end": 0.05, "max_prompt_len": 1024,
+           "lr_schedule": "constant",
            "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 

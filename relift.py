@@ -46,7 +46,7 @@ Launch:
     torchrun --nproc_per_node 8 relift.py --variant official --model Elliott/Qwen2.5-Math-7B-16k-think \\
         --data openr1.parquet --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
         --eval_data valid.parquet --lr 1e-6 --ft_lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 \\
-        --group_size 8 --ft_threshold 128 --max_prompt_len 1024 --max_response_len 8192 \\
+        --group_size 8 --ft_threshold 128 --max_prompt_len 1024 --max_response_len 8192 --lr_schedule constant \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 1070   # 8 GPUs: official run (3 epochs)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 relift.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
@@ -88,6 +88,7 @@ OFFICIAL = dict(clip=False, adv_std=False, loss_agg="constant", max_grad_norm=0.
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"variant": "official", "lr": 1e-6, "ft_lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64,
            "group_size": 8, "ft_threshold": 128, "max_prompt_len": 1024, "max_response_len": 8192,
+           "lr_schedule": "constant",
            "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 1070}
 
 

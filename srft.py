@@ -43,6 +43,7 @@ Launch:
         --answer_key reward_model.ground_truth --demo_key target --max_prompt_len 1024 \\
         --max_response_len 3072   # 1 GPU; 4k context: keep rows whose demonstration fits (others are refused)
     torchrun --nproc_per_node 8 srft.py --variant official --model Elliott/Qwen2.5-Math-7B-16k-think \\
+        --lr_schedule constant \\
         --data openr1.parquet --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
         --eval_data valid.parquet --lr 1e-6 --prompts_per_step 128 --prompts_per_minibatch 64 --group_size 8 \\
         --max_prompt_len 1024 --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing \\
@@ -88,6 +89,7 @@ OFFICIAL = {"w_sft_sign": "plus", "demo_ratio": "shaped", "adv_std": False, "cli
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"variant": "official", "lr": 1e-6, "prompts_per_step": 128, "prompts_per_minibatch": 64, "group_size": 8,
            "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4, "gradient_checkpointing": True,
+           "lr_schedule": "constant",
            "max_steps": 500}
 
 

@@ -55,6 +55,7 @@ Launch:
         --answer_key reward_model.ground_truth --demo_key target --max_prompt_len 1024 --max_response_len 8192 \\
         --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler), UFT's model size
     torchrun --nproc_per_node 8 uft.py --variant official --model Elliott/Qwen2.5-Math-7B-16k-think \\
+        --lr_schedule constant \\
         --data openr1.parquet --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target \\
         --eval_data valid.parquet --max_prompt_len 1024 --max_response_len 8192 --micro_batch_size 4 \\
         --gradient_checkpointing                         # 8 GPUs: UFT's hyper-parameters (B 256, G 4, 500 steps)
@@ -102,6 +103,7 @@ OFFICIAL = {"lr": 1e-6, "prompts_per_step": 256, "prompts_per_minibatch": 64, "g
             "kl_coef": 0.001, "entropy_coef": 0.001, "reward_scale": "uft"}
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"variant": "official", "max_prompt_len": 1024, "max_response_len": 8192, "micro_batch_size": 4,
+           "lr_schedule": "constant",
            "gradient_checkpointing": True}
 
 

@@ -32,7 +32,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
     torchrun --nproc_per_node 8 forks/chord.py --model Qwen/Qwen2.5-7B-Instruct --data openr1.parquet \\
         --prompt_key prompt --answer_key reward_model.ground_truth --demo_key target --eval_data valid.parquet \\
         --lr 1e-6 --prompts_per_step 32 --prompts_per_minibatch 32 --group_size 8 --mu_peak 0.1 --mu_valley 0.1 \\
-        --mu_decay_steps 0 --max_prompt_len 1024 --max_response_len 10240 \\
+        --mu_decay_steps 0 --max_prompt_len 1024 --max_response_len 10240 --lr_schedule constant \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 500   # 8 GPUs: CHORD-phi (METHODS.md 12)
     torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \\
         --nproc_per_node 8 forks/chord.py ...same flags...   # 2 nodes (output_dir on a shared filesystem)
@@ -81,6 +81,7 @@ OFFICIAL = {"dual_clip": 3.0}
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 32, "prompts_per_minibatch": 32, "group_size": 8, "mu_peak": 0.1,
            "mu_valley": 0.1, "mu_decay_steps": 0, "max_prompt_len": 1024, "max_response_len": 10240,
+           "lr_schedule": "constant",
            "micro_batch_size": 4, "gradient_checkpointing": True, "max_steps": 500}
 
 

@@ -36,7 +36,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --prompt_key prompt --answer_key reward_model.ground_truth --max_prompt_len 1024 \\
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler)
     torchrun --nproc_per_node 8 forks/forking_tokens.py --model Qwen/Qwen3-8B-Base --data dapo17k.parquet \\
-        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet --lr_schedule constant \\
         --lr 1e-6 --prompts_per_step 512 --prompts_per_minibatch 32 --group_size 16 \\
         --clip_eps_high 0.28 --max_prompt_len 2048 --max_response_len 20480 \\
         --micro_batch_size 2 --gradient_checkpointing   # 8 GPUs: the paper's DAPO settings (METHODS.md 11)
@@ -84,6 +84,7 @@ OFFICIAL = {"gate_norm": "selected", "unit": "microbatch", "dual_clip": 10.0, "m
 
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 512, "prompts_per_minibatch": 32, "group_size": 16, "clip_eps_high": 0.28,
+           "lr_schedule": "constant",
            "max_prompt_len": 2048, "max_response_len": 20480, "micro_batch_size": 2, "gradient_checkpointing": True}
 
 

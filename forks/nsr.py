@@ -24,7 +24,7 @@ Launch (GPU commands: a 16k-position model, since prompt + response budgets must
         --prompt_key prompt --answer_key reward_model.ground_truth --max_prompt_len 1024 \\
         --max_response_len 8192 --micro_batch_size 4 --gradient_checkpointing   # 1 GPU (vLLM sampler)
     torchrun --nproc_per_node 8 forks/nsr.py --model Qwen/Qwen2.5-Math-7B --data math_train.parquet \\
-        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet \\
+        --prompt_key prompt --answer_key reward_model.ground_truth --eval_data valid.parquet --lr_schedule constant \\
         --lr 1e-6 --prompts_per_step 1024 --prompts_per_minibatch 256 --group_size 8 \\
         --entropy_coef 0.001 --max_prompt_len 1024 --max_response_len 3072 \\
         --micro_batch_size 4 --gradient_checkpointing --max_steps 140   # 8 GPUs: the official script
@@ -65,6 +65,7 @@ class Config(common.BaseConfig):
 # The 8-GPU command of the docstring, as data: the paper's settings (tests/test_cli.py checks that the two agree).
 GPU_RUN = {"lr": 1e-6, "prompts_per_step": 1024, "prompts_per_minibatch": 256, "group_size": 8, "entropy_coef": 0.001,
            "max_prompt_len": 1024, "max_response_len": 3072, "micro_batch_size": 4, "gradient_checkpointing": True,
+           "lr_schedule": "constant",
            "max_steps": 140}
 
 
