@@ -48,14 +48,12 @@ figures. matplotlib is needed for the figures only (optional: without it the lab
 everything else); the trainers never import it.
 """
 import argparse
-import datetime
 import json
 import math
 import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +62,7 @@ from dataclasses import asdict, dataclass
 
 import lab_regimes
 from lab_claims import RULES, convergence, print_verdicts, verdicts
+from lab_jobs import Job, attempts, failure_log, now, read_metrics, run_jobs, val_min_step
 from lab_stats import LAST
 from lab_report import GROUPS, LABELS, write_results
 
@@ -122,17 +121,6 @@ class Budget:
     probe_every: int = 4  # the probe (docs/lab.md) every N steps besides the evaluations: entropy after a switch
     passk_samples: int = 32  # samples per problem of the final pass@k evaluation (PASSK and the base); 0 = none
     passk_per_level: int = 100  # reachable held-out problems per level in it (levels 1-2, the first of each)
-
-
-@dataclass
-class Job:
-    name: str  # "grpo-s0", "sft_then_grpo-s0/stage2"
-    script: str  # "grpo.py", "forks/nsr.py", or "evaluate.py" for a pass@k evaluation
-    args: list  # the trainer's flags, --output_dir included
-    out: str  # its output directory
-    last_step: int
-    after: str | None = None  # the job that must finish first (a second stage's first stage)
-    at_val_min: bool = False  # a second stage that starts at its first stage's validation-loss minimum (resolve)
 
 
 def available_methods(root: str = ROOT) -> tuple[list[str], dict[str, str]]:
@@ -218,31 +206,6 @@ def plan(budget: Budget, methods: list[str], results: str, eval_file: str | None
     return jobs
 
 
-def val_min_step(first_out: str) -> int | None:
-    """The first stage's switch step (arXiv 2512.11470): its evaluation step with the lowest validation loss
-    (demo_nll_val, the NLL of the held-out training demonstrations), the earliest of equal ones, step 0 excluded
-    (the base); None before the first stage has finished."""
-    losses = {r["step"]: r["demo_nll_val"] for r in read_metrics(first_out) if r.get("demo_nll_val") is not None}
-    losses.pop(0, None)
-    return min(losses, key=lambda s: (losses[s], s)) if losses else None
-
-
-def resolve(job: Job, first: Job) -> None:
-    """A second stage at its first stage's validation-loss minimum: start from that checkpoint and run the rest of
-    the budget, which the first stage ran whole (0 steps when the loss fell to the end: the first stage alone)."""
-    switch = val_min_step(first.out)
-    if switch is None:
-        sys.exit(f"lab: {job.name}: {first.out} logged no validation loss (demo_nll_val): it needs --val_rows")
-    job.last_step = first.last_step - switch
-    job.args[job.args.index("--max_steps") + 1] = str(job.last_step)
-    job.args[job.args.index("--save_every") + 1] = str(max(1, job.last_step // 2))
-    model = os.path.join(first.out, f"checkpoint-{switch:06d}", "model")
-    if "--model" in job.args:
-        job.args[job.args.index("--model") + 1] = model
-    else:
-        job.args += ["--model", model]
-
-
 def heldout_file(results: str, per_level: int, levels: tuple = (1, 2, 3, 4)) -> str | None:
     """A .jsonl of the first `per_level` built-in held-out problems of each of `levels` (None: all of them, the
     built-in set itself)."""
@@ -257,156 +220,6 @@ def heldout_file(results: str, per_level: int, levels: tuple = (1, 2, 3, 4)) -> 
         f.writelines(json.dumps(r) + "\n" for r in builtin_task.make_task(per_level, seed=builtin_task.EVAL_SEED,
                                                                          levels=levels))
     return path
-
-
-# ======================================================================================
-# Running: reuse, resume, parallel jobs, failures
-# ======================================================================================
-
-
-def read_metrics(out: str, name: str = "metrics.jsonl") -> list[dict]:
-    """A run's metrics.jsonl (or eval_problems.jsonl) as records; [] where the file does not exist."""
-    path = os.path.join(out, name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def signature(job: Job, results: str) -> list[str]:
-    """The job's command with the results folder written as <results> (a moved folder is still reused)."""
-    return [job.script] + [a.replace(os.path.abspath(results), "<results>") for a in job.args]
-
-
-def job_state(job: Job) -> dict | None:
-    path = os.path.join(job.out, "lab_job.json")
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def origin(job: Job | None) -> str | None:
-    """When this run was started from scratch (its first attempt): identifies a first stage's run, so that
-    a second stage is only ever reused or resumed on top of the first stage it started from."""
-    state = job_state(job) if job else None
-    return state["attempts"][0]["started"] if state and state["attempts"] else None
-
-
-def attempts(job: Job) -> list[dict]:
-    """The job's recorded attempts (started, command, wall_s, returncode), oldest first; [] if never run."""
-    return (job_state(job) or {}).get("attempts", [])
-
-
-def same_run(job: Job, state: dict | None, results: str, first: Job | None) -> bool:
-    """The recorded command is the lab's and, for a second stage, the first stage (`first`) is still the
-    run it started from."""
-    return (state is not None and state["signature"] == signature(job, results)
-            and (first is None or state.get("after") == origin(first)))
-
-
-def complete(job: Job) -> bool:
-    """metrics.jsonl reaches the last step and the final checkpoint exists (an evaluation: metrics.json exists)."""
-    if job.script == "evaluate.py":
-        return os.path.exists(os.path.join(job.out, "metrics.json"))
-    return (any(r["step"] == job.last_step for r in read_metrics(job.out))
-            and os.path.isdir(os.path.join(job.out, f"checkpoint-{job.last_step:06d}")))
-
-
-def finished(job: Job, results: str, first: Job | None = None) -> bool:
-    """A run to reuse: the same run (same_run), complete."""
-    return same_run(job, job_state(job), results, first) and complete(job)
-
-
-def start(job: Job, results: str, threads: int, fresh: bool, first: Job | None = None) -> subprocess.Popen:
-    """Launch one trainer. fresh (or another command, or another first stage under a second stage):
-    delete what the directory holds and start from scratch; else --resume (newest checkpoint, if any)."""
-    state = job_state(job)
-    if fresh or not same_run(job, state, results, first):
-        shutil.rmtree(job.out, ignore_errors=True)
-        state = {"signature": signature(job, results), "after": origin(first), "attempts": []}
-    os.makedirs(job.out, exist_ok=True)
-    resume = state["attempts"] and job.script != "evaluate.py"  # an evaluation simply runs again
-    cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args] + (["--resume"] if resume else [])
-    state["attempts"].append({"started": now(), "command": shlex.join(cmd), "wall_s": None, "returncode": None})
-    with open(os.path.join(job.out, "lab_job.json"), "w") as f:
-        json.dump(state, f, indent=1)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               TQDM_MININTERVAL="5")  # progress bars every 5 s in the log, not on every step
-    with open(os.path.join(job.out, "lab.log"), "a") as log:  # the child keeps its own handle
-        log.write(f"\n==== {now()}  {shlex.join(cmd)}\n")
-        log.flush()
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(job: Job, results: str, wall: float, returncode: int) -> str:
-    """Record the attempt; on failure copy the log's tail to <results>/failures/<job>.log."""
-    state = job_state(job)
-    state["attempts"][-1].update(wall_s=round(wall, 1), returncode=returncode)
-    with open(os.path.join(job.out, "lab_job.json"), "w") as f:
-        json.dump(state, f, indent=1)
-    if returncode == 0 and complete(job):  # start() wrote this run's signature
-        return "done"
-    with open(os.path.join(job.out, "lab.log"), errors="replace") as f:
-        tail = f.readlines()[-80:]
-    path = failure_log(results, job.name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"{job.name}: exit code {returncode} after {wall:.0f} s; full log {job.out}/lab.log\n\n")
-        f.writelines(tail)
-    return "failed"
-
-
-def failure_log(results: str, name: str) -> str:
-    return os.path.join(results, "failures", name.replace("/", "-") + ".log")
-
-
-def run_jobs(jobs: list[Job], results: str, n_jobs: int, threads: int, say=print) -> dict[str, str]:
-    """Run what is not finished, n_jobs at a time; returns {job name: reused | done | failed | blocked}."""
-    status, order = {}, {j.name: j for j in jobs}
-    for j in jobs:
-        first = order.get(j.after)
-        if j.at_val_min and complete(first):
-            resolve(j, first)
-        if finished(j, results, first) and (first is None or status.get(j.after) == "reused"):
-            status[j.name] = "reused"
-    todo = [j for j in jobs if j.name not in status]
-    n_todo = len(todo)
-    say(f"lab: {len(jobs)} runs, {len(jobs) - n_todo} reused, {n_todo} to run, {n_jobs} at a time "
-        f"with OMP_NUM_THREADS={threads}")
-    running, t_lab = {}, time.time()
-    try:
-        while todo or running:
-            for j in list(todo):
-                if len(running) >= n_jobs:
-                    break
-                if j.after and status.get(j.after) in ("failed", "blocked"):
-                    status[j.name] = "blocked"
-                    todo.remove(j)
-                elif j.after is None or status.get(j.after) in ("done", "reused"):
-                    todo.remove(j)  # a second stage after a first stage that ran now starts afresh
-                    if j.at_val_min:
-                        resolve(j, order[j.after])
-                        if j.last_step == 0:  # the validation loss fell to the end: no second stage
-                            status[j.name] = "done"
-                            say(f"  none   {j.name}: {j.after} switches at its last step")
-                            continue
-                    running[j.name] = (start(j, results, threads, fresh=status.get(j.after) == "done",
-                                             first=order.get(j.after)), time.time())
-                    say(f"  start  {j.name}")
-            time.sleep(0.5)
-            for name, (p, t0) in list(running.items()):
-                if p.poll() is None:
-                    continue
-                del running[name]
-                status[name] = finish(order[name], results, time.time() - t0, p.returncode)
-                done = sum(s != "reused" for s in status.values())
-                say(f"  {status[name]:6s} {name} in {time.time() - t0:.0f} s ({done}/{n_todo} runs, "
-                    f"{(time.time() - t_lab) / 60:.1f} min)" +
-                    (f": see {failure_log(results, name)}" if status[name] == "failed" else ""))
-    except BaseException:  # Ctrl-C, SIGTERM (main), a closed pipe: stop the trainers this lab started, each
-        for p, _ in running.values():  # with its own process group (its verifier workers too)
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        raise
-    return status
 
 
 # ======================================================================================
@@ -673,10 +486,6 @@ def read_passk_counts(out: str) -> dict | None:
 # ======================================================================================
 # Main
 # ======================================================================================
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def machine() -> dict:

@@ -13,6 +13,7 @@ import pytest
 
 import lab
 import lab_claims
+import lab_jobs
 import lab_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,17 +46,17 @@ def calls(job):
 
 def test_run_jobs_reuses_resumes_and_reports_failures(tmp_path, monkeypatch):
     (tmp_path / "fake.py").write_text(FAKE)
-    monkeypatch.setattr(lab, "ROOT", str(tmp_path))
+    monkeypatch.setattr(lab_jobs, "ROOT", str(tmp_path))
     res = str(tmp_path / "res")
 
     def job(name, seed, after=None, steps=2):
         out = os.path.join(res, "runs", name)
-        return lab.Job(name, "fake.py", ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps)], out,
-                       steps, after)
+        return lab_jobs.Job(name, "fake.py", ["--seed", str(seed), "--output_dir", out, "--max_steps", str(steps)],
+                            out, steps, after)
 
     jobs = [job("a", 0), job("a2", 0, after="a"), job("b", 13), job("b2", 0, after="b")]
     said = []
-    status = lab.run_jobs(jobs, res, n_jobs=2, threads=3, say=said.append)
+    status = lab_jobs.run_jobs(jobs, res, n_jobs=2, threads=3, say=said.append)
     assert status == {"a": "done", "a2": "done", "b": "failed", "b2": "blocked"}
     assert calls(jobs[0]) == [{"resume": False, "omp": "3"}]
     failure = (tmp_path / "res" / "failures" / "b.log").read_text()
@@ -64,27 +65,27 @@ def test_run_jobs_reuses_resumes_and_reports_failures(tmp_path, monkeypatch):
     assert any("failed b" in s and "failures/b.log" in s for s in said)
 
     # A rerun reuses the finished runs and resumes the failed one (same command: --resume)
-    status = lab.run_jobs(jobs, res, n_jobs=1, threads=2, say=said.append)
+    status = lab_jobs.run_jobs(jobs, res, n_jobs=1, threads=2, say=said.append)
     assert status == {"a": "reused", "a2": "reused", "b": "failed", "b2": "blocked"}
     assert len(calls(jobs[0])) == 1 and calls(jobs[2])[-1] == {"resume": True, "omp": "2"}
-    state = lab.job_state(jobs[2])
+    state = lab_jobs.job_state(jobs[2])
     assert [x["returncode"] for x in state["attempts"]] == [3, 3] and "--resume" in state["attempts"][1]["command"]
 
     # An unfinished run with the same command is resumed; a changed command starts afresh, and the
     # second stage of a first stage that ran again starts afresh too
     os.rmdir(os.path.join(jobs[1].out, "checkpoint-000002"))
     jobs[0] = job("a", 0, steps=3)
-    status = lab.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append)
+    status = lab_jobs.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append)
     assert status == {"a": "done", "a2": "done"}
     assert calls(jobs[0]) == [{"resume": False, "omp": "1"}]  # the old directory was deleted
     assert calls(jobs[1]) == [{"resume": False, "omp": "1"}]  # fresh, not --resume, after its first stage re-ran
     # ... also when the lab stopped between the stages: a finished second stage of an older first stage
     jobs[0] = job("a", 0, steps=4)
-    assert lab.run_jobs(jobs[:1], res, n_jobs=1, threads=1, say=said.append) == {"a": "done"}
-    assert lab.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append) == {"a": "reused", "a2": "done"}
+    assert lab_jobs.run_jobs(jobs[:1], res, n_jobs=1, threads=1, say=said.append) == {"a": "done"}
+    assert lab_jobs.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append) == {"a": "reused", "a2": "done"}
     assert calls(jobs[1]) == [{"resume": False, "omp": "1"}]
     os.rmdir(os.path.join(jobs[1].out, "checkpoint-000002"))
-    lab.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append)
+    lab_jobs.run_jobs(jobs[:2], res, n_jobs=1, threads=1, say=said.append)
     assert calls(jobs[1])[-1] == {"resume": True, "omp": "1"}  # first stage reused: the second resumes
 
 
@@ -118,15 +119,15 @@ def test_switch_at_the_validation_loss_minimum(tmp_path):
     with open(os.path.join(first.out, "metrics.jsonl"), "w") as fh:
         fh.writelines(json.dumps({"step": s, "loss": 0.0, **({"demo_nll_val": v} if s in losses else {})}) + "\n"
                       for s, v in ((s, losses.get(s)) for s in range(81)))
-    assert lab.val_min_step(first.out) == 30
-    lab.resolve(second, first)
+    assert lab_jobs.val_min_step(first.out) == 30
+    lab_jobs.resolve(second, first)
     g = dict(zip(second.args[::2], second.args[1::2]))
     assert second.last_step == 50 and g["--max_steps"] == "50" and g["--save_every"] == "25"
     assert g["--model"] == os.path.join(first.out, "checkpoint-000030", "model")
     losses[80] = 0.1
     with open(os.path.join(first.out, "metrics.jsonl"), "w") as fh:
         fh.writelines(json.dumps({"step": s, "demo_nll_val": v}) + "\n" for s, v in losses.items())
-    lab.resolve(second, first)
+    lab_jobs.resolve(second, first)
     assert second.last_step == 0  # the validation loss fell to the end: the first stage alone
 
 
@@ -160,10 +161,10 @@ def test_plan_runs_forks_and_passk_evaluations(tmp_path):
     assert flags["--data"] == "held.jsonl:32" and "--pass_k" in ev.args and flags["--max_response_len"] == "48"
     assert dict(zip(jobs[0].args[::2], jobs[0].args[1::2]))["--model"] == "builtin" and jobs[0].after is None
     assert [j.name for j in lab.plan(lab.Budget(seeds=(0,)), ["chord"], res, passk_file="h")] == ["chord-s0"]
-    assert not lab.complete(ev)
+    assert not lab_jobs.complete(ev)
     os.makedirs(ev.out)
     (tmp_path / "runs" / "psr-s0" / "passk" / "metrics.json").write_text("{}")
-    assert lab.complete(ev)  # an evaluation is complete when its metrics.json exists
+    assert lab_jobs.complete(ev)  # an evaluation is complete when its metrics.json exists
 
 
 # =============================================================================================
@@ -480,17 +481,17 @@ def test_run_jobs_starts_a_second_stage_at_the_validation_minimum(tmp_path, monk
     checkpoint-000002; a rerun reuses both."""
     (tmp_path / "fake.py").write_text(FAKE.replace('{"step": s, "loss": 0.0}', '{"step": s, "loss": 0.0, '
                                                    '"demo_nll_val": (s - 2) ** 2 + 1}'))
-    monkeypatch.setattr(lab, "ROOT", str(tmp_path))
+    monkeypatch.setattr(lab_jobs, "ROOT", str(tmp_path))
     res = str(tmp_path / "res")
     jobs = lab.plan(lab.Budget(steps=4, eval_every=2, seeds=(0,)), ["sft_then_grpo_vmin"], res)
     for j in jobs:
         j.script = "fake.py"
-    assert lab.run_jobs(jobs, res, n_jobs=1, threads=1, say=print) == {"sft_then_grpo_vmin-s0/stage1": "done",
-                                                                         "sft_then_grpo_vmin-s0/stage2": "done"}
+    assert lab_jobs.run_jobs(jobs, res, n_jobs=1, threads=1, say=print) == {"sft_then_grpo_vmin-s0/stage1": "done",
+                                                                              "sft_then_grpo_vmin-s0/stage2": "done"}
     second = dict(zip(jobs[1].args[::2], jobs[1].args[1::2]))
     assert second["--max_steps"] == "2" and second["--model"].endswith(os.path.join("stage1", "checkpoint-000002",
                                                                                      "model"))
     jobs = lab.plan(lab.Budget(steps=4, eval_every=2, seeds=(0,)), ["sft_then_grpo_vmin"], res)
     for j in jobs:
         j.script = "fake.py"
-    assert set(lab.run_jobs(jobs, res, n_jobs=1, threads=1, say=print).values()) == {"reused"}
+    assert set(lab_jobs.run_jobs(jobs, res, n_jobs=1, threads=1, say=print).values()) == {"reused"}
