@@ -150,8 +150,8 @@ def lab_steps(res):
 
 
 def lab_verdict_changes():
-    """docs/lab.md and README: each claim's verdict under the old rules (seed ranges, the last lab of 3 seeds) and
-    under paired statistics (this lab)."""
+    """docs/lab.md: each claim's verdict under the old rules (seed ranges, the lab of 3 seeds), under paired
+    statistics at the constant lr (the lab of 5 seeds before the schedule changed) and in this lab."""
     def short(verdict):  # a mixed verdict as its counts (the full list is in the claims table)
         if not verdict.startswith("mixed: "):
             return verdict
@@ -160,9 +160,12 @@ def lab_verdict_changes():
                                      if k in kinds)
 
     old = {v["claim"]: v["verdict"] for v in load("lab_results/verdicts_old_rules.json")["verdicts"]}
+    constant = {v["claim"]: v["verdict"] for v in load("lab_results/verdicts_constant_lr.json")["verdicts"]}
     new = load("lab_results/results.json")["verdicts"]
-    return table(["#", "old rules (3 seeds, seed ranges)", "paired statistics (this lab)"],
-                 [(v["claim"], short(old.get(v["claim"], "(new claim)")), short(v["verdict"])) for v in new])
+    return table(["#", "old rules (3 seeds, seed ranges, constant lr)", "paired statistics, constant lr",
+                  "paired statistics, cosine lr (this lab)"],
+                 [(v["claim"], short(old.get(v["claim"], "(new claim)")), short(constant.get(v["claim"], "(new claim)")),
+                   short(v["verdict"])) for v in new])
 
 
 def lab_table():
