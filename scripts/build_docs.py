@@ -143,6 +143,48 @@ def lab_headline():
             "(lab_results/regimes.png)"]
 
 
+def group_source(path):
+    lab = load(path)["lab"]
+    return (f"From `{path}`: `{lab['command']}` on {lab['date'][:10]}, {lab['machine']['cpu']} with "
+            f"{lab['machine']['cores']} cores, seeds {', '.join(map(str, lab['budget']['seeds']))}.")
+
+
+def lab_lr():
+    """docs/lab.md: the lr group's table (each family's grid by its validation-split score)."""
+    sys.path.insert(0, ROOT)
+    import lab_report
+
+    return [group_source("lab_results/lr/results.json"), ""] + lab_report.lr_table(load("lab_results/lr/results.json"))
+
+
+def lab_sweeps():
+    """docs/lab.md: the sweeps group's score table (each method's own knob), by stratum."""
+    sys.path.insert(0, ROOT)
+    import lab_report
+
+    res = load("lab_results/sweeps/results.json")
+    order = ["luffy", "luffy_gamma0.01", "luffy_gamma0.001", "uft", "uft_hint0.1", "uft_hint1", "prefix_rft",
+             "prefix_rft_topk0.5", "prefix_rft_topk1"]
+    return [group_source("lab_results/sweeps/results.json") + " The claims' score (right answers with right worked "
+            "steps, the last three evaluations), mean (min-max) over seeds:", ""] + lab_report.score_table(res, order)
+
+
+def schedule_check():
+    """docs/lab.md: does each method's run end within its seed band of its best evaluation, per condition
+    (scripts/schedule_check.py)."""
+    data = load("lab_results/schedule_check.json")
+    methods = sorted({m for runs in data.values() for m in runs})
+    rows = []
+    for m in methods:
+        cells = []
+        for runs in data.values():
+            got = runs.get(m)
+            cells.append("-" if not got else f"{sum(r['within_band'] for r in got)} of {len(got)}: "
+                         + ", ".join(f"{r['final']:.3f}/{r['best']:.3f}" for r in sorted(got, key=lambda r: r['seed'])))
+        rows.append((m, *cells))
+    return table(["method", *(f"{label} (final/best per seed)" for label in data)], rows)
+
+
 def lab_steps(res):
     """The evaluation steps a run's score averages: the last three of the budget's schedule."""
     b = res["lab"]["budget"]
@@ -372,6 +414,7 @@ def gpu_paper():
 BLOCKS = {"methods": methods, "forks": forks, "lab-headline": lab_headline, "lab-table": lab_table,
           "lab-passk": lab_passk, "lab-claims": lab_claims, "fusion-runs": fusion_runs, "base": base,
           "lab-strata": lab_strata, "stratum-steps": stratum_steps, "lab-verdict-changes": lab_verdict_changes,
+          "lab-lr": lab_lr, "lab-sweeps": lab_sweeps, "schedule-check": schedule_check,
           "bench-logprob": bench_logprob, "bench-trl": bench_trl, "bench-sampler": bench_sampler, "bench-mfu": bench_mfu,
           "bench-scaling": bench_scaling, "bench-microbatch": bench_microbatch, "gpu-paper": gpu_paper}
 
