@@ -3,11 +3,15 @@
 Each Job (a trainer's command line, or an evaluate.py --pass_k evaluation) runs as `python <script> <args>` in
 its own process group, n_jobs at a time, its console in lab.log in its output directory; its lab_job.json holds
 its command (the results folder written as <results>) and every attempt (started, command, wall_s, returncode).
-On a rerun of the lab a finished run with the same command is reused, a run whose command changed (or a second
-stage whose first stage ran again) is deleted and started afresh, and an unfinished one, killed or failed, resumes
+On a rerun of the lab a finished run with the same command and the same settings is reused (the trainer's Config
+with every default filled in: a default changed in the trainer reruns its runs; a change to the code that is not
+a setting does not: give such a lab a fresh --out), a run whose command or settings changed (or a second stage
+whose first stage ran again) is deleted and started afresh, and an unfinished one, killed or failed, resumes
 with the trainer's --resume (an evaluation simply runs again). A failed run's log tail goes to <results>/failures/.
 """
+import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import shlex
@@ -17,6 +21,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from cli import parse_config  # the trainers' own flags -> Config (settings)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,6 +81,30 @@ def signature(job: Job, results: str) -> list[str]:
     return [job.script] + [a.replace(os.path.abspath(results), "<results>") for a in job.args]
 
 
+_MODULES = {}  # script -> its module, imported once by the lab for its Config (settings)
+
+
+def settings(job: Job, results: str) -> dict | None:
+    """The run's settings: the script's Config parsed from the job's flags, every default filled in (before what a
+    trainer resolves at run time, "auto" budgets and the like), the results folder as <results>. None for a script
+    without a Config (a stand-in in the tests)."""
+    path = os.path.join(ROOT, job.script)
+    with open(path, encoding="utf-8") as f:
+        if "class Config" not in f.read():  # a script without one is never imported (its top level might run)
+            return None
+    if path not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"_lab_{len(_MODULES)}", path)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (inspect reads its Config's source)
+        spec.loader.exec_module(module)  # the trainer's module: its main() runs only as a script
+        _MODULES[path] = module
+    module = _MODULES[path]
+    if not dataclasses.is_dataclass(getattr(module, "Config", None)):
+        return None
+    cfg = parse_config(module.Config, list(job.args), variants={"official": getattr(module, "OFFICIAL", None) or {}})
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True).replace(os.path.abspath(results), "<results>")
+    return json.loads(text)
+
+
 def job_state(job: Job) -> dict | None:
     path = os.path.join(job.out, "lab_job.json")
     return json.load(open(path)) if os.path.exists(path) else None
@@ -93,9 +123,10 @@ def attempts(job: Job) -> list[dict]:
 
 
 def same_run(job: Job, state: dict | None, results: str, first: Job | None) -> bool:
-    """The recorded command is the lab's and, for a second stage, the first stage (`first`) is still the
-    run it started from."""
+    """The recorded command and settings are the lab's now and, for a second stage, the first stage (`first`) is
+    still the run it started from. A run recorded before settings were kept is compared by its command."""
     return (state is not None and state["signature"] == signature(job, results)
+            and ("settings" not in state or state["settings"] == settings(job, results))
             and (first is None or state.get("after") == origin(first)))
 
 
@@ -118,7 +149,8 @@ def start(job: Job, results: str, threads: int, fresh: bool, first: Job | None =
     state = job_state(job)
     if fresh or not same_run(job, state, results, first):
         shutil.rmtree(job.out, ignore_errors=True)
-        state = {"signature": signature(job, results), "after": origin(first), "attempts": []}
+        state = {"signature": signature(job, results), "settings": settings(job, results), "after": origin(first),
+                 "attempts": []}
     os.makedirs(job.out, exist_ok=True)
     resume = state["attempts"] and job.script != "evaluate.py"  # an evaluation simply runs again
     cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args] + (["--resume"] if resume else [])

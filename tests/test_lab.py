@@ -89,6 +89,35 @@ def test_run_jobs_reuses_resumes_and_reports_failures(tmp_path, monkeypatch):
     assert calls(jobs[1])[-1] == {"resume": True, "omp": "1"}  # first stage reused: the second resumes
 
 
+def test_a_default_changed_in_the_trainer_reruns_its_runs(tmp_path, monkeypatch):
+    """The same command under a trainer whose default changed (here its lr) is another run: the lab records each
+    run's settings (the trainer's Config with every default filled in) and reruns it afresh."""
+    monkeypatch.setattr(lab_jobs, "ROOT", str(tmp_path))
+    monkeypatch.setattr(lab_jobs, "_MODULES", {})
+    res = str(tmp_path / "res")
+
+    def trainer(lr):
+        (tmp_path / "cfg.py").write_text(
+            "from dataclasses import dataclass\n\n\n@dataclass\nclass Config:\n    seed: int = 0  # seed\n"
+            "    output_dir: str = ''  # where\n    max_steps: int = 2  # steps\n"
+            f"    lr: float = {lr}  # the default that changes\n\n\nif __name__ == '__main__':"
+            + FAKE.replace("\n", "\n    ") + "\n")
+        lab_jobs._MODULES.clear()  # a new lab process imports the trainer afresh
+
+    out = os.path.join(res, "runs", "a")
+    job = lab_jobs.Job("a", "cfg.py", ["--seed", "0", "--output_dir", out, "--max_steps", "2"], out, 2)
+    trainer(0.1)
+    assert lab_jobs.run_jobs([job], res, n_jobs=1, threads=1, say=lambda s: None) == {"a": "done"}
+    assert lab_jobs.job_state(job)["settings"] == {"seed": 0, "output_dir": "<results>/runs/a", "max_steps": 2,
+                                                   "lr": 0.1}
+    trainer(0.1)
+    assert lab_jobs.run_jobs([job], res, n_jobs=1, threads=1, say=lambda s: None) == {"a": "reused"}
+    trainer(0.2)
+    assert lab_jobs.run_jobs([job], res, n_jobs=1, threads=1, say=lambda s: None) == {"a": "done"}
+    assert calls(job) == [{"resume": False, "omp": "1"}]  # the old run was deleted, not resumed
+    assert lab_jobs.job_state(job)["settings"]["lr"] == 0.2
+
+
 def test_plan_matches_the_budget(tmp_path):
     res = str(tmp_path)
     jobs = lab.plan(lab.Budget(), ["sft", "grpo", "sft_then_grpo"], res)
