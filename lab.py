@@ -524,8 +524,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 4 steps, eval every 2, 10 problems per "
                    "level x 2 samples")
     p.add_argument("--jobs", type=int, default=0, help="trainers run at a time, each with OMP_NUM_THREADS = cores / N "
-                   "(default: one per core, at most 4: on 2 cores the full lab took 53.5 min so, against an estimated 70 "
-                   "one at a time with 2 threads)")
+                   "(default: one per core, at most 4; the small trainers here use a second thread poorly)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each trainer (default cores / jobs; 1 on "
                    "a machine busy with other work, where spinning OpenMP threads slow everything down)")
     p.add_argument("--methods", default="all", help="comma-separated subset of " + ", ".join(METHODS) + ", or a "
