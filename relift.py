@@ -11,7 +11,7 @@ Every iteration t, on B prompts x G rollouts (no demonstration in the group, Eq.
     hardest set: H_t = { x in the batch : r_i(x) = 0 for all G rollouts of x }                  Eq. (21)
     buffer:      Buf <- H_t (+) Buf    (prepended: newest first; H_t in batch order)            Eq. (23)
     if |Buf| >= M: pop the M newest (x, y*) and, AFTER this iteration's RL step, take ONE step of
-    its own AdamW (own moments, lr --ft_lr, constant, grad clip --ft_max_grad_norm) on
+    its own AdamW (own moments, lr --ft_lr on the RL lr's schedule, grad clip --ft_max_grad_norm) on
                  L_FT = - sum m_t log pi(y*_t | x, y*_<t) / sum m_t - beta_FT * E_demo           Eq. (24)
     (token-mean over all M demonstrations on all ranks; E_demo = token-mean entropy, temperature 1).
 
@@ -78,7 +78,7 @@ class Config(common.BaseConfig):
     loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"  # Eq. (6) | Eq. (7) | Eq. (8)
     loss_constant: float = 0.0  # C of Eq. (8); 0 = world_size * max_response_len (official: 8 * 8192)
     ft_threshold: int = 16  # M of Eq. (23): FT step when the buffer holds M items, on the M newest (official 128 = B)
-    ft_lr: float = 2e-4  # lr of the FT step's own AdamW, constant (official 1e-6, equal to the RL lr)
+    ft_lr: float = 2e-4  # peak lr of the FT step's own AdamW, on the RL lr's schedule (official 1e-6 = the RL lr)
     ft_entropy_coef: float = 0.001  # beta_FT of Eq. (24): entropy bonus on the demonstration tokens
     ft_max_grad_norm: float = 1.0  # grad-norm clip of the FT step (the RL steps use --max_grad_norm)
 
@@ -176,7 +176,7 @@ def ft_loss(logp, entropy, mask, entropy_coef: float, norm: float):
     return loss, {"ft_loss": loss.detach(), "sft_loss": nll.detach(), "entropy_demo": entropy_demo.detach()}
 
 
-FT_NONE = {"ft_loss": 0.0, "sft_loss": 0.0, "entropy_demo": 0.0, "ft_grad_norm": 0.0}  # logged when no FT step
+FT_NONE = {"ft_loss": 0.0, "sft_loss": 0.0, "entropy_demo": 0.0, "ft_grad_norm": 0.0, "ft_lr": 0.0}  # no FT step
 
 
 def fine_tune(model, optimizer, rows: list[dict], cfg: Config, pad_id: int, device) -> dict:
@@ -263,8 +263,13 @@ def main():
         ft = FT_NONE
         if ft_batch:  # the same decision on every rank: the buffer is global
             share = ft_batch[rank * M // world:(rank + 1) * M // world]
-            ft = fine_tune(model, ft_optimizer, [run.train_rows[i] for i in share], cfg,
-                           run.tokenizer.pad_token_id, run.dist.device)
+            # the FT lr follows the RL lr's schedule (officially both constant): a constant one beside a decaying
+            # RL lr kept moving the laptop runs away from their best evaluation (docs/lab.md)
+            lr = cfg.ft_lr * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
+            for group in ft_optimizer.param_groups:
+                group["lr"] = lr
+            ft = {**fine_tune(model, ft_optimizer, [run.train_rows[i] for i in share], cfg,
+                              run.tokenizer.pad_token_id, run.dist.device), "ft_lr": lr}
             ft_steps_total += 1
         t2 = time.time()
 

@@ -4,6 +4,7 @@ the RL loss under both variants, a buffer that is global over two ranks, checkpo
 second optimizer, and the command line (smoke, FT after RL, kill-and-resume with a non-empty buffer).
 Every expected number is worked out in a comment."""
 import json
+import math
 import shutil
 import sys
 
@@ -17,7 +18,7 @@ import run_dir
 from test_cli import CORE_KEYS, TIMING, metrics, run, small
 
 RELIFT_KEYS = {"pg_loss", "clip_frac", "hardest_prompts", "buffer_size", "ft_steps", "ft_steps_total", "ft_loss",
-               "sft_loss", "entropy_demo", "ft_grad_norm"}
+               "sft_loss", "entropy_demo", "ft_grad_norm", "ft_lr"}
 
 
 def cfg(**kw) -> relift.Config:
@@ -314,6 +315,9 @@ def test_cli_smoke_ft_after_rl_and_resume(tiny_model_dir, small_eval_file, tmp_p
     assert a[2]["sft_loss"] > 0 and a[2]["ft_grad_norm"] > 0
     assert a[1]["demo_tokens"] == 0 and 6 * 10 < a[2]["demo_tokens"] <= 6 * 24  # the 6 popped demonstrations
     assert a[2]["ft_loss"] == pytest.approx(a[2]["sft_loss"] - 0.001 * a[2]["entropy_demo"], rel=1e-6)
+    # the FT lr follows the RL lr's cosine schedule over 4 x 2 optimizer steps: after 4 of them 1e-3 x 0.5, after
+    # 6 of them 1e-3 x (1 + cos(3 pi / 4)) / 2; 0 logged without an FT step
+    assert [m["ft_lr"] for m in a[1:]] == pytest.approx([0, 5e-4, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2, 0])
 
     # The FT step comes after the RL step: with M = 4 an FT step ends step 1, yet step 1's RL
     # numbers equal the run without one (an FT step before RL would change loss and grad norm).
