@@ -218,7 +218,8 @@ def test_config_flags_given_and_list_values():
     assert common.laptop_defaults(default, grpo.GPU_RUN)[:3] == [
         "--lr 0.0002 (paper: 1e-6)", "--prompts_per_step 16 (paper: 128)", "--prompts_per_minibatch 8 (paper: 64)"]
     assert "--adv_std (paper: --no-adv_std)" in common.laptop_defaults(default, grpo.GPU_RUN)
-    assert not any("--lr" in x or "adv_std" in x for x in common.laptop_defaults(cfg, grpo.GPU_RUN))  # given: unlisted
+    assert "--lr_schedule cosine (paper: constant)" in common.laptop_defaults(default, grpo.GPU_RUN)
+    assert not any(x.startswith("--lr ") or "adv_std" in x for x in common.laptop_defaults(cfg, grpo.GPU_RUN))  # given
 
 
 def test_file_data_gets_the_papers_budgets_and_says_so(tiny_model_dir, tmp_path):
