@@ -661,10 +661,10 @@ def setup(cfg: BaseConfig, gpu_run: dict | None = None, *, optimizer_steps_per_s
         fail(f"the batch of {global_batch} prompts does not split over {d.world_size} ranks")
     eval_sets, builtin = resolve_settings(cfg, gpu_run)
     train_raw = read_rows(cfg, cfg.data, "train", need_answer, need_demo)
-    if cfg.val_rows and not 0 < cfg.val_rows < len(train_raw):  # one line from rank 0, before a directory is claimed
-        fail(f"--val_rows {cfg.val_rows}: the training data has {len(train_raw)} rows; hold out between 1 and "
-             f"{len(train_raw) - 1}")
-    train_raw, val_set = validation_split(train_raw, cfg.val_rows, cfg.data) if cfg.val_rows else (train_raw, None)
+    try:  # a refusal before a directory is claimed, as one line from rank 0
+        train_raw, val_set = validation_split(train_raw, cfg.val_rows, cfg.data) if cfg.val_rows else (train_raw, None)
+    except SystemExit as e:
+        fail(str(e).removeprefix("error: "))
     for s in eval_sets:
         s.rows = read_rows(cfg, s.source, "eval")  # raw rows for now; encoded below
     if cfg.model != "builtin":  # the budgets fit the model's positions (the builtin one: once built)

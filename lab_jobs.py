@@ -81,26 +81,32 @@ def signature(job: Job, results: str) -> list[str]:
     return [job.script] + [a.replace(os.path.abspath(results), "<results>") for a in job.args]
 
 
-_MODULES = {}  # script -> its module, imported once by the lab for its Config (settings)
+_MODULES = {}  # script -> its Config and OFFICIAL variant, read once per lab (None: a script without a Config)
+
+
+def config_class(path: str):
+    """(Config, OFFICIAL) of a trainer script, its module imported once; None for a script without a Config class
+    (a stand-in in the tests), which is never imported: its top level might run."""
+    if path not in _MODULES:
+        with open(path, encoding="utf-8") as f:
+            _MODULES[path] = None
+            if "class Config" in f.read():
+                spec = importlib.util.spec_from_file_location(f"_lab_{len(_MODULES)}", path)
+                module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # inspect reads its source
+                spec.loader.exec_module(module)  # the trainer's module: its main() runs only as a script
+                if dataclasses.is_dataclass(getattr(module, "Config", None)):
+                    _MODULES[path] = module.Config, getattr(module, "OFFICIAL", None) or {}
+    return _MODULES[path]
 
 
 def settings(job: Job, results: str) -> dict | None:
     """The run's settings: the script's Config parsed from the job's flags, every default filled in (before what a
     trainer resolves at run time, "auto" budgets and the like), the results folder as <results>. None for a script
     without a Config (a stand-in in the tests)."""
-    path = os.path.join(ROOT, job.script)
-    with open(path, encoding="utf-8") as f:
-        if "class Config" not in f.read():  # a script without one is never imported (its top level might run)
-            return None
-    if path not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"_lab_{len(_MODULES)}", path)
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (inspect reads its Config's source)
-        spec.loader.exec_module(module)  # the trainer's module: its main() runs only as a script
-        _MODULES[path] = module
-    module = _MODULES[path]
-    if not dataclasses.is_dataclass(getattr(module, "Config", None)):
+    found = config_class(os.path.join(ROOT, job.script))
+    if found is None:
         return None
-    cfg = parse_config(module.Config, list(job.args), variants={"official": getattr(module, "OFFICIAL", None) or {}})
+    cfg = parse_config(found[0], list(job.args), variants={"official": found[1]})
     text = json.dumps(dataclasses.asdict(cfg), sort_keys=True).replace(os.path.abspath(results), "<results>")
     return json.loads(text)
 

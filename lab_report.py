@@ -23,6 +23,7 @@ import textwrap
 
 import lab_regimes
 
+# Every method of lab.py (its TRAINERS, VARIANTS with SWEEPS and LR_GRID, TWO_STAGE, FORKS) as tables and figures name it
 LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY", "srft": "SRFT", "relift": "ReLIFT",
           "uft": "UFT", "prefix_rft": "Prefix-RFT", "bread": "BREAD", "sft_then_grpo": "SFT then GRPO",
           "grpo_then_sft": "GRPO then SFT", "sft_then_grpo_vmin": "SFT then GRPO (val. min)", "nsr": "NSR (fork)",
@@ -32,7 +33,6 @@ LABELS = {"sft": "SFT", "dft": "DFT (sft.py)", "grpo": "GRPO", "luffy": "LUFFY",
           "prefix_rft_topk0.5": "Prefix-RFT top-k 0.5", "prefix_rft_topk1": "Prefix-RFT top-k 1",
           "sft_lr2.5e-4": "SFT lr 2.5e-4", "sft_lr1e-3": "SFT lr 1e-3", "grpo_lr1e-4": "GRPO lr 1e-4",
           "grpo_lr4e-4": "GRPO lr 4e-4", "sft_constant": "SFT constant lr", "grpo_constant": "GRPO constant lr"}
-# (lab.py's SWEEPS and LR_GRID too)
 GROUPS = {"reachable": ("1", "2"), "out_of_reach": ("3", "4")}  # built-in task: levels 3-4 need a times-table fact
 GROUP_TEXT = {"reachable": "reachable (levels 1-2)", "out_of_reach": "out of reach (levels 3-4)", "all": "all levels"}
 STRATA = lab_regimes.STRATA

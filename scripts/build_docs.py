@@ -15,6 +15,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import lab_report  # noqa: E402 (imports only the standard library and lab_regimes at its top)
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 TRAINERS = [  # file, method (with its METHODS.md equations), paper
     ("sft.py", "supervised fine-tuning on demonstrations, Eq. (13); DFT with `--token_loss dft`, Eq. (59)",
@@ -130,9 +132,6 @@ def forks():
 def lab_headline():
     """README: the claims' score (right answers with right worked steps, the last three evaluations) by group of
     problems, the trainers and the two-stage baselines, and the regime figure."""
-    sys.path.insert(0, ROOT)
-    import lab_report
-
     res = load("lab_results/results.json")
     lab = res["lab"]
     return [f"From `lab_results/results.json`: `{lab['command']}` on {lab['date'][:10]}, {lab['machine']['cpu']} with "
@@ -151,20 +150,14 @@ def group_source(path):
 
 def lab_lr():
     """docs/lab.md: the lr group's table (each family's grid by its validation-split score)."""
-    sys.path.insert(0, ROOT)
-    import lab_report
-
     return [group_source("lab_results/lr/results.json"), ""] + lab_report.lr_table(load("lab_results/lr/results.json"))
 
 
 def lab_sweeps():
     """docs/lab.md: the sweeps group's score table (each method's own knob), by stratum."""
-    sys.path.insert(0, ROOT)
-    import lab_report
-
     res = load("lab_results/sweeps/results.json")
-    order = ["luffy", "luffy_gamma0.01", "luffy_gamma0.001", "uft", "uft_hint0.1", "uft_hint1", "prefix_rft",
-             "prefix_rft_topk0.5", "prefix_rft_topk1"]
+    knobs = lab_report.FAMILIES["knobs"]  # each method beside its own knob's settings
+    order = [m for base in ("luffy", "uft", "prefix_rft") for m in (base, *(k for k in knobs if k.startswith(base)))]
     return [group_source("lab_results/sweeps/results.json") + " The claims' score (right answers with right worked "
             "steps, the last three evaluations), mean (min-max) over seeds:", ""] + lab_report.score_table(res, order)
 
@@ -172,11 +165,8 @@ def lab_sweeps():
 def schedule_check():
     """docs/lab.md: per method and condition, how many runs end within their seed band of their best evaluation,
     and how far below their best they end (scripts/schedule_check.py; every seed's values in its json)."""
-    sys.path.insert(0, ROOT)
-    import lab_report
-
     data = load("lab_results/schedule_check.json")
-    methods = [m for m in HEADLINE + ["nsr", "psr", "w_reinforce", "forking_tokens", "chord", "hpt"]
+    methods = [m for m in HEADLINE + list(lab_report.FAMILIES["forks"])
                if any(m in runs for runs in data.values())]
     rows = []
     for m in methods:
@@ -261,17 +251,11 @@ def base():
 
 def lab_strata():
     """docs/lab.md: levels 3-4 by stratum for every method, beside its token shift and probe distances."""
-    sys.path.insert(0, ROOT)
-    import lab_report  # imports only the standard library and lab_regimes at its top
-
     return lab_report.regime_table(load("lab_results/results.json"), figures=False)  # the page places the figures
 
 
 def stratum_steps():
     """docs/lab.md: levels 1-2 and each stratum, graded and with right worked steps, from the runs' own counts."""
-    sys.path.insert(0, ROOT)
-    import lab_report
-
     return lab_report.right_steps_table(load("lab_results/results.json"))
 
 
